@@ -1,0 +1,1 @@
+"""cxr-pneumonia inference service and the model/preprocessing core shared with training."""

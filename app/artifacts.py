@@ -1,0 +1,196 @@
+"""The exported model: ``model.safetensors`` plus ``model.json``, written by training, read by the app.
+
+Loading never unpickles anything: tensors come from safetensors, metadata from JSON validated
+by pydantic. The tensor file's sha256 must match the one recorded at export, the tensors must
+fit the declared architecture exactly, and the stored golden inputs must reproduce the
+exported logits, so a model that loads is the model that training produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from app.model import ModelSpec, PneumoniaNet, build_model
+
+FORMAT_VERSION = 1
+WEIGHTS_FILENAME = "model.safetensors"
+METADATA_FILENAME = "model.json"
+GOLDEN_KEY = "__golden__.inputs"
+StorageDtype = Literal["float32", "float16"]
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model files are missing, tampered with, or do not fit the architecture."""
+
+
+class Golden(BaseModel):
+    """Reference logits for the inputs stored under ``GOLDEN_KEY`` in the tensor file."""
+
+    logits: list[list[float]]
+    atol: float = Field(1e-3, gt=0)
+
+
+class ModelMetadata(BaseModel):
+    """Contents of ``model.json``: the model card that travels with the weights."""
+
+    format_version: int = FORMAT_VERSION
+    name: str = "cxr-pneumonia-vgg16"
+    version: str
+    spec: ModelSpec
+    dtype: StorageDtype = "float32"
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Decision threshold on P(pneumonia).")
+    threshold_method: str = "default"
+    temperature: float = Field(1.0, gt=0.0, description="Calibration temperature for the logits.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    golden: Golden | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A verified network in eval mode plus its metadata."""
+
+    network: PneumoniaNet
+    metadata: ModelMetadata
+    golden_inputs: torch.Tensor | None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_paths(path: Path) -> tuple[Path, Path]:
+    """Accept the weights directory, the ``.safetensors`` file or the ``.json`` file."""
+    if path.is_dir():
+        return path / WEIGHTS_FILENAME, path / METADATA_FILENAME
+    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+def compute_logits(network: PneumoniaNet, pixels: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 on the CPU, in eval mode, without autograd."""
+    network.eval()
+    with torch.inference_mode():
+        return network(pixels).float().cpu()
+
+
+def export_model(
+    network: PneumoniaNet,
+    out_dir: Path,
+    *,
+    version: str,
+    golden_inputs: torch.Tensor,
+    dtype: StorageDtype = "float32",
+    threshold: float = 0.5,
+    threshold_method: str = "default",
+    temperature: float = 1.0,
+    metrics: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> ModelMetadata:
+    """Write both files; golden logits are computed from the weights as stored (after rounding)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path, metadata_path = out_dir / WEIGHTS_FILENAME, out_dir / METADATA_FILENAME
+    state = {
+        key: value.detach().to("cpu", _DTYPES[dtype]).contiguous()
+        for key, value in network.state_dict().items()
+    }
+    reference = build_model(network.spec)
+    reference.load_state_dict({key: value.float() for key, value in state.items()})
+    golden_pixels = golden_inputs.to(torch.uint8).cpu().contiguous()
+    logits = compute_logits(reference, golden_pixels)
+    save_file({**state, GOLDEN_KEY: golden_pixels}, str(weights_path), metadata={"format": "pt"})
+    metadata = ModelMetadata(
+        version=version,
+        spec=network.spec,
+        dtype=dtype,
+        threshold=threshold,
+        threshold_method=threshold_method,
+        temperature=temperature,
+        sha256=file_sha256(weights_path),
+        golden=Golden(logits=logits.tolist()),
+        metrics=metrics or {},
+        provenance=provenance or {},
+    )
+    metadata_path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    return metadata
+
+
+def read_metadata(path: Path) -> ModelMetadata:
+    _, metadata_path = resolve_paths(path)
+    if not metadata_path.is_file():
+        raise ModelLoadError(f"model metadata not found: {metadata_path}")
+    try:
+        return ModelMetadata.model_validate_json(metadata_path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ModelLoadError(f"invalid model metadata {metadata_path}: {where}: {first['msg']}") from exc
+
+
+def load_model(path: Path, *, verify_golden: bool = True) -> LoadedModel:
+    """Load and verify a model on the CPU in float32; the caller moves it to its device."""
+    weights_path, _ = resolve_paths(path)
+    metadata = read_metadata(path)
+    if not weights_path.is_file():
+        raise ModelLoadError(f"model weights not found: {weights_path}")
+    actual = file_sha256(weights_path)
+    if actual != metadata.sha256:
+        raise ModelLoadError(
+            f"sha256 mismatch for {weights_path}: file is {actual}, model.json expects {metadata.sha256}"
+        )
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {weights_path}: {exc}") from exc
+    golden_inputs = tensors.pop(GOLDEN_KEY, None)
+    network = build_model(metadata.spec)
+    try:
+        network.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())
+        raise ModelLoadError(
+            f"weights in {weights_path} do not fit {metadata.spec.architecture}/{metadata.spec.head}: {reason[:300]}"
+        ) from exc
+    network.eval()
+    loaded = LoadedModel(network=network, metadata=metadata, golden_inputs=golden_inputs)
+    if verify_golden:
+        check_golden(loaded, network)
+    return loaded
+
+
+def check_golden(loaded: LoadedModel, network: torch.nn.Module, atol: float | None = None) -> float:
+    """Run the stored golden inputs through ``network`` (on any device/dtype) and compare.
+
+    Returns the largest absolute logit difference; raises when it exceeds the tolerance.
+    """
+    golden = loaded.metadata.golden
+    if golden is None or loaded.golden_inputs is None:
+        raise ModelLoadError("model has no golden reference outputs; re-export it with the training package")
+    device = next(network.parameters()).device
+    with torch.inference_mode():
+        logits = network(loaded.golden_inputs.to(device)).float().cpu()
+    expected = torch.tensor(golden.logits, dtype=torch.float32)
+    if logits.shape != expected.shape:
+        raise ModelLoadError(f"golden check: output shape {tuple(logits.shape)} != {tuple(expected.shape)}")
+    tolerance = atol if atol is not None else golden.atol
+    scale = max(1.0, float(expected.abs().max()))
+    diff = float((logits - expected).abs().max())
+    if diff > tolerance * scale:
+        raise ModelLoadError(
+            f"golden check failed: logits differ from the exported ones by {diff:.4g} (tolerance {tolerance * scale:.4g})"
+        )
+    return diff

@@ -1,0 +1,188 @@
+"""Decode an uploaded X-ray and turn it into the network's uint8 input.
+
+Training and serving both call :func:`preprocess`, so an image is decoded, oriented,
+converted to grayscale and squashed to the model's square input in exactly one way.
+Large JPEGs are decoded with libjpeg's DCT scaling (Pillow's draft mode) to no less
+than the target size, which is what makes 9-megapixel uploads cheap.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats accepted by content, whatever the file name or declared content type says.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
+DEFAULT_MAX_PIXELS = 100_000_000
+RESAMPLE = Image.Resampling.BILINEAR
+# The pixel limit is enforced here from the header, before any decoding, with a
+# configurable bound; Pillow's own global guess would reject valid large X-rays.
+Image.MAX_IMAGE_PIXELS = None
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+class ImageError(ValueError):
+    """An upload that cannot be turned into model input; ``code`` is stable for clients."""
+
+    code: ClassVar[str] = "invalid_image"
+
+
+class EmptyImageError(ImageError):
+    code = "empty_file"
+
+
+class UnsupportedImageError(ImageError):
+    code = "unsupported_media_type"
+
+
+class CorruptImageError(ImageError):
+    code = "corrupt_image"
+
+
+class ImageTooLargeError(ImageError):
+    code = "image_too_large"
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    """The fields of a JPEG start-of-frame header that decide how to decode it."""
+
+    precision: int
+    height: int
+    width: int
+    components: int
+    lossless: bool
+
+
+def read_jpeg_frame(data: bytes) -> JpegFrame | None:
+    """Parse the first SOF header without decoding; ``None`` when there is none."""
+    pos = 2
+    size = len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 10 > size:
+                return None
+            return JpegFrame(
+                precision=data[pos + 4],
+                height=int.from_bytes(data[pos + 5 : pos + 7], "big"),
+                width=int.from_bytes(data[pos + 7 : pos + 9], "big"),
+                components=data[pos + 9],
+                lossless=marker in (0xC3, 0xC7, 0xCB, 0xCF),
+            )
+        if marker == 0xDA or length < 2:  # start of scan before any frame: malformed
+            return None
+        pos += 2 + length
+    return None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise CorruptImageError("image header declares a zero width or height")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+
+
+def _to_grayscale(img: Image.Image) -> Image.Image:
+    """Convert any decoded mode to 8-bit grayscale, scaling high bit depths instead of clipping."""
+    if img.mode == "L":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        return Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray((scaled + 0.5).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("L")
+
+
+def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
+    """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs."""
+    import imagecodecs
+
+    try:
+        arr = imagecodecs.jpeg8_decode(data)
+    except Exception as exc:  # imagecodecs raises its own error types per codec
+        try:
+            arr = imagecodecs.ljpeg_decode(data)
+        except Exception:
+            raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 3:
+        arr = arr[:, :, :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    shift = max(frame.precision - 8, 0)
+    gray = np.clip(np.rint(arr / float(1 << shift)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L")
+
+
+def decode_grayscale(data: bytes, target_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` to an upright 8-bit grayscale image no smaller than ``target_size``.
+
+    Raises an :class:`ImageError` subclass for every input that is not a usable image.
+    """
+    if not data:
+        raise EmptyImageError("the uploaded file is empty")
+    frame = read_jpeg_frame(data) if data.startswith(_JPEG_MAGIC) else None
+    if frame is not None:
+        _check_pixels(frame.width, frame.height, max_pixels)
+        if frame.precision != 8 or frame.lossless:
+            return _decode_high_precision_jpeg(data, frame)
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format not in SUPPORTED_FORMATS:
+            raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG or PNG")
+        _check_pixels(img.width, img.height, max_pixels)
+        if img.format in ("JPEG", "MPO"):
+            img.draft("L" if img.mode in ("L", "RGB") else img.mode, (target_size, target_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        if data.startswith(_JPEG_MAGIC):
+            raise CorruptImageError("the file starts like a JPEG but its header is invalid") from exc
+        raise UnsupportedImageError("the file is not a JPEG or PNG image") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
+    return _to_grayscale(img)
+
+
+def resize_square(img: Image.Image, size: int) -> np.ndarray:
+    """Squash to ``size`` x ``size`` (aspect ratio not kept), as the training images were made."""
+    if img.size != (size, size):
+        img = img.resize((size, size), RESAMPLE)
+    return np.array(img, dtype=np.uint8)
+
+
+def preprocess(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Encoded image bytes to the network input ``uint8[1, S, S]`` (one grayscale channel)."""
+    gray = resize_square(decode_grayscale(data, input_size, max_pixels), input_size)
+    return torch.from_numpy(gray).unsqueeze(0)

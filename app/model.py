@@ -1,0 +1,105 @@
+"""The one VGG16 pneumonia network definition, shared by training and serving.
+
+Everything that shapes the network's input (size, normalisation, class names) lives in
+:class:`ModelSpec`, which is stored in ``model.json`` and read back by the service, so
+training and serving can never disagree about it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torchvision.models import vgg16, vgg16_bn
+
+Architecture = Literal["vgg16", "vgg16_bn"]
+Head = Literal["classic", "compact"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+PNEUMONIA_INDEX = 1
+
+
+class Normalization(BaseModel):
+    """Per-channel mean/std applied after scaling uint8 pixels to [0, 1]."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class ModelSpec(BaseModel):
+    """What the network is and what input it expects; the single source of truth."""
+
+    model_config = ConfigDict(frozen=True)
+
+    architecture: Architecture = "vgg16_bn"
+    head: Head = "compact"
+    input_size: int = Field(224, ge=32, le=1024, description="Square input side in pixels.")
+    normalization: Normalization = Normalization()
+    class_names: tuple[str, str] = CLASS_NAMES
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class PneumoniaNet(nn.Module):
+    """VGG16 features with a 2-class head, taking raw uint8 grayscale batches.
+
+    The input is ``uint8[N, 1, S, S]`` (or 3 channels); scaling, channel replication and
+    normalisation happen inside the network so that hosts ship 1 byte per pixel to the
+    device and no caller can forget or duplicate a preprocessing step.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        backbone = (vgg16_bn if spec.architecture == "vgg16_bn" else vgg16)(weights=None)
+        self.features: nn.Module = backbone.features
+        if spec.head == "classic":
+            self.avgpool: nn.Module = backbone.avgpool
+            classifier = backbone.classifier
+            for index in (2, 5):
+                classifier[index] = nn.Dropout(spec.dropout)
+            classifier[6] = nn.Linear(4096, len(spec.class_names))
+            self.classifier: nn.Module = classifier
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(
+                nn.Flatten(1), nn.Dropout(spec.dropout), nn.Linear(512, len(spec.class_names))
+            )
+        mean = torch.tensor(spec.normalization.mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.normalization.std).view(1, 3, 1, 1)
+        # Folded into one affine map: x_norm = x_uint8 * scale + shift.
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Map uint8 pixels (1 or 3 channels) to the normalised float input of VGG16."""
+        x = pixels.to(self.scale.dtype)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return x * self.scale + self.shift
+
+    def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for an already normalised float batch (used by batch augmentation)."""
+        x = self.avgpool(self.features(x))
+        if self.spec.head == "classic":
+            x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_normalized(self.normalize(pixels))
+
+
+def build_model(spec: ModelSpec) -> PneumoniaNet:
+    """Build an untrained network for ``spec`` (random initialisation, torchvision's scheme)."""
+    return PneumoniaNet(spec)
+
+
+def pneumonia_probability(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Calibrated P(pneumonia) from 2-class logits, in float32 whatever the logits' dtype."""
+    scaled = logits.float() / temperature
+    return torch.softmax(scaled, dim=-1)[..., PNEUMONIA_INDEX]

@@ -1,0 +1,61 @@
+"""Shared fixtures: synthetic X-ray-like JPEGs and tiny random-init exported models."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.artifacts import export_model
+from app.model import ModelSpec, build_model
+
+TEST_INPUT_SIZE = 32
+
+
+def synthetic_xray(width: int = 96, height: int = 80, seed: int = 0, mode: str = "L") -> Image.Image:
+    """A grayscale image with chest-like structure (bright ribs over a dark field) plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    field = 60 + 40 * np.sin(yy / max(height, 1) * 12.0 + seed) ** 2
+    lungs = 80 * np.exp(-(((xx - width * 0.3) / (width * 0.15)) ** 2 + ((yy - height * 0.5) / (height * 0.3)) ** 2))
+    lungs += 80 * np.exp(-(((xx - width * 0.7) / (width * 0.15)) ** 2 + ((yy - height * 0.5) / (height * 0.3)) ** 2))
+    pixels = np.clip(field + lungs + rng.normal(0, 12, size=(height, width)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "L")
+    return img if mode == "L" else img.convert(mode)
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def make_jpeg() -> Callable[..., bytes]:
+    """Factory for real JPEG bytes of a synthetic X-ray."""
+
+    def factory(width: int = 96, height: int = 80, seed: int = 0, mode: str = "L", **save: object) -> bytes:
+        return encode(synthetic_xray(width, height, seed, mode), "JPEG", **save)
+
+    return factory
+
+
+def export_tiny_model(out_dir: Path, seed: int = 0, input_size: int = TEST_INPUT_SIZE, **kwargs: object) -> Path:
+    """Export a random-init compact VGG16 at a small input size, exactly as training exports."""
+    torch.manual_seed(seed)
+    spec = ModelSpec(architecture="vgg16", head="compact", input_size=input_size)
+    network = build_model(spec)
+    golden = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
+    export_model(network, out_dir, version=f"test-{seed}", golden_inputs=golden, **kwargs)  # type: ignore[arg-type]
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding model.safetensors + model.json for a tiny random model."""
+    return export_tiny_model(tmp_path_factory.mktemp("weights"))

@@ -1,0 +1,113 @@
+"""The shared model/preprocessing core and the weights format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import imaging
+from app.artifacts import ModelLoadError, check_golden, load_model
+from app.model import ModelSpec, build_model, pneumonia_probability
+from tests.conftest import encode, export_tiny_model, synthetic_xray
+
+
+def test_preprocess_squashes_to_square_grayscale(make_jpeg) -> None:
+    pixels = imaging.preprocess(make_jpeg(200, 100), 32)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 32, 32)
+
+
+def test_draft_decode_matches_full_decode_closely() -> None:
+    img = synthetic_xray(2000, 1600, seed=3)
+    data = encode(img, "JPEG", quality=95)
+    fast = imaging.preprocess(data, 64).float()
+    full = torch.from_numpy(imaging.resize_square(img, 64)).float()
+    assert (fast[0] - full).abs().mean() < 3.0
+
+
+def test_rgb_and_grayscale_give_same_input() -> None:
+    img = synthetic_xray(300, 300, seed=1)
+    gray = imaging.preprocess(encode(img, "PNG"), 32)
+    rgb = imaging.preprocess(encode(img.convert("RGB"), "PNG"), 32)
+    assert torch.equal(gray, rgb)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
+    arr = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    data = encode(Image.fromarray(arr), "PNG")
+    out = imaging.preprocess(data, 64)
+    assert int(out.max()) >= 250 and int(out.min()) <= 5
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", imaging.EmptyImageError),
+        (b"hello, not an image", imaging.UnsupportedImageError),
+        (encode(synthetic_xray(), "GIF"), imaging.UnsupportedImageError),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(data: bytes, error: type[imaging.ImageError]) -> None:
+    with pytest.raises(error):
+        imaging.preprocess(data, 32)
+
+
+def test_truncated_jpeg_is_corrupt(make_jpeg) -> None:
+    data = make_jpeg(400, 400)
+    with pytest.raises(imaging.CorruptImageError):
+        imaging.preprocess(data[: len(data) // 2], 32)
+
+
+def test_pixel_limit_checked_from_header(make_jpeg) -> None:
+    with pytest.raises(imaging.ImageTooLargeError):
+        imaging.preprocess(make_jpeg(400, 400), 32, max_pixels=400 * 399)
+
+
+def test_export_load_roundtrip_reproduces_logits(tiny_weights: Path) -> None:
+    loaded = load_model(tiny_weights)
+    assert loaded.golden_inputs is not None
+    assert check_golden(loaded, loaded.network) < 1e-4
+    probs = pneumonia_probability(loaded.network(loaded.golden_inputs), loaded.metadata.temperature)
+    assert probs.shape == (2,) and bool(((probs >= 0) & (probs <= 1)).all())
+
+
+def test_fp16_export_verifies(tmp_path: Path) -> None:
+    loaded = load_model(export_tiny_model(tmp_path, dtype="float16"))
+    assert loaded.metadata.dtype == "float16"
+
+
+def test_sha256_mismatch_refuses(tiny_weights: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_weights, tmp_path / "w"))
+    meta = json.loads((copy / "model.json").read_text())
+    meta["sha256"] = "0" * 64
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        load_model(copy)
+
+
+def test_wrong_architecture_refuses(tiny_weights: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_weights, tmp_path / "w"))
+    meta = json.loads((copy / "model.json").read_text())
+    meta["spec"]["head"] = "classic"
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="do not fit"):
+        load_model(copy)
+
+
+def test_missing_files_refuse(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(tmp_path)
+
+
+def test_uint8_input_normalised_inside_network() -> None:
+    spec = ModelSpec(architecture="vgg16", head="compact", input_size=32)
+    net = build_model(spec)
+    x = torch.full((1, 1, 32, 32), 255, dtype=torch.uint8)
+    normed = net.normalize(x)
+    expected = (1.0 - torch.tensor(spec.normalization.mean)) / torch.tensor(spec.normalization.std)
+    assert torch.allclose(normed[0, :, 0, 0], expected, atol=1e-5)
