@@ -24,3 +24,13 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench-results
+
+# Serving benchmark (see benchmarks/README.md); results land in bench-results/.
+bench: $(STAMP)
+	$(PY) -m benchmarks.serve_bench
+
+# Default training recipe: DATA=path/to/chest_xray OUT=runs/NAME
+DATA ?= ../shared/data/chest_xray
+OUT ?= runs/default
+train: $(STAMP)
+	$(PY) -m training train --data $(DATA) --out $(OUT)
