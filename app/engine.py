@@ -1,0 +1,135 @@
+"""Run the verified network on the best available device, in the precision that device does well.
+
+Shared by the HTTP service and the offline scorer so both produce the same calibrated
+probabilities. On CUDA the network runs in bf16/fp16 with channels_last, batches are staged in
+page-locked host memory for asynchronous copies, and the stored golden outputs are re-checked
+on the device, so a reduced-precision deployment is proven to still compute the exported model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from app.artifacts import LoadedModel, ModelMetadata, check_golden, load_model
+from app.model import PneumoniaNet, pneumonia_probability
+
+Precision = Literal["auto", "fp16", "bf16", "fp32"]
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
+_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Golden logits are fp32 CPU results; 13 reduced-precision conv layers drift by roughly this much
+# (relative to the largest logit), while wrong or corrupted weights miss by far more.
+_GOLDEN_ATOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1.5e-1}
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The requested device or precision cannot be honoured; the message is one line."""
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` prefers the GPU; an explicit ``cuda`` without one is an error, not a silent CPU fallback."""
+    if not re.match(DEVICE_PATTERN, requested):
+        raise EngineError(f"invalid device {requested!r}: use auto, cpu, cuda or cuda:N")
+    if requested == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise EngineError(f"device {requested!r} was requested but no CUDA GPU is available")
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise EngineError(f"device {requested!r} was requested but only {torch.cuda.device_count()} GPU(s) exist")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """Pick the compute dtype: fp32 on the CPU, bf16 where the GPU supports it, else fp16."""
+    if precision not in ("auto", *_DTYPES):
+        raise EngineError(f"invalid precision {precision!r}: use auto, fp16, bf16 or fp32")
+    if device.type == "cpu":
+        if precision not in ("auto", "fp32"):
+            raise EngineError(f"precision {precision} needs a CUDA device; the CPU runs fp32")
+        return torch.float32
+    with torch.cuda.device(device):
+        bf16_ok = torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if bf16_ok else torch.float16
+    if precision == "bf16" and not bf16_ok:
+        raise EngineError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}")
+    return _DTYPES[precision]
+
+
+class InferenceEngine:
+    """A loaded network pinned to one device and dtype, turning uint8 batches into P(pneumonia)."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> None:
+        self.metadata: ModelMetadata = loaded.metadata
+        self.device = device
+        self.dtype = dtype
+        self.input_size: int = loaded.metadata.spec.input_size
+        self._cuda = device.type == "cuda"
+        self._memory_format = torch.channels_last if self._cuda else torch.contiguous_format
+        network = loaded.network.to(device=device, dtype=dtype)
+        self.network: PneumoniaNet = network.to(memory_format=self._memory_format).eval()
+
+    @property
+    def precision(self) -> str:
+        return next(name for name, dtype in _DTYPES.items() if dtype == self.dtype)
+
+    def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack ``uint8[1,S,S]`` images into one batch, in page-locked memory on CUDA so the copy is async."""
+        size = self.input_size
+        out = torch.empty((len(items), 1, size, size), dtype=torch.uint8, pin_memory=self._cuda)
+        return torch.stack(list(items), out=out)
+
+    def predict_proba(self, pixels: torch.Tensor) -> list[float]:
+        """Calibrated P(pneumonia) for each image of a ``uint8[N,1,S,S]`` batch."""
+        size = self.input_size
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[2:]) != (size, size):
+            raise ValueError(f"expected uint8[N,1,{size},{size}], got {pixels.dtype}{list(pixels.shape)}")
+        with torch.inference_mode():
+            if self._cuda and not pixels.is_pinned():
+                pixels = pixels.pin_memory()
+            x = self.network.normalize(pixels.to(self.device, non_blocking=True))
+            logits = self.network.forward_normalized(x.contiguous(memory_format=self._memory_format))
+            return pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
+
+    def label_for(self, probability: float) -> str:
+        """The class name the model card's decision threshold gives this probability."""
+        normal, pneumonia = self.metadata.spec.class_names
+        return pneumonia if probability >= self.metadata.threshold else normal
+
+    def warmup(self, batch_sizes: Iterable[int]) -> None:
+        """Run each batch size once so cuDNN autotuning and allocations happen before traffic does."""
+        for batch_size in sorted(set(batch_sizes)):
+            blank = [torch.zeros((1, self.input_size, self.input_size), dtype=torch.uint8)] * batch_size
+            self.predict_proba(self.collate(blank))
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def load_engine(weights: Path, device: str = "auto", precision: str = "auto") -> InferenceEngine:
+    """Load, verify and place the model; raises ``ModelLoadError`` or ``EngineError`` with one-line reasons."""
+    target = resolve_device(device)
+    dtype = resolve_dtype(target, precision)
+    loaded = load_model(Path(weights))  # verifies sha256, tensor fit and golden outputs on the CPU in fp32
+    if target.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif device == "auto":
+        log.warning("no CUDA GPU found: running inference on the CPU in fp32, expect high latency")
+    else:
+        log.warning("running inference on the CPU in fp32 because device=cpu was requested")
+    engine = InferenceEngine(loaded, target, dtype)
+    if target.type == "cuda":
+        diff = check_golden(loaded, engine.network, atol=_GOLDEN_ATOL[dtype])
+        log.info("golden check passed on %s in %s (max logit difference %.3g)", target, engine.precision, diff)
+    return engine

@@ -1,0 +1,77 @@
+"""The inference engine shared by the service and the offline scorer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.artifacts import load_model
+from app.engine import EngineError, load_engine, resolve_device, resolve_dtype
+from app.imaging import preprocess
+from app.model import pneumonia_probability
+from tests.conftest import export_tiny_model
+
+
+def test_cpu_engine_matches_direct_computation(tiny_weights: Path, make_jpeg) -> None:
+    engine = load_engine(tiny_weights, device="cpu")
+    assert engine.device.type == "cpu" and engine.dtype == torch.float32 and engine.input_size == 32
+    images = [preprocess(make_jpeg(seed=seed), 32) for seed in range(3)]
+    got = engine.predict_proba(engine.collate(images))
+    loaded = load_model(tiny_weights)
+    with torch.inference_mode():
+        expected = pneumonia_probability(loaded.network(torch.stack(images)), loaded.metadata.temperature)
+    assert got == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_temperature_and_threshold_come_from_the_model_card(tmp_path: Path) -> None:
+    engine = load_engine(export_tiny_model(tmp_path, temperature=3.0, threshold=0.25), device="cpu")
+    pixels = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        logits = engine.network(pixels)
+    assert engine.predict_proba(pixels) == pytest.approx(pneumonia_probability(logits, 3.0).tolist(), abs=1e-6)
+    assert (engine.label_for(0.25), engine.label_for(0.2499)) == ("PNEUMONIA", "NORMAL")
+
+
+def test_warmup_and_wrong_input_shape(tiny_weights: Path) -> None:
+    engine = load_engine(tiny_weights, device="cpu")
+    engine.warmup([1, 3])
+    with pytest.raises(ValueError, match="expected uint8"):
+        engine.predict_proba(torch.zeros((1, 1, 16, 16), dtype=torch.uint8))
+
+
+def test_cpu_warns_that_no_gpu_was_found(tiny_weights: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    engine = load_engine(tiny_weights)
+    assert engine.device.type == "cpu"
+    assert "no CUDA GPU found" in caplog.text
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])
+def test_invalid_device_names(device: str) -> None:
+    with pytest.raises(EngineError, match="invalid device"):
+        resolve_device(device)
+
+
+def test_cuda_without_gpu_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EngineError, match="no CUDA GPU is available"):
+        resolve_device("cuda")
+
+
+def test_reduced_precision_needs_cuda() -> None:
+    with pytest.raises(EngineError, match="needs a CUDA device"):
+        resolve_dtype(torch.device("cpu"), "fp16")
+    assert resolve_dtype(torch.device("cpu"), "auto") == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_runs_reduced_precision_and_agrees(tiny_weights: Path) -> None:
+    engine = load_engine(tiny_weights, device="cuda")
+    assert engine.dtype in (torch.float16, torch.bfloat16)
+    engine.warmup([1, 2])
+    pixels = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    reference = load_engine(tiny_weights, device="cpu").predict_proba(pixels)
+    assert engine.predict_proba(engine.collate(list(pixels))) == pytest.approx(reference, abs=5e-2)
