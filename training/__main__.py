@@ -1,0 +1,5 @@
+"""``python -m training`` runs the CLI."""
+
+from training.cli import main
+
+raise SystemExit(main())

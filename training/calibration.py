@@ -1,0 +1,64 @@
+"""Operating point chosen on validation data: temperature scaling and a decision threshold."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from training.metrics import roc_curve
+
+ThresholdMethod = Literal["sensitivity", "youden"]
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, inverse_temperature: float) -> float:
+    return float(torch.nn.functional.cross_entropy(logits * inverse_temperature, labels))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, iterations: int = 80) -> float:
+    """T minimising the NLL of softmax(logits / T).
+
+    The NLL is convex in 1/T, hence unimodal in log(1/T): a golden-section search there over
+    1/T in [0.02, 50] finds the global minimum without a learning rate to tune.
+    """
+    z = logits.detach().double().cpu()
+    y = labels.detach().long().cpu()
+    lo, hi = math.log(0.02), math.log(50.0)
+    a, b = lo, hi
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = _nll(z, y, math.exp(c)), _nll(z, y, math.exp(d))
+    for _ in range(iterations):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - _GOLDEN * (b - a)
+            fc = _nll(z, y, math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + _GOLDEN * (b - a)
+            fd = _nll(z, y, math.exp(d))
+    return 1.0 / math.exp((a + b) / 2.0)
+
+
+def select_threshold(
+    labels: np.ndarray, probabilities: np.ndarray, method: ThresholdMethod, target_sensitivity: float = 0.95
+) -> float:
+    """Threshold on P(pneumonia) (positive when ``p >= threshold``).
+
+    ``sensitivity``: the highest threshold whose sensitivity is at least the target, i.e. the
+    best specificity that still catches the target share of pneumonia cases.
+    ``youden``: the threshold maximising sensitivity + specificity - 1.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    if y.min() == y.max():
+        raise ValueError("threshold selection needs both classes in the validation data")
+    if method == "sensitivity":
+        positives = np.sort(p[y == 1])[::-1]
+        needed = max(1, math.ceil(target_sensitivity * positives.size - 1e-9))
+        return float(positives[needed - 1])
+    fpr, tpr, thresholds = roc_curve(y, p)
+    best = int(np.argmax((tpr - fpr)[1:])) + 1  # skip the +inf start point
+    return float(min(thresholds[best], 1.0))

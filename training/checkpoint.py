@@ -1,0 +1,98 @@
+"""Per-epoch training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+``checkpoint/last.*`` holds model + optimizer state to resume exactly; ``checkpoint/best.*``
+holds the model weights with the best validation ROC AUC, which is what gets exported.
+Files are written to a temporary name and renamed, so an interrupted write never leaves a
+truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.errors import UsageError
+
+CHECKPOINT_DIR = "checkpoint"
+FORMAT_VERSION = 1
+_MODEL = "model."
+_OPTIM = "optim."
+
+
+def checkpoint_paths(run_dir: Path, name: str) -> tuple[Path, Path]:
+    base = run_dir / CHECKPOINT_DIR / name
+    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{_OPTIM}{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        param_id, key = name[len(_OPTIM) :].split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    for param_id, entries in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _write(run_dir: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    weights, info = checkpoint_paths(run_dir, name)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp_weights, tmp_info = weights.with_suffix(".tmp.safetensors"), info.with_suffix(".tmp.json")
+    save_file(tensors, str(tmp_weights))
+    tmp_info.write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2) + "\n")
+    os.replace(tmp_weights, weights)
+    os.replace(tmp_info, info)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{_MODEL}{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(
+    run_dir: Path, name: str, model: torch.nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Write ``name`` (``last`` or ``best``); ``meta`` is the JSON training state (epoch, history, ...)."""
+    tensors = model_tensors(model)
+    if optimizer is not None:
+        optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(optim_tensors)
+        meta = {**meta, "optimizer": optim_meta}
+    _write(run_dir, name, tensors, meta)
+
+
+def load_checkpoint(
+    run_dir: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load weights (and optimizer state when given) in place; return the JSON training state."""
+    weights, info = checkpoint_paths(run_dir, name)
+    if not (weights.is_file() and info.is_file()):
+        raise UsageError(f"no '{name}' checkpoint in {run_dir / CHECKPOINT_DIR}")
+    meta = json.loads(info.read_text())
+    tensors = load_file(str(weights))
+    model.load_state_dict({k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)})
+    if optimizer is not None:
+        optim = {k: v for k, v in tensors.items() if k.startswith(_OPTIM)}
+        optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+    return meta
+
+
+def has_checkpoint(run_dir: Path, name: str = "last") -> bool:
+    return all(path.is_file() for path in checkpoint_paths(run_dir, name))

@@ -1,0 +1,88 @@
+"""Validated training configuration; its field defaults are the CLI defaults (one source of truth)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.artifacts import StorageDtype
+from app.model import Architecture, Head
+from training.calibration import ThresholdMethod
+
+
+def default_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a run; stored in OUTDIR/config.json and reused on --resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="dataset root: DIR/{train,val,test}/{NORMAL,PNEUMONIA} or DIR/{NORMAL,PNEUMONIA}")
+    out: Path = Field(description="run directory (checkpoints, metrics, exported model)")
+    epochs: int = Field(20, ge=1, description="total number of epochs")
+    input_size: int = Field(224, ge=32, le=1024, description="square network input side in pixels")
+    init: Literal["scratch", "imagenet"] = Field("scratch", description="random init or ImageNet VGG16 weights")
+    imagenet_weights: Path | None = Field(
+        None, description="torchvision VGG16(-BN) ImageNet weights (.pth or .safetensors); default: torch hub cache"
+    )
+    arch: Architecture = Field("vgg16_bn", description="VGG16 without or with batch norm")
+    head: Head = Field("compact", description="classic: fc6/fc7/fc8 on 7x7 pooling; compact: global pool + linear")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout in the head")
+    freeze_features: bool = Field(False, description="train only the head (convolutions and their BN frozen)")
+    opt: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default 5e-4 adamw, 1e-2 sgd)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (Nesterov)")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay (default 0.05 adamw, 1e-4 sgd)")
+    batch_size: int = Field(32, ge=2, description="images per step per process")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear learning-rate warm-up before the cosine decay")
+    hflip: bool = Field(False, description="random horizontal flips (off: anatomy is not left/right symmetric)")
+    aug_strength: float = Field(1.0, ge=0.0, le=3.0, description="scales rotation/translation/scale/intensity jitter; 0 = off")
+    seed: int = Field(0, description="seed for the split, init, shuffling and augmentation")
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of train split off as validation (by patient)")
+    min_val_images: int = Field(100, ge=1, description="a provided val split smaller than this is replaced")
+    patience: int = Field(5, ge=0, description="early stop after this many epochs without val AUC gain; 0 = never")
+    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0, description="sensitivity the threshold must reach on val")
+    threshold_method: ThresholdMethod = Field("sensitivity", description="operating point rule")
+    export_dtype: StorageDtype = Field("float32", description="storage dtype of model.safetensors")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    workers: int = Field(default_factory=default_workers, ge=1, description="image decoding threads")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (default: cores / processes)")
+    limit_per_class: int | None = Field(None, ge=2, description="use at most N images per class (quick runs)")
+    cache: bool = Field(True, description="cache decoded images in OUTDIR/cache keyed by file list + input size")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95 percent confidence intervals; 0 = none")
+    golden_count: int = Field(4, ge=1, description="validation images stored as golden check inputs")
+    version: str | None = Field(None, description="model version in model.json (default: run name + time)")
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (5e-4 if self.opt == "adamw" else 1e-2)
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.opt == "adamw" else 1e-4
+
+
+# Flags that may differ when resuming: they do not change what the saved state means.
+RESUME_OVERRIDABLE = frozenset(
+    {
+        "data",
+        "epochs",
+        "patience",
+        "device",
+        "workers",
+        "threads",
+        "cache",
+        "target_sensitivity",
+        "threshold_method",
+        "export_dtype",
+        "bootstrap",
+        "golden_count",
+        "version",
+        "imagenet_weights",
+    }
+)

@@ -1,0 +1,189 @@
+"""Find labelled images on disk and decode each of them once into an in-memory uint8 tensor.
+
+Every image goes through :func:`app.imaging.preprocess`, the same code the service uses, so
+training sees exactly the pixels that serving will. Unreadable files are skipped and returned
+to the caller, which logs them and records them in the run summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.imaging import ImageError, preprocess
+from app.model import CLASS_NAMES
+from training.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file and its class index (position in ``CLASS_NAMES``)."""
+
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An image that could not be decoded, with the reason."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ImageSet:
+    """Decoded images held in memory: ``pixels`` uint8[N, 1, S, S], ``labels`` int64[N]."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: np.ndarray | list[int]) -> ImageSet:
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return ImageSet(self.pixels[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
+
+
+def _is_class_dir(directory: Path) -> bool:
+    return any((directory / name).is_dir() for name in CLASS_NAMES)
+
+
+def list_split(split_dir: Path) -> list[Sample]:
+    """All images of ``split_dir/{NORMAL,PNEUMONIA}``; both class folders must hold images."""
+    samples: list[Sample] = []
+    for label, name in enumerate(CLASS_NAMES):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            raise DataError(f"{split_dir}: missing class folder {name}/ (expected {split_dir}/{{{','.join(CLASS_NAMES)}}})")
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{class_dir}: class {name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        samples.extend(Sample(path, label) for path in files)
+    return samples
+
+
+def discover(root: Path) -> dict[str, list[Sample]]:
+    """Splits under ``root``: ``root/{train,val,test}/CLASS`` or a single split ``root/CLASS`` (named ``"all"``)."""
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    if _is_class_dir(root):
+        return {"all": list_split(root)}
+    splits = {name: list_split(root / name) for name in SPLITS if (root / name).is_dir()}
+    if not splits:
+        raise DataError(
+            f"{root}: expected {root}/NORMAL and {root}/PNEUMONIA, or {root}/train/{{NORMAL,PNEUMONIA}} "
+            "(optionally also val/ and test/)"
+        )
+    return splits
+
+
+def limit_per_class(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """A seeded random subset of at most ``limit`` images per class, for quick runs."""
+    rng = np.random.default_rng(seed)
+    kept: list[Sample] = []
+    for label in range(len(CLASS_NAMES)):
+        members = [s for s in samples if s.label == label]
+        chosen = sorted(rng.permutation(len(members))[:limit].tolist())
+        kept.extend(members[i] for i in chosen)
+    return kept
+
+
+def _listing_key(samples: list[Sample], input_size: int) -> str:
+    """Cache key: file paths, sizes and mtimes plus the input size (content changes change mtime)."""
+    digest = hashlib.sha256(str(input_size).encode())
+    for sample in samples:
+        stat = sample.path.stat()
+        digest.update(f"{sample.path.resolve()}|{sample.label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _decode(sample: Sample, input_size: int) -> tuple[torch.Tensor | None, str, str]:
+    """(pixels or None, content sha256, failure reason)."""
+    try:
+        data = sample.path.read_bytes()
+    except OSError as exc:
+        return None, "", f"cannot read: {exc}"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return preprocess(data, input_size), digest, ""
+    except ImageError as exc:
+        return None, digest, f"{exc.code}: {exc}"
+
+
+@dataclass
+class Decoded:
+    """Result of :func:`load_images`: the images, what was skipped and a hash of the content."""
+
+    images: ImageSet
+    skipped: list[Skipped]
+    content_hash: str
+
+
+def load_images(samples: list[Sample], input_size: int, *, workers: int, cache_dir: Path | None) -> Decoded:
+    """Decode ``samples`` (in parallel threads; Pillow releases the GIL) or read them from the cache."""
+    cache_base = None
+    if cache_dir is not None:
+        cache_base = cache_dir / f"images-{_listing_key(samples, input_size)[:20]}-{input_size}px"
+        if cache_base.with_suffix(".json").is_file() and cache_base.with_suffix(".safetensors").is_file():
+            meta = json.loads(cache_base.with_suffix(".json").read_text())
+            tensors = load_file(str(cache_base.with_suffix(".safetensors")))
+            log.info("loaded %d decoded images from cache %s", len(meta["paths"]), cache_base)
+            skipped = [Skipped(**item) for item in meta["skipped"]]
+            for item in skipped:
+                log.warning("unreadable image skipped: %s (%s)", item.path, item.reason)
+            return Decoded(ImageSet(tensors["pixels"], tensors["labels"], meta["paths"]), skipped, meta["content_hash"])
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda s: _decode(s, input_size), samples))
+    pixels, labels, paths, skipped = [], [], [], []
+    content = hashlib.sha256()
+    for sample, (tensor, digest, reason) in zip(samples, results, strict=True):
+        content.update(f"{sample.path.parent.name}/{sample.path.name}|{digest}\n".encode())
+        if tensor is None:
+            log.warning("unreadable image skipped: %s (%s)", sample.path, reason)
+            skipped.append(Skipped(str(sample.path), reason))
+            continue
+        pixels.append(tensor)
+        labels.append(sample.label)
+        paths.append(str(sample.path))
+    if not pixels:
+        raise DataError("no readable images")
+    images = ImageSet(torch.stack(pixels), torch.tensor(labels, dtype=torch.int64), paths)
+    decoded = Decoded(images, skipped, content.hexdigest())
+    if cache_base is not None:
+        _write_cache(cache_base, decoded)
+    return decoded
+
+
+def _write_cache(base: Path, decoded: Decoded) -> None:
+    """Write atomically so that a concurrent or interrupted run never reads a half-written cache."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    tmp_tensors = base.with_suffix(f".{os.getpid()}.tmp.safetensors")
+    tmp_meta = base.with_suffix(f".{os.getpid()}.tmp.json")
+    save_file({"pixels": decoded.images.pixels.contiguous(), "labels": decoded.images.labels}, str(tmp_tensors))
+    meta = {
+        "paths": decoded.images.paths,
+        "skipped": [vars(item) for item in decoded.skipped],
+        "content_hash": decoded.content_hash,
+    }
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_tensors, base.with_suffix(".safetensors"))
+    os.replace(tmp_meta, base.with_suffix(".json"))

@@ -1,0 +1,130 @@
+"""One training epoch and batched inference; the loops that touch the device."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.augment import augment_batch
+from training.distributed import DistInfo, all_reduce_sum
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up from ~0 to ``peak_lr`` then cosine decay to 0, per optimizer step."""
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def epoch_batches(n: int, batch_size: int, epoch_seed: int, dist: DistInfo) -> list[torch.Tensor]:
+    """This rank's batches of shuffled indices; every rank gets the same number of batches.
+
+    The permutation depends only on the seed and epoch, so a resumed run replays it exactly.
+    A trailing batch of one image is dropped (batch norm cannot train on it).
+    """
+    generator = torch.Generator().manual_seed(epoch_seed)
+    order = torch.randperm(n, generator=generator)
+    if dist.enabled:
+        padded = -(-n // dist.world_size) * dist.world_size
+        order = torch.cat([order, order[: padded - n]])[dist.rank :: dist.world_size]
+    batches = list(torch.split(order, batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def steps_per_epoch(n: int, batch_size: int, dist: DistInfo) -> int:
+    return len(epoch_batches(n, batch_size, 0, dist))
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    loss: float
+    images: int
+    seconds: float
+
+
+def train_one_epoch(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    schedule: Schedule,
+    first_step: int,
+    epoch_seed: int,
+    batch_size: int,
+    aug_strength: float,
+    hflip: bool,
+    device: torch.device,
+    amp: bool,
+    dist: DistInfo,
+    description: str,
+) -> EpochResult:
+    """Train over this rank's shard; ``pixels`` stay uint8 on the host until each batch is moved."""
+    model.train()
+    generator = torch.Generator().manual_seed(epoch_seed + 1)
+    batches = epoch_batches(len(labels), batch_size, epoch_seed, dist)
+    totals = torch.zeros(2, dtype=torch.float64)
+    start = time.perf_counter()
+    progress = tqdm(batches, desc=description, disable=not dist.is_main, dynamic_ncols=True, leave=False)
+    for offset, index in enumerate(progress):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr(first_step + offset)
+        batch = pixels[index].to(device, non_blocking=True)
+        target = labels[index].to(device, non_blocking=True)
+        inputs = augment_batch(batch, generator, strength=aug_strength, hflip=hflip)
+        if device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            loss = loss_fn(model(inputs).float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals += torch.tensor([loss.item() * len(index), len(index)], dtype=torch.float64)
+        progress.set_postfix(loss=f"{totals[0] / totals[1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    totals = all_reduce_sum(totals, dist)
+    return EpochResult(float(totals[0] / max(totals[1], 1)), int(totals[1]), time.perf_counter() - start)
+
+
+def _chunks(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+@torch.inference_mode()
+def predict_logits(
+    network: nn.Module, pixels: torch.Tensor, *, batch_size: int, device: torch.device, amp: bool = False, show: bool = False
+) -> torch.Tensor:
+    """float32 CPU logits for uint8 ``pixels`` in eval mode (fp32 unless ``amp``)."""
+    network.eval()
+    outputs = []
+    for part in tqdm(list(_chunks(len(pixels), batch_size)), desc="predict", disable=not show, leave=False):
+        with autocast(device, amp):
+            outputs.append(network(pixels[part].to(device)).float().cpu())
+    if not outputs:
+        return torch.zeros((0, 2))
+    return torch.cat(outputs)
