@@ -1,0 +1,135 @@
+"""Dynamic batching: many concurrent requests, one forward pass.
+
+Requests put one decoded image each on a bounded queue and await a future. A single worker
+takes the first waiting image, keeps collecting until the batch is full or ``max_wait`` has
+passed (the loop LitServe's server uses), runs the forward pass on a dedicated thread so the
+event loop never blocks, and resolves the futures. A request that was cancelled or timed out
+while waiting has a done future and is simply left out, so it can never break its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from app.engine import InferenceEngine
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class BatcherError(RuntimeError):
+    """The image was fine but the service could not score it; ``code`` is stable for clients."""
+
+    code: ClassVar[str] = "unavailable"
+
+
+class QueueFullError(BatcherError):
+    code = "overloaded"
+
+
+class BatcherClosedError(BatcherError):
+    code = "shutting_down"
+
+
+class InferenceFailedError(BatcherError):
+    code = "inference_failed"
+
+
+@dataclass(eq=False)
+class _Job:
+    pixels: torch.Tensor
+    future: asyncio.Future[float]
+
+
+class DynamicBatcher:
+    """Owns the queue, the batching worker task and the one thread that talks to the device."""
+
+    def __init__(
+        self, engine: InferenceEngine, *, max_batch_size: int, max_wait_s: float, queue_size: int, metrics: Metrics
+    ) -> None:
+        self._engine = engine
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._metrics = metrics
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(queue_size)
+        # One thread: device work stays ordered and on a single CUDA context/stream.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cxr-inference")
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self.last_error: str | None = None
+        metrics.queue_depth.set_function(self._queue.qsize)
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="cxr-batcher")
+
+    async def submit(self, pixels: torch.Tensor) -> float:
+        """Queue one ``uint8[1,S,S]`` image and wait for its calibrated P(pneumonia)."""
+        if self._closed:
+            raise BatcherClosedError("the service is shutting down; retry on another instance")
+        job = _Job(pixels, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFullError(f"{self._queue.maxsize} images are already waiting; retry shortly") from None
+        return await job.future  # cancelling the caller cancels the future, which the worker then skips
+
+    async def close(self) -> None:
+        """Refuse new work, finish everything already queued, then stop the worker and its thread."""
+        self._closed = True
+        if self._worker is not None:
+            await self._queue.put(None)  # FIFO: the worker reaches this only after the queued jobs
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = asyncio.get_running_loop().time() + self._max_wait_s
+            while len(batch) < self._max_batch_size:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        job = await self._queue.get()
+                except TimeoutError:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            await self._execute([job for job in batch if not job.future.done()])
+
+    async def _execute(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        started = time.perf_counter()
+        try:
+            probabilities = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._forward, [job.pixels for job in jobs]
+            )
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d images", len(jobs))
+            self.last_error = f"inference failed: {type(exc).__name__}: {exc}"
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(InferenceFailedError("the model failed to score this batch"))
+            return
+        self.last_error = None
+        self._metrics.batch_size.observe(len(jobs))
+        self._metrics.inference_seconds.observe(time.perf_counter() - started)
+        for job, probability in zip(jobs, probabilities, strict=True):
+            if not job.future.done():
+                job.future.set_result(probability)
+
+    def _forward(self, images: Sequence[torch.Tensor]) -> list[float]:
+        return self._engine.predict_proba(self._engine.collate(images))

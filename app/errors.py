@@ -1,0 +1,114 @@
+"""Every failure becomes ``{"error": {"code", "message"}}`` with a status fixed by its code.
+
+``ERRORS`` is the one table of codes: exception handlers, the ASGI middleware and the OpenAPI
+``responses=`` documentation all read it, so documented and actual behaviour cannot drift.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.batching import BatcherError
+from app.imaging import ImageError
+from app.schemas import ErrorResponse
+
+log = logging.getLogger(__name__)
+
+# code -> (HTTP status, example message)
+ERRORS: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "the multipart body could not be parsed"),
+    "empty_file": (400, "the uploaded file is empty"),
+    "unauthorized": (401, "a valid X-API-Key header is required"),
+    "not_found": (404, "no route for GET /nope"),
+    "method_not_allowed": (405, "GET is not allowed on /predict"),
+    "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),
+    "image_too_large": (413, "image is 10000x10000 = 100000000 pixels, over the limit of 50000000"),
+    "too_many_files": (413, "40 files uploaded; at most 32 per batch"),
+    "unsupported_media_type": (415, "the file is not a JPEG or PNG image"),
+    "corrupt_image": (422, "the image data is corrupt or truncated: image file is truncated"),
+    "invalid_image": (422, "the upload cannot be used as an image"),
+    "missing_field": (422, "file: Field required"),
+    "validation_error": (422, "files.0: Expected UploadFile, received: <class 'str'>"),
+    "internal_error": (500, "unexpected server error; it has been logged with this request's id"),
+    "inference_failed": (500, "the model failed to score this batch"),
+    "unavailable": (503, "the service cannot score images right now"),
+    "not_ready": (503, "the model is still loading"),
+    "overloaded": (503, "512 images are already waiting; retry shortly"),
+    "shutting_down": (503, "the service is shutting down; retry on another instance"),
+    "timeout": (504, "no result within the 30 s request timeout"),
+}
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large"}
+
+
+class ApiError(Exception):
+    """An error raised by the HTTP layer itself (auth, readiness, limits, timeouts)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error_response(code: str, message: str, retry_after_s: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error body; 503s tell clients when to come back."""
+    status = ERRORS[code][0]
+    merged = dict(headers or {})
+    if status == 503:
+        merged["Retry-After"] = str(retry_after_s)
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=merged)
+
+
+def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the given codes, one example per code, grouped by status."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        status, message = ERRORS[code]
+        entry = out.setdefault(status, {"model": ErrorResponse, "description": "", "content": {
+            "application/json": {"examples": {}}}})
+        entry["description"] = ", ".join(filter(None, [entry["description"], code]))
+        entry["content"]["application/json"]["examples"][code] = {
+            "summary": code, "value": {"error": {"code": code, "message": message}}}
+    return out
+
+
+def _retry_after(request: Request) -> int:
+    return request.app.state.settings.retry_after_s
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError | ImageError | BatcherError)
+    return error_response(exc.code, str(exc), _retry_after(request))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "header"))
+    code = "missing_field" if first["type"] == "missing" else "validation_error"
+    return error_response(code, f"{where}: {first['msg']}", _retry_after(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code)
+    if code is None:  # a status this service never raises itself; keep it, still in our shape
+        body = {"error": {"code": f"http_{exc.status_code}", "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    message = f"no route for {request.method} {request.url.path}" if code == "not_found" else str(exc.detail)
+    if code == "method_not_allowed":
+        message = f"{request.method} is not allowed on {request.url.path}"
+    return error_response(code, message, _retry_after(request), exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for error_type in (ApiError, ImageError, BatcherError):
+        app.add_exception_handler(error_type, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

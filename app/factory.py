@@ -1,0 +1,57 @@
+"""Build the FastAPI application for a given configuration; the model loads in its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.artifacts import ModelLoadError
+from app.engine import EngineError
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, StartupFailureMiddleware
+from app.routes import model, ops, predict
+from app.service import Service
+from app.settings import Settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load once per process; a model that cannot be verified stops the process instead of serving."""
+    service: Service = app.state.service
+    try:
+        await service.start()
+    except (ModelLoadError, EngineError) as exc:
+        app.state.startup_error = str(exc)
+        raise
+    yield
+    await service.stop()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics(settings.max_batch_size)
+    app = FastAPI(
+        title="cxr-pneumonia",
+        summary="Pneumonia probability for chest X-rays from a verified VGG16 model, with dynamic GPU batching.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = Service(settings, metrics)
+    for router in (predict.router, model.router, ops.router):
+        app.include_router(router)
+    install_error_handlers(app)
+    # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       retry_after_s=settings.retry_after_s)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
+    app.add_middleware(StartupFailureMiddleware)
+    return app

@@ -1,0 +1,144 @@
+"""Pure ASGI middleware: request context (id, logs, metrics, last-resort 500), body limit, startup errors.
+
+Pure ASGI rather than ``BaseHTTPMiddleware`` so request bodies stream through untouched: the size
+limit can stop a chunked upload at the first byte over, and nothing buffers whole uploads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_response
+from app.logs import request_id_var
+from app.metrics import Metrics
+
+log = logging.getLogger("app.access")
+error_log = logging.getLogger("app.errors")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Polled by orchestrators every few seconds: logged at DEBUG so they do not drown real traffic.
+_QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics"})
+
+
+def _endpoint_label(scope: Scope) -> str:
+    """The route template, never the raw path, so metric label cardinality stays bounded."""
+    route = scope.get("route")
+    if route is not None:
+        return str(route.path)
+    return str(scope["path"]) if "endpoint" in scope else "unmatched"
+
+
+class RequestContextMiddleware:
+    """Tag each request with an id, log and count it, and turn escaped exceptions into a JSON 500."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, retry_after_s: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            error_log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not response_started:
+                response = error_response("internal_error", "unexpected server error; it has been logged "
+                                          f"with request id {request_id}", self.retry_after_s)
+                await response(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            endpoint = _endpoint_label(scope)
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(elapsed)
+            level = logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO
+            client = scope.get("client")
+            log.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "duration_ms": round(elapsed * 1000, 2), "client": client[0] if client else None,
+            })
+            request_id_var.reset(token)
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from ``receive``; an HTTPException so FastAPI's body parsing re-raises it to our 413 handler."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body is over the limit of {max_bytes} bytes", {"Connection": "close"})
+
+
+class BodySizeLimitMiddleware:
+    """413 before reading anything when Content-Length is too big; stop counted chunked bodies at the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, retry_after_s: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            error = BodyTooLargeError(self.max_bytes)
+            response = error_response("payload_too_large", error.detail, self.retry_after_s, error.headers)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class StartupFailureMiddleware:
+    """Report a failed model load as its one-line reason instead of the traceback Starlette sends uvicorn."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_reason(message: Message) -> None:
+            reason = getattr(scope["app"].state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and reason is not None:
+                message = {**message, "message": f"startup failed: {reason}"}
+            await send(message)
+
+        await self.app(scope, receive, send_reason)

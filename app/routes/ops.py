@@ -1,0 +1,47 @@
+"""Operational endpoints for orchestrators and scrapers; never behind the API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+
+from app.dependencies import ServiceDep
+from app.schemas import Health, Liveness
+
+router = APIRouter(tags=["operations"])
+
+_METRICS_EXAMPLE = '# HELP cxr_batch_size Images per forward pass.\n# TYPE cxr_batch_size histogram\ncxr_batch_size_bucket{le="1.0"} 3.0\n'
+
+
+@router.get(
+    "/health",
+    summary="Readiness: is the model loaded and serving",
+    responses={503: {"model": Health, "description": "Loading, draining after SIGTERM, or the last batch failed.",
+                     "content": {"application/json": {"example": {
+                         "status": "loading", "device": None, "precision": None, "model": None,
+                         "detail": "the model is loading"}}}}},
+)
+async def health(service: ServiceDep, response: Response) -> Health:
+    """200 only when requests would be scored now; load balancers should route on this."""
+    state = service.health()
+    if state.status != "ok":
+        response.status_code = 503
+    return state
+
+
+@router.get("/livez", summary="Liveness: the process and its event loop respond")
+async def livez() -> Liveness:
+    """Always 200 while the server runs; restart the process only when this fails."""
+    return Liveness()
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"example": _METRICS_EXAMPLE}}}},
+)
+async def metrics(request: Request) -> Response:
+    """Request counts and latency by route, batch sizes, queue depth and forward-pass time."""
+    registry = request.app.state.metrics
+    return Response(registry.render(), media_type=registry.content_type)

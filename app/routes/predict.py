@@ -1,0 +1,49 @@
+"""Scoring endpoints: one image, or several sharing the service's batches."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Request, UploadFile
+
+from app.dependencies import ServiceDep, require_api_key
+from app.errors import ApiError, error_responses
+from app.schemas import BatchResponse, Prediction
+
+router = APIRouter(tags=["prediction"], dependencies=[Depends(require_api_key)])
+
+_SERVICE_ERRORS = ("unauthorized", "payload_too_large", "bad_request", "missing_field", "validation_error",
+                   "internal_error", "inference_failed", "not_ready", "overloaded", "shutting_down", "timeout")
+
+
+@router.post(
+    "/predict",
+    summary="Classify one chest X-ray",
+    responses=error_responses(
+        "empty_file", "image_too_large", "unsupported_media_type", "corrupt_image", *_SERVICE_ERRORS
+    ),
+)
+async def predict(
+    service: ServiceDep,
+    file: Annotated[UploadFile, File(description="A JPEG (8/12-bit, any colour model) or PNG (8/16-bit) image.")],
+) -> Prediction:
+    """P(pneumonia), calibrated with the model's temperature, and the label at its decision threshold."""
+    return await service.predict(await file.read())
+
+
+@router.post(
+    "/predict/batch",
+    summary="Classify several chest X-rays",
+    responses=error_responses("too_many_files", *_SERVICE_ERRORS),
+)
+async def predict_batch(
+    request: Request,
+    service: ServiceDep,
+    files: Annotated[list[UploadFile], File(description="Repeat the `files` field once per image.")],
+) -> BatchResponse:
+    """Results in upload order; a file that is not a usable image gets its own error entry, the rest are scored."""
+    limit = request.app.state.settings.max_batch_files
+    if len(files) > limit:
+        raise ApiError("too_many_files", f"{len(files)} files uploaded; at most {limit} per batch")
+    uploads = [(upload.filename, await upload.read()) for upload in files]
+    return BatchResponse(results=await service.predict_many(uploads))

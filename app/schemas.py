@@ -1,0 +1,115 @@
+"""Response bodies of the HTTP API, with the examples shown in /docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.model import ModelSpec
+
+_SHA = "9f2c1d4e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d"
+_IDENTITY = {"name": "cxr-pneumonia-vgg16", "version": "2024-06-01", "sha256": _SHA}
+_PREDICTION = {
+    "label": "PNEUMONIA",
+    "pneumonia_probability": 0.9312,
+    "probabilities": {"NORMAL": 0.0688, "PNEUMONIA": 0.9312},
+    "threshold": 0.42,
+    "model": _IDENTITY,
+}
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.", examples=["corrupt_image"])
+    message: str = Field(description="Human-readable explanation.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelIdentity(BaseModel):
+    """Which exact weights produced a result, so results can be traced and audited."""
+
+    name: str
+    version: str
+    sha256: str
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_PREDICTION]})
+
+    label: str = Field(description="Class at the model's decision threshold: PNEUMONIA or NORMAL.")
+    pneumonia_probability: float = Field(ge=0.0, le=1.0, description="Temperature-calibrated P(pneumonia).")
+    probabilities: dict[str, float] = Field(description="Calibrated probability per class name.")
+    threshold: float = Field(description="Decision threshold on pneumonia_probability.")
+    model: ModelIdentity
+
+
+class BatchPrediction(Prediction):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"filename": "a.jpg", **_PREDICTION}]})
+
+    filename: str | None
+
+
+class BatchItemError(BaseModel):
+    """A file of a batch that could not be scored; the other files are unaffected."""
+
+    filename: str | None
+    error: ErrorBody
+
+
+class BatchResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
+        {"filename": "a.jpg", **_PREDICTION},
+        {"filename": "notes.txt", "error": {"code": "unsupported_media_type",
+                                            "message": "the file is not a JPEG or PNG image"}},
+    ]}]})
+
+    results: list[BatchPrediction | BatchItemError] = Field(description="One entry per uploaded file, in order.")
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"status": "ok", "device": "cuda:0", "precision": "bf16", "model": _IDENTITY, "detail": None},
+        {"status": "loading", "device": None, "precision": None, "model": None, "detail": "the model is loading"},
+    ]})
+
+    status: Literal["ok", "loading", "draining", "failed"]
+    device: str | None = None
+    precision: str | None = None
+    model: ModelIdentity | None = None
+    detail: str | None = None
+
+
+class Liveness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "alive"}]})
+
+    status: Literal["alive"] = "alive"
+
+
+class ModelCard(BaseModel):
+    """The metadata that travels with the weights, minus the golden test vectors."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        **_IDENTITY, "format_version": 1, "dtype": "float32",
+        "spec": ModelSpec().model_dump(mode="json"),
+        "threshold": 0.42, "threshold_method": "youden", "temperature": 1.37,
+        "metrics": {"test_auroc": 0.962, "test_sensitivity": 0.95},
+        "provenance": {"git_commit": "8e8cf9a", "dataset": "chest_xray"},
+        "device": "cuda:0", "precision": "bf16",
+    }]})
+
+    name: str
+    version: str
+    sha256: str
+    format_version: int
+    dtype: str = Field(description="Storage dtype of the weights file.")
+    spec: ModelSpec
+    threshold: float
+    threshold_method: str
+    temperature: float
+    metrics: dict[str, Any]
+    provenance: dict[str, Any]
+    device: str = Field(description="Where this instance runs the model.")
+    precision: str = Field(description="Compute precision on that device.")

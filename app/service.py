@@ -1,0 +1,154 @@
+"""The serving pipeline behind the routes: parallel decoding, then the shared batcher.
+
+Decoding happens per file in a thread pool *before* batching, so a bad upload fails alone
+with its own error code and never reaches (or breaks) a batch of good images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from app.batching import DynamicBatcher
+from app.engine import InferenceEngine, load_engine
+from app.errors import ApiError
+from app.imaging import ImageError, preprocess
+from app.metrics import Metrics
+from app.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """One loaded model and its batcher, plus the readiness state /health reports."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: InferenceEngine | None = None
+        self._batcher: DynamicBatcher | None = None
+        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="cxr-decode")
+        self.draining = False
+
+    async def start(self) -> None:
+        """Load, verify, place and warm up the model without blocking the event loop."""
+        settings = self.settings
+        engine = await asyncio.to_thread(load_engine, settings.weights, settings.device, settings.precision)
+        # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
+        sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
+        await asyncio.to_thread(engine.warmup, sizes)
+        self._batcher = DynamicBatcher(
+            engine,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            queue_size=settings.queue_size,
+            metrics=self.metrics,
+        )
+        self._batcher.start()
+        self.engine = engine
+        meta = engine.metadata
+        log.info(
+            "model ready", extra={"model": meta.name, "version": meta.version, "sha256": meta.sha256,
+                                  "device": str(engine.device), "precision": engine.precision}
+        )
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM: /health turns 503 and new predictions are refused, in-flight ones finish."""
+        self.draining = True
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._batcher is not None:
+            await self._batcher.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> Health:
+        if self.engine is None or self._batcher is None:
+            return Health(status="loading", detail="the model is loading")
+        identity = {"device": str(self.engine.device), "precision": self.engine.precision, "model": self.identity()}
+        if self.draining:
+            return Health(status="draining", detail="shutting down", **identity)
+        if self._batcher.last_error is not None:
+            return Health(status="failed", detail=self._batcher.last_error, **identity)
+        return Health(status="ok", **identity)
+
+    def identity(self) -> ModelIdentity:
+        meta = self._loaded().metadata
+        return ModelIdentity(name=meta.name, version=meta.version, sha256=meta.sha256)
+
+    def model_card(self) -> ModelCard:
+        engine = self._loaded()
+        meta = engine.metadata.model_dump(exclude={"golden"})
+        return ModelCard(**meta, device=str(engine.device), precision=engine.precision)
+
+    async def predict(self, data: bytes) -> Prediction:
+        async with self._deadline():
+            probability = await self._score(data)
+        return self._prediction(probability)
+
+    async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
+        """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
+        try:
+            async with self._deadline(), asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._score_item(name, data)) for name, data in files]
+        except BaseExceptionGroup as failed:  # overloaded/shutting down/inference failure: the client retries the batch
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    def _loaded(self) -> InferenceEngine:
+        if self.engine is None:
+            raise ApiError("not_ready", "the model is still loading")
+        return self.engine
+
+    def _admit(self) -> tuple[InferenceEngine, DynamicBatcher]:
+        """Gate for new work only: requests already admitted finish even while draining."""
+        engine = self._loaded()
+        if self.draining or self._batcher is None:
+            raise ApiError("shutting_down", "the service is shutting down; retry on another instance")
+        return engine, self._batcher
+
+    @asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        timeout = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except TimeoutError:
+            raise ApiError("timeout", f"no result within the {timeout:g} s request timeout") from None
+
+    async def _score(self, data: bytes) -> float:
+        engine, batcher = self._admit()
+        try:
+            pixels: torch.Tensor = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, preprocess, data, engine.input_size, self.settings.max_pixels
+            )
+        except ImageError as exc:
+            self.metrics.rejected_images.labels(exc.code).inc()
+            raise
+        return await batcher.submit(pixels)
+
+    async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
+        try:
+            probability = await self._score(data)
+        except ImageError as exc:
+            return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=str(exc)))
+        return BatchPrediction(filename=filename, **self._prediction(probability).model_dump())
+
+    def _prediction(self, probability: float) -> Prediction:
+        engine = self._loaded()
+        label = engine.label_for(probability)
+        self.metrics.predictions.labels(label).inc()
+        normal, pneumonia = engine.metadata.spec.class_names
+        return Prediction(
+            label=label,
+            pneumonia_probability=probability,
+            probabilities={normal: 1.0 - probability, pneumonia: probability},
+            threshold=engine.metadata.threshold,
+            model=self.identity(),
+        )

@@ -1,0 +1,74 @@
+"""Service configuration from ``CXR_*`` environment variables, validated once at startup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.engine import DEVICE_PATTERN, Precision
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A ``CXR_*`` variable is invalid; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; defaults suit one GPU behind a load balancer."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore", frozen=True)
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    weights: Path = Path("weights")
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    precision: Precision = "auto"
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Images per forward pass at most.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
+    queue_size: int = Field(512, ge=1, description="Images waiting for the GPU before requests get 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Decode + queue + inference budget per request.")
+    max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest request body accepted.")
+    max_pixels: int = Field(50_000_000, ge=1, description="Largest image (width x height) decoded.")
+    max_batch_files: int = Field(32, ge=1, description="Files per /predict/batch request.")
+    decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
+    api_key: SecretStr | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    graceful_shutdown_s: int = Field(30, ge=1, description="Time in-flight requests get after SIGTERM.")
+    keep_alive_s: int = Field(75, ge=1, description="Idle keep-alive; above the load balancer's idle timeout.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 responses.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """Accept ``https://a.org,https://b.org``, the natural way to write a list in one variable."""
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: object) -> object:
+        """``CXR_API_KEY=`` (set but empty) means no key, never "the empty string is the key"."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+def load_settings() -> Settings:
+    """Read the environment; raise :class:`SettingsError` with a one-line reason when it is invalid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "CXR_" + "_".join(str(part) for part in first["loc"][:1]).upper()
+        raise SettingsError(f"invalid setting {name}: {first['msg']}") from exc
