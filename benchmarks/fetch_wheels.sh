@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with PyPI access), before gpu_bench.sh: downloads the service's web stack,
+# which the GPU image lacks, as Python 3.12 x86-64 wheels into benchmarks/wheels/ (gitignored).
+# Versions are the ones pinned in pyproject.toml; torch, numpy, pillow, httpx, uvloop,
+# prometheus-client, anyio, h11 and click are already on the GPU image.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-../.venv/bin/python}
+"$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d wheels \
+  fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 httptools==0.9.0 \
+  pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
+  typing-inspection==0.4.5 annotated-types==0.8.0 annotated-doc==0.0.7 typing_extensions==4.16.0 \
+  python-multipart==0.0.34
+ls -l wheels

@@ -1,0 +1,156 @@
+"""``make bench``: the real service vs a naive baseline vs the bare model, on one upload set.
+
+Steps, in order so they never compete for the CPU/GPU: build uploads, export a random-init
+model (numbers must not depend on training), decode throughput, model-only throughput, then
+each server as a subprocess driven by the closed-loop load generator at every concurrency.
+Results: bench-results/serve.json and serve.md (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.artifacts import export_model
+from app.model import ModelSpec, build_model
+from benchmarks import decode_bench, model_only, report
+from benchmarks.loadgen import run_level
+from benchmarks.server_proc import REPO_ROOT, free_port, serve
+from benchmarks.uploads import DEFAULT_REAL_DIR, Upload, real_uploads, synthetic_uploads
+
+CPU_CONCURRENCY = (1, 4, 16)
+GPU_CONCURRENCY = (1, 16, 64, 256)
+
+
+def export_random_model(out_dir: Path, input_size: int) -> Path:
+    """VGG16 with the compact head at random init: same compute as the shipped model."""
+    torch.manual_seed(0)
+    network = build_model(ModelSpec(architecture="vgg16", head="compact", input_size=input_size))
+    golden = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
+    export_model(network, out_dir, version="bench-random", golden_inputs=golden)
+    return out_dir
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if gpu else "cpu")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="levels (default 1 4 16 on CPU, 1 16 64 256 on GPU)")
+    parser.add_argument("--requests", type=int, help="images per level, at least 2x concurrency (default 48 CPU, 4096 GPU)")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--weights", type=Path, help="benchmark these exported weights (e.g. weights/) instead of a random model")
+    parser.add_argument("--precision", default="auto", help="engine precision, service and model-only (auto/fp32/fp16/bf16)")
+    parser.add_argument("--max-batch-size", type=int, help="CXR_MAX_BATCH_SIZE (default 8 CPU, 128 GPU)")
+    parser.add_argument("--max-wait-ms", type=float, help="CXR_MAX_WAIT_MS (service default when omitted)")
+    parser.add_argument("--decode-workers", type=int, help="CXR_DECODE_WORKERS (service default when omitted)")
+    parser.add_argument("--batch-files", type=int, default=8, help="images per /predict/batch request")
+    parser.add_argument("--synthetic", type=int, default=12, help="synthetic uploads added to the real ones")
+    parser.add_argument("--real-dir", type=Path, default=DEFAULT_REAL_DIR)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 levels, few requests, short timings")
+    args = parser.parse_args(argv)
+    on_gpu = args.device.startswith("cuda")
+    if args.concurrency is None:
+        args.concurrency = [1, 4] if args.quick else list(GPU_CONCURRENCY if on_gpu else CPU_CONCURRENCY)
+    if args.requests is None:
+        args.requests = 8 if args.quick else (4096 if on_gpu else 48)
+    if args.max_batch_size is None:
+        args.max_batch_size = 128 if on_gpu else 8
+    if args.quick:
+        args.synthetic = min(args.synthetic, 4)
+    return args
+
+
+def service_env(args: argparse.Namespace, weights: Path, port: int) -> dict[str, str]:
+    """The service's settings for this run; unset options keep the service's own defaults."""
+    env = {
+        "CXR_HOST": "127.0.0.1",
+        "CXR_PORT": str(port),
+        "CXR_WEIGHTS": str(weights),
+        "CXR_DEVICE": args.device,
+        "CXR_PRECISION": args.precision,
+        "CXR_MAX_BATCH_SIZE": str(args.max_batch_size),
+        # The largest shared upload is 8572x6304 = 54 MP, over the service's 50 MP default;
+        # the naive server accepts it, so the service must too for a like-for-like run.
+        "CXR_MAX_PIXELS": "100000000",
+        # Room for a full batch-endpoint request of the largest uploads (2.5 MB each).
+        "CXR_MAX_UPLOAD_BYTES": str(64 * 2**20),
+    }
+    if args.max_wait_ms is not None:
+        env["CXR_MAX_WAIT_MS"] = str(args.max_wait_ms)
+    if args.decode_workers is not None:
+        env["CXR_DECODE_WORKERS"] = str(args.decode_workers)
+    return env
+
+
+async def drive(
+    base_url: str, endpoint: str, uploads: Sequence[Upload], levels: Sequence[int], requests: int, per_request: int
+) -> list[dict[str, Any]]:
+    """Warm up, then one load level per concurrency; images in flight ~= the concurrency level."""
+    await run_level(base_url, endpoint, uploads, concurrency=2, requests=2, images_per_request=per_request)
+    results = []
+    for level in levels:
+        clients = max(1, level // per_request)
+        count = max(requests, 2 * level) // per_request
+        result = await run_level(
+            base_url, endpoint, uploads, concurrency=clients, requests=max(count, clients), images_per_request=per_request
+        )
+        result.concurrency = level
+        print(
+            f"  {endpoint} c={level}: {result.throughput_ips:.2f} img/s p50 {report.fmt(result.p50_ms, 0)} ms "
+            f"p99 {report.fmt(result.p99_ms, 0)} ms errors {result.errors} client_cpu {result.client_cpu:.2f}",
+            flush=True,
+        )
+        results.append(result.as_dict())
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    uploads = real_uploads(args.real_dir) + synthetic_uploads(args.synthetic)
+    print(f"{len(uploads)} uploads ({sum(len(u.data) for u in uploads) / 2**20:.1f} MiB), device {args.device}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        weights = args.weights or export_random_model(Path(tmp) / "weights", args.input_size)
+        threads = args.decode_workers or min(8, os.cpu_count() or 1)
+        decode = decode_bench.run(uploads, args.input_size, threads)
+        print(f"decode: {decode}", flush=True)
+        batch_sizes = sorted({1, args.max_batch_size})
+        seconds = 1.0 if args.quick else 4.0
+        model = model_only.measure_engine(weights, args.device, args.precision, batch_sizes, seconds)
+        print(f"model only: {model['throughput_ips']:.2f} img/s {model['per_batch_size']}", flush=True)
+
+        levels: dict[str, list[dict[str, Any]]] = {}
+        peak_rss: dict[str, float] = {}
+        port = free_port()
+        with serve(["-m", "app"], service_env(args, weights, port), args.out / "ours-server.log", port) as server:
+            print("ours:", flush=True)
+            levels["ours_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args.concurrency, args.requests, 1))
+            levels["ours_batch"] = asyncio.run(
+                drive(server.base_url, "/predict/batch", uploads, args.concurrency, args.requests, args.batch_files)
+            )
+            peak_rss["ours"] = server.peak_rss_mb()
+        port = free_port()
+        naive_args = ["-m", "benchmarks.naive_server", "--weights", str(weights), "--port", str(port), "--device", args.device]
+        with serve(naive_args, {}, args.out / "naive-server.log", port) as server:
+            print("naive:", flush=True)
+            levels["naive_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args.concurrency, args.requests, 1))
+            peak_rss["naive"] = server.peak_rss_mb()
+
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    settings["uploads"] = len(uploads)
+    doc = report.build(
+        device=args.device, settings=settings, levels=levels, model_only=model, decode=decode, peak_rss_mb=peak_rss
+    )
+    print(report.write(doc, args.out))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

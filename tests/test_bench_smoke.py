@@ -1,0 +1,65 @@
+"""Smoke tests for the serving benchmark: its statistics and one tiny end-to-end load run."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.loadgen import percentile, run_level, summarize
+from benchmarks.server_proc import free_port, serve
+from benchmarks.uploads import TARGET_BYTES, Upload, synthetic_uploads
+from tests.conftest import encode, export_tiny_model, synthetic_xray
+
+
+@pytest.mark.parametrize("q", [0, 25, 50, 90, 95, 99, 100])
+def test_percentile_matches_numpy_linear(q: float) -> None:
+    values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 100.0]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_rejects_empty_and_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summarize_counts_images_errors_and_client_share() -> None:
+    result = summarize("/predict", 4, [0.1, 0.2, 0.3], images=3, errors=["HTTP 503: x"], duration_s=2.0, client_cpu_s=0.5)
+    assert (result.requests, result.errors, result.images) == (4, 1, 3)
+    assert result.throughput_ips == pytest.approx(1.5)
+    assert result.p50_ms == pytest.approx(200.0)
+    assert result.client_cpu == pytest.approx(0.25)
+    assert summarize("/predict", 1, [], images=0, errors=["boom"], duration_s=1.0).p99_ms is None
+
+
+def test_synthetic_upload_is_a_realistic_size() -> None:
+    (upload,) = synthetic_uploads(1, seed=7)
+    assert 1_000_000 <= upload.width * upload.height <= 3_000_000
+    low, high = TARGET_BYTES
+    assert low * 0.8 <= len(upload.data) <= high * 1.2
+    assert upload.data.startswith(b"\xff\xd8\xff")
+
+
+@pytest.mark.timeout(120)
+def test_two_requests_against_the_real_service(tmp_path: Path) -> None:
+    """Start ``python -m app`` on a 32 px model and drive both endpoints with the load generator."""
+    weights = export_tiny_model(tmp_path / "weights")
+    uploads = [Upload(f"u{seed}.jpeg", encode(synthetic_xray(120, 100, seed), "JPEG"), 120, 100) for seed in range(2)]
+    port = free_port()
+    env = {"CXR_HOST": "127.0.0.1", "CXR_PORT": str(port), "CXR_WEIGHTS": str(weights), "CXR_DEVICE": "cpu"}
+    with serve(["-m", "app"], env, tmp_path / "server.log", port, startup_timeout_s=90) as server:
+        single = asyncio.run(run_level(server.base_url, "/predict", uploads, concurrency=2, requests=2))
+        batch = asyncio.run(
+            run_level(server.base_url, "/predict/batch", uploads, concurrency=1, requests=1, images_per_request=2)
+        )
+        bad = asyncio.run(run_level(server.base_url, "/nope", uploads, concurrency=1, requests=1))
+        rss = server.peak_rss_mb()
+    assert (single.errors, single.images, single.requests) == (0, 2, 2), single.error_samples
+    assert (batch.errors, batch.images) == (0, 2), batch.error_samples
+    assert bad.errors == 1 and bad.images == 0
+    assert single.p50_ms is not None and single.p50_ms > 0
+    assert rss > 50  # a Python process with torch loaded
