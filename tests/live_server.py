@@ -1,0 +1,91 @@
+"""A real uvicorn server on a free loopback port, in a thread of the test process.
+
+In-process (rather than a subprocess) so tests can gate the model's forward pass with an
+event and observe queueing, timeouts and draining deterministically, without sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+from fastapi import FastAPI
+
+from app.engine import InferenceEngine
+from app.factory import create_app
+from app.server import DrainingServer, server_config
+from app.settings import Settings
+
+
+def serving_settings(weights: Path, **overrides: object) -> Settings:
+    """Settings for a CPU test server; never the process environment's CXR_* values."""
+    values: dict[str, object] = {"weights": weights, "device": "cpu", "log_format": "text", "decode_workers": 2}
+    return Settings.model_validate({**values, **overrides})
+
+
+class LiveServer:
+    def __init__(self, settings: Settings) -> None:
+        self.app: FastAPI = create_app(settings)
+        config = server_config(self.app, settings.model_copy(update={"host": "127.0.0.1", "port": 0}))
+        self.server = DrainingServer(config, on_exit=self.app.state.service.begin_drain)
+        self.thread = threading.Thread(target=self.server.run, name="live-uvicorn", daemon=True)
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)  # polling for readiness, not an assertion
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30.0, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    server = LiveServer(settings)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ForwardGate:
+    """Holds every forward pass until released, so a test decides exactly when inference finishes."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._original = InferenceEngine.predict_proba
+
+    def __call__(self, engine: InferenceEngine, pixels: torch.Tensor) -> list[float]:
+        self.entered.set()
+        if not self.release.wait(timeout=30):
+            raise RuntimeError("forward gate never released")
+        return self._original(engine, pixels)
+
+
+def metric_samples(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` for one metric family's sample lines in Prometheus text format."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key[len(name):]] = float(value)
+    return samples
