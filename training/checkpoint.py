@@ -49,7 +49,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         state.setdefault(int(param_id), {})[key] = value
     for param_id, entries in meta["scalars"].items():
         state.setdefault(int(param_id), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (Adam's betas) into lists; torch's optimizers expect the original types.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _write(run_dir: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

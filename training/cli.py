@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
+from app.artifacts import ModelLoadError
 from training.config import TrainConfig
 from training.errors import UsageError
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _run(args)
-    except UsageError as exc:
+    except (UsageError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

@@ -29,7 +29,7 @@ from app.model import CLASS_NAMES, ModelSpec, PneumoniaNet, build_model, pneumon
 from training.calibration import fit_temperature, select_threshold
 from training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RESUME_OVERRIDABLE, TrainConfig
-from training.data import ImageSet, Skipped, discover, limit_per_class, load_images
+from training.data import ImageSet, Sample, Skipped, discover, limit_per_class, load_images
 from training.distributed import DistInfo, barrier, gather_rows, init_distributed, shutdown
 from training.engine import Schedule, predict_logits, steps_per_epoch, train_one_epoch
 from training.errors import DataError, UsageError
@@ -136,7 +136,7 @@ class PreparedData:
     val_source: str
 
 
-def _decode_all(config: TrainConfig, samples: dict[str, list[Any]], dist: DistInfo) -> dict[str, Any]:
+def _decode_all(config: TrainConfig, samples: dict[str, list[Sample]], dist: DistInfo) -> dict[str, Any]:
     """Decode every split; with a cache the main process decodes first and the others read its cache."""
     cache_dir = config.out / "cache" if config.cache else None
 
@@ -148,8 +148,7 @@ def _decode_all(config: TrainConfig, samples: dict[str, list[Any]], dist: DistIn
     return decoded if decoded is not None else decode()
 
 
-def prepare_data(config: TrainConfig, dist: DistInfo) -> PreparedData:
-    splits = discover(config.data)
+def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: DistInfo) -> PreparedData:
     samples = {("train" if name == "all" else name): files for name, files in splits.items()}
     if "train" not in samples:
         raise DataError(f"{config.data}: no train split (expected {config.data}/train/{{NORMAL,PNEUMONIA}})")
@@ -205,8 +204,8 @@ def make_optimizer(network: nn.Module, config: TrainConfig) -> torch.optim.Optim
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.resolved_weight_decay()}, {"params": no_decay, "weight_decay": 0.0}]
     if config.opt == "sgd":
-        return torch.optim.SGD(groups, lr=config.resolved_lr(), momentum=config.momentum, nesterov=config.momentum > 0)
-    return torch.optim.AdamW(groups, lr=config.resolved_lr())
+        return torch.optim.SGD(groups, lr=config.resolved_lr(), momentum=config.momentum, nesterov=config.momentum > 0, foreach=True)
+    return torch.optim.AdamW(groups, lr=config.resolved_lr(), foreach=True)
 
 
 def class_weighted_loss(labels: torch.Tensor, device: torch.device) -> nn.Module:
@@ -261,9 +260,14 @@ def round_to_export_dtype(network: PneumoniaNet, dtype: str) -> None:
                     tensor.copy_(tensor.half().float())
 
 
-def finalize(config: TrainConfig, state: TrainState, data: PreparedData, device: torch.device, extra: dict[str, Any]) -> dict[str, Any]:
-    """Best weights -> temperature + threshold on val -> val report -> export (-> test report)."""
-    network, _ = make_network(config.model_copy(update={"init": "scratch"}))
+def finalize(
+    config: TrainConfig, state: TrainState, data: PreparedData, network: PneumoniaNet, device: torch.device, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Best weights -> temperature + threshold on val -> val report -> export (-> test report).
+
+    ``network`` is the training network, reused (and overwritten with the best weights) to
+    avoid building a second VGG16.
+    """
     load_checkpoint(config.out, "best", network)
     round_to_export_dtype(network, config.export_dtype)
     network.to(device)
@@ -345,11 +349,12 @@ def train(config: TrainConfig, resuming: bool) -> dict[str, Any] | None:
 
 def _train(config: TrainConfig, resuming: bool, dist: DistInfo) -> dict[str, Any] | None:
     device = resolve_device(config.device, dist)
+    splits = discover(config.data)  # a layout error must not leave an empty run directory behind
     configure_threads(config)
     config.out.mkdir(parents=True, exist_ok=True)
     setup_logging(config.out, dist)
     log.info("%s run in %s on %s (%d process(es))", "resuming" if resuming else "starting", config.out, device, dist.world_size)
-    data = prepare_data(config, dist)
+    data = prepare_data(config, splits, dist)
     for item in data.skipped:
         log.warning("skipped unreadable image %s: %s", item.path, item.reason)
     log.info(
@@ -429,6 +434,6 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo) -> dict[str, Any
     if not dist.is_main:
         return None
     extra = {"imagenet_weights": imagenet_source, "world_size": dist.world_size, "device": str(device)}
-    summary = finalize(config, state, data, device, extra)
+    summary = finalize(config, state, data, network, device, extra)
     log.info("exported %s (version %s)", config.out / "model.safetensors", summary["version"])
     return summary

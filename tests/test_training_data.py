@@ -1,0 +1,137 @@
+"""Data discovery, decoding, the patient-grouped split and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.cli import main
+from training.data import discover, load_images
+from training.errors import DataError
+from training.split import grouped_stratified_split, patient_id
+from tests.test_training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, write_split
+
+
+@pytest.mark.parametrize(
+    ("name", "patient"),
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("person1000_virus_1681.jpeg", "person1000"),
+        ("IM-0115-0001.jpeg", "im-0115"),
+        ("NORMAL2-IM-0115-0001.jpeg", "normal2-im-0115"),
+        ("scan.png", "file:scan.png"),
+    ],
+)
+def test_patient_id(name: str, patient: str) -> None:
+    assert patient_id(Path("x") / name) == patient
+
+
+def _kermany_like(seed: int) -> tuple[list[str], np.ndarray]:
+    """Many patients with 1-6 images each, ~3:1 pneumonia:normal like the real data."""
+    rng = np.random.default_rng(seed)
+    paths: list[str] = []
+    labels: list[int] = []
+    for p in range(300):
+        count = int(rng.integers(1, 7))
+        names = normal_names(range(p, p + 1), count) if p % 4 == 0 else pneumonia_names(range(p, p + 1), count)
+        paths += names
+        labels += [0 if p % 4 == 0 else 1] * count
+    return paths, np.array(labels)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grouped_split_keeps_patients_together_and_is_stratified(seed: int) -> None:
+    paths, labels = _kermany_like(seed)
+    train, val = grouped_stratified_split(paths, labels, 0.2, seed)
+    assert sorted(np.r_[train, val].tolist()) == list(range(len(paths)))
+    assert not {patient_id(paths[i]) for i in train} & {patient_id(paths[i]) for i in val}
+    for label in (0, 1):
+        share = np.sum(labels[val] == label) / np.sum(labels == label)
+        assert share == pytest.approx(0.2, abs=0.03), label
+
+
+def test_grouped_split_is_deterministic_per_seed() -> None:
+    paths, labels = _kermany_like(0)
+    first = grouped_stratified_split(paths, labels, 0.2, 5)[1]
+    np.testing.assert_array_equal(first, grouped_stratified_split(paths, labels, 0.2, 5)[1])
+    assert not np.array_equal(first, grouped_stratified_split(paths, labels, 0.2, 6)[1])
+
+
+def test_split_needs_two_patients_per_class() -> None:
+    paths = normal_names(range(1, 2), 3) + pneumonia_names(range(1, 5), 1)
+    with pytest.raises(DataError, match="patient"):
+        grouped_stratified_split(paths, np.array([0, 0, 0, 1, 1, 1, 1]), 0.3, 0)
+
+
+def test_discover_layouts(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "nested", normal_patients=2, pneumonia_patients=2, per_patient=1)
+    assert list(discover(root)) == ["train"]
+    flat = discover(root / "train")
+    assert list(flat) == ["all"]
+    assert Counter(s.label for s in flat["all"]) == {0: 2, 1: 2}
+
+
+def test_unreadable_image_is_skipped_and_reported(tmp_path: Path) -> None:
+    root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
+    bad = root / "NORMAL" / "IM-0009-0001.jpeg"
+    bad.write_bytes(b"not an image at all")
+    decoded = load_images(discover(root)["all"], INPUT_SIZE, workers=2, cache_dir=None)
+    assert len(decoded.images) == 4 and decoded.images.pixels.shape == (4, 1, INPUT_SIZE, INPUT_SIZE)
+    assert [item.path for item in decoded.skipped] == [str(bad)]
+    assert "unsupported_media_type" in decoded.skipped[0].reason
+
+
+def test_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
+    root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
+    samples = discover(root)["all"]
+    first = load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    again = load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")
+    assert again.content_hash == first.content_hash and again.images.paths == first.images.paths
+    assert bool((again.images.pixels == first.images.pixels).all())
+    load_images(samples, 40, workers=1, cache_dir=tmp_path / "cache")  # other size: other entry
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_wrong_layout_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    err = _error_line(capsys, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
+    assert "NORMAL" in err and "train/" in err
+    err = _error_line(capsys, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert "not found" in err
+
+
+def test_missing_or_empty_class_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_split(tmp_path / "d" / "train", normal_names(range(1, 3), 1), [])
+    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    assert "PNEUMONIA" in err
+    (tmp_path / "d" / "train" / "PNEUMONIA").mkdir()
+    (tmp_path / "d" / "train" / "PNEUMONIA" / "notes.txt").write_text("no images here")
+    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    assert "PNEUMONIA has no images" in err
+
+
+def test_evaluate_wrong_layout_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_weights: Path) -> None:
+    make_dataset(tmp_path / "d", normal_patients=1, pneumonia_patients=1, per_patient=1)
+    err = _error_line(capsys, ["evaluate", "--weights", str(tiny_weights), "--data", str(tmp_path / "d"), "--report", str(tmp_path / "r")])
+    assert "'test' split" in err
+    err = _error_line(capsys, ["evaluate", "--weights", str(tmp_path / "nope"), "--data", str(tmp_path / "d" / "train"), "--report", str(tmp_path / "r")])
+    assert "not found" in err
+
+
+def test_invalid_flag_value_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
+    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--val-fraction", "1.5"])
+    assert "--val-fraction" in err

@@ -1,0 +1,158 @@
+"""End to end on a tiny synthetic dataset: train, checkpoint, resume, calibrate, export, evaluate."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import training.trainer
+from app.artifacts import load_model
+from app.model import ModelSpec, build_model, pneumonia_probability
+from training.checkpoint import load_checkpoint
+from training.cli import main
+from training.engine import predict_logits
+from training.report import PLOT_FILES
+from training.split import patient_id
+from tests.test_training_support import INPUT_SIZE, make_dataset, train_args, write_split, normal_names, pneumonia_names
+
+CORRUPT_NAME = "person999_bacteria_9990.jpeg"
+METRIC_KEYS = {"n", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "brier", "ece",
+               "threshold", "tp", "fp", "tn", "fn"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_dataset(tmp_path_factory.mktemp("data"))
+    (root / "train" / "PNEUMONIA" / CORRUPT_NAME).write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(train_args(dataset, out, "--epochs", "2")) == 0
+    return out
+
+
+def _history(run: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_checkpoints_metrics_and_export(run_dir: Path) -> None:
+    assert [row["epoch"] for row in _history(run_dir)] == [1, 2]
+    for name in ("model.safetensors", "model.json", "config.json", "split.json", "summary.json",
+                 "checkpoint/last.safetensors", "checkpoint/last.json", "checkpoint/best.safetensors"):
+        assert (run_dir / name).is_file(), name
+    meta = json.loads((run_dir / "model.json").read_text())
+    assert meta["provenance"]["input_size"] == INPUT_SIZE and meta["provenance"]["init"] == "scratch"
+    assert len(meta["provenance"]["data_hash"]) == 64
+    assert meta["temperature"] > 0 and 0.0 <= meta["threshold"] <= 1.0
+    assert METRIC_KEYS <= meta["metrics"]["validation"].keys()
+
+
+def test_split_is_grouped_by_patient(run_dir: Path) -> None:
+    split = json.loads((run_dir / "split.json").read_text())
+    train = {patient_id(row["path"]) for row in split["train"]}
+    val = {patient_id(row["path"]) for row in split["val"]}
+    assert train and val and not train & val
+    assert {row["label"] for row in split["val"]} == {"NORMAL", "PNEUMONIA"}
+
+
+def test_unreadable_image_is_skipped_and_reported(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [Path(item["path"]).name for item in summary["unreadable"]] == [CORRUPT_NAME]
+    assert summary["provenance"]["unreadable_files"] == 1
+    assert CORRUPT_NAME in (run_dir / "train.log").read_text()
+    split = json.loads((run_dir / "split.json").read_text())
+    assert all(Path(row["path"]).name != CORRUPT_NAME for side in split.values() for row in side)
+
+
+def test_export_reproduces_training_side_predictions(run_dir: Path) -> None:
+    loaded = load_model(run_dir)
+    spec = ModelSpec(architecture="vgg16", head="compact", input_size=INPUT_SIZE)
+    assert loaded.metadata.spec == spec
+    trained = build_model(spec)
+    load_checkpoint(run_dir, "best", trained)
+    rows = list(csv.DictReader((run_dir / "val_report" / "predictions.csv").open()))
+    from app.imaging import preprocess
+
+    pixels = torch.stack([preprocess(Path(row["path"]).read_bytes(), INPUT_SIZE) for row in rows])
+    ours = predict_logits(trained, pixels, batch_size=16, device=torch.device("cpu"))
+    served = predict_logits(loaded.network, pixels, batch_size=16, device=torch.device("cpu"))
+    torch.testing.assert_close(served, ours, atol=1e-5, rtol=1e-5)
+    probs = pneumonia_probability(served, loaded.metadata.temperature).numpy()
+    np.testing.assert_allclose(probs, [float(row["probability"]) for row in rows], atol=2e-6)
+
+
+def test_evaluate_writes_report(run_dir: Path, tmp_path: Path) -> None:
+    data = write_split(tmp_path / "holdout", normal_names(range(50, 56), 1), pneumonia_names(range(50, 58), 1), seed=7)
+    report = tmp_path / "report"
+    assert main(["evaluate", "--weights", str(run_dir / "model.safetensors"), "--data", str(data),
+                 "--report", str(report), "--bootstrap", "50"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert METRIC_KEYS <= metrics.keys()
+    assert metrics["n"] == 14 and metrics["tp"] + metrics["fn"] == 8 and metrics["tn"] + metrics["fp"] == 6
+    assert metrics["threshold"] == load_model(run_dir).metadata.threshold
+    for key in ("accuracy", "roc_auc", "pr_auc", "brier", "ece"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    lo, hi = metrics["ci95"]["roc_auc"]
+    assert lo <= metrics["roc_auc"] <= hi
+    rows = list(csv.DictReader((report / "predictions.csv").open()))
+    assert len(rows) == 14
+    correct = sum(row["label"] == row["prediction"] for row in rows)
+    assert correct / 14 == pytest.approx(metrics["accuracy"])
+    for name in PLOT_FILES:
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_the_right_epoch(dataset: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crash in epoch 2, resume: same history and weights as the uninterrupted run."""
+    original = training.trainer.train_one_epoch
+    calls: list[str] = []
+
+    def crash_in_second_epoch(*args: object, **kwargs: object) -> object:
+        calls.append(str(kwargs["description"]))
+        if len(calls) == 2:
+            raise _Interrupted
+        return original(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(training.trainer, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(_Interrupted):
+        main(train_args(dataset, out, "--epochs", "2"))
+    assert [row["epoch"] for row in _history(out)] == [1]
+    monkeypatch.setattr(training.trainer, "train_one_epoch", original)
+    assert main(train_args(dataset, out, "--epochs", "2")) == 2  # refuses to overwrite without --resume
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "resumed after epoch 1" in (out / "train.log").read_text()
+    history, reference = _history(out), _history(run_dir)
+    assert [row["epoch"] for row in history] == [1, 2]
+    for ours, theirs in zip(history, reference, strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ours["val_auc"] == pytest.approx(theirs["val_auc"], abs=1e-6)
+    resumed, uninterrupted = load_model(out).network.state_dict(), load_model(run_dir).network.state_dict()
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_of_finished_run_only_reexports(run_dir: Path, tmp_path: Path) -> None:
+    before = (run_dir / "checkpoint" / "last.safetensors").read_bytes()
+    assert main(["train", "--resume", str(run_dir), "--threshold-method", "youden"]) == 0
+    assert (run_dir / "checkpoint" / "last.safetensors").read_bytes() == before
+    assert [row["epoch"] for row in _history(run_dir)] == [1, 2]
+    assert load_model(run_dir).metadata.threshold_method == "youden"
+
+
+def test_resume_refuses_to_change_the_model(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--resume", str(run_dir), "--input-size", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--input-size" in err and "\n" not in err

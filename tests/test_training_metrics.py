@@ -1,0 +1,122 @@
+"""Metric, calibration and threshold functions against hand-computed values and scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from training import metrics as m
+from training.calibration import fit_temperature, select_threshold
+
+LABELS = np.array([0, 0, 1, 1, 1])
+SCORES = np.array([0.1, 0.6, 0.35, 0.8, 0.9])
+
+
+def test_hand_computed_example() -> None:
+    # Pairs (pos, neg): 0.35 beats 0.1 but not 0.6; 0.8 and 0.9 beat both -> 5/6.
+    assert m.roc_auc(LABELS, SCORES) == pytest.approx(5 / 6)
+    # Ranked: 0.9(+) 0.8(+) 0.6(-) 0.35(+) 0.1(-): AP = (1 + 1 + 3/4) / 3.
+    assert m.average_precision(LABELS, SCORES) == pytest.approx((1 + 1 + 0.75) / 3)
+    assert m.brier_score(LABELS, SCORES) == pytest.approx((0.01 + 0.36 + 0.4225 + 0.04 + 0.01) / 5)
+    assert m.confusion(LABELS, SCORES, 0.5) == {"tp": 2, "fp": 1, "tn": 1, "fn": 1}
+    report = m.binary_metrics(LABELS, SCORES, 0.5)
+    assert report["accuracy"] == pytest.approx(3 / 5)
+    assert report["sensitivity"] == pytest.approx(2 / 3)
+    assert report["specificity"] == pytest.approx(1 / 2)
+    assert report["precision"] == pytest.approx(2 / 3)
+    assert report["f1"] == pytest.approx(2 / 3)
+    # Threshold is inclusive: a score equal to it is positive.
+    assert m.confusion(LABELS, SCORES, 0.35)["tp"] == 3
+
+
+def test_ece_hand_computed() -> None:
+    labels = np.array([0, 1, 1, 1])
+    probs = np.array([0.05, 0.05, 0.95, 0.95])
+    # Bin [0, 1/15): mean p 0.05, positive rate 0.5 -> 0.45; top bin: 0.95 vs 1.0 -> 0.05.
+    assert m.expected_calibration_error(labels, probs) == pytest.approx((2 * 0.45 + 2 * 0.05) / 4)
+    assert m.expected_calibration_error(np.array([0, 1]), np.array([0.0, 1.0])) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_scikit_learn_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1), 2)  # rounding makes ties
+    assert m.roc_auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores))
+    assert m.average_precision(labels, scores) == pytest.approx(skm.average_precision_score(labels, scores))
+    assert m.brier_score(labels, scores) == pytest.approx(skm.brier_score_loss(labels, scores))
+    fpr, tpr, thresholds = m.roc_curve(labels, scores)
+    sk_fpr, sk_tpr, sk_thresholds = skm.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(thresholds[1:], sk_thresholds[1:])
+    precision, recall, _ = m.pr_curve(labels, scores)
+    sk_precision, sk_recall, _ = skm.precision_recall_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(precision, sk_precision)
+    np.testing.assert_allclose(recall, sk_recall)
+    report = m.binary_metrics(labels, scores, 0.5)
+    predicted = (scores >= 0.5).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(labels, predicted).ravel()
+    assert (report["tn"], report["fp"], report["fn"], report["tp"]) == (tn, fp, fn, tp)
+    assert report["f1"] == pytest.approx(skm.f1_score(labels, predicted))
+    assert report["precision"] == pytest.approx(skm.precision_score(labels, predicted))
+    assert report["specificity"] == pytest.approx(skm.recall_score(labels, predicted, pos_label=0))
+
+
+def test_one_class_auc_is_nan_not_an_error() -> None:
+    assert math.isnan(m.roc_auc(np.ones(4), np.linspace(0, 1, 4)))
+
+
+def test_bootstrap_interval_contains_estimate_and_narrows_with_data() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    scores = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
+    wide = m.bootstrap_ci(labels[:100], scores[:100], 0.5, n_boot=300, seed=1)
+    narrow = m.bootstrap_ci(labels, scores, 0.5, n_boot=300, seed=1)
+    for key, (lo, hi) in narrow.items():
+        estimate = m.roc_auc(labels, scores) if key == "roc_auc" else m.threshold_metrics(labels, scores, 0.5)[key]
+        assert lo <= estimate <= hi, key
+        assert hi - lo < wide[key][1] - wide[key][0], key
+
+
+def test_temperature_recovers_the_generating_temperature() -> None:
+    generator = torch.Generator().manual_seed(0)
+    true_temperature = 2.5
+    logits = torch.randn(20_000, 2, generator=generator) * 4.0
+    probs = torch.softmax(logits / true_temperature, dim=1)[:, 1]
+    labels = (torch.rand(20_000, generator=generator) < probs).long()
+    assert fit_temperature(logits, labels) == pytest.approx(true_temperature, rel=0.05)
+
+
+def test_temperature_minimises_nll() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(500, 2, generator=generator) * 3
+    labels = (torch.rand(500, generator=generator) < torch.softmax(logits * 0.6, dim=1)[:, 1]).long()
+    fitted = fit_temperature(logits, labels)
+    nll = [float(torch.nn.functional.cross_entropy(logits / t, labels)) for t in (fitted * 0.9, fitted, fitted * 1.1)]
+    assert nll[1] <= min(nll[0], nll[2])
+
+
+def test_sensitivity_threshold_is_the_highest_meeting_the_target() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.3, 0.7, 0.2, 0.6, 0.8, 0.9])
+    assert select_threshold(labels, probs, "sensitivity", 0.75) == pytest.approx(0.6)
+    assert select_threshold(labels, probs, "sensitivity", 0.76) == pytest.approx(0.2)
+    assert select_threshold(labels, probs, "sensitivity", 0.5) == pytest.approx(0.8)
+
+
+def test_youden_threshold_maximises_j() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(rng.normal(0.4 + 0.2 * labels, 0.15), 0, 1)
+    chosen = select_threshold(labels, probs, "youden")
+
+    def j(t: float) -> float:
+        r = m.threshold_metrics(labels, probs, t)
+        return r["sensitivity"] + r["specificity"] - 1
+
+    assert j(chosen) == pytest.approx(max(j(t) for t in np.unique(probs)))

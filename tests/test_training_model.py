@@ -1,0 +1,113 @@
+"""Augmentation, learning-rate schedule, ImageNet initialisation and checkpoint round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.models import vgg16
+
+from app.model import ModelSpec, build_model
+from training.augment import augment_batch
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.distributed import DistInfo
+from training.engine import Schedule, epoch_batches
+from training.errors import UsageError
+from training.imagenet import load_imagenet
+
+
+def test_augment_is_seeded_in_range_and_off_at_zero_strength() -> None:
+    pixels = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    first = augment_batch(pixels, torch.Generator().manual_seed(3))
+    assert first.shape == pixels.shape and first.dtype == torch.float32
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 255.0
+    torch.testing.assert_close(first, augment_batch(pixels, torch.Generator().manual_seed(3)))
+    assert not torch.allclose(first, pixels.float())
+    torch.testing.assert_close(augment_batch(pixels, torch.Generator(), strength=0.0), pixels.float())
+
+
+def test_hflip_only_flips() -> None:
+    pixels = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    out = augment_batch(pixels, torch.Generator().manual_seed(0), strength=0.0, hflip=True)
+    flipped = torch.flip(pixels.float(), dims=[3])
+    is_flipped = [torch.allclose(o, f, atol=1e-3) for o, f in zip(out, flipped, strict=True)]
+    is_same = [torch.allclose(o, p.float(), atol=1e-3) for o, p in zip(out, pixels, strict=True)]
+    assert all(a or b for a, b in zip(is_flipped, is_same, strict=True)) and 10 < sum(is_flipped) < 54
+
+
+def test_schedule_warms_up_then_decays_to_zero() -> None:
+    schedule = Schedule(peak_lr=1.0, warmup_steps=4, total_steps=20)
+    assert [schedule.lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert schedule.lr(12) == pytest.approx(0.5)
+    assert schedule.lr(20) == pytest.approx(0.0)
+
+
+def test_epoch_batches_shard_all_images_evenly() -> None:
+    shards = [epoch_batches(21, 4, 7, DistInfo(rank, 2)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    seen = torch.cat([torch.cat(s) for s in shards])
+    assert set(seen.tolist()) == set(range(21))
+    single = epoch_batches(21, 4, 7, DistInfo())
+    assert [len(b) for b in single] == [4, 4, 4, 4, 4]  # trailing batch of one is dropped
+    assert torch.equal(torch.cat(single), torch.cat(epoch_batches(21, 4, 7, DistInfo())))
+
+
+@pytest.fixture(scope="module")
+def imagenet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision-format VGG16 state dict (random values; features only to keep it small)."""
+    torch.manual_seed(5)
+    state = {k: v for k, v in vgg16(weights=None).state_dict().items() if k.startswith("features.")}
+    path = tmp_path_factory.mktemp("imagenet") / "vgg16.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_imagenet_features_are_copied(imagenet_file: Path) -> None:
+    from safetensors.torch import load_file
+
+    network = build_model(ModelSpec(architecture="vgg16", head="compact", input_size=32))
+    load_imagenet(network, imagenet_file)
+    source = load_file(str(imagenet_file))
+    for key, value in network.features.state_dict().items():
+        torch.testing.assert_close(value, source[f"features.{key}"])
+
+
+def test_imagenet_errors_are_clear(imagenet_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--imagenet-weights"):
+        load_imagenet(build_model(ModelSpec(architecture="vgg16", input_size=32)), tmp_path / "absent.pth")
+    with pytest.raises(UsageError, match="missing"):  # BN model needs BN tensors
+        load_imagenet(build_model(ModelSpec(architecture="vgg16_bn", input_size=32)), imagenet_file)
+    with pytest.raises(UsageError, match="classifier"):  # classic head also loads fc6/fc7
+        load_imagenet(build_model(ModelSpec(architecture="vgg16", head="classic", input_size=32)), imagenet_file)
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(UsageError, match="not torchvision"):
+        load_imagenet(build_model(ModelSpec(architecture="vgg16", input_size=32)), tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_checkpoint_round_trips_model_and_optimizer(opt: str, tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    make = {
+        "adamw": lambda p: torch.optim.AdamW(p, lr=0.1),
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    }[opt]
+    optimizer = make(model.parameters())
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3)).sum().backward()
+        optimizer.step()
+    save_checkpoint(tmp_path, "last", model, {"state": {"epoch": 3}}, optimizer)
+    assert not list((tmp_path / "checkpoint").glob("*.tmp*"))
+    clone = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    clone_optimizer = make(clone.parameters())
+    meta = load_checkpoint(tmp_path, "last", clone, clone_optimizer)
+    assert meta["state"] == {"epoch": 3}
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(clone.state_dict()[key], value)
+    expected, actual = optimizer.state_dict(), clone_optimizer.state_dict()
+    assert actual["param_groups"] == expected["param_groups"]
+    for index, entries in expected["state"].items():
+        for key, value in entries.items():
+            torch.testing.assert_close(torch.as_tensor(actual["state"][index][key]), torch.as_tensor(value))

@@ -1,0 +1,66 @@
+"""Synthetic Kermany-style datasets for the training tests (no test functions here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import encode, synthetic_xray
+
+IMAGE_SIDE = 48
+INPUT_SIZE = 32
+
+
+def pneumonia_xray(seed: int) -> Image.Image:
+    """The synthetic X-ray with a bright opacity over one lung, so the classes differ visibly."""
+    pixels = np.asarray(synthetic_xray(IMAGE_SIDE, IMAGE_SIDE, seed), dtype=np.float64)
+    rng = np.random.default_rng(seed + 10_000)
+    cy, cx = rng.uniform(0.3, 0.7) * IMAGE_SIDE, rng.choice([0.3, 0.7]) * IMAGE_SIDE
+    yy, xx = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE]
+    pixels += 90 * np.exp(-(((yy - cy) / 8.0) ** 2 + ((xx - cx) / 8.0) ** 2))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+
+
+def normal_names(patients: range, per_patient: int) -> list[str]:
+    """Alternate the two NORMAL naming schemes (IM-XXXX-YYYY and NORMAL2-IM-XXXX-YYYY)."""
+    prefix = ("IM", "NORMAL2-IM")
+    return [f"{prefix[p % 2]}-{p:04d}-{k + 1:04d}.jpeg" for p in patients for k in range(per_patient)]
+
+
+def pneumonia_names(patients: range, per_patient: int) -> list[str]:
+    kind = ("bacteria", "virus")
+    return [f"person{p}_{kind[p % 2]}_{p * 10 + k}.jpeg" for p in patients for k in range(per_patient)]
+
+
+def write_split(root: Path, normal: list[str], pneumonia: list[str], seed: int = 0) -> Path:
+    """Write JPEGs to ``root/NORMAL`` and ``root/PNEUMONIA``; returns ``root``."""
+    for index, name in enumerate(normal):
+        path = root / "NORMAL" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(synthetic_xray(IMAGE_SIDE, IMAGE_SIDE, seed * 1000 + index), "JPEG", quality=90))
+    for index, name in enumerate(pneumonia):
+        path = root / "PNEUMONIA" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(pneumonia_xray(seed * 1000 + 500 + index), "JPEG", quality=90))
+    return root
+
+
+def make_dataset(root: Path, *, normal_patients: int = 8, pneumonia_patients: int = 8, per_patient: int = 2) -> Path:
+    """``root/train/{NORMAL,PNEUMONIA}`` with several images per patient (no val split)."""
+    write_split(
+        root / "train",
+        normal_names(range(1, normal_patients + 1), per_patient),
+        pneumonia_names(range(1, pneumonia_patients + 1), per_patient),
+    )
+    return root
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A fast CLI invocation: tiny compact VGG16 at 32 px, no bootstrap."""
+    return [
+        "train", "--data", str(data), "--out", str(out), "--input-size", str(INPUT_SIZE), "--init", "scratch",
+        "--arch", "vgg16", "--head", "compact", "--batch-size", "16", "--val-fraction", "0.3",
+        "--bootstrap", "20", "--workers", "2", "--patience", "0", "--lr", "1e-3", *extra,
+    ]
