@@ -1,0 +1,261 @@
+"""Offline batch scoring: ``python -m app.score DIR --out predictions.csv``.
+
+Scores every file under DIR with the same verified model, preprocessing and device/precision
+choice as the HTTP service (``app.imaging.preprocess`` + ``app.engine``), so an offline
+prediction equals the one the API would return. Unreadable files become CSV rows with the
+service's stable error code instead of stopping the run. Rows are flushed after every batch
+and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tqdm import tqdm
+
+from app.artifacts import ModelLoadError
+from app.engine import EngineError, InferenceEngine, load_engine
+from app.imaging import ImageError, preprocess
+from app.settings import Settings, SettingsError, load_settings
+
+COLUMNS = ("path", "label", "pneumonia_probability", "threshold", "error_code", "error_message", "model_sha256")
+READ_ERROR = "read_error"
+USAGE_ERROR = 2
+INTERRUPTED = 130
+MAX_LISTED_ERRORS = 20
+
+
+class UsageError(Exception):
+    """Bad arguments or an output file this run must not append to; exit status 2."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One file after preprocessing: the network input, or the reason there is none."""
+
+    path: str
+    pixels: torch.Tensor | None = None
+    error_code: str = ""
+    error_message: str = ""
+
+
+@dataclass
+class Summary:
+    """What one invocation did; printed to stderr so a resumed run shows it redid nothing."""
+
+    scored: int = 0
+    skipped: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    failed_paths: list[tuple[str, str]] = field(default_factory=list)
+
+
+def list_images(root: Path, exclude: Path | None = None) -> list[str]:
+    """All non-hidden files under ``root`` as sorted POSIX paths relative to it (stable across runs and hosts)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if name.startswith(".") or (exclude is not None and path.resolve() == exclude):
+                continue
+            found.append(path.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def prepare(root: Path, relative: str, input_size: int, max_pixels: int) -> Prepared:
+    """Read and preprocess one file exactly as the service does with an upload."""
+    try:
+        data = (root / relative).read_bytes()
+    except OSError as exc:
+        return Prepared(relative, error_code=READ_ERROR, error_message=f"{type(exc).__name__}: {exc.strerror or exc}")
+    try:
+        return Prepared(relative, pixels=preprocess(data, input_size, max_pixels))
+    except ImageError as exc:
+        return Prepared(relative, error_code=exc.code, error_message=" ".join(str(exc).split()))
+
+
+def finished_paths(out: Path, model_sha256: str) -> set[str]:
+    """Paths already in ``out``; repairs a row torn by a kill and refuses a CSV from another model."""
+    if not out.exists():
+        return set()
+    raw = out.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        with out.open("r+b") as handle:  # the last row was cut mid-write: drop it, its file is redone
+            handle.truncate(raw.rfind(b"\n") + 1)
+    with out.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None:
+            return set()
+        if tuple(reader.fieldnames) != COLUMNS:
+            raise UsageError(f"{out} exists but is not a predictions file from app.score (columns {reader.fieldnames})")
+        done: set[str] = set()
+        for row in reader:
+            if row["model_sha256"] != model_sha256:
+                raise UsageError(
+                    f"{out} holds predictions of model {row['model_sha256'][:12]}, not {model_sha256[:12]}; "
+                    "write to a new --out file"
+                )
+            done.add(row["path"])
+    return done
+
+
+def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
+    """Run the readable images of a batch through the engine in one forward pass."""
+    meta = engine.metadata
+    readable = [item for item in batch if item.pixels is not None]
+    probabilities = iter(engine.predict_proba(engine.collate([item.pixels for item in readable]))) if readable else iter(())
+    rows = []
+    for item in batch:
+        row = dict.fromkeys(COLUMNS, "")
+        row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
+        if item.pixels is None:
+            row.update(error_code=item.error_code, error_message=item.error_message)
+        else:
+            probability = next(probabilities)
+            row.update(label=engine.label_for(probability), pneumonia_probability=repr(probability))
+        rows.append(row)
+    return rows
+
+
+def score(
+    root: Path,
+    out: Path,
+    engine: InferenceEngine,
+    *,
+    batch_size: int,
+    workers: int,
+    max_pixels: int,
+    progress: bool,
+) -> Summary:
+    """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time."""
+    done = finished_paths(out, engine.metadata.sha256)
+    pending_paths = [path for path in list_images(root, exclude=out.resolve()) if path not in done]
+    summary = Summary(skipped=len(done))
+    write_header = not out.exists() or out.stat().st_size == 0
+    with ThreadPoolExecutor(max_workers=workers) as pool, out.open("a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if write_header:
+            writer.writeheader()
+
+        def submit(chunk: list[str] | None) -> list[Future[Prepared]]:
+            return [pool.submit(prepare, root, p, engine.input_size, max_pixels) for p in chunk or []]
+
+        chunks = batched(pending_paths, batch_size)
+        # Decode the next batch on the pool while the current one runs on the device.
+        upcoming = submit(next(chunks, None))
+        with tqdm(total=len(pending_paths), unit="img", disable=None if progress else True) as bar:
+            while upcoming:
+                batch = [future.result() for future in upcoming]
+                upcoming = submit(next(chunks, None))
+                write_batch(handle, writer, rows_for(batch, engine), summary)
+                bar.update(len(batch))
+    return summary
+
+
+def write_batch(handle: TextIO, writer: csv.DictWriter[str], rows: list[dict[str, str]], summary: Summary) -> None:
+    """Append and flush to disk so an interrupt loses at most the batch in flight."""
+    writer.writerows(rows)
+    handle.flush()
+    os.fsync(handle.fileno())
+    for row in rows:
+        summary.scored += 1
+        if row["error_code"]:
+            summary.errors[row["error_code"]] += 1
+            summary.failed_paths.append((row["path"], row["error_code"]))
+
+
+def report(summary: Summary, out: Path, stream: TextIO) -> None:
+    unreadable = sum(summary.errors.values())
+    print(
+        f"scored {summary.scored} files ({unreadable} unreadable), skipped {summary.skipped} already in {out}",
+        file=stream,
+    )
+    if unreadable:
+        codes = ", ".join(f"{code}={count}" for code, count in sorted(summary.errors.items()))
+        print(f"unreadable files by error code: {codes}", file=stream)
+        for path, code in summary.failed_paths[:MAX_LISTED_ERRORS]:
+            print(f"  {code}: {path}", file=stream)
+        if unreadable > MAX_LISTED_ERRORS:
+            print(f"  ... {unreadable - MAX_LISTED_ERRORS} more, see the error_code column of {out}", file=stream)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser(defaults: Settings) -> argparse.ArgumentParser:
+    """Defaults come from the service's ``CXR_*`` settings, so both score with the same model and limits."""
+    parser = argparse.ArgumentParser(
+        prog="python -m app.score",
+        description="Score every image under DIR (recursively) with the service's model and write a CSV. "
+        "Rerunning the same command resumes: files already in --out are skipped.",
+    )
+    parser.add_argument("directory", type=Path, metavar="DIR", help="folder of JPEG/PNG chest X-rays")
+    parser.add_argument("--out", type=Path, required=True, help="CSV to create or append to")
+    parser.add_argument("--weights", type=Path, default=defaults.weights, help="model directory (default: $CXR_WEIGHTS)")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.max_batch_size)
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: $CXR_DEVICE)")
+    parser.add_argument("--precision", default=defaults.precision, help="auto, fp16, bf16 or fp32")
+    parser.add_argument("--workers", type=positive_int, default=defaults.decode_workers, help="decoding threads")
+    parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        defaults = load_settings()
+    except SettingsError as exc:
+        print(f"python -m app.score: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    parser = build_parser(defaults)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.directory.is_dir():
+        parser.error(f"DIR {args.directory} is not a directory")
+    if not args.out.parent.is_dir():
+        parser.error(f"the folder of --out {args.out} does not exist")
+    try:
+        engine = load_engine(args.weights, device=args.device, precision=args.precision)
+        summary = score(
+            args.directory,
+            args.out,
+            engine,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            max_pixels=args.max_pixels,
+            progress=not args.no_progress,
+        )
+    except (UsageError, ModelLoadError, EngineError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"interrupted; rows written so far are in {args.out}, rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED
+    report(summary, args.out, sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

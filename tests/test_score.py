@@ -1,0 +1,225 @@
+"""Offline scorer: same numbers as the service path, unreadable files reported, interrupted runs resumed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from app import score
+from app.artifacts import LoadedModel, load_model
+from app.engine import InferenceEngine, load_engine
+from app.imaging import preprocess
+from app.model import pneumonia_probability
+from tests.conftest import encode, synthetic_xray
+
+GOOD = ["a0.jpg", "a1.jpg", "a2.png", "nested/deeper/c3.jpg", "nested/b4.jpg", "nested/b5.png"]
+CORRUPT = "nested/corrupt.jpg"
+NOT_IMAGE = "notes.txt"
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """Six real images in nested folders, a truncated JPEG, a text file and a hidden file."""
+    root = tmp_path / "images"
+    for seed, name in enumerate(GOOD):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(synthetic_xray(90 + seed, 80, seed), "PNG" if name.endswith(".png") else "JPEG"))
+    (root / CORRUPT).write_bytes(encode(synthetic_xray(seed=9))[:400])
+    (root / NOT_IMAGE).write_text("radiology notes, not an image\n")
+    (root / ".DS_Store").write_bytes(b"\0\1")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def clean_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scorer's defaults come from CXR_* variables; the developer's shell must not leak in."""
+    for name in [name for name in os.environ if name.startswith("CXR_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights: Path) -> InferenceEngine:
+    """One engine for the module: loading a model dominates the cost of these tests."""
+    return load_engine(tiny_weights, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights: Path) -> LoadedModel:
+    return load_model(tiny_weights)
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with out.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def direct_probability(loaded: LoadedModel, image: Path) -> float:
+    """P(pneumonia) computed without the scorer or the engine: preprocess + network + calibration."""
+    pixels = preprocess(image.read_bytes(), loaded.metadata.spec.input_size).unsqueeze(0)
+    with torch.inference_mode():
+        return float(pneumonia_probability(loaded.network(pixels), loaded.metadata.temperature)[0])
+
+
+def run(image_dir: Path, out: Path, weights: Path, *extra: str) -> int:
+    """The whole CLI in-process, model loading included."""
+    return score.main([str(image_dir), "--out", str(out), "--weights", str(weights), "--device", "cpu", "--no-progress", *extra])
+
+
+def run_with(engine: InferenceEngine, image_dir: Path, out: Path, batch_size: int = 32) -> score.Summary:
+    """The scoring loop with an already loaded engine."""
+    return score.score(image_dir, out, engine, batch_size=batch_size, workers=2, max_pixels=10_000_000, progress=False)
+
+
+def test_scores_recursively_and_reports_unreadable_files(
+    image_dir: Path, tiny_weights: Path, reference: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "predictions.csv"
+    assert run(image_dir, out, tiny_weights, "--batch-size", "4") == 0
+
+    rows = read_rows(out)
+    assert [row["path"] for row in rows] == sorted([*GOOD, CORRUPT, NOT_IMAGE])
+    sha = reference.metadata.sha256
+    assert {row["model_sha256"] for row in rows} == {sha} and {row["threshold"] for row in rows} == {"0.5"}
+    by_path = {row["path"]: row for row in rows}
+    for name in GOOD:
+        row = by_path[name]
+        probability = float(row["pneumonia_probability"])
+        assert probability == pytest.approx(direct_probability(reference, image_dir / name), abs=1e-6)
+        assert row["label"] == ("PNEUMONIA" if probability >= 0.5 else "NORMAL")
+        assert row["error_code"] == row["error_message"] == ""
+    assert (by_path[CORRUPT]["error_code"], by_path[NOT_IMAGE]["error_code"]) == ("corrupt_image", "unsupported_media_type")
+    assert by_path[CORRUPT]["label"] == by_path[CORRUPT]["pneumonia_probability"] == ""
+    assert by_path[NOT_IMAGE]["error_message"]
+
+    err = capsys.readouterr().err
+    assert "scored 8 files (2 unreadable), skipped 0" in err
+    assert f"corrupt_image: {CORRUPT}" in err and f"unsupported_media_type: {NOT_IMAGE}" in err
+
+
+def test_labels_follow_the_model_card_threshold(
+    image_dir: Path, engine: InferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "metadata", engine.metadata.model_copy(update={"threshold": 0.999}))
+    out = tmp_path / "p.csv"
+    run_with(engine, image_dir, out)
+    scored = [row for row in read_rows(out) if not row["error_code"]]
+    assert scored and {row["label"] for row in scored} == {"NORMAL"} and {row["threshold"] for row in scored} == {"0.999"}
+
+
+def test_resume_skips_finished_files_and_repairs_a_torn_row(
+    image_dir: Path, engine: InferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "predictions.csv"
+    full = tmp_path / "reference.csv"
+    run_with(engine, image_dir, full)
+    # A real earlier run killed mid-write: header, three flushed rows and half of the fourth.
+    lines = full.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:4]) + lines[4][:20])
+
+    processed: list[str] = []
+    real_prepare = score.prepare
+    monkeypatch.setattr(score, "prepare", lambda root, path, *a: processed.append(path) or real_prepare(root, path, *a))
+    summary = run_with(engine, image_dir, out, batch_size=2)
+
+    done_before = {line.split(",")[0] for line in lines[1:4]}
+    assert sorted(processed) == sorted({row["path"] for row in read_rows(full)} - done_before)
+    assert (summary.scored, summary.skipped, sum(summary.errors.values())) == (5, 3, 2)
+    assert out.read_text() == full.read_text()  # torn row dropped, nothing duplicated, same order and values
+
+    processed.clear()
+    summary = run_with(engine, image_dir, out)
+    assert processed == [] and (summary.scored, summary.skipped) == (0, 8)
+
+
+def test_interrupt_keeps_flushed_batches(image_dir: Path, engine: InferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "predictions.csv"
+    real_rows_for = score.rows_for
+    calls = 0
+
+    def interrupt_second_batch(batch: list[score.Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return real_rows_for(batch, engine)
+
+    monkeypatch.setattr(score, "rows_for", interrupt_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_with(engine, image_dir, out, batch_size=3)
+    assert [row["path"] for row in read_rows(out)] == sorted([*GOOD, CORRUPT, NOT_IMAGE])[:3]
+
+    monkeypatch.setattr(score, "rows_for", real_rows_for)
+    assert run_with(engine, image_dir, out, batch_size=3).skipped == 3
+    assert [row["path"] for row in read_rows(out)] == sorted([*GOOD, CORRUPT, NOT_IMAGE])
+
+
+def test_refuses_to_mix_models_in_one_csv(
+    image_dir: Path, engine: InferenceEngine, tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "predictions.csv"
+    run_with(engine, image_dir, out)
+    before = out.read_text().replace(engine.metadata.sha256, "0" * 64)  # as if another model wrote it
+    out.write_text(before)
+    assert run(image_dir, out, tiny_weights) == score.USAGE_ERROR
+    assert "write to a new --out file" in capsys.readouterr().err and out.read_text() == before
+
+
+def test_refuses_a_foreign_csv(image_dir: Path, engine: InferenceEngine, tmp_path: Path) -> None:
+    out = tmp_path / "other.csv"
+    out.write_text("id,value\n1,2\n")
+    with pytest.raises(score.UsageError, match="not a predictions file"):
+        run_with(engine, image_dir, out)
+    assert out.read_text() == "id,value\n1,2\n"
+
+
+def test_output_inside_the_scored_folder_is_not_scored(image_dir: Path, engine: InferenceEngine) -> None:
+    out = image_dir / "predictions.csv"
+    run_with(engine, image_dir, out)
+    assert run_with(engine, image_dir, out).skipped == 8
+    assert "predictions.csv" not in {row["path"] for row in read_rows(out)} and len(read_rows(out)) == 8
+
+
+def test_cli_missing_directory_exits_2(tmp_path: Path) -> None:
+    """Through the real ``python -m app.score`` entry point: the exit status scripts rely on."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "app.score", str(tmp_path / "missing"), "--out", str(tmp_path / "p.csv")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 2 and "is not a directory" in result.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--out", "{tmp}/no/such/p.csv"],
+        ["--out", "{tmp}/p.csv", "--batch-size", "0"],
+        ["--out", "{tmp}/p.csv", "--weights", "{tmp}/none"],
+        ["--out", "{tmp}/p.csv", "--device", "tpu"],
+        ["--out", "{tmp}/p.csv", "--device", "cpu", "--precision", "fp16"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(tmp_path), *(arg.format(tmp=tmp_path) for arg in argv)]
+    try:
+        status = score.main(args)
+    except SystemExit as exc:  # argparse reports bad arguments by exiting
+        status = exc.code
+    assert status == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_cli_defaults_follow_service_settings(monkeypatch: pytest.MonkeyPatch, tiny_weights: Path) -> None:
+    monkeypatch.setenv("CXR_WEIGHTS", str(tiny_weights))
+    monkeypatch.setenv("CXR_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("CXR_MAX_PIXELS", "1234")
+    args = score.build_parser(score.load_settings()).parse_args(["dir", "--out", "p.csv"])
+    assert (args.weights, args.batch_size, args.max_pixels, args.device) == (tiny_weights, 7, 1234, "auto")
