@@ -97,7 +97,7 @@ class Service:
         try:
             async with self._deadline(), asyncio.TaskGroup() as group:
                 tasks = [group.create_task(self._score_item(name, data)) for name, data in files]
-        except BaseExceptionGroup as failed:  # overloaded/shutting down/inference failure: the client retries the batch
+        except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed: retry the batch
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 from fastapi import FastAPI
 
@@ -33,15 +34,20 @@ class LiveServer:
         self.app: FastAPI = create_app(settings)
         config = server_config(self.app, settings.model_copy(update={"host": "127.0.0.1", "port": 0}))
         self.server = DrainingServer(config, on_exit=self.app.state.service.begin_drain)
-        self.thread = threading.Thread(target=self.server.run, name="live-uvicorn", daemon=True)
+        self.exit_code: int | str | None = None
+        self.thread = threading.Thread(target=self._run, name="live-uvicorn", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit as exc:  # uvicorn exits the process when the lifespan startup fails
+            self.exit_code = exc.code
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)  # polling for readiness, not an assertion
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), timeout_s)
+        if not self.server.started:
+            raise RuntimeError("test server did not start")
 
     @property
     def url(self) -> str:
@@ -67,18 +73,32 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
 
 
 class ForwardGate:
-    """Holds every forward pass until released, so a test decides exactly when inference finishes."""
+    """Holds every forward pass until released, so a test decides exactly when inference finishes.
 
-    def __init__(self) -> None:
+    Install it after the server started: warm-up runs forward passes too.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        self._original = InferenceEngine.predict_proba
+        original = InferenceEngine.predict_proba
 
-    def __call__(self, engine: InferenceEngine, pixels: torch.Tensor) -> list[float]:
-        self.entered.set()
-        if not self.release.wait(timeout=30):
-            raise RuntimeError("forward gate never released")
-        return self._original(engine, pixels)
+        def gated(engine: InferenceEngine, pixels: torch.Tensor) -> list[float]:
+            self.entered.set()
+            if not self.release.wait(timeout=30):
+                raise RuntimeError("forward gate never released")
+            return original(engine, pixels)
+
+        monkeypatch.setattr(InferenceEngine, "predict_proba", gated)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll until ``condition`` holds; the test fails if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
 
 
 def metric_samples(text: str, name: str) -> dict[str, float]:

@@ -8,8 +8,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from starlette.types import Message
+from starlette.types import ASGIApp, Message
 
 from app.errors import ERRORS
 from app.factory import create_app
@@ -48,7 +49,7 @@ BAD_UPLOADS = {
 }
 
 
-def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["code"] == code
@@ -133,7 +134,7 @@ def test_rejections_are_counted(server: LiveServer) -> None:
     assert 'cxr_rejected_images_total{code="empty_file"}' in text
 
 
-def _call_asgi(app, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple[list[Message], int]:  # type: ignore[no-untyped-def]
+def _call_asgi(app: ASGIApp, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple[list[Message], int]:
     """Drive the ASGI app directly and report what it sent and how many body chunks it pulled."""
     sent: list[Message] = []
     pulled = 0

@@ -10,7 +10,10 @@ from app.schemas import Health, Liveness
 
 router = APIRouter(tags=["operations"])
 
-_METRICS_EXAMPLE = '# HELP cxr_batch_size Images per forward pass.\n# TYPE cxr_batch_size histogram\ncxr_batch_size_bucket{le="1.0"} 3.0\n'
+_METRICS_EXAMPLE = (
+    "# HELP cxr_batch_size Images per forward pass.\n# TYPE cxr_batch_size histogram\n"
+    'cxr_batch_size_bucket{le="1.0"} 3.0\ncxr_batch_size_bucket{le="2.0"} 7.0\n'
+)
 
 
 @router.get(

@@ -1,0 +1,142 @@
+"""The dynamic batcher with a fake engine: grouping, isolation of cancelled work, failures, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from app.batching import BatcherClosedError, DynamicBatcher, InferenceFailedError, QueueFullError
+from app.metrics import Metrics
+
+
+class FakeEngine:
+    """Scores an image as its pixel value / 255, so each result can be traced back to its input."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.fail = False
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+
+    def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(items))
+
+    def predict_proba(self, pixels: torch.Tensor) -> list[float]:
+        self.entered.set()
+        assert self.hold.wait(10)
+        self.batch_sizes.append(len(pixels))
+        if self.fail:
+            raise RuntimeError("device lost")
+        return [float(image[0, 0, 0]) / 255 for image in pixels]
+
+
+def image(value: int) -> torch.Tensor:
+    return torch.full((1, 4, 4), value, dtype=torch.uint8)
+
+
+def make_batcher(engine: FakeEngine, max_batch_size: int = 4, max_wait_s: float = 0.05,
+                 queue_size: int = 64) -> DynamicBatcher:
+    batcher = DynamicBatcher(engine, max_batch_size=max_batch_size, max_wait_s=max_wait_s,  # type: ignore[arg-type]
+                             queue_size=queue_size, metrics=Metrics(max_batch_size))
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_submissions_are_grouped_up_to_the_maximum() -> None:
+    async def scenario() -> tuple[list[float], list[int]]:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=4, max_wait_s=1.0)
+        results = await asyncio.gather(*(batcher.submit(image(v)) for v in range(10)))
+        await batcher.close()
+        return results, engine.batch_sizes
+
+    results, sizes = asyncio.run(scenario())
+    assert results == pytest.approx([v / 255 for v in range(10)])
+    assert sizes == [4, 4, 2]  # full batches leave at once; the last leaves after max_wait
+
+
+def test_cancelled_request_is_left_out_without_breaking_its_batch() -> None:
+    async def scenario() -> tuple[list[float], list[int], bool]:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=3, max_wait_s=1.0)
+        tasks = [asyncio.create_task(batcher.submit(image(v))) for v in (10, 20, 30)]
+        await asyncio.sleep(0)  # let all three enqueue
+        tasks[1].cancel()
+        done = await asyncio.gather(tasks[0], tasks[2])
+        cancelled = tasks[1].cancelled()
+        await batcher.close()
+        return done, engine.batch_sizes, cancelled
+
+    done, sizes, cancelled = asyncio.run(scenario())
+    assert done == pytest.approx([10 / 255, 30 / 255])
+    assert sizes == [2] and cancelled
+
+
+def test_forward_pass_never_blocks_the_event_loop() -> None:
+    async def scenario() -> float:
+        engine = FakeEngine()
+        engine.hold.clear()
+        batcher = make_batcher(engine, max_wait_s=0)
+        pending = asyncio.create_task(batcher.submit(image(51)))
+        for _ in range(20):  # the loop keeps turning while the forward pass is held
+            await asyncio.sleep(0.001)
+        assert not pending.done()
+        engine.hold.set()
+        result = await pending
+        await batcher.close()
+        return result
+
+    assert asyncio.run(scenario()) == pytest.approx(0.2)
+
+
+def test_failed_forward_fails_its_batch_and_reports_until_recovery() -> None:
+    async def scenario() -> None:
+        engine = FakeEngine()
+        engine.fail = True
+        batcher = make_batcher(engine, max_wait_s=0)
+        with pytest.raises(InferenceFailedError):
+            await batcher.submit(image(1))
+        assert batcher.last_error is not None and "device lost" in batcher.last_error
+        engine.fail = False
+        assert await batcher.submit(image(255)) == pytest.approx(1.0)
+        assert batcher.last_error is None
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_rejects_immediately() -> None:
+    async def scenario() -> None:
+        engine = FakeEngine()
+        engine.hold.clear()
+        batcher = make_batcher(engine, max_batch_size=1, max_wait_s=0, queue_size=1)
+        first = asyncio.create_task(batcher.submit(image(1)))
+        assert await asyncio.to_thread(engine.entered.wait, 10)  # the first job is in the forward pass
+        second = asyncio.create_task(batcher.submit(image(2)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await batcher.submit(image(3))
+        engine.hold.set()
+        assert await asyncio.gather(first, second) == pytest.approx([1 / 255, 2 / 255])
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_drains_queued_work_then_refuses() -> None:
+    async def scenario() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=2, max_wait_s=0)
+        pending = [asyncio.create_task(batcher.submit(image(v))) for v in (3, 6, 9)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert [task.result() for task in pending] == pytest.approx([3 / 255, 6 / 255, 9 / 255])
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit(image(1))
+
+    asyncio.run(scenario())

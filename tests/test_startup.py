@@ -1,0 +1,160 @@
+"""``python -m app`` as operators run it: refuses bad models/settings in one line, serves, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.__main__ import main
+from tests.live_server import LiveServer, serving_settings, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(module_args: list[str], **env: str) -> subprocess.Popen[str]:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
+    clean.update({"CXR_HOST": "127.0.0.1", "CXR_PORT": str(free_port()), "CXR_DEVICE": "cpu", **env})
+    return subprocess.Popen([sys.executable, "-m", *module_args], cwd=REPO, env=clean, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def copy_with(tiny_weights: Path, dest: Path, edit: Callable[[dict], None] | None = None) -> Path:
+    """A copy of the tiny model whose model.json went through ``edit``."""
+    shutil.copytree(tiny_weights, dest)
+    if edit is not None:
+        meta = json.loads((dest / "model.json").read_text())
+        edit(meta)
+        (dest / "model.json").write_text(json.dumps(meta))
+    return dest
+
+
+def _sha(meta: dict) -> None:
+    meta["sha256"] = "0" * 64
+
+
+def _head(meta: dict) -> None:
+    meta["spec"]["head"] = "classic"
+
+
+def _golden(meta: dict) -> None:
+    meta["golden"]["logits"] = [[value + 1.0 for value in row] for row in meta["golden"]["logits"]]
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """Start the broken deployments at once (each pays the torch import) and collect the outcomes."""
+    root = tmp_path_factory.mktemp("broken")
+    cases: dict[str, tuple[list[str], dict[str, str]]] = {
+        "missing_files": (["app"], {"CXR_WEIGHTS": str(root / "nothing-here")}),
+        "sha256": (["app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "sha", _sha))}),
+        "architecture": (["app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "arch", _head))}),
+        "uvicorn_entry": (["uvicorn", "app.main:app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "u", _sha))}),
+    }
+    processes = {name: launch(args, **env) for name, (args, env) in cases.items()}
+    outcomes = {}
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=STARTUP_TIMEOUT_S)
+        outcomes[name] = (process.returncode, stderr)
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("missing_files", "model metadata not found"),
+        ("sha256", "sha256 mismatch"),
+        ("architecture", "do not fit vgg16/classic"),
+        ("uvicorn_entry", "sha256 mismatch"),
+    ],
+)
+def test_bad_model_refuses_to_start(refusals: dict[str, tuple[int, str]], case: str, reason: str) -> None:
+    returncode, stderr = refusals[case]
+    assert returncode != 0
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if reason in line]
+    assert json.loads(line)["message"].startswith("startup failed: ")
+
+
+def _no_weights(tiny_weights: Path, dest: Path) -> Path:
+    copy = copy_with(tiny_weights, dest)
+    (copy / "model.safetensors").unlink()
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("make_weights", "overrides", "reason"),
+    [
+        (_no_weights, {}, "model weights not found"),
+        (lambda weights, dest: copy_with(weights, dest, _golden), {}, "golden check failed"),
+        (lambda weights, dest: weights, {"device": "cuda:0"}, "'cuda:0' was requested but no CUDA GPU is available"),
+    ],
+    ids=["weights_missing", "golden_mismatch", "cuda_missing"],
+)
+def test_failed_lifespan_logs_one_line_and_never_serves(
+    tiny_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    make_weights: Callable[[Path, Path], Path], overrides: dict[str, str], reason: str,
+) -> None:
+    """The same lifespan path as the subprocess cases, in-process so each costs no interpreter start."""
+    if overrides.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    server = LiveServer(serving_settings(make_weights(tiny_weights, tmp_path / "w"), **overrides))
+    with pytest.raises(RuntimeError, match="did not start"):
+        server.start()
+    assert server.exit_code == 3
+    failures = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error" and r.levelno == logging.ERROR]
+    assert failures[0] == f"startup failed: {failures[0].removeprefix('startup failed: ')}"
+    assert reason in failures[0] and "\n" not in failures[0]
+
+
+def test_invalid_setting_refuses_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CXR_MAX_BATCH_SIZE", "lots")
+    assert main() == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "cxr-pneumonia: invalid setting CXR_MAX_BATCH_SIZE: Input should be a valid integer, unable to parse string as"
+        " an integer"
+    ]
+
+
+def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_weights: Path) -> None:
+    port = free_port()
+    process = launch(["app"], CXR_WEIGHTS=str(tiny_weights), CXR_PORT=str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                assert process.poll() is None, "server exited during startup"
+                return False
+
+        wait_for(ready, STARTUP_TIMEOUT_S)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the status says "terminated".
+    assert process.returncode == -signal.SIGTERM, stderr
+    messages = [json.loads(line)["message"] for line in stderr.splitlines()]
+    assert "model ready" in messages and "Application shutdown complete." in messages
