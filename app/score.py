@@ -120,8 +120,8 @@ def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
 def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
     """Run the readable images of a batch through the engine in one forward pass."""
     meta = engine.metadata
-    readable = [item for item in batch if item.pixels is not None]
-    probabilities = iter(engine.predict_proba(engine.collate([item.pixels for item in readable]))) if readable else iter(())
+    pixels = [item.pixels for item in batch if item.pixels is not None]
+    probabilities = iter(engine.predict_proba(engine.collate(pixels)) if pixels else [])
     rows = []
     for item in batch:
         row = dict.fromkeys(COLUMNS, "")

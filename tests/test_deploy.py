@@ -460,7 +460,8 @@ def logged_ids(log: Path, wanted: set[str]) -> list[str]:
     for line in log.read_text().splitlines():
         if line.startswith("{"):
             entry = json.loads(line)
-            if entry.get("request_id") in wanted and (entry.get("path") == "/predict" or "/predict" in entry.get("request", "")):
+            is_predict = entry.get("path") == "/predict" or "/predict" in entry.get("request", "")
+            if is_predict and entry.get("request_id") in wanted:
                 ids.append(entry["request_id"])
     return ids
 

@@ -69,7 +69,8 @@ def direct_probability(loaded: LoadedModel, image: Path) -> float:
 
 def run(image_dir: Path, out: Path, weights: Path, *extra: str) -> int:
     """The whole CLI in-process, model loading included."""
-    return score.main([str(image_dir), "--out", str(out), "--weights", str(weights), "--device", "cpu", "--no-progress", *extra])
+    argv = [str(image_dir), "--out", str(out), "--weights", str(weights), "--device", "cpu", "--no-progress"]
+    return score.main([*argv, *extra])
 
 
 def run_with(engine: InferenceEngine, image_dir: Path, out: Path, batch_size: int = 32) -> score.Summary:
@@ -138,7 +139,9 @@ def test_resume_skips_finished_files_and_repairs_a_torn_row(
     assert processed == [] and (summary.scored, summary.skipped) == (0, 8)
 
 
-def test_interrupt_keeps_flushed_batches(image_dir: Path, engine: InferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_keeps_flushed_batches(
+    image_dir: Path, engine: InferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "predictions.csv"
     real_rows_for = score.rows_for
     calls = 0
@@ -147,13 +150,16 @@ def test_interrupt_keeps_flushed_batches(image_dir: Path, engine: InferenceEngin
         nonlocal calls
         calls += 1
         if calls == 2:
+            on_disk.extend(row["path"] for row in read_rows(out))  # while the CSV is still open for writing
             raise KeyboardInterrupt
         return real_rows_for(batch, engine)
 
+    on_disk: list[str] = []
     monkeypatch.setattr(score, "rows_for", interrupt_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run_with(engine, image_dir, out, batch_size=3)
-    assert [row["path"] for row in read_rows(out)] == sorted([*GOOD, CORRUPT, NOT_IMAGE])[:3]
+    first_batch = sorted([*GOOD, CORRUPT, NOT_IMAGE])[:3]
+    assert on_disk == first_batch and [row["path"] for row in read_rows(out)] == first_batch
 
     monkeypatch.setattr(score, "rows_for", real_rows_for)
     assert run_with(engine, image_dir, out, batch_size=3).skipped == 3
