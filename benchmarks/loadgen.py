@@ -55,14 +55,16 @@ class LevelResult:
 def summarize(
     endpoint: str,
     concurrency: int,
+    requests: int,
     latencies_s: list[float],
     images: int,
     errors: list[str],
     duration_s: float,
     client_cpu_s: float = 0.0,
 ) -> LevelResult:
-    """Turn raw per-request samples into a :class:`LevelResult` (latencies of successes only).
+    """Turn raw samples into a :class:`LevelResult` (latencies of HTTP 200 responses only).
 
+    ``errors`` holds failed requests and files a 200 batch response reported as failed.
     ``client_cpu`` is the load generator's CPU seconds per wall second: near 1.0 means the
     client, not the server, limited throughput.
     """
@@ -70,7 +72,7 @@ def summarize(
     return LevelResult(
         endpoint=endpoint,
         concurrency=concurrency,
-        requests=len(latencies_s) + len(errors),
+        requests=requests,
         images=images,
         errors=len(errors),
         duration_s=duration_s,
@@ -81,6 +83,15 @@ def summarize(
         client_cpu=client_cpu_s / duration_s if duration_s > 0 else 0.0,
         error_samples=sorted(set(errors))[:5],
     )
+
+
+def scored_images(body: object, sent: int) -> tuple[int, list[str]]:
+    """Images a 200 response actually scored: ``/predict/batch`` reports per-file errors inside it."""
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list):
+        return sent, []
+    failed = [f"file error: {item['error']}"[:200] for item in results if isinstance(item, dict) and "error" in item]
+    return len(results) - len(failed), failed
 
 
 def build_files(uploads: Sequence[Upload], start: int, count: int, field: str) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -97,10 +108,15 @@ async def run_level(
     concurrency: int,
     requests: int,
     images_per_request: int = 1,
+    max_seconds: float = float("inf"),
     timeout_s: float = 300.0,
 ) -> LevelResult:
-    """Send ``requests`` requests with ``concurrency`` in flight; batch endpoints get several files."""
-    field = "files" if images_per_request > 1 else "file"
+    """Send ``requests`` requests with ``concurrency`` in flight; ``.../batch`` endpoints take ``files``.
+
+    No new request starts after ``max_seconds``, so a slow server bounds the level's time
+    instead of the run's; requests already in flight finish and count.
+    """
+    field = "files" if endpoint.rstrip("/").endswith("batch") else "file"
     latencies: list[float] = []
     errors: list[str] = []
     images = 0
@@ -109,7 +125,7 @@ async def run_level(
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         nonlocal next_index, images
-        while next_index < requests:
+        while next_index < requests and time.perf_counter() < deadline:
             index = next_index
             next_index += 1
             files = build_files(uploads, index * images_per_request, images_per_request, field)
@@ -123,10 +139,13 @@ async def run_level(
                 errors.append(f"HTTP {response.status_code}: {response.text[:150]}")
                 continue
             latencies.append(time.perf_counter() - started)
-            images += images_per_request
+            scored, failed = scored_images(response.json(), images_per_request)
+            images += scored
+            errors.extend(failed)
 
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
         started, cpu_started = time.perf_counter(), time.process_time()
+        deadline = started + max_seconds
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         duration, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return summarize(endpoint, concurrency, latencies, images, errors, duration, cpu)
+    return summarize(endpoint, concurrency, min(next_index, requests), latencies, images, errors, duration, cpu)

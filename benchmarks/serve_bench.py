@@ -44,6 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if gpu else "cpu")
     parser.add_argument("--concurrency", type=int, nargs="+", help="levels (default 1 4 16 on CPU, 1 16 64 256 on GPU)")
     parser.add_argument("--requests", type=int, help="images per level, at least 2x concurrency (default 48 CPU, 4096 GPU)")
+    parser.add_argument("--max-seconds", type=float, help="per level: no new request after this (default 60, 30 with --quick)")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--weights", type=Path, help="benchmark these exported weights (e.g. weights/) instead of a random model")
     parser.add_argument("--precision", default="auto", help="engine precision, service and model-only (auto/fp32/fp16/bf16)")
@@ -61,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.concurrency = [1, 4] if args.quick else list(GPU_CONCURRENCY if on_gpu else CPU_CONCURRENCY)
     if args.requests is None:
         args.requests = 8 if args.quick else (4096 if on_gpu else 48)
+    if args.max_seconds is None:
+        args.max_seconds = 30.0 if args.quick else 60.0
     if args.max_batch_size is None:
         args.max_batch_size = 128 if on_gpu else 8
     if args.quick:
@@ -82,6 +85,9 @@ def service_env(args: argparse.Namespace, weights: Path, port: int) -> dict[str,
         "CXR_MAX_PIXELS": "100000000",
         # Room for a full batch-endpoint request of the largest uploads (2.5 MB each).
         "CXR_MAX_UPLOAD_BYTES": str(64 * 2**20),
+        # The naive server never times out; with the 30 s production deadline a saturated CPU
+        # turns queueing into 504s and wasted forwards, so throughput would not be comparable.
+        "CXR_REQUEST_TIMEOUT_S": "300",
     }
     if args.max_wait_ms is not None:
         env["CXR_MAX_WAIT_MS"] = str(args.max_wait_ms)
@@ -91,16 +97,22 @@ def service_env(args: argparse.Namespace, weights: Path, port: int) -> dict[str,
 
 
 async def drive(
-    base_url: str, endpoint: str, uploads: Sequence[Upload], levels: Sequence[int], requests: int, per_request: int
+    base_url: str, endpoint: str, uploads: Sequence[Upload], args: argparse.Namespace, per_request: int
 ) -> list[dict[str, Any]]:
     """Warm up, then one load level per concurrency; images in flight ~= the concurrency level."""
     await run_level(base_url, endpoint, uploads, concurrency=2, requests=2, images_per_request=per_request)
     results = []
-    for level in levels:
+    for level in args.concurrency:
         clients = max(1, level // per_request)
-        count = max(requests, 2 * level) // per_request
+        count = max(args.requests, 2 * level) // per_request
         result = await run_level(
-            base_url, endpoint, uploads, concurrency=clients, requests=max(count, clients), images_per_request=per_request
+            base_url,
+            endpoint,
+            uploads,
+            concurrency=clients,
+            requests=max(count, clients),
+            images_per_request=per_request,
+            max_seconds=args.max_seconds,
         )
         result.concurrency = level
         print(
@@ -131,16 +143,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         port = free_port()
         with serve(["-m", "app"], service_env(args, weights, port), args.out / "ours-server.log", port) as server:
             print("ours:", flush=True)
-            levels["ours_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args.concurrency, args.requests, 1))
+            levels["ours_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args, 1))
             levels["ours_batch"] = asyncio.run(
-                drive(server.base_url, "/predict/batch", uploads, args.concurrency, args.requests, args.batch_files)
+                drive(server.base_url, "/predict/batch", uploads, args, args.batch_files)
             )
             peak_rss["ours"] = server.peak_rss_mb()
         port = free_port()
         naive_args = ["-m", "benchmarks.naive_server", "--weights", str(weights), "--port", str(port), "--device", args.device]
         with serve(naive_args, {}, args.out / "naive-server.log", port) as server:
             print("naive:", flush=True)
-            levels["naive_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args.concurrency, args.requests, 1))
+            levels["naive_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args, 1))
             peak_rss["naive"] = server.peak_rss_mb()
 
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.loadgen import percentile, run_level, summarize
+from benchmarks.loadgen import percentile, run_level, scored_images, summarize
 from benchmarks.server_proc import free_port, serve
 from benchmarks.uploads import TARGET_BYTES, Upload, synthetic_uploads
 from tests.conftest import encode, export_tiny_model, synthetic_xray
@@ -28,12 +28,19 @@ def test_percentile_rejects_empty_and_out_of_range() -> None:
 
 
 def test_summarize_counts_images_errors_and_client_share() -> None:
-    result = summarize("/predict", 4, [0.1, 0.2, 0.3], images=3, errors=["HTTP 503: x"], duration_s=2.0, client_cpu_s=0.5)
+    result = summarize("/predict", 4, 4, [0.1, 0.2, 0.3], images=3, errors=["HTTP 503: x"], duration_s=2.0, client_cpu_s=0.5)
     assert (result.requests, result.errors, result.images) == (4, 1, 3)
     assert result.throughput_ips == pytest.approx(1.5)
     assert result.p50_ms == pytest.approx(200.0)
     assert result.client_cpu == pytest.approx(0.25)
-    assert summarize("/predict", 1, [], images=0, errors=["boom"], duration_s=1.0).p99_ms is None
+    assert summarize("/predict", 1, 1, [], images=0, errors=["boom"], duration_s=1.0).p99_ms is None
+
+
+def test_batch_response_file_errors_are_not_counted_as_scored() -> None:
+    body = {"results": [{"probability": 0.3}, {"filename": "x", "error": {"code": "corrupt_image"}}]}
+    scored, failed = scored_images(body, 2)
+    assert scored == 1 and len(failed) == 1 and "corrupt_image" in failed[0]
+    assert scored_images({"probability": 0.3}, 1) == (1, [])
 
 
 def test_synthetic_upload_is_a_realistic_size() -> None:
