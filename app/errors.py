@@ -28,7 +28,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "not_found": (404, "no route for GET /nope"),
     "method_not_allowed": (405, "GET is not allowed on /predict"),
     "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),
-    "image_too_large": (413, "image is 10000x10000 = 100000000 pixels, over the limit of 50000000"),
+    "image_too_large": (413, "image is 12000x10000 = 120000000 pixels, over the limit of 100000000"),
     "too_many_files": (413, "40 files uploaded; at most 32 per batch"),
     "unsupported_media_type": (415, "the file is not a JPEG or PNG image"),
     "corrupt_image": (422, "the image data is corrupt or truncated: image file is truncated"),

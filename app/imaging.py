@@ -106,12 +106,16 @@ def _to_grayscale(img: Image.Image) -> Image.Image:
     """Convert any decoded mode to 8-bit grayscale, scaling high bit depths instead of clipping."""
     if img.mode == "L":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+    if img.mode.startswith("I;16"):
+        # Integer rounding of v * 255 / 65535; uint32 keeps big X-rays at 4 bytes per pixel.
+        arr = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode == "I":
+        arr = np.asarray(img, dtype=np.float32)
+        peak = max(float(arr.max()), 1.0)
         return Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         return Image.fromarray((scaled + 0.5).astype(np.uint8), "L")

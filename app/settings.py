@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.engine import DEVICE_PATTERN, Precision
+from app.imaging import DEFAULT_MAX_PIXELS
 
 MiB = 1024 * 1024
 
@@ -33,7 +34,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(512, ge=1, description="Images waiting for the GPU before requests get 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Decode + queue + inference budget per request.")
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest request body accepted.")
-    max_pixels: int = Field(50_000_000, ge=1, description="Largest image (width x height) decoded.")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image (width x height) decoded.")
     max_batch_files: int = Field(32, ge=1, description="Files per /predict/batch request.")
     decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
     api_key: SecretStr | None = None
