@@ -113,6 +113,7 @@ def export_model(
     golden_pixels = golden_inputs.to(torch.uint8).cpu().contiguous()
     logits = compute_logits(reference, golden_pixels)
     save_file({**state, GOLDEN_KEY: golden_pixels}, str(weights_path), metadata={"format": "pt"})
+    weights_path.chmod(0o644)  # safetensors writes 0600; a non-root container user must be able to read it
     metadata = ModelMetadata(
         version=version,
         spec=network.spec,
