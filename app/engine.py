@@ -1,9 +1,11 @@
 """Run the verified network on the best available device, in the precision that device does well.
 
 Shared by the HTTP service and the offline scorer so both produce the same calibrated
-probabilities. On CUDA the network runs in bf16/fp16 with channels_last, batches are staged in
-page-locked host memory for asynchronous copies, and the stored golden outputs are re-checked
-on the device, so a reduced-precision deployment is proven to still compute the exported model.
+probabilities. On CUDA the network runs in bf16/fp16 with channels_last; on the CPU in fp32
+unless bf16 is asked for (with channels_last, about 2.5x faster on CPUs with AVX512-BF16 or
+AMX). On CUDA batches are staged in page-locked host memory for asynchronous copies. In any
+reduced precision the stored golden outputs are re-checked on the device, so such a deployment
+is proven to still compute the exported model.
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """Pick the compute dtype: fp32 on the CPU, bf16 where the GPU supports it, else fp16."""
+    """Pick the compute dtype: fp32 on the CPU (bf16 on request), bf16 where the GPU supports it, else fp16."""
     if precision not in ("auto", *_DTYPES):
         raise EngineError(f"invalid precision {precision!r}: use auto, fp16, bf16 or fp32")
     if device.type == "cpu":
-        if precision not in ("auto", "fp32"):
-            raise EngineError(f"precision {precision} needs a CUDA device; the CPU runs fp32")
-        return torch.float32
+        if precision == "fp16":
+            raise EngineError("precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
+        return torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.cuda.device(device):
         bf16_ok = torch.cuda.is_bf16_supported()
     if precision == "auto":
@@ -77,7 +79,10 @@ class InferenceEngine:
         self.dtype = dtype
         self.input_size: int = loaded.metadata.spec.input_size
         self._cuda = device.type == "cuda"
-        self._memory_format = torch.channels_last if self._cuda else torch.contiguous_format
+        # channels_last is faster for cuDNN and for oneDNN's bf16 kernels; CPU fp32 stays contiguous
+        # because there its results are bitwise independent of batch composition.
+        fast_layout = self._cuda or dtype != torch.float32
+        self._memory_format = torch.channels_last if fast_layout else torch.contiguous_format
         network = loaded.network.to(device=device, dtype=dtype)
         self.network: PneumoniaNet = network.to(memory_format=self._memory_format).eval()
 
@@ -127,10 +132,11 @@ def load_engine(weights: Path, device: str = "auto", precision: str = "auto") ->
     else:
         # Subnormal activations are many times slower on x86 CPUs; flushing them moves logits by ~1e-38.
         torch.set_flush_denormal(True)
-        reason = "no CUDA GPU found" if device == "auto" else "device=cpu was requested"
-        log.warning("%s: running inference on the CPU in fp32, expect high latency", reason)
     engine = InferenceEngine(loaded, target, dtype)
-    if target.type == "cuda":
+    if target.type == "cpu":
+        reason = "no CUDA GPU found" if device == "auto" else "device=cpu was requested"
+        log.warning("%s: running inference on the CPU in %s, expect high latency", reason, engine.precision)
+    if target.type == "cuda" or dtype != torch.float32:
         diff = check_golden(loaded, engine.network, atol=_GOLDEN_ATOL[dtype])
         log.info("golden check passed on %s in %s (max logit difference %.3g)", target, engine.precision, diff)
     return engine

@@ -61,10 +61,19 @@ def test_cuda_without_gpu_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_device("cuda")
 
 
-def test_reduced_precision_needs_cuda() -> None:
+def test_cpu_precision_is_fp32_unless_bf16_is_asked_for() -> None:
     with pytest.raises(EngineError, match="needs a CUDA device"):
         resolve_dtype(torch.device("cpu"), "fp16")
     assert resolve_dtype(torch.device("cpu"), "auto") == torch.float32
+    assert resolve_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+
+
+def test_cpu_bf16_engine_passes_golden_check_and_agrees_with_fp32(tiny_weights: Path) -> None:
+    fast = load_engine(tiny_weights, device="cpu", precision="bf16")  # runs the golden check in bf16
+    exact = load_engine(tiny_weights, device="cpu", precision="fp32")
+    assert fast.dtype == torch.bfloat16 and fast.precision == "bf16"
+    pixels = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert fast.predict_proba(pixels) == pytest.approx(exact.predict_proba(pixels), abs=0.05)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
