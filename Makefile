@@ -26,8 +26,9 @@ clean:
 	rm -rf $(VENV) .pytest_cache bench-results
 
 # Serving benchmark (see benchmarks/README.md); results land in bench-results/.
+# BENCH_ARGS="--precision bf16" measures the CPU fast path.
 bench: $(STAMP)
-	$(PY) -m benchmarks.serve_bench
+	$(PY) -m benchmarks.serve_bench $(BENCH_ARGS)
 
 # Default training recipe: DATA=path/to/chest_xray OUT=runs/NAME
 DATA ?= ../shared/data/chest_xray

@@ -11,6 +11,7 @@ is proven to still compute the exported model.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -51,6 +52,17 @@ def resolve_device(requested: str) -> torch.device:
     if index >= torch.cuda.device_count():
         raise EngineError(f"device {requested!r} was requested but only {torch.cuda.device_count()} GPU(s) exist")
     return torch.device("cuda", index)
+
+
+def default_decode_workers(device: torch.device) -> int:
+    """Decode threads when none are configured.
+
+    With a GPU, decoding is the host's main job: up to 4 threads. On the CPU the forward pass
+    needs the cores and decoding costs about an eighth of it, so one thread per 8 cores: more
+    only steal cycles from the model (measured in benchmarks/NOTES.md).
+    """
+    cpus = len(os.sched_getaffinity(0))
+    return min(4, cpus) if device.type == "cuda" else max(1, cpus // 8)
 
 
 def resolve_dtype(device: torch.device, precision: str) -> torch.dtype:

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from app.artifacts import ModelLoadError
-from app.engine import EngineError, InferenceEngine, load_engine
+from app.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
 from app.imaging import ImageError, preprocess
 from app.settings import Settings, SettingsError, load_settings
 
@@ -217,7 +217,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=defaults.max_batch_size)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: $CXR_DEVICE)")
     parser.add_argument("--precision", default=defaults.precision, help="auto, fp16, bf16 or fp32")
-    parser.add_argument("--workers", type=positive_int, default=defaults.decode_workers, help="decoding threads")
+    parser.add_argument("--workers", type=positive_int, default=defaults.decode_workers, help="decoding threads (default: $CXR_DECODE_WORKERS, else by device)")
     parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             engine,
             batch_size=args.batch_size,
-            workers=args.workers,
+            workers=args.workers or default_decode_workers(engine.device),
             max_pixels=args.max_pixels,
             progress=not args.no_progress,
         )

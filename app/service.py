@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from app.batching import DynamicBatcher
-from app.engine import InferenceEngine, load_engine
+from app.engine import InferenceEngine, default_decode_workers, load_engine
 from app.errors import ApiError
 from app.imaging import ImageError, preprocess
 from app.metrics import Metrics
@@ -33,7 +33,7 @@ class Service:
         self.metrics = metrics
         self.engine: InferenceEngine | None = None
         self._batcher: DynamicBatcher | None = None
-        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="cxr-decode")
+        self._decode_pool: ThreadPoolExecutor | None = None
         self.draining = False
 
     async def start(self) -> None:
@@ -43,6 +43,8 @@ class Service:
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
+        workers = settings.decode_workers or default_decode_workers(engine.device)
+        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="cxr-decode")
         self._batcher = DynamicBatcher(
             engine,
             max_batch_size=settings.max_batch_size,
@@ -66,7 +68,8 @@ class Service:
         self.draining = True
         if self._batcher is not None:
             await self._batcher.close()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def health(self) -> Health:
         if self.engine is None or self._batcher is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,7 +35,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest request body accepted.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image (width x height) decoded.")
     max_batch_files: int = Field(32, ge=1, description="Files per /predict/batch request.")
-    decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
+    decode_workers: int | None = Field(
+        None, ge=1, description="Decode threads; unset: min(4, CPUs) with a GPU, CPUs // 8 (at least 1) on the CPU."
+    )
     api_key: SecretStr | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -80,9 +80,6 @@ def service_env(args: argparse.Namespace, weights: Path, port: int) -> dict[str,
         "CXR_DEVICE": args.device,
         "CXR_PRECISION": args.precision,
         "CXR_MAX_BATCH_SIZE": str(args.max_batch_size),
-        # The largest shared upload is 8572x6304 = 54 MP, over the service's 50 MP default;
-        # the naive server accepts it, so the service must too for a like-for-like run.
-        "CXR_MAX_PIXELS": "100000000",
         # Room for a full batch-endpoint request of the largest uploads (2.5 MB each).
         "CXR_MAX_UPLOAD_BYTES": str(64 * 2**20),
         # The naive server never times out; with the 30 s production deadline a saturated CPU

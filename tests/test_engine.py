@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from app.artifacts import load_model
-from app.engine import EngineError, load_engine, resolve_device, resolve_dtype
+from app.engine import EngineError, default_decode_workers, load_engine, resolve_device, resolve_dtype
 from app.imaging import preprocess
 from app.model import pneumonia_probability
 from tests.conftest import export_tiny_model
@@ -84,3 +85,11 @@ def test_cuda_engine_runs_reduced_precision_and_agrees(tiny_weights: Path) -> No
     pixels = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
     reference = load_engine(tiny_weights, device="cpu").predict_proba(pixels)
     assert engine.predict_proba(engine.collate(list(pixels))) == pytest.approx(reference, abs=5e-2)
+
+
+@pytest.mark.parametrize(("cores", "device", "workers"), [(2, "cpu", 1), (16, "cpu", 2), (2, "cuda", 2), (16, "cuda", 4)])
+def test_default_decode_workers_leave_cpu_cores_to_the_model(
+    monkeypatch: pytest.MonkeyPatch, cores: int, device: str, workers: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert default_decode_workers(torch.device(device)) == workers
