@@ -20,11 +20,13 @@ from app.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
+UNAUTHORIZED_MESSAGE = "a valid X-API-Key header is required"
+
 # code -> (HTTP status, example message)
 ERRORS: dict[str, tuple[int, str]] = {
     "bad_request": (400, "the multipart body could not be parsed"),
     "empty_file": (400, "the uploaded file is empty"),
-    "unauthorized": (401, "a valid X-API-Key header is required"),
+    "unauthorized": (401, UNAUTHORIZED_MESSAGE),
     "not_found": (404, "no route for GET /nope"),
     "method_not_allowed": (405, "GET is not allowed on /predict"),
     "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),

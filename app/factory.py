@@ -12,7 +12,12 @@ from app.artifacts import ModelLoadError
 from app.engine import EngineError
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, StartupFailureMiddleware
+from app.middleware import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    StartupFailureMiddleware,
+)
 from app.routes import model, ops, predict
 from app.service import Service
 from app.settings import Settings
@@ -48,6 +53,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        retry_after_s=settings.retry_after_s)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, settings=settings, protected_prefixes=("/predict", "/model"))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],

@@ -15,9 +15,10 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_response
+from app.errors import UNAUTHORIZED_MESSAGE, error_response
 from app.logs import request_id_var
 from app.metrics import Metrics
+from app.settings import Settings
 
 log = logging.getLogger("app.access")
 error_log = logging.getLogger("app.errors")
@@ -90,6 +91,31 @@ class BodyTooLargeError(HTTPException):
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, f"request body is over the limit of {max_bytes} bytes", {"Connection": "close"})
+
+
+class ApiKeyMiddleware:
+    """401 for protected paths without a valid ``X-API-Key``, before any of the body is read.
+
+    The route dependency alone runs only after FastAPI has parsed the whole multipart upload, so an
+    unauthenticated client could make the server take in ``CXR_MAX_UPLOAD_BYTES`` per request.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings, protected_prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.settings = settings
+        self.protected_prefixes = protected_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] != "OPTIONS"  # CORS preflights carry no credentials
+            and str(scope["path"]).startswith(self.protected_prefixes)
+            and not self.settings.api_key_accepts(Headers(scope=scope).get("x-api-key"))
+        ):
+            response = error_response("unauthorized", UNAUTHORIZED_MESSAGE, self.settings.retry_after_s)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimitMiddleware:

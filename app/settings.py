@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -45,6 +46,12 @@ class Settings(BaseSettings):
     graceful_shutdown_s: int = Field(30, ge=1, description="Time in-flight requests get after SIGTERM.")
     keep_alive_s: int = Field(75, ge=1, description="Idle keep-alive; above the load balancer's idle timeout.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 responses.")
+
+    def api_key_accepts(self, supplied: str | None) -> bool:
+        """True when no key is configured or ``supplied`` is it; constant-time, so timing leaks nothing."""
+        if self.api_key is None:
+            return True
+        return supplied is not None and secrets.compare_digest(supplied.encode(), self.api_key.get_secret_value().encode())
 
     @field_validator("cors_origins", mode="before")
     @classmethod

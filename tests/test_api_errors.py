@@ -172,3 +172,15 @@ def test_streamed_body_stops_at_the_limit(tiny_weights: Path) -> None:
     sent, pulled = _call_asgi(app, [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())], chunks)
     assert pulled == 3  # 1200 bytes: the chunk that crossed 1000 was the last one read
     assert sent[0]["status"] == 413
+
+
+def test_missing_api_key_is_refused_before_the_body_is_read(tiny_weights: Path) -> None:
+    app = create_app(serving_settings(tiny_weights, api_key="s3cret"))
+    content_type = (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())
+    body = multipart("file", "a.jpg", b"x" * 4000)
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    sent, pulled = _call_asgi(app, [content_type, (b"x-api-key", b"wrong")], chunks)
+    assert pulled == 0
+    assert sent[0]["status"] == 401 and json.loads(sent[1]["body"])["error"]["code"] == "unauthorized"
+    sent, pulled = _call_asgi(app, [content_type, (b"x-api-key", b"s3cret")], chunks)
+    assert pulled >= len(chunks) and sent[0]["status"] != 401  # the right key goes through to the route
