@@ -61,7 +61,7 @@ VARIANTS = {
     "cmyk_jpeg": lambda: encode(synthetic_xray(seed=3, mode="CMYK"), "JPEG"),
     "progressive_jpeg": lambda: encode(synthetic_xray(seed=4), "JPEG", progressive=True),
     "exif_rotated_jpeg": exif_rotated_jpeg,
-    "png_16bit": lambda: encode(Image.fromarray((np.asarray(synthetic_xray(seed=6), np.uint16) * 257)), "PNG"),
+    "png_16bit": lambda: encode(Image.fromarray(np.asarray(synthetic_xray(seed=6), np.uint16) * 257), "PNG"),
     "jpeg_12bit": lambda: imagecodecs.jpeg8_encode(
         (np.asarray(synthetic_xray(seed=8), np.uint16) * 16), bitspersample=12, lossless=False
     ),
