@@ -28,7 +28,9 @@ VARIANTS=(
   "bn-lr5e-4-e30|--lr 5e-4 --epochs 30 --patience 8"
   "bn-lr1e-3-e30-aug15|--lr 1e-3 --epochs 30 --patience 8 --aug-strength 1.5"
 )
+BUDGET_S=${BUDGET_S:-400}   # a device command may run 600 s: start no variant after this
 for variant in "${VARIANTS[@]}"; do
+  if (( SECONDS > BUDGET_S )); then echo "time budget spent, skipping ${variant%%|*}"; continue; fi
   name=${variant%%|*}; read -r -a extra <<< "${variant#*|}"
   python3 -m training train "${common[@]}" "${extra[@]}" --out "$RUNS/$name" --version "1.1.0-gpu224-$name" \
     2>&1 | grep -v "it/s" | tail -n 5
