@@ -14,25 +14,31 @@
 # and the service verifies the sha256 and golden outputs on load.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site benchmarks/wheels/*.whl
+# Dry run on a CPU machine with the project's venv first on PATH:
+#   SKIP_WHEELS=1 DATA=/tmp/small DEVICE=cpu SIZE=32 EPOCHS=1 OUT=/tmp/out bash training/recipes/gpu224.sh
+if [[ -z "${SKIP_WHEELS:-}" ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site benchmarks/wheels/*.whl
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 RUNS=/tmp/runs
 mkdir -p "$OUT" "$RUNS"
-common=(--data .data/chest_xray --input-size 224 --init scratch --arch vgg16_bn --head compact
-        --device cuda --workers 16 --batch-size 64 --bootstrap 1000 --export-dtype float16)
+EPOCHS=${EPOCHS:-30}
+common=(--data "${DATA:-.data/chest_xray}" --input-size "${SIZE:-224}" --init scratch --arch vgg16_bn
+        --head compact --device "${DEVICE:-cuda}" --workers 16 --batch-size 64 --bootstrap 1000
+        --export-dtype float16 --epochs "$EPOCHS" --patience 8)
 # name | extra flags
 VARIANTS=(
-  "bn-lr1e-3-e30|--lr 1e-3 --epochs 30 --patience 8"
-  "bn-lr5e-4-e30|--lr 5e-4 --epochs 30 --patience 8"
-  "bn-lr1e-3-e30-aug15|--lr 1e-3 --epochs 30 --patience 8 --aug-strength 1.5"
+  "bn-lr1e-3|--lr 1e-3"
+  "bn-lr5e-4|--lr 5e-4"
+  "bn-lr1e-3-aug15|--lr 1e-3 --aug-strength 1.5"
 )
 BUDGET_S=${BUDGET_S:-400}   # a device command may run 600 s: start no variant after this
 for variant in "${VARIANTS[@]}"; do
   if (( SECONDS > BUDGET_S )); then echo "time budget spent, skipping ${variant%%|*}"; continue; fi
   name=${variant%%|*}; read -r -a extra <<< "${variant#*|}"
-  python3 -m training train "${common[@]}" "${extra[@]}" --out "$RUNS/$name" --version "1.1.0-gpu224-$name" \
+  python3 -m training train "${common[@]}" "${extra[@]}" --out "$RUNS/$name" --version "1.1.0-gpu${SIZE:-224}-$name" \
     2>&1 | grep -v "it/s" | tail -n 5
   python3 - "$RUNS/$name" >> "$OUT/results.jsonl" <<'PY'
 import json, sys
