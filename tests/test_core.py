@@ -111,3 +111,24 @@ def test_uint8_input_normalised_inside_network() -> None:
     normed = net.normalize(x)
     expected = (1.0 - torch.tensor(spec.normalization.mean)) / torch.tensor(spec.normalization.std)
     assert torch.allclose(normed[0, :, 0, 0], expected, atol=1e-5)
+
+
+def test_sixteen_bit_lossless_jpeg_is_decoded_and_scaled() -> None:
+    import imagecodecs
+
+    arr = np.linspace(0, 65535, 96 * 80).reshape(80, 96).astype(np.uint16)
+    data = imagecodecs.ljpeg_encode(arr, bitspersample=16)
+    frame = imaging.read_jpeg_frame(data)
+    assert frame is not None and frame.precision == 16 and frame.lossless
+    out = imaging.preprocess(data, 32)
+    assert int(out.min()) <= 5 and int(out.max()) >= 250  # the full 16-bit range maps onto 0..255
+    expected = imaging.resize_square(Image.fromarray(((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)), 32)
+    assert (out[0].int() - torch.from_numpy(expected).int()).abs().max() <= 1
+
+
+def test_sixteen_bit_jpeg_pixel_limit_checked_before_decoding() -> None:
+    import imagecodecs
+
+    data = imagecodecs.ljpeg_encode(np.zeros((80, 96), np.uint16), bitspersample=16)
+    with pytest.raises(imaging.ImageTooLargeError):
+        imaging.preprocess(data, 32, max_pixels=80 * 96 - 1)
