@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training.cli import main
 from training.data import discover, load_images
@@ -135,3 +136,17 @@ def test_invalid_flag_value_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
     err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--val-fraction", "1.5"])
     assert "--val-fraction" in err
+
+
+def test_unusable_device_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_weights: Path
+) -> None:
+    """Training and evaluation resolve devices with the service's policy, and say what is wrong in one line."""
+    make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
+    assert "no CUDA GPU is available" in _error_line(capsys, [*train, "--device", "cuda"])
+    assert "invalid device 'gpu'" in _error_line(capsys, [*train, "--device", "gpu"])
+    assert not (tmp_path / "o").exists()
+    evaluate = ["evaluate", "--weights", str(tiny_weights), "--data", str(tmp_path / "d" / "train"), "--report", str(tmp_path / "r")]
+    assert "no CUDA GPU is available" in _error_line(capsys, [*evaluate, "--device", "cuda"])

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-import torch
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
 from app.artifacts import ModelLoadError
+from app.engine import EngineError, resolve_device
 from training.config import TrainConfig
 from training.errors import UsageError
 
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> None:
         return
     from training.evaluate import run_evaluate
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     metrics = run_evaluate(args.weights, args.data, args.report, split=args.split, device=device,
                            batch_size=args.batch_size, workers=args.workers, bootstrap=args.bootstrap)
     print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "roc_auc", "threshold")}))
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _run(args)
-    except (UsageError, ModelLoadError) as exc:
+    except (UsageError, ModelLoadError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from app.artifacts import export_model, load_model
+from app.engine import resolve_device
 from app.model import CLASS_NAMES, ModelSpec, PneumoniaNet, build_model, pneumonia_probability
 from training.calibration import fit_temperature, select_threshold
 from training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -89,15 +90,11 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
     return merged, True
 
 
-def resolve_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+def place_process(device: torch.device, requested: str, dist: DistInfo) -> torch.device:
+    """Under torchrun each process takes its local GPU, unless ``--device`` named one."""
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", dist.local_rank if dist.enabled else torch.cuda.current_device())
+        if dist.enabled and requested in ("auto", "cuda"):
+            device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     return device
 
@@ -337,16 +334,15 @@ def _brief(metrics: dict[str, Any]) -> str:
 
 def train(config: TrainConfig, resuming: bool) -> dict[str, Any] | None:
     """Run (or continue) training and export; returns the summary on the main process."""
-    device_type = "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    dist = init_distributed(device_type)
+    device = resolve_device(config.device)  # the service's device policy: training and serving agree
+    dist = init_distributed(device.type)
     try:
-        return _train(config, resuming, dist)
+        return _train(config, resuming, dist, place_process(device, config.device, dist))
     finally:
         shutdown(dist)
 
 
-def _train(config: TrainConfig, resuming: bool, dist: DistInfo) -> dict[str, Any] | None:
-    device = resolve_device(config.device, dist)
+def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.device) -> dict[str, Any] | None:
     splits = discover(config.data)  # a layout error must not leave an empty run directory behind
     configure_threads(config)
     config.out.mkdir(parents=True, exist_ok=True)
