@@ -21,7 +21,7 @@ RUN python -m pip --python /opt/venv/bin/python install . \
  && /opt/venv/bin/python -c "import torch; assert not torch.__file__.startswith('/opt/venv'), 'a second torch was installed into the venv'"
 COPY weights/ /opt/weights/
 # Refuse to build an image around weights that do not load (sha256, architecture, golden logits).
-RUN /opt/venv/bin/python -c "from pathlib import Path; from app.artifacts import load_model; m = load_model(Path('/opt/weights')).metadata; print('weights ok:', m.name, m.version)"
+RUN /opt/venv/bin/python -c "from pathlib import Path; from app.core.artifacts import load_model; m = load_model(Path('/opt/weights')).metadata; print('weights ok:', m.name, m.version)"
 
 FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 cxr \

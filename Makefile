@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench train clean
+.PHONY: install serve test lint bench train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,8 @@ DATA ?= ../shared/data/chest_xray
 OUT ?= runs/default
 train: $(STAMP)
 	$(PY) -m training train --data $(DATA) --out $(OUT)
+
+# Style and static checks (ruff); CI runs this before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from app.factory import create_app
+from app.api.factory import create_app
+from app.api.server import DrainingServer, server_config
 from app.logs import configure_logging
-from app.server import DrainingServer, server_config
 from app.settings import SettingsError, load_settings
 
 STARTUP_FAILURE = 3

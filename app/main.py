@@ -10,7 +10,7 @@ import sys
 
 from fastapi import FastAPI
 
-from app.factory import create_app
+from app.api.factory import create_app
 from app.logs import configure_logging
 from app.settings import SettingsError, load_settings
 

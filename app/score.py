@@ -1,7 +1,7 @@
 """Offline batch scoring: ``python -m app.score DIR --out predictions.csv``.
 
 Scores every file under DIR with the same verified model, preprocessing and device/precision
-choice as the HTTP service (``app.imaging.preprocess`` + ``app.engine``), so an offline
+choice as the HTTP service (``app.core.preprocessing.preprocess`` + ``app.core.engine``), so an offline
 prediction equals the one the API would return. Unreadable files become CSV rows with the
 service's stable error code instead of stopping the run. Rows are flushed after every batch
 and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
@@ -25,9 +25,9 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
-from app.artifacts import ModelLoadError
-from app.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
-from app.imaging import ImageError, preprocess
+from app.core.artifacts import ModelLoadError
+from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
+from app.core.preprocessing import ImageError, preprocess
 from app.settings import Settings, SettingsError, load_settings
 
 COLUMNS = ("path", "label", "pneumonia_probability", "threshold", "error_code", "error_message", "model_sha256")
@@ -213,11 +213,18 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="folder of JPEG/PNG chest X-rays")
     parser.add_argument("--out", type=Path, required=True, help="CSV to create or append to")
-    parser.add_argument("--weights", type=Path, default=defaults.weights, help="model directory (default: $CXR_WEIGHTS)")
+    parser.add_argument(
+        "--weights", type=Path, default=defaults.weights, help="model directory (default: $CXR_WEIGHTS)"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=defaults.max_batch_size)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: $CXR_DEVICE)")
     parser.add_argument("--precision", default=defaults.precision, help="auto, fp16, bf16 or fp32")
-    parser.add_argument("--workers", type=positive_int, default=defaults.decode_workers, help="decoding threads (default: $CXR_DECODE_WORKERS, else by device)")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=defaults.decode_workers,
+        help="decoding threads (default: $CXR_DECODE_WORKERS, else by device)",
+    )
     parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser

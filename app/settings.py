@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.engine import DEVICE_PATTERN, Precision
-from app.imaging import DEFAULT_MAX_PIXELS
+from app.core.engine import DEVICE_PATTERN, Precision
+from app.core.preprocessing import DEFAULT_MAX_PIXELS
 
 MiB = 1024 * 1024
 
@@ -51,7 +51,9 @@ class Settings(BaseSettings):
         """True when no key is configured or ``supplied`` is it; constant-time, so timing leaks nothing."""
         if self.api_key is None:
             return True
-        return supplied is not None and secrets.compare_digest(supplied.encode(), self.api_key.get_secret_value().encode())
+        return supplied is not None and secrets.compare_digest(
+            supplied.encode(), self.api_key.get_secret_value().encode()
+        )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.engine import load_engine
-from app.imaging import preprocess
+from app.core.engine import load_engine
+from app.core.preprocessing import preprocess
 from training.metrics import roc_auc
 
 
@@ -33,8 +33,10 @@ def main() -> None:
     p16 = np.array([p for i in range(0, len(rows), 64) for p in fast.predict_proba(pixels[i : i + 64])])
     threshold = exact.metadata.threshold
     flips = int(((p32 >= threshold) != (p16 >= threshold)).sum())
-    print(f"n={len(rows)} max|p_bf16 - p_fp32|={np.abs(p16 - p32).max():.4f} "
-          f"mean={np.abs(p16 - p32).mean():.5f} label flips at {threshold:.4f}: {flips}")
+    print(
+        f"n={len(rows)} max|p_bf16 - p_fp32|={np.abs(p16 - p32).max():.4f} "
+        f"mean={np.abs(p16 - p32).mean():.5f} label flips at {threshold:.4f}: {flips}"
+    )
     print(f"ROC AUC fp32={roc_auc(labels, p32):.5f} bf16={roc_auc(labels, p16):.5f}")
 
 

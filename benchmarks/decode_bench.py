@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from app.imaging import preprocess
+from app.core.preprocessing import preprocess
 from benchmarks.uploads import Upload
 
 

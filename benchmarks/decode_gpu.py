@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from app.imaging import preprocess
+from app.core.preprocessing import preprocess
 from benchmarks.uploads import Upload, real_uploads, synthetic_uploads
 
 

@@ -94,7 +94,9 @@ def scored_images(body: object, sent: int) -> tuple[int, list[str]]:
     return len(results) - len(failed), failed
 
 
-def build_files(uploads: Sequence[Upload], start: int, count: int, field: str) -> list[tuple[str, tuple[str, bytes, str]]]:
+def build_files(
+    uploads: Sequence[Upload], start: int, count: int, field: str
+) -> list[tuple[str, tuple[str, bytes, str]]]:
     """Multipart ``files`` for ``count`` uploads starting at ``start`` (cycling the set)."""
     picked = [uploads[(start + offset) % len(uploads)] for offset in range(count)]
     return [(field, (item.name, item.data, "image/jpeg")) for item in picked]

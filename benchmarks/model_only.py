@@ -1,6 +1,6 @@
 """Model-only throughput: the serving forward path with no HTTP, decode or batching queue.
 
-It calls ``app.engine`` exactly as the service does, so ``ours / model_only`` is the share of
+It calls ``app.core.engine`` exactly as the service does, so ``ours / model_only`` is the share of
 the accelerator (or CPU) the service manages to keep busy. On CUDA it can also try variants
 the engine may not use yet (fp16/bf16, channels_last, torch.compile, CUDA graphs) to show
 what each would buy before anyone changes the service.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from app.artifacts import load_model
-from app.engine import load_engine
+from app.core.artifacts import load_model
+from app.core.engine import load_engine
 
 
 def timed_throughput(step: Callable[[], object], batch_size: int, device: str, min_seconds: float) -> dict[str, float]:
@@ -50,7 +50,7 @@ def measure_engine(
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         per_batch[str(batch_size)] = timed_throughput(
-            lambda: engine.predict_proba(pixels), batch_size, device, min_seconds
+            lambda pixels=pixels: engine.predict_proba(pixels), batch_size, device, min_seconds
         )
         if device.startswith("cuda"):
             peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -127,7 +127,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--min-seconds", type=float, default=3.0)
-    parser.add_argument("--variants", type=int, metavar="BATCH", help="CUDA only: also sweep dtype/layout/compile at BATCH")
+    parser.add_argument(
+        "--variants", type=int, metavar="BATCH", help="CUDA only: also sweep dtype/layout/compile at BATCH"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result: dict[str, object] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import uvicorn
@@ -20,8 +21,8 @@ from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 from torchvision import transforms
 
-from app.artifacts import load_model
-from app.model import pneumonia_probability
+from app.core.artifacts import load_model
+from app.core.decision import pneumonia_probability
 
 
 def create_app(weights: Path, device: str) -> FastAPI:
@@ -37,7 +38,7 @@ def create_app(weights: Path, device: str) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/predict")
-    async def predict(file: UploadFile = File(...)) -> dict[str, float]:
+    async def predict(file: Annotated[UploadFile, File()]) -> dict[str, float]:
         image = Image.open(io.BytesIO(await file.read())).convert("RGB")
         pixels = to_input(image).unsqueeze(0).to(device)
         with torch.no_grad():

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from app.artifacts import export_model
-from app.model import ModelSpec, build_model
-from benchmarks import decode_bench, model_only, report
+from app.core.artifacts import export_model
+from app.core.network import ModelSpec, build_model
+from benchmarks import decode_bench, model_only, results_table
 from benchmarks.loadgen import run_level
 from benchmarks.server_proc import REPO_ROOT, free_port, serve
 from benchmarks.uploads import DEFAULT_REAL_DIR, Upload, real_uploads, synthetic_uploads
@@ -43,11 +43,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if gpu else "cpu")
     parser.add_argument("--concurrency", type=int, nargs="+", help="levels (default 1 4 16 on CPU, 1 16 64 256 on GPU)")
-    parser.add_argument("--requests", type=int, help="images per level, at least 2x concurrency (default 48 CPU, 4096 GPU)")
-    parser.add_argument("--max-seconds", type=float, help="per level: no new request after this (default 60, 30 with --quick)")
+    parser.add_argument(
+        "--requests", type=int, help="images per level, at least 2x concurrency (default 48 CPU, 4096 GPU)"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, help="per level: no new request after this (default 60, 30 with --quick)"
+    )
     parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--weights", type=Path, help="benchmark these exported weights (e.g. weights/) instead of a random model")
-    parser.add_argument("--precision", default="auto", help="engine precision, service and model-only (auto/fp32/fp16/bf16)")
+    parser.add_argument(
+        "--weights", type=Path, help="benchmark these exported weights (e.g. weights/) instead of a random model"
+    )
+    parser.add_argument(
+        "--precision", default="auto", help="engine precision, service and model-only (auto/fp32/fp16/bf16)"
+    )
     parser.add_argument("--max-batch-size", type=int, help="CXR_MAX_BATCH_SIZE (default 8 CPU, 128 GPU)")
     parser.add_argument("--max-wait-ms", type=float, help="CXR_MAX_WAIT_MS (service default when omitted)")
     parser.add_argument("--decode-workers", type=int, help="CXR_DECODE_WORKERS (service default when omitted)")
@@ -113,8 +121,8 @@ async def drive(
         )
         result.concurrency = level
         print(
-            f"  {endpoint} c={level}: {result.throughput_ips:.2f} img/s p50 {report.fmt(result.p50_ms, 0)} ms "
-            f"p99 {report.fmt(result.p99_ms, 0)} ms errors {result.errors} client_cpu {result.client_cpu:.2f}",
+            f"  {endpoint} c={level}: {result.throughput_ips:.2f} img/s p50 {results_table.fmt(result.p50_ms, 0)} ms "
+            f"p99 {results_table.fmt(result.p99_ms, 0)} ms errors {result.errors} client_cpu {result.client_cpu:.2f}",
             flush=True,
         )
         results.append(result.as_dict())
@@ -124,7 +132,10 @@ async def drive(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     uploads = real_uploads(args.real_dir) + synthetic_uploads(args.synthetic)
-    print(f"{len(uploads)} uploads ({sum(len(u.data) for u in uploads) / 2**20:.1f} MiB), device {args.device}", flush=True)
+    print(
+        f"{len(uploads)} uploads ({sum(len(u.data) for u in uploads) / 2**20:.1f} MiB), device {args.device}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         weights = args.weights or export_random_model(Path(tmp) / "weights", args.input_size)
         threads = args.decode_workers or min(8, os.cpu_count() or 1)
@@ -146,7 +157,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             peak_rss["ours"] = server.peak_rss_mb()
         port = free_port()
-        naive_args = ["-m", "benchmarks.naive_server", "--weights", str(weights), "--port", str(port), "--device", args.device]
+        naive_args = [
+            "-m",
+            "benchmarks.naive_server",
+            "--weights",
+            str(weights),
+            "--port",
+            str(port),
+            "--device",
+            args.device,
+        ]
         with serve(naive_args, {}, args.out / "naive-server.log", port) as server:
             print("naive:", flush=True)
             levels["naive_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args, 1))
@@ -154,10 +174,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings["uploads"] = len(uploads)
-    doc = report.build(
+    doc = results_table.build(
         device=args.device, settings=settings, levels=levels, model_only=model, decode=decode, peak_rss_mb=peak_rss
     )
-    print(report.write(doc, args.out))
+    print(results_table.write(doc, args.out))
     return doc
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.artifacts import export_model
-from app.model import ModelSpec, build_model
+from app.core.artifacts import export_model
+from app.core.network import ModelSpec, build_model
 
 TEST_INPUT_SIZE = 32
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from fastapi import FastAPI
 
-from app.engine import InferenceEngine
-from app.factory import create_app
-from app.server import DrainingServer, server_config
+from app.api.factory import create_app
+from app.api.server import DrainingServer, server_config
+from app.core.engine import InferenceEngine
 from app.settings import Settings
 
 
@@ -107,5 +107,5 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             key, value = line.rsplit(" ", 1)
-            samples[key[len(name):]] = float(value)
+            samples[key[len(name) :]] = float(value)
     return samples

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from app.artifacts import load_model
-from app.imaging import preprocess
-from app.model import pneumonia_probability
+from app.core.artifacts import load_model
+from app.core.decision import pneumonia_probability
+from app.core.preprocessing import preprocess
 from tests.conftest import encode, export_tiny_model, synthetic_xray
 from tests.live_server import LiveServer, live_server, metric_samples, serving_settings
 
@@ -87,8 +87,9 @@ def test_image_variants_match_the_reference_computation(
 def test_prediction_carries_model_identity_and_request_id(server: LiveServer, calibrated_weights: Path) -> None:
     meta = json.loads((calibrated_weights / "model.json").read_text())
     with server.client() as client:
-        supplied = client.post("/predict", files={"file": ("a.jpg", encode(synthetic_xray()))},
-                               headers={"X-Request-ID": "trace-42"})
+        supplied = client.post(
+            "/predict", files={"file": ("a.jpg", encode(synthetic_xray()))}, headers={"X-Request-ID": "trace-42"}
+        )
         generated = client.get("/livez", headers={"X-Request-ID": "bad id with spaces"})
     assert supplied.json()["model"] == {"name": meta["name"], "version": meta["version"], "sha256": meta["sha256"]}
     assert supplied.headers["X-Request-ID"] == "trace-42"
@@ -154,8 +155,13 @@ def test_health_and_metrics_exposition(server: LiveServer) -> None:
         metrics = client.get("/metrics")
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["device"] == "cpu"
     assert metrics.headers["content-type"].startswith("text/plain")
-    for family in ("cxr_http_requests_total", "cxr_http_request_duration_seconds_bucket", "cxr_batch_size_bucket",
-                   "cxr_queue_depth", "cxr_inference_duration_seconds_bucket"):
+    for family in (
+        "cxr_http_requests_total",
+        "cxr_http_request_duration_seconds_bucket",
+        "cxr_batch_size_bucket",
+        "cxr_queue_depth",
+        "cxr_inference_duration_seconds_bucket",
+    ):
         assert family in metrics.text
     assert 'cxr_http_requests_total{endpoint="/health",method="GET",status="200"}' in metrics.text
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message
 
-from app.errors import ERRORS
-from app.factory import create_app
+from app.api.errors import ERRORS
+from app.api.factory import create_app
 from tests.conftest import encode, synthetic_xray
 from tests.live_server import LiveServer, live_server, serving_settings
 
@@ -33,8 +33,10 @@ def jpeg(width: int = 96, height: int = 80) -> bytes:
 
 
 def multipart(field: str, filename: str, data: bytes) -> bytes:
-    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
@@ -98,8 +100,9 @@ def test_chunked_upload_over_limit(server: LiveServer) -> None:
     body = multipart("file", "big.jpg", os.urandom(MAX_UPLOAD + 10_000))
     chunks = (body[i : i + 8192] for i in range(0, len(body), 8192))
     with server.client() as client:
-        response = client.post("/predict", content=chunks,
-                               headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        response = client.post(
+            "/predict", content=chunks, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        )
     assert "content-length" not in response.request.headers  # really sent chunked
     assert_error(response, 413, "payload_too_large")
 
@@ -107,8 +110,11 @@ def test_chunked_upload_over_limit(server: LiveServer) -> None:
 def test_chunked_upload_under_limit_is_scored(server: LiveServer) -> None:
     body = multipart("file", "ok.jpg", jpeg())
     with server.client() as client:
-        response = client.post("/predict", content=iter([body[:100], body[100:]]),
-                               headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        response = client.post(
+            "/predict",
+            content=iter([body[:100], body[100:]]),
+            headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        )
     assert response.status_code == 200, response.text
 
 
@@ -138,9 +144,20 @@ def _call_asgi(app: ASGIApp, headers: list[tuple[bytes, bytes]], chunks: list[by
     """Drive the ASGI app directly and report what it sent and how many body chunks it pulled."""
     sent: list[Message] = []
     pulled = 0
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "headers": headers,
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "root_path": ""}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "root_path": "",
+    }
 
     async def receive() -> Message:
         nonlocal pulled

@@ -14,10 +14,10 @@ import httpx
 import pytest
 import torch
 
-from app.engine import InferenceEngine
-from app.factory import create_app
+from app.api.factory import create_app
+from app.api.service import Service
+from app.core.engine import InferenceEngine
 from app.logs import JsonFormatter, request_id_var
-from app.service import Service
 from tests.conftest import encode, synthetic_xray
 from tests.live_server import ForwardGate, LiveServer, live_server, metric_samples, serving_settings, wait_for
 
@@ -99,12 +99,12 @@ def test_unexpected_error_is_json_500_logged_with_traceback(
         raise KeyError("bug")
 
     monkeypatch.setattr(Service, "predict", crash)
-    with caplog.at_level(logging.ERROR, logger="app.errors"):
+    with caplog.at_level(logging.ERROR, logger="app.api.errors"):
         response = post_image(server, **{"X-Request-ID": "req-500"})
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error" and "req-500" in response.json()["error"]["message"]
     assert response.headers["x-request-id"] == "req-500"
-    [record] = [r for r in caplog.records if r.name == "app.errors"]
+    [record] = [r for r in caplog.records if r.name == "app.api.errors"]
     assert record.exc_info is not None and record.exc_info[0] is KeyError
     with server.client() as client:
         assert client.get("/livez").status_code == 200
@@ -158,8 +158,12 @@ def test_not_ready_before_the_model_is_loaded(tiny_weights: Path) -> None:
 
     async def probe() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
-            return [await client.get("/health"), await client.post("/predict", files={"file": ("x.jpg", IMAGE)}),
-                    await client.get("/model"), await client.get("/livez")]
+            return [
+                await client.get("/health"),
+                await client.post("/predict", files={"file": ("x.jpg", IMAGE)}),
+                await client.get("/model"),
+                await client.get("/livez"),
+            ]
 
     health, predict, model, livez = asyncio.run(probe())
     assert health.status_code == 503 and health.json()["status"] == "loading"
@@ -194,8 +198,14 @@ def test_api_key_accepted_and_operations_stay_open(guarded: LiveServer) -> None:
 
 def test_cors_when_configured(guarded: LiveServer) -> None:
     with guarded.client() as client:
-        preflight = client.options("/predict", headers={
-            "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"})
+        preflight = client.options(
+            "/predict",
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key",
+            },
+        )
         denied = client.post("/predict", headers={"Origin": ORIGIN})
         stranger = client.get("/health", headers={"Origin": "https://evil.example"})
     assert preflight.status_code == 200

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from app.batching import BatcherClosedError, DynamicBatcher, InferenceFailedError, QueueFullError
-from app.metrics import Metrics
+from app.api.batching import BatcherClosedError, DynamicBatcher, InferenceFailedError, QueueFullError
+from app.api.telemetry import Metrics
 
 
 class FakeEngine:
@@ -39,10 +39,16 @@ def image(value: int) -> torch.Tensor:
     return torch.full((1, 4, 4), value, dtype=torch.uint8)
 
 
-def make_batcher(engine: FakeEngine, max_batch_size: int = 4, max_wait_s: float = 0.05,
-                 queue_size: int = 64) -> DynamicBatcher:
-    batcher = DynamicBatcher(engine, max_batch_size=max_batch_size, max_wait_s=max_wait_s,  # type: ignore[arg-type]
-                             queue_size=queue_size, metrics=Metrics(max_batch_size))
+def make_batcher(
+    engine: FakeEngine, max_batch_size: int = 4, max_wait_s: float = 0.05, queue_size: int = 64
+) -> DynamicBatcher:
+    batcher = DynamicBatcher(
+        engine,
+        max_batch_size=max_batch_size,
+        max_wait_s=max_wait_s,  # type: ignore[arg-type]
+        queue_size=queue_size,
+        metrics=Metrics(max_batch_size),
+    )
     batcher.start()
     return batcher
 

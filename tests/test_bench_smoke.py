@@ -21,14 +21,16 @@ def test_percentile_matches_numpy_linear(q: float) -> None:
 
 
 def test_percentile_rejects_empty_and_out_of_range() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no values"):
         percentile([], 50)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be in"):
         percentile([1.0], 101)
 
 
 def test_summarize_counts_images_errors_and_client_share() -> None:
-    result = summarize("/predict", 4, 4, [0.1, 0.2, 0.3], images=3, errors=["HTTP 503: x"], duration_s=2.0, client_cpu_s=0.5)
+    result = summarize(
+        "/predict", 4, 4, [0.1, 0.2, 0.3], images=3, errors=["HTTP 503: x"], duration_s=2.0, client_cpu_s=0.5
+    )
     assert (result.requests, result.errors, result.images) == (4, 1, 3)
     assert result.throughput_ips == pytest.approx(1.5)
     assert result.p50_ms == pytest.approx(200.0)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from app import imaging
-from app.artifacts import ModelLoadError, check_golden, load_model
-from app.model import ModelSpec, build_model, pneumonia_probability
+from app.core import preprocessing as imaging
+from app.core.artifacts import ModelLoadError, check_golden, load_model
+from app.core.decision import pneumonia_probability
+from app.core.network import ModelSpec, build_model
 from tests.conftest import encode, export_tiny_model, synthetic_xray
 
 
@@ -122,7 +123,9 @@ def test_sixteen_bit_lossless_jpeg_is_decoded_and_scaled() -> None:
     assert frame is not None and frame.precision == 16 and frame.lossless
     out = imaging.preprocess(data, 32)
     assert int(out.min()) <= 5 and int(out.max()) >= 250  # the full 16-bit range maps onto 0..255
-    expected = imaging.resize_square(Image.fromarray(((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)), 32)
+    expected = imaging.resize_square(
+        Image.fromarray(((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)), 32
+    )
     assert (out[0].int() - torch.from_numpy(expected).int()).abs().max() <= 1
 
 

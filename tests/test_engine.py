@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.artifacts import load_model
-from app.engine import EngineError, default_decode_workers, load_engine, resolve_device, resolve_dtype
-from app.imaging import preprocess
-from app.model import pneumonia_probability
+from app.core.artifacts import load_model
+from app.core.decision import pneumonia_probability
+from app.core.engine import EngineError, default_decode_workers, load_engine, resolve_device, resolve_dtype
+from app.core.preprocessing import preprocess
 from tests.conftest import export_tiny_model
 
 
@@ -87,7 +87,9 @@ def test_cuda_engine_runs_reduced_precision_and_agrees(tiny_weights: Path) -> No
     assert engine.predict_proba(engine.collate(list(pixels))) == pytest.approx(reference, abs=5e-2)
 
 
-@pytest.mark.parametrize(("cores", "device", "workers"), [(2, "cpu", 1), (16, "cpu", 2), (2, "cuda", 2), (16, "cuda", 4)])
+@pytest.mark.parametrize(
+    ("cores", "device", "workers"), [(2, "cpu", 1), (16, "cpu", 2), (2, "cuda", 2), (16, "cuda", 4)]
+)
 def test_default_decode_workers_leave_cpu_cores_to_the_model(
     monkeypatch: pytest.MonkeyPatch, cores: int, device: str, workers: int
 ) -> None:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from app import score
-from app.artifacts import LoadedModel, load_model
-from app.engine import InferenceEngine, load_engine
-from app.imaging import preprocess
-from app.model import pneumonia_probability
+from app.core.artifacts import LoadedModel, load_model
+from app.core.decision import pneumonia_probability
+from app.core.engine import InferenceEngine, load_engine
+from app.core.preprocessing import preprocess
 from tests.conftest import encode, synthetic_xray
 
 GOOD = ["a0.jpg", "a1.jpg", "a2.png", "nested/deeper/c3.jpg", "nested/b4.jpg", "nested/b5.png"]
@@ -95,7 +95,10 @@ def test_scores_recursively_and_reports_unreadable_files(
         assert probability == pytest.approx(direct_probability(reference, image_dir / name), abs=1e-6)
         assert row["label"] == ("PNEUMONIA" if probability >= 0.5 else "NORMAL")
         assert row["error_code"] == row["error_message"] == ""
-    assert (by_path[CORRUPT]["error_code"], by_path[NOT_IMAGE]["error_code"]) == ("corrupt_image", "unsupported_media_type")
+    assert (by_path[CORRUPT]["error_code"], by_path[NOT_IMAGE]["error_code"]) == (
+        "corrupt_image",
+        "unsupported_media_type",
+    )
     assert by_path[CORRUPT]["label"] == by_path[CORRUPT]["pneumonia_probability"] == ""
     assert by_path[NOT_IMAGE]["error_message"]
 
@@ -111,7 +114,9 @@ def test_labels_follow_the_model_card_threshold(
     out = tmp_path / "p.csv"
     run_with(engine, image_dir, out)
     scored = [row for row in read_rows(out) if not row["error_code"]]
-    assert scored and {row["label"] for row in scored} == {"NORMAL"} and {row["threshold"] for row in scored} == {"0.999"}
+    assert (
+        scored and {row["label"] for row in scored} == {"NORMAL"} and {row["threshold"] for row in scored} == {"0.999"}
+    )
 
 
 def test_resume_skips_finished_files_and_repairs_a_torn_row(
@@ -197,7 +202,10 @@ def test_cli_missing_directory_exits_2(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
     result = subprocess.run(
         [sys.executable, "-m", "app.score", str(tmp_path / "missing"), "--out", str(tmp_path / "p.csv")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2 and "is not a directory" in result.stderr
     assert not (tmp_path / "p.csv").exists()

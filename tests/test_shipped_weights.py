@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.artifacts import WEIGHTS_FILENAME, check_golden, load_model
-from app.model import pneumonia_probability
+from app.core.artifacts import WEIGHTS_FILENAME, check_golden, load_model
+from app.core.decision import pneumonia_probability
 from tests.conftest import encode
 from tests.live_server import live_server, serving_settings
 

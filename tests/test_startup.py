@@ -33,8 +33,14 @@ def free_port() -> int:
 def launch(module_args: list[str], **env: str) -> subprocess.Popen[str]:
     clean = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
     clean.update({"CXR_HOST": "127.0.0.1", "CXR_PORT": str(free_port()), "CXR_DEVICE": "cpu", **env})
-    return subprocess.Popen([sys.executable, "-m", *module_args], cwd=REPO, env=clean, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", *module_args],
+        cwd=REPO,
+        env=clean,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def copy_with(tiny_weights: Path, dest: Path, edit: Callable[[dict], None] | None = None) -> Path:
@@ -110,8 +116,12 @@ def _no_weights(tiny_weights: Path, dest: Path) -> Path:
     ids=["weights_missing", "golden_mismatch", "cuda_missing"],
 )
 def test_failed_lifespan_logs_one_line_and_never_serves(
-    tiny_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-    make_weights: Callable[[Path, Path], Path], overrides: dict[str, str], reason: str,
+    tiny_weights: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    make_weights: Callable[[Path, Path], Path],
+    overrides: dict[str, str],
+    reason: str,
 ) -> None:
     """The same lifespan path as the subprocess cases, in-process so each costs no interpreter start."""
     if overrides.get("device", "").startswith("cuda") and torch.cuda.is_available():
@@ -141,6 +151,7 @@ def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_weights: Path) -> Non
     process = launch(["app"], CXR_WEIGHTS=str(tiny_weights), CXR_PORT=str(port))
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             try:
                 return httpx.get(f"{url}/health", timeout=2).status_code == 200

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, write_split
 from training.cli import main
 from training.data import discover, load_images
-from training.errors import DataError
 from training.split import grouped_stratified_split, patient_id
-from tests.test_training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, write_split
+from training.user_errors import DataError
 
 
 @pytest.mark.parametrize(
@@ -124,17 +124,35 @@ def test_missing_or_empty_class_is_a_clear_error(tmp_path: Path, capsys: pytest.
     assert "PNEUMONIA has no images" in err
 
 
-def test_evaluate_wrong_layout_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_weights: Path) -> None:
+def test_evaluate_wrong_layout_and_missing_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_weights: Path
+) -> None:
     make_dataset(tmp_path / "d", normal_patients=1, pneumonia_patients=1, per_patient=1)
-    err = _error_line(capsys, ["evaluate", "--weights", str(tiny_weights), "--data", str(tmp_path / "d"), "--report", str(tmp_path / "r")])
+    err = _error_line(
+        capsys,
+        ["evaluate", "--weights", str(tiny_weights), "--data", str(tmp_path / "d"), "--report", str(tmp_path / "r")],
+    )
     assert "'test' split" in err
-    err = _error_line(capsys, ["evaluate", "--weights", str(tmp_path / "nope"), "--data", str(tmp_path / "d" / "train"), "--report", str(tmp_path / "r")])
+    err = _error_line(
+        capsys,
+        [
+            "evaluate",
+            "--weights",
+            str(tmp_path / "nope"),
+            "--data",
+            str(tmp_path / "d" / "train"),
+            "--report",
+            str(tmp_path / "r"),
+        ],
+    )
     assert "not found" in err
 
 
 def test_invalid_flag_value_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
-    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--val-fraction", "1.5"])
+    err = _error_line(
+        capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--val-fraction", "1.5"]
+    )
     assert "--val-fraction" in err
 
 
@@ -148,5 +166,13 @@ def test_unusable_device_is_a_clear_error(
     assert "no CUDA GPU is available" in _error_line(capsys, [*train, "--device", "cuda"])
     assert "invalid device 'gpu'" in _error_line(capsys, [*train, "--device", "gpu"])
     assert not (tmp_path / "o").exists()
-    evaluate = ["evaluate", "--weights", str(tiny_weights), "--data", str(tmp_path / "d" / "train"), "--report", str(tmp_path / "r")]
+    evaluate = [
+        "evaluate",
+        "--weights",
+        str(tiny_weights),
+        "--data",
+        str(tmp_path / "d" / "train"),
+        "--report",
+        str(tmp_path / "r"),
+    ]
     assert "no CUDA GPU is available" in _error_line(capsys, [*evaluate, "--device", "cuda"])

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.artifacts import load_model
-from tests.test_training_support import make_dataset, train_args
+from app.core.artifacts import load_model
+from tests.training_support import make_dataset, train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,8 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", normal_patients=6, pneumonia_patients=6, per_patient=2)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "training", *train_args(data, out, "--epochs", "1", "--threads", "1", "--batch-size", "4")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training",
+        *train_args(data, out, "--epochs", "1", "--threads", "1", "--batch-size", "4"),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(2 process(es))" in (out / "train.log").read_text()

@@ -11,18 +11,34 @@ import pytest
 import torch
 
 import training.trainer
-from app.artifacts import load_model
-from app.model import ModelSpec, build_model, pneumonia_probability
+from app.core.artifacts import load_model
+from app.core.decision import pneumonia_probability
+from app.core.network import ModelSpec, build_model
+from tests.training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, train_args, write_split
 from training.checkpoint import load_checkpoint
 from training.cli import main
-from training.engine import predict_logits
+from training.loops import predict_logits
 from training.report import PLOT_FILES
 from training.split import patient_id
-from tests.test_training_support import INPUT_SIZE, make_dataset, train_args, write_split, normal_names, pneumonia_names
 
 CORRUPT_NAME = "person999_bacteria_9990.jpeg"
-METRIC_KEYS = {"n", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "brier", "ece",
-               "threshold", "tp", "fp", "tn", "fn"}
+METRIC_KEYS = {
+    "n",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "ece",
+    "threshold",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +61,16 @@ def _history(run: Path) -> list[dict[str, object]]:
 
 def test_run_writes_checkpoints_metrics_and_export(run_dir: Path) -> None:
     assert [row["epoch"] for row in _history(run_dir)] == [1, 2]
-    for name in ("model.safetensors", "model.json", "config.json", "split.json", "summary.json",
-                 "checkpoint/last.safetensors", "checkpoint/last.json", "checkpoint/best.safetensors"):
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "config.json",
+        "split.json",
+        "summary.json",
+        "checkpoint/last.safetensors",
+        "checkpoint/last.json",
+        "checkpoint/best.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
     meta = json.loads((run_dir / "model.json").read_text())
     assert meta["provenance"]["input_size"] == INPUT_SIZE and meta["provenance"]["init"] == "scratch"
@@ -79,7 +103,7 @@ def test_export_reproduces_training_side_predictions(run_dir: Path) -> None:
     trained = build_model(spec)
     load_checkpoint(run_dir, "best", trained)
     rows = list(csv.DictReader((run_dir / "val_report" / "predictions.csv").open()))
-    from app.imaging import preprocess
+    from app.core.preprocessing import preprocess
 
     pixels = torch.stack([preprocess(Path(row["path"]).read_bytes(), INPUT_SIZE) for row in rows])
     ours = predict_logits(trained, pixels, batch_size=16, device=torch.device("cpu"))
@@ -92,8 +116,22 @@ def test_export_reproduces_training_side_predictions(run_dir: Path) -> None:
 def test_evaluate_writes_report(run_dir: Path, tmp_path: Path) -> None:
     data = write_split(tmp_path / "holdout", normal_names(range(50, 56), 1), pneumonia_names(range(50, 58), 1), seed=7)
     report = tmp_path / "report"
-    assert main(["evaluate", "--weights", str(run_dir / "model.safetensors"), "--data", str(data),
-                 "--report", str(report), "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(run_dir / "model.safetensors"),
+                "--data",
+                str(data),
+                "--report",
+                str(report),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
     assert metrics["n"] == 14 and metrics["tp"] + metrics["fn"] == 8 and metrics["tn"] + metrics["fp"] == 6
@@ -110,11 +148,13 @@ def test_evaluate_writes_report(run_dir: Path, tmp_path: Path) -> None:
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-class _Interrupted(Exception):
+class _InterruptedError(Exception):
     pass
 
 
-def test_resume_continues_from_the_right_epoch(dataset: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_from_the_right_epoch(
+    dataset: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Crash in epoch 2, resume: same history and weights as the uninterrupted run."""
     original = training.trainer.train_one_epoch
     calls: list[str] = []
@@ -122,12 +162,12 @@ def test_resume_continues_from_the_right_epoch(dataset: Path, run_dir: Path, tmp
     def crash_in_second_epoch(*args: object, **kwargs: object) -> object:
         calls.append(str(kwargs["description"]))
         if len(calls) == 2:
-            raise _Interrupted
+            raise _InterruptedError
         return original(*args, **kwargs)
 
     out = tmp_path / "run"
     monkeypatch.setattr(training.trainer, "train_one_epoch", crash_in_second_epoch)
-    with pytest.raises(_Interrupted):
+    with pytest.raises(_InterruptedError):
         main(train_args(dataset, out, "--epochs", "2"))
     assert [row["epoch"] for row in _history(out)] == [1]
     monkeypatch.setattr(training.trainer, "train_one_epoch", original)

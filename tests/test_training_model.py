@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import vgg16
 
-from app.model import ModelSpec, build_model
+from app.core.network import ModelSpec, build_model
 from training.augment import augment_batch
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.distributed import DistInfo
-from training.engine import Schedule, epoch_batches
-from training.errors import UsageError
 from training.imagenet import load_imagenet
+from training.loops import Schedule, epoch_batches
+from training.user_errors import UsageError
 
 
 def test_augment_is_seeded_in_range_and_off_at_zero_strength() -> None:

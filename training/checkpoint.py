@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.errors import UsageError
+from training.user_errors import UsageError
 
 CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 1
@@ -50,7 +50,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     for param_id, entries in meta["scalars"].items():
         state.setdefault(int(param_id), {}).update(entries)
     # JSON turned tuples (Adam's betas) into lists; torch's optimizers expect the original types.
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in meta["param_groups"]]
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
 
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.artifacts import StorageDtype
-from app.model import Architecture, Head
+from app.core.artifacts import StorageDtype
+from app.core.network import Architecture, Head
 from training.calibration import ThresholdMethod
 
 
@@ -41,7 +41,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=2, description="images per step per process")
     warmup_epochs: float = Field(1.0, ge=0.0, description="linear learning-rate warm-up before the cosine decay")
     hflip: bool = Field(False, description="random horizontal flips (off: anatomy is not left/right symmetric)")
-    aug_strength: float = Field(1.0, ge=0.0, le=3.0, description="scales rotation/translation/scale/intensity jitter; 0 = off")
+    aug_strength: float = Field(
+        1.0, ge=0.0, le=3.0, description="scales rotation/translation/scale/intensity jitter; 0 = off"
+    )
     seed: int = Field(0, description="seed for the split, init, shuffling and augmentation")
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of train split off as validation (by patient)")
     min_val_images: int = Field(100, ge=1, description="a provided val split smaller than this is replaced")

@@ -1,6 +1,6 @@
 """Find labelled images on disk and decode each of them once into an in-memory uint8 tensor.
 
-Every image goes through :func:`app.imaging.preprocess`, the same code the service uses, so
+Every image goes through :func:`app.core.preprocessing.preprocess`, the same code the service uses, so
 training sees exactly the pixels that serving will. Unreadable files are skipped and returned
 to the caller, which logs them and records them in the run summary.
 """
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.imaging import ImageError, preprocess
-from app.model import CLASS_NAMES
-from training.errors import DataError
+from app.core.network import CLASS_NAMES
+from app.core.preprocessing import ImageError, preprocess
+from training.user_errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 SPLITS = ("train", "val", "test")
@@ -73,7 +73,9 @@ def list_split(split_dir: Path) -> list[Sample]:
     for label, name in enumerate(CLASS_NAMES):
         class_dir = split_dir / name
         if not class_dir.is_dir():
-            raise DataError(f"{split_dir}: missing class folder {name}/ (expected {split_dir}/{{{','.join(CLASS_NAMES)}}})")
+            raise DataError(
+                f"{split_dir}: missing class folder {name}/ (expected {split_dir}/{{{','.join(CLASS_NAMES)}}})"
+            )
         files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{class_dir}: class {name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

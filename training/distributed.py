@@ -70,7 +70,7 @@ def gather_rows(rows: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
     out = torch.empty((total, *rows.shape[1:]), dtype=rows.dtype)
     for rank, chunk in enumerate(gathered):
         count = len(range(rank, total, info.world_size))
-        out[rank::info.world_size] = chunk[:count].cpu()
+        out[rank :: info.world_size] = chunk[:count].cpu()
     return out
 
 

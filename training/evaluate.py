@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.artifacts import LoadedModel, load_model
-from app.model import pneumonia_probability
+from app.core.artifacts import LoadedModel, load_model
+from app.core.decision import pneumonia_probability
 from training.data import ImageSet, discover, load_images
-from training.engine import predict_logits
-from training.errors import DataError
+from training.loops import predict_logits
 from training.report import compute_report_metrics, write_report
+from training.user_errors import DataError
 
 
 def evaluate_images(
@@ -40,7 +40,15 @@ def evaluate_images(
 
 
 def run_evaluate(
-    weights: Path, data: Path, report_dir: Path, *, split: str, device: torch.device, batch_size: int, workers: int, bootstrap: int
+    weights: Path,
+    data: Path,
+    report_dir: Path,
+    *,
+    split: str,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    bootstrap: int,
 ) -> dict[str, Any]:
     loaded = load_model(weights)
     splits = discover(data)

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from app.model import PneumoniaNet
-from training.errors import UsageError
+from app.core.network import PneumoniaNet
+from training.user_errors import UsageError
 
 HUB_FILES = {"vgg16": "vgg16-397923af.pth", "vgg16_bn": "vgg16_bn-6c64b313.pth"}
 # torchvision's classifier indices of fc6 and fc7, identical in the classic head.

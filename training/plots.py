@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen before pyplot loads)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from app.model import CLASS_NAMES  # noqa: E402
-from training.metrics import pr_curve, reliability_bins, roc_curve  # noqa: E402
+from app.core.network import CLASS_NAMES
+from training.metrics import pr_curve, reliability_bins, roc_curve
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
@@ -60,6 +60,12 @@ def plot_reliability(labels: np.ndarray, probs: np.ndarray, ece: float, path: Pa
     figure, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
     ax.plot(confidence[filled], observed[filled], marker="o", label=f"model (ECE {ece:.3f})")
-    ax.set(xlabel="mean P(pneumonia) in bin", ylabel="observed pneumonia rate", xlim=(0, 1), ylim=(0, 1), title="Reliability")
+    ax.set(
+        xlabel="mean P(pneumonia) in bin",
+        ylabel="observed pneumonia rate",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="Reliability",
+    )
     ax.legend(loc="upper left")
     _save(figure, path)

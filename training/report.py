@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from app.model import CLASS_NAMES
+from app.core.network import CLASS_NAMES
 from training import plots
 from training.metrics import binary_metrics, bootstrap_ci
 

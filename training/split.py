@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import DataError
+from training.user_errors import DataError
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),

@@ -22,21 +22,22 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from app.artifacts import export_model, load_model
-from app.engine import resolve_device
-from app.model import CLASS_NAMES, ModelSpec, PneumoniaNet, build_model, pneumonia_probability
+from app.core.artifacts import export_model, load_model
+from app.core.decision import pneumonia_probability
+from app.core.engine import resolve_device
+from app.core.network import CLASS_NAMES, ModelSpec, PneumoniaNet, build_model
 from training.calibration import fit_temperature, select_threshold
 from training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RESUME_OVERRIDABLE, TrainConfig
 from training.data import ImageSet, Sample, Skipped, discover, limit_per_class, load_images
 from training.distributed import DistInfo, barrier, gather_rows, init_distributed, shutdown
-from training.engine import Schedule, predict_logits, steps_per_epoch, train_one_epoch
-from training.errors import DataError, UsageError
 from training.evaluate import evaluate_images
 from training.imagenet import load_imagenet
+from training.loops import Schedule, predict_logits, steps_per_epoch, train_one_epoch
 from training.metrics import roc_auc
 from training.report import compute_report_metrics, json_safe, write_report
 from training.split import grouped_stratified_split, patient_id
+from training.user_errors import DataError, UsageError
 
 log = logging.getLogger("training")
 CONFIG_FILE = "config.json"
@@ -66,7 +67,9 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
     if resume is None:
         config = TrainConfig(**cli)
         if has_checkpoint(config.out):
-            raise UsageError(f"{config.out} already holds a training run; pass --resume to continue it or choose another --out")
+            raise UsageError(
+                f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
+            )
         return config, False
     if resume == "auto":
         if "out" not in cli:
@@ -136,7 +139,10 @@ def _decode_all(config: TrainConfig, samples: dict[str, list[Sample]], dist: Dis
     cache_dir = config.out / "cache" if config.cache else None
 
     def decode() -> dict[str, Any]:
-        return {name: load_images(files, config.input_size, workers=config.workers, cache_dir=cache_dir) for name, files in samples.items()}
+        return {
+            name: load_images(files, config.input_size, workers=config.workers, cache_dir=cache_dir)
+            for name, files in samples.items()
+        }
 
     decoded = decode() if dist.is_main or cache_dir is None else None
     barrier(dist)
@@ -156,11 +162,17 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
         val_source = "provided val split"
     else:
         why = "missing" if val is None else f"too small ({len(val)} images) or one-class"
-        val_source = f"patient-grouped split of train (val split {why}; fraction {config.val_fraction}, seed {config.seed})"
-        train_index, val_index = grouped_stratified_split(train.paths, train.labels.numpy(), config.val_fraction, config.seed)
+        val_source = (
+            f"patient-grouped split of train (val split {why}; fraction {config.val_fraction}, seed {config.seed})"
+        )
+        train_index, val_index = grouped_stratified_split(
+            train.paths, train.labels.numpy(), config.val_fraction, config.seed
+        )
         train, val = train.subset(train_index), train.subset(val_index)
     skipped = [item for result in decoded.values() for item in result.skipped]
-    data_hash = hashlib.sha256("".join(f"{k}:{v.content_hash}\n" for k, v in sorted(decoded.items())).encode()).hexdigest()
+    data_hash = hashlib.sha256(
+        "".join(f"{k}:{v.content_hash}\n" for k, v in sorted(decoded.items())).encode()
+    ).hexdigest()
     test = decoded["test"].images if "test" in decoded else None
     return PreparedData(train, val, test, skipped, data_hash, val_source)
 
@@ -176,7 +188,10 @@ def split_hash(data: PreparedData) -> str:
 
 def write_split(run_dir: Path, data: PreparedData) -> None:
     record = {
-        side: [{"path": path, "label": CLASS_NAMES[label], "patient": patient_id(path)} for path, label in zip(images.paths, images.labels.tolist(), strict=True)]
+        side: [
+            {"path": path, "label": CLASS_NAMES[label], "patient": patient_id(path)}
+            for path, label in zip(images.paths, images.labels.tolist(), strict=True)
+        ]
         for side, images in (("train", data.train), ("val", data.val))
     }
     (run_dir / SPLIT_FILE).write_text(json.dumps(record, indent=1) + "\n")
@@ -197,9 +212,14 @@ def make_optimizer(network: nn.Module, config: TrainConfig) -> torch.optim.Optim
     params = [p for p in network.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.resolved_weight_decay()}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.resolved_weight_decay()},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if config.opt == "sgd":
-        return torch.optim.SGD(groups, lr=config.resolved_lr(), momentum=config.momentum, nesterov=config.momentum > 0, foreach=True)
+        return torch.optim.SGD(
+            groups, lr=config.resolved_lr(), momentum=config.momentum, nesterov=config.momentum > 0, foreach=True
+        )
     return torch.optim.AdamW(groups, lr=config.resolved_lr(), foreach=True)
 
 
@@ -210,10 +230,14 @@ def class_weighted_loss(labels: torch.Tensor, device: torch.device) -> nn.Module
     return nn.CrossEntropyLoss(weight=weights.float().to(device))
 
 
-def validate(network: PneumoniaNet, val: ImageSet, config: TrainConfig, device: torch.device, dist: DistInfo) -> dict[str, float]:
+def validate(
+    network: PneumoniaNet, val: ImageSet, config: TrainConfig, device: torch.device, dist: DistInfo
+) -> dict[str, float]:
     """Val AUC / loss / accuracy at 0.5, each rank predicting a shard."""
     shard = val.pixels[dist.rank :: dist.world_size]
-    logits = predict_logits(network, shard, batch_size=config.batch_size * 2, device=device, amp=True, show=dist.is_main)
+    logits = predict_logits(
+        network, shard, batch_size=config.batch_size * 2, device=device, amp=True, show=dist.is_main
+    )
     logits = gather_rows(logits, len(val), dist)
     probs = pneumonia_probability(logits).numpy()
     labels = val.labels.numpy()
@@ -227,8 +251,20 @@ def validate(network: PneumoniaNet, val: ImageSet, config: TrainConfig, device: 
 def git_commit() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "training"], cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "app", "training"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
     return {"git_commit": commit, "git_dirty": dirty}
@@ -256,7 +292,12 @@ def round_to_export_dtype(network: PneumoniaNet, dtype: str) -> None:
 
 
 def finalize(
-    config: TrainConfig, state: TrainState, data: PreparedData, network: PneumoniaNet, device: torch.device, extra: dict[str, Any]
+    config: TrainConfig,
+    state: TrainState,
+    data: PreparedData,
+    network: PneumoniaNet,
+    device: torch.device,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Best weights -> temperature + threshold on val -> val report -> export (-> test report).
 
@@ -273,7 +314,13 @@ def finalize(
     threshold = select_threshold(labels.numpy(), probs, config.threshold_method, config.target_sensitivity)
     val_metrics = compute_report_metrics(labels.numpy(), probs, threshold, bootstrap=config.bootstrap, seed=config.seed)
     write_report(config.out / "val_report", data.val.paths, labels.numpy(), probs, val_metrics)
-    log.info("temperature %.3f, threshold %.4f (%s); val %s", temperature, threshold, config.threshold_method, _brief(val_metrics))
+    log.info(
+        "temperature %.3f, threshold %.4f (%s); val %s",
+        temperature,
+        threshold,
+        config.threshold_method,
+        _brief(val_metrics),
+    )
     provenance = json_safe(
         {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -305,7 +352,9 @@ def finalize(
         golden_inputs=golden_inputs(data.val, config.golden_count),
         dtype=config.export_dtype,
         threshold=threshold,
-        threshold_method=config.threshold_method if config.threshold_method == "youden" else f"sensitivity>={config.target_sensitivity}",
+        threshold_method=config.threshold_method
+        if config.threshold_method == "youden"
+        else f"sensitivity>={config.target_sensitivity}",
         temperature=temperature,
         metrics={"validation": val_metrics},
         provenance=provenance,
@@ -321,7 +370,14 @@ def finalize(
     }
     if data.test is not None:
         loaded = load_model(config.out)
-        summary["test"] = evaluate_images(loaded, data.test, config.out / "test_report", device=device, batch_size=config.batch_size * 2, bootstrap=config.bootstrap)
+        summary["test"] = evaluate_images(
+            loaded,
+            data.test,
+            config.out / "test_report",
+            device=device,
+            batch_size=config.batch_size * 2,
+            bootstrap=config.bootstrap,
+        )
         log.info("test (reported only, never used for selection): %s", _brief(summary["test"]))
     (config.out / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     return summary
@@ -329,7 +385,9 @@ def finalize(
 
 def _brief(metrics: dict[str, Any]) -> str:
     keys = ("roc_auc", "sensitivity", "specificity", "accuracy", "ece")
-    return " ".join(f"{k}={metrics[k]:.4f}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}" for k in keys)
+    return " ".join(
+        f"{k}={metrics[k]:.4f}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}" for k in keys
+    )
 
 
 def train(config: TrainConfig, resuming: bool) -> dict[str, Any] | None:
@@ -347,13 +405,24 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     configure_threads(config)
     config.out.mkdir(parents=True, exist_ok=True)
     setup_logging(config.out, dist)
-    log.info("%s run in %s on %s (%d process(es))", "resuming" if resuming else "starting", config.out, device, dist.world_size)
+    log.info(
+        "%s run in %s on %s (%d process(es))",
+        "resuming" if resuming else "starting",
+        config.out,
+        device,
+        dist.world_size,
+    )
     data = prepare_data(config, splits, dist)
     for item in data.skipped:
         log.warning("skipped unreadable image %s: %s", item.path, item.reason)
     log.info(
         "train %d images %s, val %d images %s (%s), %d unreadable skipped",
-        len(data.train), data.train.class_counts(), len(data.val), data.val.class_counts(), data.val_source, len(data.skipped),
+        len(data.train),
+        data.train.class_counts(),
+        len(data.val),
+        data.val.class_counts(),
+        data.val_source,
+        len(data.skipped),
     )
     # A resumed run takes every weight from its checkpoint: no need for the ImageNet file again.
     network, imagenet_source = make_network(config.model_copy(update={"init": "scratch"}) if resuming else config)
@@ -366,7 +435,9 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         meta = load_checkpoint(config.out, "last", network, optimizer)
         stored = TrainState(**meta["state"])
         if stored.split_hash != state.split_hash:
-            raise DataError(f"the data under {config.data} no longer gives the run's train/val split; refusing to resume")
+            raise DataError(
+                f"the data under {config.data} no longer gives the run's train/val split; refusing to resume"
+            )
         state = stored
         log.info("resumed after epoch %d (best val AUC %s at epoch %s)", state.epoch, state.best_auc, state.best_epoch)
     if dist.is_main:
@@ -375,7 +446,9 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         (config.out / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in state.history))
     model: nn.Module = network
     if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None
+        )
     per_epoch = steps_per_epoch(len(data.train), config.batch_size, dist)
     schedule = Schedule(config.resolved_lr(), round(config.warmup_epochs * per_epoch), config.epochs * per_epoch)
     loss_fn = class_weighted_loss(data.train.labels, device)
@@ -388,10 +461,21 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         if config.freeze_features:
             network.features.eval()  # frozen BN keeps its statistics
         result = train_one_epoch(
-            model, data.train.pixels, data.train.labels,
-            optimizer=optimizer, loss_fn=loss_fn, schedule=schedule, first_step=epoch * per_epoch,
-            epoch_seed=epoch_seed, batch_size=config.batch_size, aug_strength=config.aug_strength,
-            hflip=config.hflip, device=device, amp=amp, dist=dist, description=f"epoch {epoch + 1}/{config.epochs}",
+            model,
+            data.train.pixels,
+            data.train.labels,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            schedule=schedule,
+            first_step=epoch * per_epoch,
+            epoch_seed=epoch_seed,
+            batch_size=config.batch_size,
+            aug_strength=config.aug_strength,
+            hflip=config.hflip,
+            device=device,
+            amp=amp,
+            dist=dist,
+            description=f"epoch {epoch + 1}/{config.epochs}",
         )
         scores = validate(network, data.val, config, device, dist)
         improved = state.best_auc is None or scores["val_auc"] > state.best_auc
@@ -410,7 +494,9 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
             state.best_auc, state.best_epoch, state.epochs_since_best = scores["val_auc"], epoch + 1, 0
         else:
             state.epochs_since_best += 1
-        state.stopped_early = config.patience > 0 and state.epochs_since_best >= config.patience and state.epoch < config.epochs
+        state.stopped_early = (
+            config.patience > 0 and state.epochs_since_best >= config.patience and state.epoch < config.epochs
+        )
         if dist.is_main:
             if improved:
                 save_checkpoint(config.out, "best", network, {"state": state.model_dump(mode="json")}, None)
@@ -420,7 +506,12 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         barrier(dist)
         log.info(
             "epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f (%.1f img/s)%s",
-            epoch + 1, config.epochs, result.loss, scores["val_loss"], scores["val_auc"], row["train_images_per_s"],
+            epoch + 1,
+            config.epochs,
+            result.loss,
+            scores["val_loss"],
+            scores["val_auc"],
+            row["train_images_per_s"],
             " *best*" if improved else "",
         )
         if state.stopped_early:

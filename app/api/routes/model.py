@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from app.dependencies import ServiceDep, require_api_key
-from app.errors import error_responses
-from app.schemas import ModelCard
+from app.api.deps import ServiceDep, require_api_key
+from app.api.errors import error_responses
+from app.api.schemas import ModelCard
 
 router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
 

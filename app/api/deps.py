@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from app.errors import UNAUTHORIZED_MESSAGE, ApiError
-from app.service import Service
+from app.api.errors import UNAUTHORIZED_MESSAGE, ApiError
+from app.api.service import Service
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="Required on prediction and model routes when CXR_API_KEY is set."

@@ -19,8 +19,8 @@ from typing import ClassVar
 
 import torch
 
-from app.engine import InferenceEngine
-from app.metrics import Metrics
+from app.api.telemetry import Metrics
+from app.core.engine import InferenceEngine
 
 log = logging.getLogger(__name__)
 

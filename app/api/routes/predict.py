@@ -6,14 +6,25 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Request, UploadFile
 
-from app.dependencies import ServiceDep, require_api_key
-from app.errors import ApiError, error_responses
-from app.schemas import BatchResponse, Prediction
+from app.api.deps import ServiceDep, require_api_key
+from app.api.errors import ApiError, error_responses
+from app.api.schemas import BatchResponse, Prediction
 
 router = APIRouter(tags=["prediction"], dependencies=[Depends(require_api_key)])
 
-_SERVICE_ERRORS = ("unauthorized", "payload_too_large", "bad_request", "missing_field", "validation_error",
-                   "internal_error", "inference_failed", "not_ready", "overloaded", "shutting_down", "timeout")
+_SERVICE_ERRORS = (
+    "unauthorized",
+    "payload_too_large",
+    "bad_request",
+    "missing_field",
+    "validation_error",
+    "internal_error",
+    "inference_failed",
+    "not_ready",
+    "overloaded",
+    "shutting_down",
+    "timeout",
+)
 
 
 @router.post(

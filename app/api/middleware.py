@@ -15,13 +15,13 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import UNAUTHORIZED_MESSAGE, error_response
+from app.api.errors import UNAUTHORIZED_MESSAGE, error_response
+from app.api.telemetry import Metrics
 from app.logs import request_id_var
-from app.metrics import Metrics
 from app.settings import Settings
 
 log = logging.getLogger("app.access")
-error_log = logging.getLogger("app.errors")
+error_log = logging.getLogger("app.api.errors")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -69,8 +69,11 @@ class RequestContextMiddleware:
         except Exception:
             error_log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not response_started:
-                response = error_response("internal_error", "unexpected server error; it has been logged "
-                                          f"with request id {request_id}", self.retry_after_s)
+                response = error_response(
+                    "internal_error",
+                    f"unexpected server error; it has been logged with request id {request_id}",
+                    self.retry_after_s,
+                )
                 await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
@@ -79,10 +82,20 @@ class RequestContextMiddleware:
             self.metrics.latency.labels(endpoint).observe(elapsed)
             level = logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO
             client = scope.get("client")
-            log.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={
-                "method": scope["method"], "path": scope["path"], "status": status,
-                "duration_ms": round(elapsed * 1000, 2), "client": client[0] if client else None,
-            })
+            log.log(
+                level,
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "client": client[0] if client else None,
+                },
+            )
             request_id_var.reset(token)
 
 

@@ -7,7 +7,7 @@ training and serving can never disagree about it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +20,9 @@ Head = Literal["classic", "compact"]
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
-PNEUMONIA_INDEX = 1
+# Constrained types shared with the training configuration, so a limit is written once.
+InputSize = Annotated[int, Field(ge=32, le=1024, description="Square input side in pixels.")]
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Normalization(BaseModel):
@@ -39,10 +41,10 @@ class ModelSpec(BaseModel):
 
     architecture: Architecture = "vgg16_bn"
     head: Head = "compact"
-    input_size: int = Field(224, ge=32, le=1024, description="Square input side in pixels.")
+    input_size: InputSize = 224
     normalization: Normalization = Normalization()
     class_names: tuple[str, str] = CLASS_NAMES
-    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    dropout: Dropout = 0.5
 
 
 class PneumoniaNet(nn.Module):
@@ -97,9 +99,3 @@ class PneumoniaNet(nn.Module):
 def build_model(spec: ModelSpec) -> PneumoniaNet:
     """Build an untrained network for ``spec`` (random initialisation, torchvision's scheme)."""
     return PneumoniaNet(spec)
-
-
-def pneumonia_probability(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Calibrated P(pneumonia) from 2-class logits, in float32 whatever the logits' dtype."""
-    scaled = logits.float() / temperature
-    return torch.softmax(scaled, dim=-1)[..., PNEUMONIA_INDEX]

@@ -14,9 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.batching import BatcherError
-from app.imaging import ImageError
-from app.schemas import ErrorResponse
+from app.api.batching import BatcherError
+from app.api.schemas import ErrorResponse
+from app.core.preprocessing import ImageError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,13 @@ ERRORS: dict[str, tuple[int, str]] = {
     "shutting_down": (503, "the service is shutting down; retry on another instance"),
     "timeout": (504, "no result within the 30 s request timeout"),
 }
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "payload_too_large"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 class ApiError(Exception):
@@ -72,11 +77,14 @@ def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
         status, message = ERRORS[code]
-        entry = out.setdefault(status, {"model": ErrorResponse, "description": "", "content": {
-            "application/json": {"examples": {}}}})
+        entry = out.setdefault(
+            status, {"model": ErrorResponse, "description": "", "content": {"application/json": {"examples": {}}}}
+        )
         entry["description"] = ", ".join(filter(None, [entry["description"], code]))
         entry["content"]["application/json"]["examples"][code] = {
-            "summary": code, "value": {"error": {"code": code, "message": message}}}
+            "summary": code,
+            "value": {"error": {"code": code, "message": message}},
+        }
     return out
 
 

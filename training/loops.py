@@ -117,7 +117,13 @@ def _chunks(n: int, batch_size: int) -> Iterator[slice]:
 
 @torch.inference_mode()
 def predict_logits(
-    network: nn.Module, pixels: torch.Tensor, *, batch_size: int, device: torch.device, amp: bool = False, show: bool = False
+    network: nn.Module,
+    pixels: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: bool = False,
+    show: bool = False,
 ) -> torch.Tensor:
     """float32 CPU logits for uint8 ``pixels`` in eval mode (fp32 unless ``amp``)."""
     network.eval()

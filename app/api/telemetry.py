@@ -23,26 +23,35 @@ class Metrics:
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "cxr_http_requests", "HTTP requests by route and status.", ["endpoint", "method", "status"],
+            "cxr_http_requests",
+            "HTTP requests by route and status.",
+            ["endpoint", "method", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "cxr_http_request_duration_seconds", "Wall time from request start to response end.", ["endpoint"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "cxr_http_request_duration_seconds",
+            "Wall time from request start to response end.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.batch_size = Histogram(
             "cxr_batch_size", "Images per forward pass.", buckets=batch_buckets(max_batch_size), registry=self.registry
         )
         self.inference_seconds = Histogram(
-            "cxr_inference_duration_seconds", "Time of one batched forward pass, host to host.",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "cxr_inference_duration_seconds",
+            "Time of one batched forward pass, host to host.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.queue_depth = Gauge("cxr_queue_depth", "Images waiting for a forward pass.", registry=self.registry)
         self.predictions = Counter(
             "cxr_predictions", "Predictions returned, by label.", ["label"], registry=self.registry
         )
         self.rejected_images = Counter(
-            "cxr_rejected_images", "Uploads that could not be used as images, by error code.", ["code"],
+            "cxr_rejected_images",
+            "Uploads that could not be used as images, by error code.",
+            ["code"],
             registry=self.registry,
         )
 

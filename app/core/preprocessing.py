@@ -8,13 +8,16 @@ than the target size, which is what makes 9-megapixel uploads cheap.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.core.coded_error import CodedError
 
 # Formats accepted by content, whatever the file name or declared content type says.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
@@ -29,14 +32,22 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
-class ImageError(ValueError):
+class ImageError(CodedError):
     """An upload that cannot be turned into model input; ``code`` is stable for clients."""
 
-    code: ClassVar[str] = "invalid_image"
+    code = "invalid_image"
+    default_message = "the upload cannot be used as an image"
 
 
 class EmptyImageError(ImageError):
     code = "empty_file"
+    default_message = "the uploaded file is empty"
+
+
+class UnreadableFileError(ImageError):
+    """A file on disk (offline scoring, training data) that could not be read at all."""
+
+    code = "read_error"
 
 
 class UnsupportedImageError(ImageError):
@@ -97,9 +108,7 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise CorruptImageError("image header declares a zero width or height")
     if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-        )
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
 
 
 def _to_grayscale(img: Image.Image) -> Image.Image:
@@ -153,7 +162,7 @@ def decode_grayscale(data: bytes, target_size: int, max_pixels: int = DEFAULT_MA
     Raises an :class:`ImageError` subclass for every input that is not a usable image.
     """
     if not data:
-        raise EmptyImageError("the uploaded file is empty")
+        raise EmptyImageError()
     frame = read_jpeg_frame(data) if data.startswith(_JPEG_MAGIC) else None
     if frame is not None:
         _check_pixels(frame.width, frame.height, max_pixels)
@@ -190,3 +199,25 @@ def preprocess(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXEL
     """Encoded image bytes to the network input ``uint8[1, S, S]`` (one grayscale channel)."""
     gray = resize_square(decode_grayscale(data, input_size, max_pixels), input_size)
     return torch.from_numpy(gray).unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class PreparedFile:
+    """One file after :func:`preprocess_file`: the network input, or the coded reason there is none."""
+
+    pixels: torch.Tensor | None
+    sha256: str = ""
+    error: ImageError | None = None
+
+
+def preprocess_file(path: Path, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedFile:
+    """Read and preprocess a file from disk exactly as the service does an upload; never raises ImageError."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return PreparedFile(None, error=UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}"))
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return PreparedFile(preprocess(data, input_size, max_pixels), digest)
+    except ImageError as exc:
+        return PreparedFile(None, digest, exc)

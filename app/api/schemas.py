@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.model import ModelSpec
+from app.core.network import ModelSpec
 
 _SHA = "9f2c1d4e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d"
 _IDENTITY = {"name": "cxr-pneumonia-vgg16", "version": "2024-06-01", "sha256": _SHA}
@@ -60,20 +60,43 @@ class BatchItemError(BaseModel):
 
 
 class BatchResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
-        {"filename": "a.jpg", **_PREDICTION},
-        {"filename": "notes.txt", "error": {"code": "unsupported_media_type",
-                                            "message": "the file is not a JPEG or PNG image"}},
-    ]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "results": [
+                        {"filename": "a.jpg", **_PREDICTION},
+                        {
+                            "filename": "notes.txt",
+                            "error": {
+                                "code": "unsupported_media_type",
+                                "message": "the file is not a JPEG or PNG image",
+                            },
+                        },
+                    ]
+                }
+            ]
+        }
+    )
 
     results: list[BatchPrediction | BatchItemError] = Field(description="One entry per uploaded file, in order.")
 
 
 class Health(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"status": "ok", "device": "cuda:0", "precision": "bf16", "model": _IDENTITY, "detail": None},
-        {"status": "loading", "device": None, "precision": None, "model": None, "detail": "the model is loading"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"status": "ok", "device": "cuda:0", "precision": "bf16", "model": _IDENTITY, "detail": None},
+                {
+                    "status": "loading",
+                    "device": None,
+                    "precision": None,
+                    "model": None,
+                    "detail": "the model is loading",
+                },
+            ]
+        }
+    )
 
     status: Literal["ok", "loading", "draining", "failed"]
     device: str | None = None
@@ -91,14 +114,25 @@ class Liveness(BaseModel):
 class ModelCard(BaseModel):
     """The metadata that travels with the weights, minus the golden test vectors."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        **_IDENTITY, "format_version": 1, "dtype": "float32",
-        "spec": ModelSpec().model_dump(mode="json"),
-        "threshold": 0.42, "threshold_method": "youden", "temperature": 1.37,
-        "metrics": {"test_auroc": 0.962, "test_sensitivity": 0.95},
-        "provenance": {"git_commit": "8e8cf9a", "dataset": "chest_xray"},
-        "device": "cuda:0", "precision": "bf16",
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_IDENTITY,
+                    "format_version": 1,
+                    "dtype": "float32",
+                    "spec": ModelSpec().model_dump(mode="json"),
+                    "threshold": 0.42,
+                    "threshold_method": "youden",
+                    "temperature": 1.37,
+                    "metrics": {"test_auroc": 0.962, "test_sensitivity": 0.95},
+                    "provenance": {"git_commit": "8e8cf9a", "dataset": "chest_xray"},
+                    "device": "cuda:0",
+                    "precision": "bf16",
+                }
+            ]
+        }
+    )
 
     name: str
     version: str

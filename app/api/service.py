@@ -9,17 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 
 import torch
 
-from app.batching import DynamicBatcher
-from app.engine import InferenceEngine, default_decode_workers, load_engine
-from app.errors import ApiError
-from app.imaging import ImageError, preprocess
-from app.metrics import Metrics
-from app.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
+from app.api.batching import DynamicBatcher
+from app.api.errors import ApiError
+from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
+from app.api.telemetry import Metrics
+from app.core.engine import InferenceEngine, default_decode_workers, load_engine
+from app.core.preprocessing import ImageError, preprocess
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,14 @@ class Service:
         self.engine = engine
         meta = engine.metadata
         log.info(
-            "model ready", extra={"model": meta.name, "version": meta.version, "sha256": meta.sha256,
-                                  "device": str(engine.device), "precision": engine.precision}
+            "model ready",
+            extra={
+                "model": meta.name,
+                "version": meta.version,
+                "sha256": meta.sha256,
+                "device": str(engine.device),
+                "precision": engine.precision,
+            },
         )
 
     def begin_drain(self) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from app.model import ModelSpec, PneumoniaNet, build_model
+from app.core.network import ModelSpec, PneumoniaNet, build_model
 
 FORMAT_VERSION = 1
 WEIGHTS_FILENAME = "model.safetensors"
@@ -104,10 +104,7 @@ def export_model(
     """Write both files; golden logits are computed from the weights as stored (after rounding)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path, metadata_path = out_dir / WEIGHTS_FILENAME, out_dir / METADATA_FILENAME
-    state = {
-        key: value.detach().to("cpu", _DTYPES[dtype]).contiguous()
-        for key, value in network.state_dict().items()
-    }
+    state = {key: value.detach().to("cpu", _DTYPES[dtype]).contiguous() for key, value in network.state_dict().items()}
     reference = build_model(network.spec)
     reference.load_state_dict({key: value.float() for key, value in state.items()})
     golden_pixels = golden_inputs.to(torch.uint8).cpu().contiguous()
@@ -192,6 +189,7 @@ def check_golden(loaded: LoadedModel, network: torch.nn.Module, atol: float | No
     diff = float((logits - expected).abs().max())
     if diff > tolerance * scale:
         raise ModelLoadError(
-            f"golden check failed: logits differ from the exported ones by {diff:.4g} (tolerance {tolerance * scale:.4g})"
+            f"golden check failed: logits differ from the exported ones by {diff:.4g} "
+            f"(tolerance {tolerance * scale:.4g})"
         )
     return diff

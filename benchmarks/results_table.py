@@ -69,15 +69,20 @@ def markdown(doc: dict[str, Any]) -> str:
         for level in levels:
             lines.append(
                 f"| {server} | {level['endpoint']} | {level['concurrency']} | {fmt(level['throughput_ips'], 2)} "
-                f"| {fmt(level['p50_ms'], 0)} | {fmt(level['p95_ms'], 0)} | {fmt(level['p99_ms'], 0)} | {level['errors']} |"
+                f"| {fmt(level['p50_ms'], 0)} | {fmt(level['p95_ms'], 0)} | {fmt(level['p99_ms'], 0)} "
+                f"| {level['errors']} |"
             )
     ratios, decode, detail = doc["ratios"], doc["decode"], doc["model_only_detail"]
-    batches = ", ".join(f"b={size}: {fmt(item['throughput_ips'], 2)}" for size, item in detail["per_batch_size"].items())
+    batches = ", ".join(
+        f"b={size}: {fmt(item['throughput_ips'], 2)}" for size, item in detail["per_batch_size"].items()
+    )
     lines += [
         "",
-        f"- model only ({detail['precision']}): {fmt(doc['model_only']['throughput_ips'], 2)} images/s best ({batches})",
+        f"- model only ({detail['precision']}): {fmt(doc['model_only']['throughput_ips'], 2)} images/s best "
+        f"({batches})",
         f"- decode+preprocess: {fmt(decode['preprocess_1_thread_ips'])} images/s on 1 thread, "
-        f"{fmt(decode['preprocess_n_threads_ips'])} on {decode['threads']}; naive decode {fmt(decode['naive_1_thread_ips'])} on 1",
+        f"{fmt(decode['preprocess_n_threads_ips'])} on {decode['threads']}; "
+        f"naive decode {fmt(decode['naive_1_thread_ips'])} on 1",
         f"- at concurrency {doc['concurrency']}: ours/naive = {fmt(ratios['ours_over_naive'], 2)}, "
         f"ours/model_only = {fmt(ratios['ours_over_model_only'], 2)}",
         "- peak RSS (MiB): " + ", ".join(f"{name} {fmt(value, 0)}" for name, value in doc["peak_rss_mb"].items()),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
-from app.dependencies import ServiceDep
-from app.schemas import Health, Liveness
+from app.api.deps import ServiceDep
+from app.api.schemas import Health, Liveness
 
 router = APIRouter(tags=["operations"])
 
@@ -19,10 +19,23 @@ _METRICS_EXAMPLE = (
 @router.get(
     "/health",
     summary="Readiness: is the model loaded and serving",
-    responses={503: {"model": Health, "description": "Loading, draining after SIGTERM, or the last batch failed.",
-                     "content": {"application/json": {"example": {
-                         "status": "loading", "device": None, "precision": None, "model": None,
-                         "detail": "the model is loading"}}}}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Loading, draining after SIGTERM, or the last batch failed.",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "loading",
+                        "device": None,
+                        "precision": None,
+                        "model": None,
+                        "detail": "the model is loading",
+                    }
+                }
+            },
+        }
+    },
 )
 async def health(service: ServiceDep, response: Response) -> Health:
     """200 only when requests would be scored now; load balancers should route on this."""

@@ -19,8 +19,9 @@ from typing import Literal
 
 import torch
 
-from app.artifacts import LoadedModel, ModelMetadata, check_golden, load_model
-from app.model import PneumoniaNet, pneumonia_probability
+from app.core.artifacts import LoadedModel, ModelMetadata, check_golden, load_model
+from app.core.decision import pneumonia_probability
+from app.core.network import PneumoniaNet
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"

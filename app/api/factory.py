@@ -8,18 +8,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.artifacts import ModelLoadError
-from app.engine import EngineError
-from app.errors import install_error_handlers
-from app.metrics import Metrics
-from app.middleware import (
+from app.api.errors import install_error_handlers
+from app.api.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
     StartupFailureMiddleware,
 )
-from app.routes import model, ops, predict
-from app.service import Service
+from app.api.routes import model, ops, predict
+from app.api.service import Service
+from app.api.telemetry import Metrics
+from app.core.artifacts import ModelLoadError
+from app.core.engine import EngineError
 from app.settings import Settings
 
 
@@ -51,14 +51,19 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
     install_error_handlers(app)
     # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes,
-                       retry_after_s=settings.retry_after_s)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, retry_after_s=settings.retry_after_s
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, settings=settings, protected_prefixes=("/predict", "/model"))
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
-                           expose_headers=["X-Request-ID", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
     app.add_middleware(StartupFailureMiddleware)
     return app
