@@ -22,16 +22,14 @@ from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
-import torch
 from tqdm import tqdm
 
 from app.core.artifacts import ModelLoadError
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
-from app.core.preprocessing import ImageError, preprocess
+from app.core.preprocessing import PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
 COLUMNS = ("path", "label", "pneumonia_probability", "threshold", "error_code", "error_message", "model_sha256")
-READ_ERROR = "read_error"
 USAGE_ERROR = 2
 INTERRUPTED = 130
 MAX_LISTED_ERRORS = 20
@@ -43,12 +41,10 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Prepared:
-    """One file after preprocessing: the network input, or the reason there is none."""
+    """One file of the folder after preprocessing: its relative path and the network input or coded error."""
 
     path: str
-    pixels: torch.Tensor | None = None
-    error_code: str = ""
-    error_message: str = ""
+    file: PreparedFile
 
 
 @dataclass
@@ -76,14 +72,7 @@ def list_images(root: Path, exclude: Path | None = None) -> list[str]:
 
 def prepare(root: Path, relative: str, input_size: int, max_pixels: int) -> Prepared:
     """Read and preprocess one file exactly as the service does with an upload."""
-    try:
-        data = (root / relative).read_bytes()
-    except OSError as exc:
-        return Prepared(relative, error_code=READ_ERROR, error_message=f"{type(exc).__name__}: {exc.strerror or exc}")
-    try:
-        return Prepared(relative, pixels=preprocess(data, input_size, max_pixels))
-    except ImageError as exc:
-        return Prepared(relative, error_code=exc.code, error_message=" ".join(str(exc).split()))
+    return Prepared(relative, preprocess_file(root / relative, input_size, max_pixels))
 
 
 def finished_paths(out: Path, model_sha256: str) -> set[str]:
@@ -120,17 +109,17 @@ def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
 def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
     """Run the readable images of a batch through the engine in one forward pass."""
     meta = engine.metadata
-    pixels = [item.pixels for item in batch if item.pixels is not None]
+    pixels = [item.file.pixels for item in batch if item.file.pixels is not None]
     probabilities = iter(engine.predict_proba(engine.collate(pixels)) if pixels else [])
     rows = []
     for item in batch:
         row = dict.fromkeys(COLUMNS, "")
         row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
-        if item.pixels is None:
-            row.update(error_code=item.error_code, error_message=item.error_message)
+        if item.file.error is not None:
+            row.update(error_code=item.file.error.code, error_message=item.file.error.message)
         else:
-            probability = next(probabilities)
-            row.update(label=engine.label_for(probability), pneumonia_probability=repr(probability))
+            decision = engine.decide(next(probabilities))
+            row.update(label=decision.label, pneumonia_probability=repr(decision.pneumonia_probability))
         rows.append(row)
     return rows
 

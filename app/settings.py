@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.coded_error import first_validation_error
 from app.core.engine import DEVICE_PATTERN, Precision
 from app.core.preprocessing import DEFAULT_MAX_PIXELS
 
@@ -80,6 +81,5 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "CXR_" + "_".join(str(part) for part in first["loc"][:1]).upper()
-        raise SettingsError(f"invalid setting {name}: {first['msg']}") from exc
+        where, message, _ = first_validation_error(exc.errors())
+        raise SettingsError(f"invalid setting CXR_{where.split('.')[0].upper()}: {message}") from exc

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with PyPI access), before gpu_bench.sh: downloads the service's web stack,
-# which the GPU image lacks, as Python 3.12 x86-64 wheels into benchmarks/wheels/ (gitignored).
+# Run on a machine with PyPI access, before gpu_bench.sh on a GPU host without one: downloads the
+# service's web stack as Python 3.12 x86-64 wheels into benchmarks/wheels/ (gitignored).
 # Versions are the ones pinned in pyproject.toml; torch, numpy, pillow, httpx, uvloop,
 # prometheus-client, anyio, h11 and click are already on the GPU image.
 set -euo pipefail

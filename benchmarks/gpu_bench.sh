@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmark, for an H100 box whose image has torch/torchvision/httpx/pillow but no web
-# stack. Before it, on a machine with PyPI: `bash benchmarks/fetch_wheels.sh` (fills the
-# gitignored benchmarks/wheels/). Then, from the repo root on the GPU machine (with the
-# device tool: carry ["benchmarks/wheels"]), one step per command to stay under 10 minutes each:
+# The GPU benchmark, for a GPU host (e.g. one H100) whose Python has torch/torchvision/httpx/pillow
+# but not the service's web stack and no package index. Before it, on a machine with PyPI:
+# `bash benchmarks/fetch_wheels.sh` (fills the gitignored benchmarks/wheels/), then copy the
+# checkout including benchmarks/wheels/ to the GPU host. There, from the repo root, one step at a
+# time (each stays under 10 minutes):
 #   bash benchmarks/gpu_bench.sh decode     # Pillow draft decode vs batched nvJPEG (~1 min)
 #   bash benchmarks/gpu_bench.sh model      # engine at batch 1..256 + dtype/layout/compile sweep (~5 min)
 #   bash benchmarks/gpu_bench.sh serve      # service vs naive at concurrency 1/16/64/256 (~8 min)

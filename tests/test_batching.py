@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from app.api.batching import BatcherClosedError, DynamicBatcher, InferenceFailedError, QueueFullError
+from app.api.batching import DynamicBatcher, InferenceFailedError, QueueFullError, ShuttingDownError
 from app.api.telemetry import Metrics
 
 
@@ -142,7 +142,7 @@ def test_close_drains_queued_work_then_refuses() -> None:
         await asyncio.sleep(0)
         await batcher.close()
         assert [task.result() for task in pending] == pytest.approx([3 / 255, 6 / 255, 9 / 255])
-        with pytest.raises(BatcherClosedError):
+        with pytest.raises(ShuttingDownError):
             await batcher.submit(image(1))
 
     asyncio.run(scenario())

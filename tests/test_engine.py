@@ -32,7 +32,9 @@ def test_temperature_and_threshold_come_from_the_model_card(tmp_path: Path) -> N
     with torch.inference_mode():
         logits = engine.network(pixels)
     assert engine.predict_proba(pixels) == pytest.approx(pneumonia_probability(logits, 3.0).tolist(), abs=1e-6)
-    assert (engine.label_for(0.25), engine.label_for(0.2499)) == ("PNEUMONIA", "NORMAL")
+    assert (engine.decide(0.25).label, engine.decide(0.2499).label) == ("PNEUMONIA", "NORMAL")
+    assert engine.decide(0.25).probabilities == {"NORMAL": 0.75, "PNEUMONIA": 0.25}
+    assert engine.decide(0.25).threshold == 0.25
 
 
 def test_warmup_and_wrong_input_shape(tiny_weights: Path) -> None:

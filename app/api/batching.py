@@ -15,32 +15,35 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from app.api.telemetry import Metrics
+from app.core.coded_error import CodedError
 from app.core.engine import InferenceEngine
 
 log = logging.getLogger(__name__)
 
 
-class BatcherError(RuntimeError):
-    """The image was fine but the service could not score it; ``code`` is stable for clients."""
+class BatcherError(CodedError):
+    """The image was fine but the service could not score it; the whole request should be retried."""
 
-    code: ClassVar[str] = "unavailable"
+    code = "unavailable"
+    default_message = "the service cannot score images right now"
 
 
 class QueueFullError(BatcherError):
     code = "overloaded"
 
 
-class BatcherClosedError(BatcherError):
+class ShuttingDownError(BatcherError):
     code = "shutting_down"
+    default_message = "the service is shutting down; retry on another instance"
 
 
 class InferenceFailedError(BatcherError):
     code = "inference_failed"
+    default_message = "the model failed to score this batch"
 
 
 @dataclass(eq=False)
@@ -73,7 +76,7 @@ class DynamicBatcher:
     async def submit(self, pixels: torch.Tensor) -> float:
         """Queue one ``uint8[1,S,S]`` image and wait for its calibrated P(pneumonia)."""
         if self._closed:
-            raise BatcherClosedError("the service is shutting down; retry on another instance")
+            raise ShuttingDownError()
         job = _Job(pixels, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(job)
@@ -122,7 +125,7 @@ class DynamicBatcher:
             self.last_error = f"inference failed: {type(exc).__name__}: {exc}"
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_exception(InferenceFailedError("the model failed to score this batch"))
+                    job.future.set_exception(InferenceFailedError())
             return
         self.last_error = None
         self._metrics.batch_size.observe(len(jobs))

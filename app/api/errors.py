@@ -1,7 +1,9 @@
 """Every failure becomes ``{"error": {"code", "message"}}`` with a status fixed by its code.
 
-``ERRORS`` is the one table of codes: exception handlers, the ASGI middleware and the OpenAPI
-``responses=`` documentation all read it, so documented and actual behaviour cannot drift.
+Every error a client can see is a :class:`~app.core.coded_error.CodedError` (image errors from
+the core, batcher errors, and the HTTP layer's own below), handled by one handler. ``ERRORS`` is
+the one table of codes: that handler, the ASGI middleware and the OpenAPI ``responses=``
+documentation all read it, so documented and actual behaviour cannot drift.
 """
 
 from __future__ import annotations
@@ -14,19 +16,37 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.batching import BatcherError
+from app.api.batching import BatcherError, InferenceFailedError, ShuttingDownError
 from app.api.schemas import ErrorResponse
-from app.core.preprocessing import ImageError
+from app.core.coded_error import CodedError, first_validation_error
+from app.core.preprocessing import EmptyImageError, ImageError
 
 log = logging.getLogger(__name__)
 
-UNAUTHORIZED_MESSAGE = "a valid X-API-Key header is required"
+
+class UnauthorizedError(CodedError):
+    code = "unauthorized"
+    default_message = "a valid X-API-Key header is required"
+
+
+class NotReadyError(CodedError):
+    code = "not_ready"
+    default_message = "the model is still loading"
+
+
+class RequestTimeoutError(CodedError):
+    code = "timeout"
+
+
+class TooManyFilesError(CodedError):
+    code = "too_many_files"
+
 
 # code -> (HTTP status, example message)
 ERRORS: dict[str, tuple[int, str]] = {
     "bad_request": (400, "the multipart body could not be parsed"),
-    "empty_file": (400, "the uploaded file is empty"),
-    "unauthorized": (401, UNAUTHORIZED_MESSAGE),
+    "empty_file": (400, EmptyImageError.default_message),
+    "unauthorized": (401, UnauthorizedError.default_message),
     "not_found": (404, "no route for GET /nope"),
     "method_not_allowed": (405, "GET is not allowed on /predict"),
     "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),
@@ -34,15 +54,15 @@ ERRORS: dict[str, tuple[int, str]] = {
     "too_many_files": (413, "40 files uploaded; at most 32 per batch"),
     "unsupported_media_type": (415, "the file is not a JPEG or PNG image"),
     "corrupt_image": (422, "the image data is corrupt or truncated: image file is truncated"),
-    "invalid_image": (422, "the upload cannot be used as an image"),
+    "invalid_image": (422, ImageError.default_message),
     "missing_field": (422, "file: Field required"),
     "validation_error": (422, "files.0: Expected UploadFile, received: <class 'str'>"),
     "internal_error": (500, "unexpected server error; it has been logged with this request's id"),
-    "inference_failed": (500, "the model failed to score this batch"),
-    "unavailable": (503, "the service cannot score images right now"),
-    "not_ready": (503, "the model is still loading"),
+    "inference_failed": (500, InferenceFailedError.default_message),
+    "unavailable": (503, BatcherError.default_message),
+    "not_ready": (503, NotReadyError.default_message),
     "overloaded": (503, "512 images are already waiting; retry shortly"),
-    "shutting_down": (503, "the service is shutting down; retry on another instance"),
+    "shutting_down": (503, ShuttingDownError.default_message),
     "timeout": (504, "no result within the 30 s request timeout"),
 }
 _HTTP_CODES = {
@@ -54,15 +74,6 @@ _HTTP_CODES = {
 }
 
 
-class ApiError(Exception):
-    """An error raised by the HTTP layer itself (auth, readiness, limits, timeouts)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def error_response(code: str, message: str, retry_after_s: int, headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON error body; 503s tell clients when to come back."""
     status = ERRORS[code][0]
@@ -70,6 +81,10 @@ def error_response(code: str, message: str, retry_after_s: int, headers: dict[st
     if status == 503:
         merged["Retry-After"] = str(retry_after_s)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=merged)
+
+
+def coded_error_response(error: CodedError, retry_after_s: int) -> JSONResponse:
+    return error_response(error.code, error.message, retry_after_s)
 
 
 def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:
@@ -92,17 +107,16 @@ def _retry_after(request: Request) -> int:
     return request.app.state.settings.retry_after_s
 
 
-async def _api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError | ImageError | BatcherError)
-    return error_response(exc.code, str(exc), _retry_after(request))
+async def _coded_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CodedError)
+    return coded_error_response(exc, _retry_after(request))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "header"))
-    code = "missing_field" if first["type"] == "missing" else "validation_error"
-    return error_response(code, f"{where}: {first['msg']}", _retry_after(request))
+    where, message, kind = first_validation_error(exc.errors(), skip=("body", "query", "header"))
+    code = "missing_field" if kind == "missing" else "validation_error"
+    return error_response(code, f"{where}: {message}", _retry_after(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -118,7 +132,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for error_type in (ApiError, ImageError, BatcherError):
-        app.add_exception_handler(error_type, _api_error)
+    app.add_exception_handler(CodedError, _coded_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRouter
+from starlette.routing import BaseRoute
 
+from app.api.deps import ApiKeyGuard
 from app.api.errors import install_error_handlers
 from app.api.middleware import (
     ApiKeyMiddleware,
@@ -36,6 +39,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await service.stop()
 
 
+ROUTERS: tuple[APIRouter, ...] = (predict.router, model.router, ops.router)
+
+
+def key_protected_routes(routers: Iterable[APIRouter]) -> list[BaseRoute]:
+    """The routes whose routers declare ``ApiKeyGuard``: the one list the API-key middleware enforces."""
+    return [route for router in routers if ApiKeyGuard in router.dependencies for route in router.routes]
+
+
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics(settings.max_batch_size)
     app = FastAPI(
@@ -47,7 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = Service(settings, metrics)
-    for router in (predict.router, model.router, ops.router):
+    for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)
     # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
@@ -55,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
         BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, retry_after_s=settings.retry_after_s
     )
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, settings=settings, protected_prefixes=("/predict", "/model"))
+        app.add_middleware(ApiKeyMiddleware, settings=settings, protected=key_protected_routes(ROUTERS))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

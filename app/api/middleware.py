@@ -10,12 +10,14 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import UNAUTHORIZED_MESSAGE, error_response
+from app.api.errors import UnauthorizedError, coded_error_response, error_response
 from app.api.telemetry import Metrics
 from app.logs import request_id_var
 from app.settings import Settings
@@ -113,19 +115,23 @@ class ApiKeyMiddleware:
     unauthenticated client could make the server take in ``CXR_MAX_UPLOAD_BYTES`` per request.
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings, protected_prefixes: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, protected: Sequence[BaseRoute]) -> None:
         self.app = app
         self.settings = settings
-        self.protected_prefixes = protected_prefixes
+        self.protected = protected
+
+    def _is_protected(self, scope: Scope) -> bool:
+        # PARTIAL (path matches, method does not) counts too: a wrong method learns nothing without the key.
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.protected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
             and scope["method"] != "OPTIONS"  # CORS preflights carry no credentials
-            and str(scope["path"]).startswith(self.protected_prefixes)
+            and self._is_protected(scope)
             and not self.settings.api_key_accepts(Headers(scope=scope).get("x-api-key"))
         ):
-            response = error_response("unauthorized", UNAUTHORIZED_MESSAGE, self.settings.retry_after_s)
+            response = coded_error_response(UnauthorizedError(), self.settings.retry_after_s)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -11,11 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 
 import torch
 
-from app.api.batching import DynamicBatcher
-from app.api.errors import ApiError
+from app.api.batching import DynamicBatcher, ShuttingDownError
+from app.api.errors import NotReadyError, RequestTimeoutError
 from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
 from app.api.telemetry import Metrics
 from app.core.engine import InferenceEngine, default_decode_workers, load_engine
@@ -112,14 +113,14 @@ class Service:
 
     def _loaded(self) -> InferenceEngine:
         if self.engine is None:
-            raise ApiError("not_ready", "the model is still loading")
+            raise NotReadyError()
         return self.engine
 
     def _admit(self) -> tuple[InferenceEngine, DynamicBatcher]:
         """Gate for new work only: requests already admitted finish even while draining."""
         engine = self._loaded()
         if self.draining or self._batcher is None:
-            raise ApiError("shutting_down", "the service is shutting down; retry on another instance")
+            raise ShuttingDownError()
         return engine, self._batcher
 
     @asynccontextmanager
@@ -129,7 +130,7 @@ class Service:
             async with asyncio.timeout(timeout):
                 yield
         except TimeoutError:
-            raise ApiError("timeout", f"no result within the {timeout:g} s request timeout") from None
+            raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
     async def _score(self, data: bytes) -> float:
         engine, batcher = self._admit()
@@ -150,14 +151,6 @@ class Service:
         return BatchPrediction(filename=filename, **self._prediction(probability).model_dump())
 
     def _prediction(self, probability: float) -> Prediction:
-        engine = self._loaded()
-        label = engine.label_for(probability)
-        self.metrics.predictions.labels(label).inc()
-        normal, pneumonia = engine.metadata.spec.class_names
-        return Prediction(
-            label=label,
-            pneumonia_probability=probability,
-            probabilities={normal: 1.0 - probability, pneumonia: probability},
-            threshold=engine.metadata.threshold,
-            model=self.identity(),
-        )
+        decision = self._loaded().decide(probability)
+        self.metrics.predictions.labels(decision.label).inc()
+        return Prediction(**asdict(decision), model=self.identity())

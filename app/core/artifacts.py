@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from app.core.coded_error import first_validation_error
 from app.core.network import ModelSpec, PneumoniaNet, build_model
 
 FORMAT_VERSION = 1
@@ -134,9 +135,8 @@ def read_metadata(path: Path) -> ModelMetadata:
     try:
         return ModelMetadata.model_validate_json(metadata_path.read_bytes())
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ModelLoadError(f"invalid model metadata {metadata_path}: {where}: {first['msg']}") from exc
+        where, message, _ = first_validation_error(exc.errors())
+        raise ModelLoadError(f"invalid model metadata {metadata_path}: {where}: {message}") from exc
 
 
 def load_model(path: Path, *, verify_golden: bool = True) -> LoadedModel:

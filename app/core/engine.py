@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from app.core.artifacts import LoadedModel, ModelMetadata, check_golden, load_model
-from app.core.decision import pneumonia_probability
+from app.core.decision import Decision, decide, pneumonia_probability
 from app.core.network import PneumoniaNet
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
@@ -121,10 +121,9 @@ class InferenceEngine:
             logits = self.network.forward_normalized(x.contiguous(memory_format=self._memory_format))
             return pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
 
-    def label_for(self, probability: float) -> str:
-        """The class name the model card's decision threshold gives this probability."""
-        normal, pneumonia = self.metadata.spec.class_names
-        return pneumonia if probability >= self.metadata.threshold else normal
+    def decide(self, probability: float) -> Decision:
+        """The decision at this model's threshold: what the service, the scorer and the reports all say."""
+        return decide(probability, self.metadata.threshold, self.metadata.spec.class_names)
 
     def warmup(self, batch_sizes: Iterable[int]) -> None:
         """Run each batch size once so cuDNN autotuning and allocations happen before traffic does."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from app.api.deps import ServiceDep, require_api_key
+from app.api.deps import ApiKeyGuard, ServiceDep
 from app.api.errors import error_responses
 from app.api.schemas import ModelCard
 
-router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["model"], dependencies=[ApiKeyGuard])
 
 
 @router.get("/model", summary="Model card", responses=error_responses("unauthorized", "not_ready"))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 
-from app.api.deps import ServiceDep
+from app.api.deps import MetricsDep, ServiceDep
 from app.api.schemas import Health, Liveness
 
 router = APIRouter(tags=["operations"])
@@ -57,7 +57,6 @@ async def livez() -> Liveness:
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/plain": {"example": _METRICS_EXAMPLE}}}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(registry: MetricsDep) -> Response:
     """Request counts and latency by route, batch sizes, queue depth and forward-pass time."""
-    registry = request.app.state.metrics
     return Response(registry.render(), media_type=registry.content_type)

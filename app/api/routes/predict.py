@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter, File, UploadFile
 
-from app.api.deps import ServiceDep, require_api_key
-from app.api.errors import ApiError, error_responses
+from app.api.deps import ApiKeyGuard, ServiceDep, SettingsDep
+from app.api.errors import TooManyFilesError, error_responses
 from app.api.schemas import BatchResponse, Prediction
 
-router = APIRouter(tags=["prediction"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["prediction"], dependencies=[ApiKeyGuard])
 
 _SERVICE_ERRORS = (
     "unauthorized",
@@ -48,13 +48,13 @@ async def predict(
     responses=error_responses("too_many_files", *_SERVICE_ERRORS),
 )
 async def predict_batch(
-    request: Request,
     service: ServiceDep,
+    settings: SettingsDep,
     files: Annotated[list[UploadFile], File(description="Repeat the `files` field once per image.")],
 ) -> BatchResponse:
     """Results in upload order; a file that is not a usable image gets its own error entry, the rest are scored."""
-    limit = request.app.state.settings.max_batch_files
+    limit = settings.max_batch_files
     if len(files) > limit:
-        raise ApiError("too_many_files", f"{len(files)} files uploaded; at most {limit} per batch")
+        raise TooManyFilesError(f"{len(files)} files uploaded; at most {limit} per batch")
     uploads = [(upload.filename, await upload.read()) for upload in files]
     return BatchResponse(results=await service.predict_many(uploads))
