@@ -110,7 +110,7 @@ def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, s
     """Run the readable images of a batch through the engine in one forward pass."""
     meta = engine.metadata
     pixels = [item.file.pixels for item in batch if item.file.pixels is not None]
-    probabilities = iter(engine.predict_proba(engine.collate(pixels)) if pixels else [])
+    results = iter(engine.infer(engine.collate(pixels)) if pixels else [])
     rows = []
     for item in batch:
         row = dict.fromkeys(COLUMNS, "")
@@ -118,7 +118,7 @@ def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, s
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
         else:
-            decision = engine.decide(next(probabilities))
+            decision = engine.decide(next(results).probability)
             row.update(label=decision.label, pneumonia_probability=repr(decision.pneumonia_probability))
         rows.append(row)
     return rows

@@ -29,8 +29,8 @@ def main() -> None:
     fast = load_engine(args.weights, device="cpu", precision="bf16")
     labels = np.array([row["label"] == "PNEUMONIA" for row in rows], dtype=np.int64)
     pixels = torch.stack([preprocess(Path(row["path"]).read_bytes(), exact.input_size) for row in rows])
-    p32 = np.array([p for i in range(0, len(rows), 64) for p in exact.predict_proba(pixels[i : i + 64])])
-    p16 = np.array([p for i in range(0, len(rows), 64) for p in fast.predict_proba(pixels[i : i + 64])])
+    p32 = np.array([r.probability for i in range(0, len(rows), 64) for r in exact.infer(pixels[i : i + 64])])
+    p16 = np.array([r.probability for i in range(0, len(rows), 64) for r in fast.infer(pixels[i : i + 64])])
     threshold = exact.metadata.threshold
     flips = int(((p32 >= threshold) != (p16 >= threshold)).sum())
     print(

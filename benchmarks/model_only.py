@@ -50,7 +50,7 @@ def measure_engine(
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         per_batch[str(batch_size)] = timed_throughput(
-            lambda pixels=pixels: engine.predict_proba(pixels), batch_size, device, min_seconds
+            lambda pixels=pixels: [r.probability for r in engine.infer(pixels)], batch_size, device, min_seconds
         )
         if device.startswith("cuda"):
             peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from app.api.factory import create_app
 from app.api.server import DrainingServer, server_config
-from app.core.engine import InferenceEngine
+from app.core.engine import ImageResult, InferenceEngine
 from app.settings import Settings
 
 
@@ -81,15 +81,15 @@ class ForwardGate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        original = InferenceEngine.predict_proba
+        original = InferenceEngine.infer
 
-        def gated(engine: InferenceEngine, pixels: torch.Tensor) -> list[float]:
+        def gated(engine: InferenceEngine, pixels: torch.Tensor) -> list[ImageResult]:
             self.entered.set()
             if not self.release.wait(timeout=30):
                 raise RuntimeError("forward gate never released")
             return original(engine, pixels)
 
-        monkeypatch.setattr(InferenceEngine, "predict_proba", gated)
+        monkeypatch.setattr(InferenceEngine, "infer", gated)
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from app.api.factory import create_app
 from app.api.service import Service
-from app.core.engine import InferenceEngine
+from app.core.engine import ImageResult, InferenceEngine
 from app.logs import JsonFormatter, request_id_var
 from tests.conftest import encode, synthetic_xray
 from tests.live_server import ForwardGate, LiveServer, live_server, metric_samples, serving_settings, wait_for
@@ -76,18 +76,18 @@ def server(tiny_weights: Path) -> Iterator[LiveServer]:
 def test_inference_failure_fails_health_until_a_batch_succeeds(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(engine: InferenceEngine, pixels: torch.Tensor) -> list[float]:
+    def broken(engine: InferenceEngine, pixels: torch.Tensor) -> list[ImageResult]:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    healthy = InferenceEngine.predict_proba
-    monkeypatch.setattr(InferenceEngine, "predict_proba", broken)
+    healthy = InferenceEngine.infer
+    monkeypatch.setattr(InferenceEngine, "infer", broken)
     failed = post_image(server)
     assert failed.status_code == 500 and failed.json()["error"]["code"] == "inference_failed"
     with server.client() as client:
         health = client.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "failed" and "illegal memory access" in health.json()["detail"]
-        monkeypatch.setattr(InferenceEngine, "predict_proba", healthy)
+        monkeypatch.setattr(InferenceEngine, "infer", healthy)
         assert post_image(server).status_code == 200
         assert client.get("/health").status_code == 200
 

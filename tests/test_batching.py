@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import pytest
 import torch
 
 from app.api.batching import DynamicBatcher, InferenceFailedError, QueueFullError, ShuttingDownError
 from app.api.telemetry import Metrics
+from app.core.engine import ImageResult
 
 
 class FakeEngine:
@@ -26,17 +27,21 @@ class FakeEngine:
     def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(items))
 
-    def predict_proba(self, pixels: torch.Tensor) -> list[float]:
+    def infer(self, pixels: torch.Tensor) -> list[ImageResult]:
         self.entered.set()
         assert self.hold.wait(10)
         self.batch_sizes.append(len(pixels))
         if self.fail:
             raise RuntimeError("device lost")
-        return [float(image[0, 0, 0]) / 255 for image in pixels]
+        return [ImageResult(float(image[0, 0, 0]) / 255) for image in pixels]
 
 
 def image(value: int) -> torch.Tensor:
     return torch.full((1, 4, 4), value, dtype=torch.uint8)
+
+
+async def probability(pending: Awaitable[ImageResult]) -> float:
+    return (await pending).probability
 
 
 def make_batcher(
@@ -57,7 +62,7 @@ def test_concurrent_submissions_are_grouped_up_to_the_maximum() -> None:
     async def scenario() -> tuple[list[float], list[int]]:
         engine = FakeEngine()
         batcher = make_batcher(engine, max_batch_size=4, max_wait_s=1.0)
-        results = await asyncio.gather(*(batcher.submit(image(v)) for v in range(10)))
+        results = await asyncio.gather(*(probability(batcher.submit(image(v))) for v in range(10)))
         await batcher.close()
         return results, engine.batch_sizes
 
@@ -70,7 +75,7 @@ def test_cancelled_request_is_left_out_without_breaking_its_batch() -> None:
     async def scenario() -> tuple[list[float], list[int], bool]:
         engine = FakeEngine()
         batcher = make_batcher(engine, max_batch_size=3, max_wait_s=1.0)
-        tasks = [asyncio.create_task(batcher.submit(image(v))) for v in (10, 20, 30)]
+        tasks = [asyncio.create_task(probability(batcher.submit(image(v)))) for v in (10, 20, 30)]
         await asyncio.sleep(0)  # let all three enqueue
         tasks[1].cancel()
         done = await asyncio.gather(tasks[0], tasks[2])
@@ -88,7 +93,7 @@ def test_forward_pass_never_blocks_the_event_loop() -> None:
         engine = FakeEngine()
         engine.hold.clear()
         batcher = make_batcher(engine, max_wait_s=0)
-        pending = asyncio.create_task(batcher.submit(image(51)))
+        pending = asyncio.create_task(probability(batcher.submit(image(51))))
         for _ in range(20):  # the loop keeps turning while the forward pass is held
             await asyncio.sleep(0.001)
         assert not pending.done()
@@ -106,10 +111,10 @@ def test_failed_forward_fails_its_batch_and_reports_until_recovery() -> None:
         engine.fail = True
         batcher = make_batcher(engine, max_wait_s=0)
         with pytest.raises(InferenceFailedError):
-            await batcher.submit(image(1))
+            await probability(batcher.submit(image(1)))
         assert batcher.last_error is not None and "device lost" in batcher.last_error
         engine.fail = False
-        assert await batcher.submit(image(255)) == pytest.approx(1.0)
+        assert await probability(batcher.submit(image(255))) == pytest.approx(1.0)
         assert batcher.last_error is None
         await batcher.close()
 
@@ -121,12 +126,12 @@ def test_full_queue_rejects_immediately() -> None:
         engine = FakeEngine()
         engine.hold.clear()
         batcher = make_batcher(engine, max_batch_size=1, max_wait_s=0, queue_size=1)
-        first = asyncio.create_task(batcher.submit(image(1)))
+        first = asyncio.create_task(probability(batcher.submit(image(1))))
         assert await asyncio.to_thread(engine.entered.wait, 10)  # the first job is in the forward pass
-        second = asyncio.create_task(batcher.submit(image(2)))
+        second = asyncio.create_task(probability(batcher.submit(image(2))))
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError):
-            await batcher.submit(image(3))
+            await probability(batcher.submit(image(3)))
         engine.hold.set()
         assert await asyncio.gather(first, second) == pytest.approx([1 / 255, 2 / 255])
         await batcher.close()
@@ -138,11 +143,11 @@ def test_close_drains_queued_work_then_refuses() -> None:
     async def scenario() -> None:
         engine = FakeEngine()
         batcher = make_batcher(engine, max_batch_size=2, max_wait_s=0)
-        pending = [asyncio.create_task(batcher.submit(image(v))) for v in (3, 6, 9)]
+        pending = [asyncio.create_task(probability(batcher.submit(image(v)))) for v in (3, 6, 9)]
         await asyncio.sleep(0)
         await batcher.close()
         assert [task.result() for task in pending] == pytest.approx([3 / 255, 6 / 255, 9 / 255])
         with pytest.raises(ShuttingDownError):
-            await batcher.submit(image(1))
+            await probability(batcher.submit(image(1)))
 
     asyncio.run(scenario())

@@ -19,7 +19,7 @@ def test_cpu_engine_matches_direct_computation(tiny_weights: Path, make_jpeg) ->
     engine = load_engine(tiny_weights, device="cpu")
     assert engine.device.type == "cpu" and engine.dtype == torch.float32 and engine.input_size == 32
     images = [preprocess(make_jpeg(seed=seed), 32) for seed in range(3)]
-    got = engine.predict_proba(engine.collate(images))
+    got = [r.probability for r in engine.infer(engine.collate(images))]
     loaded = load_model(tiny_weights)
     with torch.inference_mode():
         expected = pneumonia_probability(loaded.network(torch.stack(images)), loaded.metadata.temperature)
@@ -31,7 +31,9 @@ def test_temperature_and_threshold_come_from_the_model_card(tmp_path: Path) -> N
     pixels = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
     with torch.inference_mode():
         logits = engine.network(pixels)
-    assert engine.predict_proba(pixels) == pytest.approx(pneumonia_probability(logits, 3.0).tolist(), abs=1e-6)
+    assert [r.probability for r in engine.infer(pixels)] == pytest.approx(
+        pneumonia_probability(logits, 3.0).tolist(), abs=1e-6
+    )
     assert (engine.decide(0.25).label, engine.decide(0.2499).label) == ("PNEUMONIA", "NORMAL")
     assert engine.decide(0.25).probabilities == {"NORMAL": 0.75, "PNEUMONIA": 0.25}
     assert engine.decide(0.25).threshold == 0.25
@@ -41,7 +43,7 @@ def test_warmup_and_wrong_input_shape(tiny_weights: Path) -> None:
     engine = load_engine(tiny_weights, device="cpu")
     engine.warmup([1, 3])
     with pytest.raises(ValueError, match="expected uint8"):
-        engine.predict_proba(torch.zeros((1, 1, 16, 16), dtype=torch.uint8))
+        engine.infer(torch.zeros((1, 1, 16, 16), dtype=torch.uint8))
 
 
 def test_cpu_warns_that_no_gpu_was_found(tiny_weights: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -76,7 +78,9 @@ def test_cpu_bf16_engine_passes_golden_check_and_agrees_with_fp32(tiny_weights: 
     exact = load_engine(tiny_weights, device="cpu", precision="fp32")
     assert fast.dtype == torch.bfloat16 and fast.precision == "bf16"
     pixels = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    assert fast.predict_proba(pixels) == pytest.approx(exact.predict_proba(pixels), abs=0.05)
+    assert [r.probability for r in fast.infer(pixels)] == pytest.approx(
+        [r.probability for r in exact.infer(pixels)], abs=0.05
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -20,7 +20,7 @@ import torch
 
 from app.api.telemetry import Metrics
 from app.core.coded_error import CodedError
-from app.core.engine import InferenceEngine
+from app.core.engine import ImageResult, InferenceEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class InferenceFailedError(BatcherError):
 @dataclass(eq=False)
 class _Job:
     pixels: torch.Tensor
-    future: asyncio.Future[float]
+    future: asyncio.Future[ImageResult]
 
 
 class DynamicBatcher:
@@ -73,8 +73,8 @@ class DynamicBatcher:
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="cxr-batcher")
 
-    async def submit(self, pixels: torch.Tensor) -> float:
-        """Queue one ``uint8[1,S,S]`` image and wait for its calibrated P(pneumonia)."""
+    async def submit(self, pixels: torch.Tensor) -> ImageResult:
+        """Queue one ``uint8[1,S,S]`` image and wait for the engine's result for it."""
         if self._closed:
             raise ShuttingDownError()
         job = _Job(pixels, asyncio.get_running_loop().create_future())
@@ -117,7 +117,7 @@ class DynamicBatcher:
             return
         started = time.perf_counter()
         try:
-            probabilities = await asyncio.get_running_loop().run_in_executor(
+            results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._forward, [job.pixels for job in jobs]
             )
         except Exception as exc:
@@ -130,9 +130,9 @@ class DynamicBatcher:
         self.last_error = None
         self._metrics.batch_size.observe(len(jobs))
         self._metrics.inference_seconds.observe(time.perf_counter() - started)
-        for job, probability in zip(jobs, probabilities, strict=True):
+        for job, result in zip(jobs, results, strict=True):
             if not job.future.done():
-                job.future.set_result(probability)
+                job.future.set_result(result)
 
-    def _forward(self, images: Sequence[torch.Tensor]) -> list[float]:
-        return self._engine.predict_proba(self._engine.collate(images))
+    def _forward(self, images: Sequence[torch.Tensor]) -> list[ImageResult]:
+        return self._engine.infer(self._engine.collate(images))

@@ -19,7 +19,7 @@ from app.api.batching import DynamicBatcher, ShuttingDownError
 from app.api.errors import NotReadyError, RequestTimeoutError
 from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
 from app.api.telemetry import Metrics
-from app.core.engine import InferenceEngine, default_decode_workers, load_engine
+from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
 from app.core.preprocessing import ImageError, preprocess
 from app.settings import Settings
 
@@ -99,8 +99,8 @@ class Service:
 
     async def predict(self, data: bytes) -> Prediction:
         async with self._deadline():
-            probability = await self._score(data)
-        return self._prediction(probability)
+            result = await self._score(data)
+        return self._prediction(result)
 
     async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
         """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
@@ -132,7 +132,7 @@ class Service:
         except TimeoutError:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
-    async def _score(self, data: bytes) -> float:
+    async def _score(self, data: bytes) -> ImageResult:
         engine, batcher = self._admit()
         try:
             pixels: torch.Tensor = await asyncio.get_running_loop().run_in_executor(
@@ -145,12 +145,12 @@ class Service:
 
     async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
         try:
-            probability = await self._score(data)
+            result = await self._score(data)
         except ImageError as exc:
-            return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=str(exc)))
-        return BatchPrediction(filename=filename, **self._prediction(probability).model_dump())
+            return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
+        return BatchPrediction(filename=filename, **self._prediction(result).model_dump())
 
-    def _prediction(self, probability: float) -> Prediction:
-        decision = self._loaded().decide(probability)
+    def _prediction(self, result: ImageResult) -> Prediction:
+        decision = self._loaded().decide(result.probability)
         self.metrics.predictions.labels(decision.label).inc()
         return Prediction(**asdict(decision), model=self.identity())

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -83,6 +84,13 @@ def resolve_dtype(device: torch.device, precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
+@dataclass(frozen=True)
+class ImageResult:
+    """What one forward pass says about one image."""
+
+    probability: float  # calibrated P(pneumonia)
+
+
 class InferenceEngine:
     """A loaded network pinned to one device and dtype, turning uint8 batches into P(pneumonia)."""
 
@@ -109,8 +117,11 @@ class InferenceEngine:
         out = torch.empty((len(items), 1, size, size), dtype=torch.uint8, pin_memory=self._cuda)
         return torch.stack(list(items), out=out)
 
-    def predict_proba(self, pixels: torch.Tensor) -> list[float]:
-        """Calibrated P(pneumonia) for each image of a ``uint8[N,1,S,S]`` batch."""
+    def infer(self, pixels: torch.Tensor) -> list[ImageResult]:
+        """One batched forward pass over a ``uint8[N,1,S,S]`` batch: a result per image, in order.
+
+        The feature maps are computed once; everything reported about an image derives from them.
+        """
         size = self.input_size
         if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[2:]) != (size, size):
             raise ValueError(f"expected uint8[N,1,{size},{size}], got {pixels.dtype}{list(pixels.shape)}")
@@ -118,8 +129,10 @@ class InferenceEngine:
             if self._cuda and not pixels.is_pinned():
                 pixels = pixels.pin_memory()
             x = self.network.normalize(pixels.to(self.device, non_blocking=True))
-            logits = self.network.forward_normalized(x.contiguous(memory_format=self._memory_format))
-            return pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
+            maps = self.network.feature_maps(x.contiguous(memory_format=self._memory_format))
+            logits = self.network.head(maps)
+            probabilities = pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
+        return [ImageResult(probability=p) for p in probabilities]
 
     def decide(self, probability: float) -> Decision:
         """The decision at this model's threshold: what the service, the scorer and the reports all say."""
@@ -129,7 +142,7 @@ class InferenceEngine:
         """Run each batch size once so cuDNN autotuning and allocations happen before traffic does."""
         for batch_size in sorted(set(batch_sizes)):
             blank = [torch.zeros((1, self.input_size, self.input_size), dtype=torch.uint8)] * batch_size
-            self.predict_proba(self.collate(blank))
+            self.infer(self.collate(blank))
         if self._cuda:
             torch.cuda.synchronize(self.device)
 

@@ -85,12 +85,24 @@ class PneumoniaNet(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return x * self.scale + self.shift
 
-    def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for an already normalised float batch (used by batch augmentation)."""
-        x = self.avgpool(self.features(x))
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional block's output ``[N, 512, h, w]``, before pooling.
+
+        Exposed because the engine reads it once per batch for more than the logits (heatmaps,
+        the input guard) without a second forward pass.
+        """
+        return self.features(x)
+
+    def head(self, maps: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`feature_maps` output."""
+        x = self.avgpool(maps)
         if self.spec.head == "classic":
             x = torch.flatten(x, 1)
         return self.classifier(x)
+
+    def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for an already normalised float batch (used by batch augmentation)."""
+        return self.head(self.feature_maps(x))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.forward_normalized(self.normalize(pixels))
