@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from app.core.coded_error import CodedError
 
@@ -135,6 +135,27 @@ def _to_grayscale(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
+@dataclass(frozen=True)
+class SourceInfo:
+    """What was decoded, for responses and overlays: format facts only, never patient data."""
+
+    format: str  # "JPEG", "PNG"
+    width: int  # upright (after EXIF orientation), full resolution
+    height: int
+    details: dict[str, str | int] = field(default_factory=dict)  # format-specific, JSON-safe
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """The network input for one upload and what it was made from."""
+
+    pixels: torch.Tensor  # uint8[1, S, S]
+    source: SourceInfo
+
+
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
 def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
     """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs."""
     import imagecodecs
@@ -156,7 +177,9 @@ def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
     return Image.fromarray(gray, "L")
 
 
-def decode_grayscale(data: bytes, target_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_grayscale(
+    data: bytes, target_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, SourceInfo]:
     """Decode ``data`` to an upright 8-bit grayscale image no smaller than ``target_size``.
 
     Raises an :class:`ImageError` subclass for every input that is not a usable image.
@@ -167,12 +190,17 @@ def decode_grayscale(data: bytes, target_size: int, max_pixels: int = DEFAULT_MA
     if frame is not None:
         _check_pixels(frame.width, frame.height, max_pixels)
         if frame.precision != 8 or frame.lossless:
-            return _decode_high_precision_jpeg(data, frame)
+            source = SourceInfo("JPEG", frame.width, frame.height, {"bits": frame.precision})
+            return _decode_high_precision_jpeg(data, frame), source
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in SUPPORTED_FORMATS:
             raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG or PNG")
         _check_pixels(img.width, img.height, max_pixels)
+        width, height = img.size
+        if img.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
+            width, height = height, width
+        source = SourceInfo("PNG" if img.format == "PNG" else "JPEG", width, height)
         if img.format in ("JPEG", "MPO"):
             img.draft("L" if img.mode in ("L", "RGB") else img.mode, (target_size, target_size))
         img.load()
@@ -185,7 +213,7 @@ def decode_grayscale(data: bytes, target_size: int, max_pixels: int = DEFAULT_MA
         raise UnsupportedImageError("the file is not a JPEG or PNG image") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
-    return _to_grayscale(img)
+    return _to_grayscale(img), source
 
 
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
@@ -195,10 +223,15 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
+def prepare_input(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelInput:
+    """Encoded image bytes to the network input ``uint8[1, S, S]`` plus what was decoded."""
+    image, source = decode_grayscale(data, input_size, max_pixels)
+    return ModelInput(torch.from_numpy(resize_square(image, input_size)).unsqueeze(0), source)
+
+
 def preprocess(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Encoded image bytes to the network input ``uint8[1, S, S]`` (one grayscale channel)."""
-    gray = resize_square(decode_grayscale(data, input_size, max_pixels), input_size)
-    return torch.from_numpy(gray).unsqueeze(0)
+    return prepare_input(data, input_size, max_pixels).pixels
 
 
 @dataclass(frozen=True)
