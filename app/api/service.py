@@ -12,15 +12,23 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-
-import torch
+from functools import partial
 
 from app.api.batching import DynamicBatcher, ShuttingDownError
 from app.api.errors import NotReadyError, RequestTimeoutError
-from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
+from app.api.schemas import (
+    BatchItemError,
+    BatchPrediction,
+    ErrorBody,
+    Health,
+    ImageSource,
+    ModelCard,
+    ModelIdentity,
+    Prediction,
+)
 from app.api.telemetry import Metrics
 from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
-from app.core.preprocessing import ImageError, preprocess
+from app.core.preprocessing import ImageError, ModelInput, SourceInfo, prepare_input
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,8 @@ class Service:
         self.engine: InferenceEngine | None = None
         self._batcher: DynamicBatcher | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        # The one preprocessing function, with the DICOM checks the settings ask for.
+        self._prepare = partial(prepare_input, dicom=settings.dicom_policy())
         self.draining = False
 
     async def start(self) -> None:
@@ -99,8 +109,8 @@ class Service:
 
     async def predict(self, data: bytes) -> Prediction:
         async with self._deadline():
-            result = await self._score(data)
-        return self._prediction(result)
+            source, result = await self._score(data)
+        return self._prediction(result, source)
 
     async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
         """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
@@ -132,25 +142,25 @@ class Service:
         except TimeoutError:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
-    async def _score(self, data: bytes) -> ImageResult:
+    async def _score(self, data: bytes) -> tuple[SourceInfo, ImageResult]:
         engine, batcher = self._admit()
         try:
-            pixels: torch.Tensor = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, preprocess, data, engine.input_size, self.settings.max_pixels
+            prepared: ModelInput = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self._prepare, data, engine.input_size, self.settings.max_pixels
             )
         except ImageError as exc:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise
-        return await batcher.submit(pixels)
+        return prepared.source, await batcher.submit(prepared.pixels)
 
     async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
         try:
-            result = await self._score(data)
+            source, result = await self._score(data)
         except ImageError as exc:
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
-        return BatchPrediction(filename=filename, **self._prediction(result).model_dump())
+        return BatchPrediction(filename=filename, **self._prediction(result, source).model_dump())
 
-    def _prediction(self, result: ImageResult) -> Prediction:
+    def _prediction(self, result: ImageResult, source: SourceInfo) -> Prediction:
         decision = self._loaded().decide(result.probability)
         self.metrics.predictions.labels(decision.label).inc()
-        return Prediction(**asdict(decision), model=self.identity())
+        return Prediction(**asdict(decision), model=self.identity(), source=ImageSource(**asdict(source)))

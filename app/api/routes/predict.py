@@ -25,18 +25,34 @@ _SERVICE_ERRORS = (
     "shutting_down",
     "timeout",
 )
+# Image errors of one upload; /predict answers with them, /predict/batch puts them in the file's entry.
+_IMAGE_ERRORS = (
+    "empty_file",
+    "image_too_large",
+    "unsupported_media_type",
+    "corrupt_image",
+    "unsupported_modality",
+    "not_frontal_view",
+    "not_for_presentation",
+    "multi_frame",
+    "not_monochrome",
+)
 
 
 @router.post(
     "/predict",
     summary="Classify one chest X-ray",
-    responses=error_responses(
-        "empty_file", "image_too_large", "unsupported_media_type", "corrupt_image", *_SERVICE_ERRORS
-    ),
+    responses=error_responses(*_IMAGE_ERRORS, *_SERVICE_ERRORS),
 )
 async def predict(
     service: ServiceDep,
-    file: Annotated[UploadFile, File(description="A JPEG (8/12-bit, any colour model) or PNG (8/16-bit) image.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A JPEG (8/12-bit, any colour model), PNG (8/16-bit) or DICOM (single-frame grayscale "
+            "CR/DX radiograph) file, recognised by content."
+        ),
+    ],
 ) -> Prediction:
     """P(pneumonia), calibrated with the model's temperature, and the label at its decision threshold."""
     return await service.predict(await file.read())
