@@ -5,6 +5,8 @@ choice as the HTTP service (``app.core.preprocessing.preprocess`` + ``app.core.e
 prediction equals the one the API would return. Unreadable files become CSV rows with the
 service's stable error code instead of stopping the run. Rows are flushed after every batch
 and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
+DICOM exports (files often without an extension) are recognised by content like any upload;
+``--with-uids`` adds each file's SOP Instance UID, which identifies the image, so it is opt-in.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from typing import TextIO
 from tqdm import tqdm
 
 from app.core.artifacts import ModelLoadError
+from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
 from app.core.preprocessing import PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
 COLUMNS = ("path", "label", "pneumonia_probability", "threshold", "error_code", "error_message", "model_sha256")
+UID_COLUMN = "sop_instance_uid"
 USAGE_ERROR = 2
 INTERRUPTED = 130
 MAX_LISTED_ERRORS = 20
@@ -70,13 +74,20 @@ def list_images(root: Path, exclude: Path | None = None) -> list[str]:
     return sorted(found)
 
 
-def prepare(root: Path, relative: str, input_size: int, max_pixels: int) -> Prepared:
+def columns(with_uids: bool) -> tuple[str, ...]:
+    """The CSV header: the SOP Instance UID column, right after the path, only when asked for."""
+    return (COLUMNS[0], UID_COLUMN, *COLUMNS[1:]) if with_uids else COLUMNS
+
+
+def prepare(
+    root: Path, relative: str, input_size: int, max_pixels: int, dicom: DicomPolicy, with_uid: bool
+) -> Prepared:
     """Read and preprocess one file exactly as the service does with an upload."""
-    return Prepared(relative, preprocess_file(root / relative, input_size, max_pixels))
+    return Prepared(relative, preprocess_file(root / relative, input_size, max_pixels, dicom=dicom, with_uid=with_uid))
 
 
-def finished_paths(out: Path, model_sha256: str) -> set[str]:
-    """Paths already in ``out``; repairs a row torn by a kill and refuses a CSV from another model."""
+def finished_paths(out: Path, model_sha256: str, with_uids: bool = False) -> set[str]:
+    """Paths already in ``out``; repairs a row torn by a kill and refuses a CSV from another model or layout."""
     if not out.exists():
         return set()
     raw = out.read_bytes()
@@ -87,7 +98,13 @@ def finished_paths(out: Path, model_sha256: str) -> set[str]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             return set()
-        if tuple(reader.fieldnames) != COLUMNS:
+        found = tuple(reader.fieldnames)
+        if found == columns(not with_uids):  # resuming must not mix rows with and without the UID column
+            written, rerun = ("with", "add") if UID_COLUMN in found else ("without", "drop")
+            raise UsageError(
+                f"{out} was written {written} --with-uids; {rerun} --with-uids to resume it, or write to a new --out"
+            )
+        if found != columns(with_uids):
             raise UsageError(f"{out} exists but is not a predictions file from app.score (columns {reader.fieldnames})")
         done: set[str] = set()
         for row in reader:
@@ -107,14 +124,18 @@ def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
 
 
 def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
-    """Run the readable images of a batch through the engine in one forward pass."""
+    """Run the readable images of a batch through the engine in one forward pass.
+
+    Rows always carry the UID (empty unless it was read); the writer keeps it only under ``--with-uids``.
+    """
     meta = engine.metadata
     pixels = [item.file.pixels for item in batch if item.file.pixels is not None]
     results = iter(engine.infer(engine.collate(pixels)) if pixels else [])
     rows = []
     for item in batch:
-        row = dict.fromkeys(COLUMNS, "")
+        row = dict.fromkeys(columns(with_uids=True), "")
         row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
+        row[UID_COLUMN] = item.file.sop_instance_uid
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
         else:
@@ -133,19 +154,24 @@ def score(
     workers: int,
     max_pixels: int,
     progress: bool,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
+    with_uids: bool = False,
 ) -> Summary:
     """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time."""
-    done = finished_paths(out, engine.metadata.sha256)
+    done = finished_paths(out, engine.metadata.sha256, with_uids)
     pending_paths = [path for path in list_images(root, exclude=out.resolve()) if path not in done]
     summary = Summary(skipped=len(done))
     write_header = not out.exists() or out.stat().st_size == 0
     with ThreadPoolExecutor(max_workers=workers) as pool, out.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns(with_uids), extrasaction="ignore")
         if write_header:
             writer.writeheader()
 
         def submit(chunk: list[str] | None) -> list[Future[Prepared]]:
-            return [pool.submit(prepare, root, p, engine.input_size, max_pixels) for p in chunk or []]
+            return [
+                pool.submit(prepare, root, path, engine.input_size, max_pixels, dicom, with_uids)
+                for path in chunk or []
+            ]
 
         chunks = batched(pending_paths, batch_size)
         # Decode the next batch on the pool while the current one runs on the device.
@@ -200,7 +226,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         description="Score every image under DIR (recursively) with the service's model and write a CSV. "
         "Rerunning the same command resumes: files already in --out are skipped.",
     )
-    parser.add_argument("directory", type=Path, metavar="DIR", help="folder of JPEG/PNG chest X-rays")
+    parser.add_argument("directory", type=Path, metavar="DIR", help="folder of JPEG/PNG/DICOM chest X-rays")
     parser.add_argument("--out", type=Path, required=True, help="CSV to create or append to")
     parser.add_argument(
         "--weights", type=Path, default=defaults.weights, help="model directory (default: $CXR_WEIGHTS)"
@@ -215,6 +241,11 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         help="decoding threads (default: $CXR_DECODE_WORKERS, else by device)",
     )
     parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
+    parser.add_argument(
+        "--with-uids",
+        action="store_true",
+        help=f"add a {UID_COLUMN} column (DICOM files; it identifies the image, so it is off by default)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -242,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers or default_decode_workers(engine.device),
             max_pixels=args.max_pixels,
             progress=not args.no_progress,
+            dicom=defaults.dicom_policy(),
+            with_uids=args.with_uids,
         )
     except (UsageError, ModelLoadError, EngineError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
