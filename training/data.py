@@ -23,7 +23,8 @@ from app.core.network import CLASS_NAMES
 from app.core.preprocessing import ImageError, preprocess
 from training.user_errors import DataError
 
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+# DICOM files (by their usual extension) go through the same preprocessing as the service, its checks included.
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
 
