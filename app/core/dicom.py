@@ -44,15 +44,20 @@ _pydicom_log.propagate = False
 dicom_codecs.register()
 
 
-def _silence_pydicom_warnings() -> None:
-    """Ignore warnings raised in pydicom (or attributed by it to this package's callers).
+_QUIET_MODULES = (r"pydicom(\.|$)", r"app\.core\.dicom")  # warnings raised in pydicom, or attributed to its callers
 
-    Installed on every call rather than once at import: code that wraps the import in
-    ``warnings.catch_warnings()`` (test runners do) would otherwise drop the filters again.
-    ``filterwarnings`` replaces an identical entry, so the filter list does not grow.
+
+def _silence_pydicom_warnings() -> None:
+    """Ignore warnings from pydicom, checked on every call rather than set once at import.
+
+    Code that wraps the import in ``warnings.catch_warnings()`` (test runners do) would otherwise
+    drop the filters again. A filter is added only when missing, so the list stays bounded even
+    when decode threads race here.
     """
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-    warnings.filterwarnings("ignore", module=r"app\.core\.dicom")
+    installed = {(action, getattr(module, "pattern", module)) for action, _, _, module, _ in warnings.filters}
+    for module in _QUIET_MODULES:
+        if ("ignore", module) not in installed:
+            warnings.filterwarnings("ignore", module=module)
 
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
