@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
 from app.core.artifacts import ModelLoadError
+from app.core.coded_error import first_validation_error
 from app.core.engine import EngineError, resolve_device
 from training.config import TrainConfig
 from training.user_errors import UsageError
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        first = exc.errors()[0]
-        print(f"error: --{'.'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}", file=sys.stderr)
+        where, message, _ = first_validation_error(exc.errors())
+        print(f"error: --{where.replace('_', '-')}: {message}", file=sys.stderr)
         return 2
     return 0
