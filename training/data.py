@@ -1,8 +1,9 @@
 """Find labelled images on disk and decode each of them once into an in-memory uint8 tensor.
 
-Every image goes through :func:`app.core.preprocessing.preprocess`, the same code the service uses, so
-training sees exactly the pixels that serving will. Unreadable files are skipped and returned
-to the caller, which logs them and records them in the run summary.
+Every image goes through :func:`app.core.preprocessing.preprocess_file`, the same code the service
+uses, so training sees exactly the pixels that serving will and a failure has the service's error
+code. Unreadable files are skipped and returned to the caller, which logs them and records them
+in the run summary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.core.network import CLASS_NAMES
-from app.core.preprocessing import ImageError, preprocess
+from app.core.preprocessing import preprocess_file
 from training.user_errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
@@ -118,19 +119,6 @@ def _listing_key(samples: list[Sample], input_size: int) -> str:
     return digest.hexdigest()
 
 
-def _decode(sample: Sample, input_size: int) -> tuple[torch.Tensor | None, str, str]:
-    """(pixels or None, content sha256, failure reason)."""
-    try:
-        data = sample.path.read_bytes()
-    except OSError as exc:
-        return None, "", f"cannot read: {exc}"
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        return preprocess(data, input_size), digest, ""
-    except ImageError as exc:
-        return None, digest, f"{exc.code}: {exc}"
-
-
 @dataclass
 class Decoded:
     """Result of :func:`load_images`: the images, what was skipped and a hash of the content."""
@@ -154,16 +142,17 @@ def load_images(samples: list[Sample], input_size: int, *, workers: int, cache_d
                 log.warning("unreadable image skipped: %s (%s)", item.path, item.reason)
             return Decoded(ImageSet(tensors["pixels"], tensors["labels"], meta["paths"]), skipped, meta["content_hash"])
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda s: _decode(s, input_size), samples))
+        results = list(pool.map(lambda s: preprocess_file(s.path, input_size), samples))
     pixels, labels, paths, skipped = [], [], [], []
     content = hashlib.sha256()
-    for sample, (tensor, digest, reason) in zip(samples, results, strict=True):
-        content.update(f"{sample.path.parent.name}/{sample.path.name}|{digest}\n".encode())
-        if tensor is None:
+    for sample, prepared in zip(samples, results, strict=True):
+        content.update(f"{sample.path.parent.name}/{sample.path.name}|{prepared.sha256}\n".encode())
+        if prepared.error is not None:
+            reason = f"{prepared.error.code}: {prepared.error}"
             log.warning("unreadable image skipped: %s (%s)", sample.path, reason)
             skipped.append(Skipped(str(sample.path), reason))
             continue
-        pixels.append(tensor)
+        pixels.append(prepared.pixels)
         labels.append(sample.label)
         paths.append(str(sample.path))
     if not pixels:
