@@ -25,7 +25,7 @@ from torch import nn
 from app.core.artifacts import export_model, load_model
 from app.core.decision import pneumonia_probability
 from app.core.engine import resolve_device
-from app.core.network import CLASS_NAMES, ModelSpec, PneumoniaNet, build_model
+from app.core.network import CLASS_NAMES, PneumoniaNet, build_model
 from training.calibration import fit_temperature, select_threshold
 from training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RESUME_OVERRIDABLE, TrainConfig
@@ -198,9 +198,8 @@ def write_split(run_dir: Path, data: PreparedData) -> None:
 
 
 def make_network(config: TrainConfig) -> tuple[PneumoniaNet, str | None]:
-    spec = ModelSpec(architecture=config.arch, head=config.head, input_size=config.input_size, dropout=config.dropout)
     torch.manual_seed(config.seed)
-    network = build_model(spec)
+    network = build_model(config.model_spec())
     source = str(load_imagenet(network, config.imagenet_weights)) if config.init == "imagenet" else None
     if config.freeze_features:
         network.features.requires_grad_(False)
