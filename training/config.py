@@ -13,6 +13,11 @@ from app.core.network import Architecture, Dropout, Head, InputSize, ModelSpec
 from training.calibration import ThresholdMethod
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: ``input_size`` is ``--input-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 

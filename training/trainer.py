@@ -28,7 +28,7 @@ from app.core.engine import resolve_device
 from app.core.network import CLASS_NAMES, PneumoniaNet, build_model
 from training.calibration import fit_temperature, select_threshold
 from training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from training.config import RESUME_OVERRIDABLE, TrainConfig
+from training.config import RESUME_OVERRIDABLE, TrainConfig, flag
 from training.data import ImageSet, Sample, Skipped, discover, limit_per_class, load_images
 from training.distributed import DistInfo, barrier, gather_rows, init_distributed, shutdown
 from training.evaluate import evaluate_images
@@ -88,7 +88,7 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
     original, merged = TrainConfig(**stored), TrainConfig(**{**stored, **cli})
     changed = [k for k in cli if k not in RESUME_OVERRIDABLE and getattr(merged, k) != getattr(original, k)]
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} (run has {getattr(original, k)})" for k in changed)
+        flags = ", ".join(f"{flag(k)} (run has {getattr(original, k)})" for k in changed)
         raise UsageError(f"cannot change {flags} when resuming {run_dir}")
     return merged, True
 
