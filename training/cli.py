@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     values: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
     if args.command == "train":
-        from training.trainer import resolve_config, train
+        from training.rundir import resolve_config
+        from training.trainer import train
 
         config, resuming = resolve_config(values, getattr(args, "resume", None))
         summary = train(config, resuming)

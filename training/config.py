@@ -12,6 +12,9 @@ from app.core.artifacts import StorageDtype
 from app.core.network import Architecture, Dropout, Head, InputSize, ModelSpec
 from training.calibration import ThresholdMethod
 
+# Inference keeps no activations for a backward pass, so twice the training batch fits in the same memory.
+EVAL_BATCH_FACTOR = 2
+
 
 def flag(name: str) -> str:
     """The command-line flag of a TrainConfig field: ``input_size`` is ``--input-size``."""
@@ -68,6 +71,10 @@ class TrainConfig(BaseModel):
     def model_spec(self) -> ModelSpec:
         """The network this run trains; it is exported in model.json, so the service builds the same one."""
         return ModelSpec(architecture=self.arch, head=self.head, input_size=self.input_size, dropout=self.dropout)
+
+    def eval_batch_size(self) -> int:
+        """Batch size for validation and test predictions."""
+        return self.batch_size * EVAL_BATCH_FACTOR
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (5e-4 if self.opt == "adamw" else 1e-2)
