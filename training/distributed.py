@@ -89,6 +89,6 @@ def place_process(device: torch.device, requested: str, info: DistInfo) -> torch
 
 
 def configure_threads(threads: int | None) -> None:
-    """Share the CPU cores between the processes torchrun started on this machine."""
+    """Share the CPU cores between the processes torchrun started on the same host."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_world))
