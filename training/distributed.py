@@ -77,3 +77,18 @@ def gather_rows(rows: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def place_process(device: torch.device, requested: str, info: DistInfo) -> torch.device:
+    """Under torchrun each process takes its local GPU, unless ``--device`` named one."""
+    if device.type == "cuda":
+        if info.enabled and requested in ("auto", "cuda"):
+            device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def configure_threads(threads: int | None) -> None:
+    """Share the CPU cores between the processes torchrun started on the same host."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_world))
