@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.artifacts import StorageDtype
-from app.core.network import Architecture, Dropout, Head, InputSize, ModelSpec
+from app.core.network import Architecture, Dropout, Head, InputSize, ModelSpec, Normalization
 from training.calibration import ThresholdMethod
 
 # Inference keeps no activations for a backward pass, so twice the training batch fits in the same memory.
@@ -41,6 +41,10 @@ class TrainConfig(BaseModel):
     arch: Architecture = Field("vgg16_bn", description="VGG16 without or with batch norm")
     head: Head = Field("compact", description="classic: fc6/fc7/fc8 on 7x7 pooling; compact: global pool + linear")
     dropout: Dropout = Field(0.5, description="dropout in the head")
+    equalize: bool = Field(
+        False, description="per-image histogram equalisation inside the network (served the same way)"
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the training loss")
     freeze_features: bool = Field(False, description="train only the head (convolutions and their BN frozen)")
     opt: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
     lr: float | None = Field(None, gt=0, description="peak learning rate (default 5e-4 adamw, 1e-2 sgd)")
@@ -70,7 +74,13 @@ class TrainConfig(BaseModel):
 
     def model_spec(self) -> ModelSpec:
         """The network this run trains; it is exported in model.json, so the service builds the same one."""
-        return ModelSpec(architecture=self.arch, head=self.head, input_size=self.input_size, dropout=self.dropout)
+        return ModelSpec(
+            architecture=self.arch,
+            head=self.head,
+            input_size=self.input_size,
+            dropout=self.dropout,
+            normalization=Normalization(equalize=self.equalize),
+        )
 
     def eval_batch_size(self) -> int:
         """Batch size for validation and test predictions."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from app.core.engine import resolve_device
 from training.checkpoint import TrainState, load_last, save_epoch
+from training.components import class_weighted_loss, make_network, make_optimizer
 from training.config import TrainConfig
 from training.data import PreparedData, discover, prepare_data, split_hash
 from training.distributed import DistInfo, barrier, configure_threads, init_distributed, place_process, shutdown
@@ -22,7 +23,6 @@ from training.finalize import finalize
 from training.loops import Schedule, steps_per_epoch, train_one_epoch, validate
 from training.report import json_safe
 from training.rundir import append_metrics, setup_logging, write_run_files
-from training.setup import class_weighted_loss, make_network, make_optimizer
 from training.user_errors import DataError
 
 log = logging.getLogger("training")
@@ -73,7 +73,7 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         )
     per_epoch = steps_per_epoch(len(data.train), config.batch_size, dist)
     schedule = Schedule(config.resolved_lr(), round(config.warmup_epochs * per_epoch), config.epochs * per_epoch)
-    loss_fn = class_weighted_loss(data.train.labels, device)
+    loss_fn = class_weighted_loss(data.train.labels, device, config.label_smoothing)
 
     for epoch in range(state.epoch, config.epochs):
         if state.stopped_early:
