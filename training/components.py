@@ -36,7 +36,9 @@ def make_optimizer(network: nn.Module, config: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.resolved_lr(), foreach=True)
 
 
-def class_weighted_loss(labels: torch.Tensor, device: torch.device, label_smoothing: float = 0.0) -> nn.Module:
+def class_weighted_loss(
+    labels: torch.Tensor, device: torch.device, label_smoothing: float = 0.0
+) -> nn.CrossEntropyLoss:
     """Weights n / (classes * n_c): both classes contribute equally despite the ~2.9:1 imbalance."""
     counts = torch.bincount(labels, minlength=len(CLASS_NAMES)).double()
     weights = counts.sum() / (len(CLASS_NAMES) * counts.clamp(min=1))

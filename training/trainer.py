@@ -18,7 +18,15 @@ from training.checkpoint import TrainState, load_last, save_epoch
 from training.components import class_weighted_loss, make_network, make_optimizer
 from training.config import TrainConfig
 from training.data import PreparedData, discover, prepare_data, split_hash
-from training.distributed import DistInfo, barrier, configure_threads, init_distributed, place_process, shutdown
+from training.distributed import (
+    DistInfo,
+    barrier,
+    check_replicas_in_sync,
+    configure_threads,
+    init_distributed,
+    place_process,
+    shutdown,
+)
 from training.finalize import finalize
 from training.loops import Schedule, steps_per_epoch, train_one_epoch, validate
 from training.report import json_safe
@@ -126,9 +134,16 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         if state.stopped_early:
             log.info("early stop: no val AUC gain for %d epochs", config.patience)
 
+    check_replicas_in_sync(network, dist)
     if not dist.is_main:
         return None
-    extra = {"imagenet_weights": imagenet_source, "world_size": dist.world_size, "device": str(device)}
+    extra = {
+        "imagenet_weights": imagenet_source,
+        "world_size": dist.world_size,
+        "replicas_checked_in_sync": dist.enabled,
+        "device": str(device),
+        "loss_class_weights": loss_fn.weight.tolist() if loss_fn.weight is not None else None,
+    }
     summary = finalize(config, state, data, network, device, extra)
     log.info("exported %s (version %s)", config.out / "model.safetensors", summary["version"])
     return summary
