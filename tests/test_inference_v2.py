@@ -390,7 +390,7 @@ def test_malformed_requests_get_protocol_errors(server: LiveServer, case: str) -
     assert error["code"] == code and isinstance(error["error"], str) and fragment in error["error"], error
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     header=st.binary(max_size=64) | st.just(json.dumps(image_request()).encode()),
     binary=st.binary(max_size=64),
