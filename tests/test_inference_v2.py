@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from app.core.artifacts import load_model
 from app.core.decision import decide, pneumonia_probability
 from app.core.preprocessing import preprocess
 from tests.conftest import TEST_INPUT_SIZE, encode, export_tiny_model, synthetic_xray
-from tests.live_server import LiveServer, live_server, metric_samples, serving_settings
+from tests.live_server import LiveServer, live_server, metric_samples, serving_settings, wait_for
 
 KEY = "v2-test-key"
 MAX_UPLOAD = 400_000
@@ -111,7 +112,7 @@ def predict_endpoint(server: LiveServer, images: list[bytes]) -> list[dict[str, 
         return [http.post("/predict", files={"file": ("x", data)}).json() for data in images]
 
 
-def raw_infer(server: LiveServer, body: bytes | dict[str, Any], **headers: str) -> httpx.Response:
+def raw_infer(server: LiveServer, body: bytes | dict[str, Any], **headers: str | bytes) -> httpx.Response:
     content = json.dumps(body).encode() if isinstance(body, dict) else body
     with server.client() as http:
         return http.post(f"/v2/models/{load_name(server)}/infer", content=content, headers={**key(), **headers})
@@ -166,6 +167,19 @@ def test_unknown_model_or_version_is_404_in_protocol_shape(
         assert body == {"error": body["error"], "code": "unknown_model"} and isinstance(body["error"], str)
         unrouted = http.get("/v2/repository/index")
     assert unrouted.status_code == 404 and unrouted.json()["code"] == "not_found"
+
+
+def test_protocol_probes_log_at_debug_like_health(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    """KServe and Kubernetes poll /v2/health/* every few seconds; those lines must not drown real traffic."""
+    with caplog.at_level(logging.DEBUG, logger="app.access"), server.client() as http:
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2"):
+            assert http.get(path).status_code == 200
+
+        def levels() -> dict[str, int]:
+            return {record.path: record.levelno for record in caplog.records if record.name == "app.access"}
+
+        wait_for(lambda: len(levels()) == 3)
+    assert levels() == {"/v2/health/live": logging.DEBUG, "/v2/health/ready": logging.DEBUG, "/v2": logging.INFO}
 
 
 def test_api_key_guards_model_routes_not_health(server: LiveServer, client: triton.InferenceServerClient) -> None:
@@ -292,11 +306,18 @@ def image_request(**changes: Any) -> dict[str, Any]:
     return {"inputs": [tensor | changes]}
 
 
-MALFORMED: dict[str, tuple[Callable[[], tuple[bytes | dict[str, Any], dict[str, str]]], int, str, str]] = {
+MALFORMED: dict[str, tuple[Callable[[], tuple[bytes | dict[str, Any], dict[str, Any]]], int, str, str]] = {
     "not json": (lambda: (b"{inputs: [", {}), 400, "bad_request", "Invalid JSON"),
     "no inputs": (lambda: ({"inputs": []}, {}), 400, "bad_request", "inputs"),
     "header longer than body": (lambda: (b"{}", {"Inference-Header-Content-Length": "99"}), 400, "bad_request", "99"),
     "header not a number": (lambda: (b"{}", {"Inference-Header-Content-Length": "-1"}), 400, "bad_request", "'-1'"),
+    # Was a 500: "²" (a latin-1 header byte) passes str.isdigit() but not int().
+    "header a superscript digit": (
+        lambda: (b"{}", {"Inference-Header-Content-Length": b"\xb2"}),
+        400,
+        "bad_request",
+        "'²'",
+    ),
     "unknown input": (lambda: (image_request(name="scan"), {}), 400, "invalid_request", "'scan'"),
     "two inputs": (
         lambda: ({"inputs": image_request()["inputs"] * 2}, {}),
@@ -397,7 +418,8 @@ def test_malformed_requests_get_protocol_errors(server: LiveServer, case: str) -
     declared=st.one_of(
         st.none(),
         st.integers(-5, 200).map(str),
-        st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=5),
+        # Any header bytes HTTP allows (visible ASCII and latin-1), as a hostile client could send them.
+        st.binary(min_size=1, max_size=5).map(lambda raw: bytes(c for c in raw if c > 0x20 and c != 0x7F) or b"0"),
     ),
 )
 def test_random_framings_never_crash_the_server(

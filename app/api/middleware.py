@@ -28,7 +28,7 @@ error_log = logging.getLogger("app.api.errors")
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Polled by orchestrators every few seconds: logged at DEBUG so they do not drown real traffic.
-_QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics"})
+_QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def _endpoint_label(scope: Scope) -> str:

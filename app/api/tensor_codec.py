@@ -71,11 +71,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary data after it."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    digits = header_length.strip()
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (digits.isascii() and digits.isdigit()) or int(digits) > len(body):
         raise MalformedRequestError(
             f"{HEADER_LENGTH} must be a whole number of bytes within the {len(body)}-byte body, got {header_length!r}"
         )
-    length = int(header_length)
+    length = int(digits)
     return body[:length], body[length:]
 
 
