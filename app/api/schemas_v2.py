@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 _MODEL = "cxr-pneumonia-vgg16"
+# A real (1 x 1 px, gray) PNG in base64, so the documented example is a request the server accepts.
+_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR42mNoAAAAggCB2kUIOwAAAABJRU5ErkJggg=="
 _VERSION = "1.0.0-cpu64"
 
 
@@ -108,7 +110,7 @@ class InferRequest(BaseModel):
             "examples": [
                 {
                     "id": "study-42",
-                    "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["/9j/4AAQSkZJRg..."]}],
+                    "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [_PNG_BASE64]}],
                     "outputs": [{"name": "probability"}, {"name": "label"}],
                 }
             ]
