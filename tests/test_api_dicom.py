@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from pydicom import uid
 
 from app.api.errors import ERRORS
+from app.core.artifacts import load_model
 from app.core.dicom import DicomPolicy
 from app.logs import JsonFormatter
 from app.settings import SettingsError, load_settings
@@ -147,7 +150,9 @@ def test_openapi_lists_the_dicom_error_codes(server: LiveServer) -> None:
     assert {"unsupported_modality", "not_frontal_view", "not_for_presentation", "multi_frame", "not_monochrome"} <= set(
         examples
     )
-    assert "source" in spec["components"]["schemas"]["Prediction"]["required"]
+    assert "source" in spec["components"]["schemas"]["Prediction"]["properties"]
+    v2_examples = spec["paths"]["/v2/models/{model_name}/infer"]["post"]["responses"]["422"]["content"]
+    assert "not_frontal_view" in v2_examples["application/json"]["examples"]
 
 
 def test_patient_data_appears_in_no_log_line_response_or_metric(
@@ -206,3 +211,23 @@ def test_dicom_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CXR_DICOM_CHECK_MODALITY", "maybe")
     with pytest.raises(SettingsError, match="CXR_DICOM_CHECK_MODALITY"):
         load_settings()
+
+
+def test_open_inference_protocol_takes_dicom_bytes_too(server: LiveServer, tiny_weights: Path) -> None:
+    """/v2 decodes BYTES images exactly as /predict does: same probability, same refusals (all or nothing)."""
+    name = load_model(tiny_weights).metadata.name
+    good = dicom_bytes(Spec(syntax=uid.JPEGLosslessSV1, photometric="MONOCHROME1"))
+
+    def infer(*images: bytes) -> httpx.Response:
+        data = [base64.b64encode(image).decode() for image in images]
+        body = {"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": data}]}
+        with server.client() as client:
+            return client.post(f"/v2/models/{name}/infer", json=body)
+
+    response = infer(good)
+    assert response.status_code == 200, response.text
+    [probability] = next(out for out in response.json()["outputs"] if out["name"] == "probability")["data"]
+    assert probability == pytest.approx(post(server, good)["pneumonia_probability"], abs=1e-6)
+    refused = infer(good, REFUSED["lateral"][0]())
+    assert refused.status_code == 422 and refused.json()["code"] == "not_frontal_view"
+    assert refused.json()["error"].startswith("item 1 of 2: ")

@@ -77,7 +77,9 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="Calibrated probability per class name.")
     threshold: float = Field(description="Decision threshold on pneumonia_probability.")
     model: ModelIdentity
-    source: ImageSource = Field(description="What the upload was decoded as.")
+    source: ImageSource | None = Field(
+        None, description="What the upload was decoded as; null only for client-preprocessed pixels (/v2 UINT8 input)."
+    )
 
 
 class BatchPrediction(Prediction):
