@@ -18,8 +18,9 @@ from app.api.middleware import (
     RequestContextMiddleware,
     StartupFailureMiddleware,
 )
-from app.api.routes import model, ops, predict
+from app.api.routes import docs, model, ops, predict
 from app.api.service import Service
+from app.api.static_pages import mount_assets
 from app.api.telemetry import Metrics
 from app.core.artifacts import ModelLoadError
 from app.core.engine import EngineError
@@ -39,7 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await service.stop()
 
 
-ROUTERS: tuple[APIRouter, ...] = (predict.router, model.router, ops.router)
+ROUTERS: tuple[APIRouter, ...] = (predict.router, model.router, ops.router, docs.router)
 
 
 def key_protected_routes(routers: Iterable[APIRouter]) -> list[BaseRoute]:
@@ -54,12 +55,17 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Pneumonia probability for chest X-rays from a verified VGG16 model, with dynamic GPU batching.",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's own docs pages load Swagger UI and ReDoc from a CDN; routes/docs.py serves our copy.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = Service(settings, metrics)
     for router in ROUTERS:
         app.include_router(router)
+    mount_assets(app)
     install_error_handlers(app)
     # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
     app.add_middleware(
