@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     graceful_shutdown_s: int = Field(30, ge=1, description="Time in-flight requests get after SIGTERM.")
     keep_alive_s: int = Field(75, ge=1, description="Idle keep-alive; above the load balancer's idle timeout.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 responses.")
+    ui: bool = Field(True, description="Serve the web page at /ui (CXR_UI=off removes it; / then goes to /docs).")
 
     def api_key_accepts(self, supplied: str | None) -> bool:
         """True when no key is configured or ``supplied`` is it; constant-time, so timing leaks nothing."""

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,7 +76,7 @@ def server(tiny_weights: Path) -> Iterator[LiveServer]:
 def test_inference_failure_fails_health_until_a_batch_succeeds(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(engine: InferenceEngine, pixels: torch.Tensor) -> list[ImageResult]:
+    def broken(engine: InferenceEngine, pixels: torch.Tensor, explain: Sequence[bool] = ()) -> list[ImageResult]:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     healthy = InferenceEngine.infer

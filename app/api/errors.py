@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.batching import BatcherError, InferenceFailedError, ShuttingDownError
 from app.api.schemas import ErrorResponse
 from app.core.coded_error import CodedError, first_validation_error
+from app.core.heatmap import ExplainUnsupportedError
 from app.core.preprocessing import EmptyImageError, ImageError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "unsupported_media_type": (415, "the file is not a JPEG or PNG image"),
     "corrupt_image": (422, "the image data is corrupt or truncated: image file is truncated"),
     "invalid_image": (422, ImageError.default_message),
+    "explain_unsupported": (422, ExplainUnsupportedError.default_message),
     "missing_field": (422, "file: Field required"),
     "validation_error": (422, "files.0: Expected UploadFile, received: <class 'str'>"),
     "internal_error": (500, "unexpected server error; it has been logged with this request's id"),

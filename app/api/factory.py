@@ -18,7 +18,7 @@ from app.api.middleware import (
     RequestContextMiddleware,
     StartupFailureMiddleware,
 )
-from app.api.routes import docs, model, ops, predict
+from app.api.routes import docs, explain, model, ops, predict, ui
 from app.api.service import Service
 from app.api.static_pages import mount_assets
 from app.api.telemetry import Metrics
@@ -40,7 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await service.stop()
 
 
-ROUTERS: tuple[APIRouter, ...] = (predict.router, model.router, ops.router, docs.router)
+ROUTERS: tuple[APIRouter, ...] = (predict.router, explain.router, model.router, ops.router, docs.router)
 
 
 def key_protected_routes(routers: Iterable[APIRouter]) -> list[BaseRoute]:
@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = Service(settings, metrics)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(ui.router if settings.ui else ui.docs_home)
     mount_assets(app)
     install_error_handlers(app)
     # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
@@ -79,7 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", *explain.PREDICTION_HEADERS],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
     app.add_middleware(StartupFailureMiddleware)

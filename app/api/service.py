@@ -11,19 +11,45 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
-
-import torch
+from dataclasses import asdict, dataclass
 
 from app.api.batching import DynamicBatcher, ShuttingDownError
 from app.api.errors import NotReadyError, RequestTimeoutError
-from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
+from app.api.schemas import (
+    BatchItemError,
+    BatchPrediction,
+    ErrorBody,
+    Health,
+    HeatmapBody,
+    ModelCard,
+    ModelIdentity,
+    Prediction,
+)
 from app.api.telemetry import Metrics
 from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
-from app.core.preprocessing import ImageError, preprocess
+from app.core.heatmap import Heatmap
+from app.core.overlay import heatmap_scale, overlay_size, png_bytes, render_overlay
+from app.core.preprocessing import ImageError, ModelInput, prepare_input
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One upload after the forward pass: what the model said and the input it said it about."""
+
+    result: ImageResult
+    input: ModelInput
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A prediction with its heatmap, drawn: the PNG and the magnitude shown at full colour."""
+
+    prediction: Prediction
+    png: bytes
+    scale: float
 
 
 class Service:
@@ -97,16 +123,31 @@ class Service:
         meta = engine.metadata.model_dump(exclude={"golden"})
         return ModelCard(**meta, device=str(engine.device), precision=engine.precision)
 
-    async def predict(self, data: bytes) -> Prediction:
+    async def predict(self, data: bytes, explain: bool = False) -> Prediction:
         async with self._deadline():
-            result = await self._score(data)
-        return self._prediction(result)
+            scored = await self._score(data, explain)
+        return self._prediction(scored.result)
 
-    async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
+    async def explain(self, data: bytes, opacity: float) -> Explanation:
+        """The prediction with its heatmap drawn over the input at the upload's aspect ratio, as a PNG."""
+        async with self._deadline():
+            scored = await self._score(data, explain=True)
+            heatmap = scored.result.heatmap
+            assert heatmap is not None
+            source = scored.input.source
+            size = overlay_size(source.width, source.height, self._loaded().input_size)
+            png = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, _draw, scored.input, heatmap, size, opacity
+            )
+        return Explanation(self._prediction(scored.result), png, heatmap_scale(heatmap))
+
+    async def predict_many(
+        self, files: list[tuple[str | None, bytes]], explain: bool = False
+    ) -> list[BatchPrediction | BatchItemError]:
         """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
         try:
             async with self._deadline(), asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._score_item(name, data)) for name, data in files]
+                tasks = [group.create_task(self._score_item(name, data, explain)) for name, data in files]
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed: retry the batch
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
@@ -132,25 +173,42 @@ class Service:
         except TimeoutError:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
-    async def _score(self, data: bytes) -> ImageResult:
+    async def _score(self, data: bytes, explain: bool = False) -> Scored:
         engine, batcher = self._admit()
+        if explain:
+            engine.check_explainable()  # refuse before decoding anything
         try:
-            pixels: torch.Tensor = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, preprocess, data, engine.input_size, self.settings.max_pixels
+            model_input: ModelInput = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, prepare_input, data, engine.input_size, self.settings.max_pixels
             )
         except ImageError as exc:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise
-        return await batcher.submit(pixels)
+        return Scored(await batcher.submit(model_input.pixels, explain), model_input)
 
-    async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
+    async def _score_item(self, filename: str | None, data: bytes, explain: bool) -> BatchPrediction | BatchItemError:
         try:
-            result = await self._score(data)
+            scored = await self._score(data, explain)
         except ImageError as exc:
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
-        return BatchPrediction(filename=filename, **self._prediction(result).model_dump())
+        return BatchPrediction(filename=filename, **self._prediction(scored.result).model_dump(exclude_unset=True))
 
     def _prediction(self, result: ImageResult) -> Prediction:
+        """The response body; ``heatmap`` is set only when one was computed, so it is absent otherwise."""
         decision = self._loaded().decide(result.probability)
         self.metrics.predictions.labels(decision.label).inc()
-        return Prediction(**asdict(decision), model=self.identity())
+        prediction = Prediction(**asdict(decision), model=self.identity())
+        if result.heatmap is not None:
+            heatmap = result.heatmap
+            prediction.heatmap = HeatmapBody(
+                method=heatmap.method,
+                layer=heatmap.layer,
+                grid=(heatmap.rows, heatmap.cols),
+                values=list(heatmap.values),
+                bias=heatmap.bias,
+            )
+        return prediction
+
+
+def _draw(model_input: ModelInput, heatmap: Heatmap, size: tuple[int, int], opacity: float) -> bytes:
+    return png_bytes(render_overlay(model_input.pixels, heatmap, size, opacity))
