@@ -151,6 +151,7 @@ async function drawPicture(card, file, map) {
   base.getContext("2d").drawImage(bitmap, 0, 0, width, height);
   if (map) drawHeatmap(overlay, map);
   overlay.style.opacity = opacityInput.value;
+  card.dataset.drawn = "true";
 }
 
 // One pixel per cell, signed colours, alpha by |value| relative to the map's largest; the browser's
@@ -182,6 +183,7 @@ opacityInput.addEventListener("input", () => {
 
 $("#files").addEventListener("change", (event) => {
   const files = [...event.target.files];
+  event.target.value = ""; // so choosing the same file again scores it again
   if (files.length) score(files);
 });
 
