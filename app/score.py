@@ -1,10 +1,12 @@
-"""Offline batch scoring: ``python -m app.score DIR --out predictions.csv``.
+"""Offline batch scoring: ``python -m app.score DIR --out predictions.csv [--heatmaps HEATDIR]``.
 
 Scores every file under DIR with the same verified model, preprocessing and device/precision
 choice as the HTTP service (``app.core.preprocessing.preprocess`` + ``app.core.engine``), so an offline
 prediction equals the one the API would return. Unreadable files become CSV rows with the
 service's stable error code instead of stopping the run. Rows are flushed after every batch
 and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
+With ``--heatmaps`` each scored image also gets an overlay PNG (the service's ``POST /explain``
+picture), written before its CSV row so that a row always means its picture exists.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tqdm import tqdm
 
 from app.core.artifacts import ModelLoadError
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
+from app.core.heatmap import ExplainUnsupportedError, Heatmap
+from app.core.overlay import overlay_size, png_bytes, render_overlay
 from app.core.preprocessing import PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
@@ -106,22 +110,50 @@ def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
-    """Run the readable images of a batch through the engine in one forward pass."""
+@dataclass(frozen=True)
+class Overlay:
+    """A heatmap picture still to be drawn and written: ``path`` is relative to the heatmaps folder."""
+
+    path: str
+    file: PreparedFile
+    heatmap: Heatmap
+
+
+def heatmap_path(relative: str) -> str:
+    """``a/b.jpeg`` -> ``a/b.jpeg.png``: the full name is kept so ``x.jpg`` and ``x.png`` cannot collide."""
+    return f"{relative}.png"
+
+
+def write_overlay(folder: Path, overlay: Overlay, input_size: int) -> None:
+    source, pixels = overlay.file.source, overlay.file.pixels
+    assert source is not None and pixels is not None
+    target = folder / heatmap_path(overlay.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size = overlay_size(source.width, source.height, input_size)
+    target.write_bytes(png_bytes(render_overlay(pixels, overlay.heatmap, size)))
+
+
+def rows_for(
+    batch: list[Prepared], engine: InferenceEngine, explain: bool = False
+) -> tuple[list[dict[str, str]], list[Overlay]]:
+    """Run the readable images of a batch through the engine in one forward pass (with heatmaps if asked)."""
     meta = engine.metadata
     pixels = [item.file.pixels for item in batch if item.file.pixels is not None]
-    results = iter(engine.infer(engine.collate(pixels)) if pixels else [])
-    rows = []
+    results = iter(engine.infer(engine.collate(pixels), [explain] * len(pixels)) if pixels else [])
+    rows, overlays = [], []
     for item in batch:
         row = dict.fromkeys(COLUMNS, "")
         row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
         else:
-            decision = engine.decide(next(results).probability)
+            result = next(results)
+            decision = engine.decide(result.probability)
             row.update(label=decision.label, pneumonia_probability=repr(decision.pneumonia_probability))
+            if result.heatmap is not None:
+                overlays.append(Overlay(item.path, item.file, result.heatmap))
         rows.append(row)
-    return rows
+    return rows, overlays
 
 
 def score(
@@ -133,10 +165,20 @@ def score(
     workers: int,
     max_pixels: int,
     progress: bool,
+    heatmaps: Path | None = None,
 ) -> Summary:
-    """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time."""
+    """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time.
+
+    With ``heatmaps``, each scored image's overlay PNG is written there (same relative path plus ``.png``)
+    by the decoding threads, before the batch's rows.
+    """
     done = finished_paths(out, engine.metadata.sha256)
-    pending_paths = [path for path in list_images(root, exclude=out.resolve()) if path not in done]
+    skip = heatmaps.resolve() if heatmaps is not None else None
+    pending_paths = [
+        path
+        for path in list_images(root, exclude=out.resolve())
+        if path not in done and (skip is None or skip not in (root / path).resolve().parents)
+    ]
     summary = Summary(skipped=len(done))
     write_header = not out.exists() or out.stat().st_size == 0
     with ThreadPoolExecutor(max_workers=workers) as pool, out.open("a", newline="", encoding="utf-8") as handle:
@@ -154,7 +196,12 @@ def score(
             while upcoming:
                 batch = [future.result() for future in upcoming]
                 upcoming = submit(next(chunks, None))
-                write_batch(handle, writer, rows_for(batch, engine), summary)
+                rows, overlays = rows_for(batch, engine, explain=heatmaps is not None)
+                if heatmaps is not None:
+                    drawn = [pool.submit(write_overlay, heatmaps, overlay, engine.input_size) for overlay in overlays]
+                    for future in drawn:
+                        future.result()
+                write_batch(handle, writer, rows, summary)
                 bar.update(len(batch))
     return summary
 
@@ -215,6 +262,12 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         help="decoding threads (default: $CXR_DECODE_WORKERS, else by device)",
     )
     parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
+    parser.add_argument(
+        "--heatmaps",
+        type=Path,
+        metavar="HEATDIR",
+        help="also write one overlay PNG per scored image here (HEATDIR/<path>.png), as POST /explain draws it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -232,8 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"DIR {args.directory} is not a directory")
     if not args.out.parent.is_dir():
         parser.error(f"the folder of --out {args.out} does not exist")
+    if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
+        parser.error(f"--heatmaps {args.heatmaps} exists and is not a directory")
     try:
         engine = load_engine(args.weights, device=args.device, precision=args.precision)
+        if args.heatmaps is not None:
+            engine.check_explainable()
+            args.heatmaps.mkdir(parents=True, exist_ok=True)
         summary = score(
             args.directory,
             args.out,
@@ -242,8 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers or default_decode_workers(engine.device),
             max_pixels=args.max_pixels,
             progress=not args.no_progress,
+            heatmaps=args.heatmaps,
         )
-    except (UsageError, ModelLoadError, EngineError) as exc:
+    except (UsageError, ModelLoadError, EngineError, ExplainUnsupportedError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

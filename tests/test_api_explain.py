@@ -99,6 +99,8 @@ def test_explain_png_is_the_model_input_at_the_upload_aspect_with_the_prediction
     ("params", "data", "status", "code"),
     [
         ({"opacity": 2}, None, 422, "validation_error"),
+        ({"opacity": "nan"}, None, 422, "validation_error"),
+        ({"opacity": "-inf"}, None, 422, "validation_error"),
         ({}, b"", 400, "empty_file"),
         ({}, b"GIF89a not supported", 415, "unsupported_media_type"),
     ],
@@ -137,3 +139,14 @@ def test_ui_is_on_by_default_and_home_leads_to_it(tiny_weights: Path) -> None:
         page = client.get("/", follow_redirects=True)
         assert page.status_code == 200 and "Not a medical device" in page.text
         assert page.headers["content-security-policy"].startswith("default-src 'self'")
+
+
+@pytest.mark.parametrize(("width", "height"), [(4000, 1), (1, 4000), (1, 1)])
+def test_explain_survives_extreme_aspect_ratios(server: LiveServer, width: int, height: int) -> None:
+    data = encode(synthetic_xray(width, height, seed=1), "PNG")
+    with server.client() as client:
+        response = client.post("/explain", files={"file": ("odd.png", data)})
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    long_side = max(min(max(width, height), 512), SIZE)
+    assert max(image.size) == long_side and min(image.size) >= 1

@@ -241,6 +241,7 @@ class PreparedFile:
     pixels: torch.Tensor | None
     sha256: str = ""
     error: ImageError | None = None
+    source: SourceInfo | None = None
 
 
 def preprocess_file(path: Path, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedFile:
@@ -251,6 +252,7 @@ def preprocess_file(path: Path, input_size: int, max_pixels: int = DEFAULT_MAX_P
         return PreparedFile(None, error=UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}"))
     digest = hashlib.sha256(data).hexdigest()
     try:
-        return PreparedFile(preprocess(data, input_size, max_pixels), digest)
+        prepared = prepare_input(data, input_size, max_pixels)
     except ImageError as exc:
         return PreparedFile(None, digest, exc)
+    return PreparedFile(prepared.pixels, digest, source=prepared.source)
