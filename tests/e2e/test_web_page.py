@@ -109,3 +109,46 @@ def test_upload_shows_label_probability_and_heatmap(
     assert paths.count("/predict") == 2 and paths.count("/predict/batch") == 1  # the 401, then the scored upload
     assert paths.count("/explain") == 1  # only for the file the browser could not decode
     browser.assert_clean(expected_errors=("status of 401",))
+
+
+def test_page_shows_the_input_guard_and_a_refusal(server: LiveServer, browser: BrowserSession, tmp_path: Path) -> None:
+    """The input guard's contract (another branch adds it to every 200): shown when present, refusals shown as such.
+
+    The service's answers are the real ones for the file, with the guard's fields added by the test.
+    """
+    upload = write(tmp_path / "hand.jpeg", encode(synthetic_xray(90, 120, seed=2)))
+    with server.client(headers={"X-API-Key": API_KEY}) as client:
+        real = client.post("/predict?explain=true", files={"file": (upload.name, upload.read_bytes())}).json()
+    flagged = {
+        **real,
+        "input_guard": {"score": 0.125, "threshold": 0.5, "passed": False},
+        "warning": "this image does not look like a chest X-ray; the prediction may be meaningless",
+    }
+    refusal = {"error": {"code": "not_chest_xray", "message": "the image does not look like a chest X-ray"}}
+    answers = iter([(200, flagged), (422, refusal)])
+
+    def answer(route: object) -> None:
+        status, body = next(answers)
+        route.fulfill(status=status, json=body)  # type: ignore[attr-defined]
+
+    page = browser.page
+    page.route("**/predict?explain=true", answer)  # type: ignore[attr-defined]
+    page.goto(f"{server.url}/ui")  # type: ignore[attr-defined]
+    page.fill("#api-key", API_KEY)  # type: ignore[attr-defined]
+    page.set_input_files("#files", [str(upload)])  # type: ignore[attr-defined]
+    card = page.locator("article.result")  # type: ignore[attr-defined]
+    guard = card.get_by_test_id("guard")
+    expect(guard).to_have_text(
+        "Input guard failed: score 0.125, threshold 0.500. "
+        "this image does not look like a chest X-ray; the prediction may be meaningless"
+    )
+    expect(guard).to_have_class("guard failed")
+    expect(card.get_by_test_id("label")).to_have_text(real["label"])
+    expect(card).to_have_attribute("data-drawn", "true")
+    browser.screenshot("ui-guard")
+
+    page.set_input_files("#files", [str(upload)])  # type: ignore[attr-defined]
+    expect(card.get_by_test_id("error")).to_have_text(
+        "the image does not look like a chest X-ray (not_chest_xray, HTTP 422)"
+    )
+    browser.assert_clean(expected_errors=("status of 422",))
