@@ -95,7 +95,7 @@ def test_inference_failure_fails_health_until_a_batch_succeeds(
 def test_unexpected_error_is_json_500_logged_with_traceback(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def crash(self: Service, data: bytes) -> None:
+    async def crash(self: Service, data: bytes, explain: bool = False) -> None:
         raise KeyError("bug")
 
     monkeypatch.setattr(Service, "predict", crash)
