@@ -7,6 +7,8 @@ service's stable error code instead of stopping the run. Rows are flushed after 
 and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
 DICOM exports (files often without an extension) are recognised by content like any upload;
 ``--with-uids`` adds each file's SOP Instance UID, which identifies the image, so it is opt-in.
+With ``--heatmaps`` each scored image also gets an overlay PNG (the service's ``POST /explain``
+picture), written before its CSV row so that a row always means its picture exists.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tqdm import tqdm
 from app.core.artifacts import ModelLoadError
 from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
+from app.core.heatmap import ExplainUnsupportedError, Heatmap
+from app.core.overlay import overlay_size, png_bytes, render_overlay
 from app.core.preprocessing import PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
@@ -123,15 +127,40 @@ def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
-    """Run the readable images of a batch through the engine in one forward pass.
+@dataclass(frozen=True)
+class Overlay:
+    """A heatmap picture still to be drawn and written: ``path`` is relative to the heatmaps folder."""
+
+    path: str
+    file: PreparedFile
+    heatmap: Heatmap
+
+
+def heatmap_path(relative: str) -> str:
+    """``a/b.jpeg`` -> ``a/b.jpeg.png``: the full name is kept so ``x.jpg`` and ``x.png`` cannot collide."""
+    return f"{relative}.png"
+
+
+def write_overlay(folder: Path, overlay: Overlay, input_size: int) -> None:
+    source, pixels = overlay.file.source, overlay.file.pixels
+    assert source is not None and pixels is not None
+    target = folder / heatmap_path(overlay.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size = overlay_size(source.width, source.height, input_size)
+    target.write_bytes(png_bytes(render_overlay(pixels, overlay.heatmap, size)))
+
+
+def rows_for(
+    batch: list[Prepared], engine: InferenceEngine, explain: bool = False
+) -> tuple[list[dict[str, str]], list[Overlay]]:
+    """Run the readable images of a batch through the engine in one forward pass (with heatmaps if asked).
 
     Rows always carry the UID (empty unless it was read); the writer keeps it only under ``--with-uids``.
     """
     meta = engine.metadata
     pixels = [item.file.pixels for item in batch if item.file.pixels is not None]
-    results = iter(engine.infer(engine.collate(pixels)) if pixels else [])
-    rows = []
+    results = iter(engine.infer(engine.collate(pixels), [explain] * len(pixels)) if pixels else [])
+    rows, overlays = [], []
     for item in batch:
         row = dict.fromkeys(columns(with_uids=True), "")
         row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
@@ -139,10 +168,13 @@ def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, s
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
         else:
-            decision = engine.decide(next(results).probability)
+            result = next(results)
+            decision = engine.decide(result.probability)
             row.update(label=decision.label, pneumonia_probability=repr(decision.pneumonia_probability))
+            if result.heatmap is not None:
+                overlays.append(Overlay(item.path, item.file, result.heatmap))
         rows.append(row)
-    return rows
+    return rows, overlays
 
 
 def score(
@@ -156,10 +188,20 @@ def score(
     progress: bool,
     dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
     with_uids: bool = False,
+    heatmaps: Path | None = None,
 ) -> Summary:
-    """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time."""
+    """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time.
+
+    With ``heatmaps``, each scored image's overlay PNG is written there (same relative path plus ``.png``)
+    by the decoding threads, before the batch's rows.
+    """
     done = finished_paths(out, engine.metadata.sha256, with_uids)
-    pending_paths = [path for path in list_images(root, exclude=out.resolve()) if path not in done]
+    skip = heatmaps.resolve() if heatmaps is not None else None
+    pending_paths = [
+        path
+        for path in list_images(root, exclude=out.resolve())
+        if path not in done and (skip is None or skip not in (root / path).resolve().parents)
+    ]
     summary = Summary(skipped=len(done))
     write_header = not out.exists() or out.stat().st_size == 0
     with ThreadPoolExecutor(max_workers=workers) as pool, out.open("a", newline="", encoding="utf-8") as handle:
@@ -180,7 +222,12 @@ def score(
             while upcoming:
                 batch = [future.result() for future in upcoming]
                 upcoming = submit(next(chunks, None))
-                write_batch(handle, writer, rows_for(batch, engine), summary)
+                rows, overlays = rows_for(batch, engine, explain=heatmaps is not None)
+                if heatmaps is not None:
+                    drawn = [pool.submit(write_overlay, heatmaps, overlay, engine.input_size) for overlay in overlays]
+                    for future in drawn:
+                        future.result()
+                write_batch(handle, writer, rows, summary)
                 bar.update(len(batch))
     return summary
 
@@ -246,6 +293,12 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         action="store_true",
         help=f"add a {UID_COLUMN} column (DICOM files; it identifies the image, so it is off by default)",
     )
+    parser.add_argument(
+        "--heatmaps",
+        type=Path,
+        metavar="HEATDIR",
+        help="also write one overlay PNG per scored image here (HEATDIR/<path>.png), as POST /explain draws it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -263,8 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"DIR {args.directory} is not a directory")
     if not args.out.parent.is_dir():
         parser.error(f"the folder of --out {args.out} does not exist")
+    if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
+        parser.error(f"--heatmaps {args.heatmaps} exists and is not a directory")
     try:
         engine = load_engine(args.weights, device=args.device, precision=args.precision)
+        if args.heatmaps is not None:
+            engine.check_explainable()
+            args.heatmaps.mkdir(parents=True, exist_ok=True)
         summary = score(
             args.directory,
             args.out,
@@ -275,8 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             dicom=defaults.dicom_policy(),
             with_uids=args.with_uids,
+            heatmaps=args.heatmaps,
         )
-    except (UsageError, ModelLoadError, EngineError) as exc:
+    except (UsageError, ModelLoadError, EngineError, ExplainUnsupportedError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

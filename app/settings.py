@@ -60,6 +60,8 @@ class Settings(BaseSettings):
             check_presentation_intent=self.dicom_check_presentation_intent,
         )
 
+    ui: bool = Field(True, description="Serve the web page at /ui (CXR_UI=off removes it; / then goes to /docs).")
+
     def api_key_accepts(self, supplied: str | None) -> bool:
         """True when no key is configured or ``supplied`` is it; constant-time, so timing leaks nothing."""
         if self.api_key is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
+from PIL import Image
 from pydicom import uid
 
 from app import score
@@ -164,13 +165,15 @@ def test_interrupt_keeps_flushed_batches(
     real_rows_for = score.rows_for
     calls = 0
 
-    def interrupt_second_batch(batch: list[score.Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
+    def interrupt_second_batch(
+        batch: list[score.Prepared], engine: InferenceEngine, explain: bool = False
+    ) -> tuple[list[dict[str, str]], list[score.Overlay]]:
         nonlocal calls
         calls += 1
         if calls == 2:
             on_disk.extend(row["path"] for row in read_rows(out))  # while the CSV is still open for writing
             raise KeyboardInterrupt
-        return real_rows_for(batch, engine)
+        return real_rows_for(batch, engine, explain)
 
     on_disk: list[str] = []
     monkeypatch.setattr(score, "rows_for", interrupt_second_batch)
@@ -326,3 +329,19 @@ def test_scorer_follows_the_dicom_settings(
     out = tmp_path / "predictions.csv"
     assert run(dicom_export, out, tiny_weights) == 0
     assert {row["path"]: row["error_code"] for row in read_rows(out)}["DICOM/ST1/SE2/IM1"] == ""
+
+
+def test_heatmaps_writes_one_overlay_per_scored_image(image_dir: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    out, heatmaps = tmp_path / "predictions.csv", tmp_path / "heatmaps"
+    assert run(image_dir, out, tiny_weights, "--heatmaps", str(heatmaps)) == 0
+    written = sorted(path.relative_to(heatmaps).as_posix() for path in heatmaps.rglob("*") if path.is_file())
+    assert written == sorted(f"{name}.png" for name in GOOD)  # none for the unreadable files
+    for seed, name in enumerate(GOOD):
+        with Image.open(heatmaps / f"{name}.png") as overlay:
+            assert overlay.format == "PNG" and overlay.size == (90 + seed, 80)  # the upload's own size and aspect
+    # Heatmaps inside the scored folder are not scored on the next run.
+    inside = image_dir / "heatmaps"
+    assert run(image_dir, tmp_path / "again.csv", tiny_weights, "--heatmaps", str(inside)) == 0
+    assert {row["path"] for row in read_rows(tmp_path / "again.csv")} == {*GOOD, CORRUPT, NOT_IMAGE}
+    assert run(image_dir, tmp_path / "third.csv", tiny_weights, "--heatmaps", str(inside)) == 0
+    assert {row["path"] for row in read_rows(tmp_path / "third.csv")} == {*GOOD, CORRUPT, NOT_IMAGE}

@@ -23,6 +23,7 @@ from app.api.schemas import ErrorResponse
 from app.api.schemas_v2 import V2Error
 from app.core.coded_error import CodedError, first_validation_error
 from app.core.dicom import NotForPresentationError
+from app.core.heatmap import ExplainUnsupportedError
 from app.core.preprocessing import EmptyImageError, ImageError
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ ERRORS: dict[str, tuple[int, str]] = {
         "the DICOM image is RGB with 3 samples per pixel; only grayscale (MONOCHROME1/MONOCHROME2) radiographs "
         "are accepted",
     ),
+    "explain_unsupported": (422, ExplainUnsupportedError.default_message),
     "missing_field": (422, "file: Field required"),
     "validation_error": (422, "files.0: Expected UploadFile, received: <class 'str'>"),
     "internal_error": (500, "unexpected server error; it has been logged with this request's id"),

@@ -69,8 +69,32 @@ class ImageSource(BaseModel):
     )
 
 
+_HEATMAP = {
+    "method": "cam",
+    "layer": "features.43",
+    "grid": [2, 2],
+    "values": [1.92, 3.35, 0.41, 2.07],
+    "bias": 0.67,
+}
+
+
+class HeatmapBody(BaseModel):
+    """Where the score came from: sigmoid(mean(values) + bias) is ``pneumonia_probability``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_HEATMAP]})
+
+    method: str = Field(description="`cam`: class activation map of the compact head, exact, no gradients.")
+    layer: str = Field(description="The network layer whose feature maps the cells are (the last conv block).")
+    grid: tuple[int, int] = Field(description="[rows, cols]: the input size / 32 on each side (2x2 at 64 px).")
+    values: list[float] = Field(
+        description="rows x cols cells, row-major from the top-left of the image as the model saw it, in calibrated "
+        "log-odds: positive pushed towards PNEUMONIA, negative towards NORMAL. Raw and signed, never rescaled."
+    )
+    bias: float = Field(description="The head's bias in the same units; mean(values) + bias = the calibrated log-odds.")
+
+
 class Prediction(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [_PREDICTION]})
+    model_config = ConfigDict(json_schema_extra={"examples": [_PREDICTION, {**_PREDICTION, "heatmap": _HEATMAP}]})
 
     label: str = Field(description="Class at the model's decision threshold: PNEUMONIA or NORMAL.")
     pneumonia_probability: float = Field(ge=0.0, le=1.0, description="Temperature-calibrated P(pneumonia).")
@@ -80,6 +104,7 @@ class Prediction(BaseModel):
     source: ImageSource | None = Field(
         None, description="What the upload was decoded as; null only for client-preprocessed pixels (/v2 UINT8 input)."
     )
+    heatmap: HeatmapBody | None = Field(None, description="Only with `?explain=true`.")
 
 
 class BatchPrediction(Prediction):

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
@@ -25,6 +25,7 @@ from app.api.schemas import (
     BatchPrediction,
     ErrorBody,
     Health,
+    HeatmapBody,
     ImageSource,
     ModelCard,
     ModelIdentity,
@@ -32,10 +33,29 @@ from app.api.schemas import (
 )
 from app.api.telemetry import Metrics
 from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
+from app.core.heatmap import Heatmap
+from app.core.overlay import heatmap_scale, overlay_size, png_bytes, render_overlay
 from app.core.preprocessing import ImageError, ModelInput, SourceInfo, prepare_input
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One upload after the forward pass: what the model said and the input it said it about."""
+
+    result: ImageResult
+    input: ModelInput
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A prediction with its heatmap, drawn: the PNG and the magnitude shown at full colour."""
+
+    prediction: Prediction
+    png: bytes
+    scale: float
 
 
 class Service:
@@ -115,16 +135,31 @@ class Service:
         meta = engine.metadata.model_dump(exclude={"golden"})
         return ModelCard(**meta, device=str(engine.device), precision=engine.precision)
 
-    async def predict(self, data: bytes) -> Prediction:
+    async def predict(self, data: bytes, explain: bool = False) -> Prediction:
         async with self._deadline():
-            source, result = await self._score(data)
-        return self._prediction(result, source)
+            scored = await self._score(data, explain)
+        return self._prediction(scored.result, scored.input.source)
 
-    async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
+    async def explain(self, data: bytes, opacity: float) -> Explanation:
+        """The prediction with its heatmap drawn over the input at the upload's aspect ratio, as a PNG."""
+        async with self._deadline():
+            scored = await self._score(data, explain=True)
+            heatmap = scored.result.heatmap
+            assert heatmap is not None
+            source = scored.input.source
+            size = overlay_size(source.width, source.height, self._loaded().input_size)
+            png = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, _draw, scored.input, heatmap, size, opacity
+            )
+        return Explanation(self._prediction(scored.result, source), png, heatmap_scale(heatmap))
+
+    async def predict_many(
+        self, files: list[tuple[str | None, bytes]], explain: bool = False
+    ) -> list[BatchPrediction | BatchItemError]:
         """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
         try:
             async with self._deadline(), asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._score_item(name, data)) for name, data in files]
+                tasks = [group.create_task(self._score_item(name, data, explain)) for name, data in files]
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed: retry the batch
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
@@ -191,10 +226,12 @@ class Service:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise
 
-    async def _score(self, data: bytes) -> tuple[SourceInfo, ImageResult]:
+    async def _score(self, data: bytes, explain: bool = False) -> Scored:
         engine, batcher = self._admit()
+        if explain:
+            engine.check_explainable()  # refuse before decoding anything
         prepared = await self._decode(engine, data)
-        return prepared.source, await batcher.submit(prepared.pixels)
+        return Scored(await batcher.submit(prepared.pixels, explain), prepared)
 
     async def _submit_all(
         self, batcher: DynamicBatcher, pixels: list[torch.Tensor], sources: Sequence[SourceInfo | None]
@@ -207,16 +244,32 @@ class Service:
             raise failed.exceptions[0] from None
         return [self._prediction(task.result(), source) for task, source in zip(tasks, sources, strict=True)]
 
-    async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
+    async def _score_item(self, filename: str | None, data: bytes, explain: bool) -> BatchPrediction | BatchItemError:
         try:
-            source, result = await self._score(data)
+            scored = await self._score(data, explain)
         except ImageError as exc:
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
-        return BatchPrediction(filename=filename, **self._prediction(result, source).model_dump())
+        prediction = self._prediction(scored.result, scored.input.source)
+        return BatchPrediction(filename=filename, **prediction.model_dump(exclude_unset=True))
 
     def _prediction(self, result: ImageResult, source: SourceInfo | None) -> Prediction:
-        """``source`` is None only for client-preprocessed pixels, where nothing was decoded."""
+        """The response body: ``source`` is None only for client-preprocessed pixels, where nothing was
+        decoded; ``heatmap`` is set only when one was computed, so it is absent otherwise."""
         decision = self._loaded().decide(result.probability)
         self.metrics.predictions.labels(decision.label).inc()
         described = ImageSource(**asdict(source)) if source is not None else None
-        return Prediction(**asdict(decision), model=self.identity(), source=described)
+        prediction = Prediction(**asdict(decision), model=self.identity(), source=described)
+        if result.heatmap is not None:
+            heatmap = result.heatmap
+            prediction.heatmap = HeatmapBody(
+                method=heatmap.method,
+                layer=heatmap.layer,
+                grid=(heatmap.rows, heatmap.cols),
+                values=list(heatmap.values),
+                bias=heatmap.bias,
+            )
+        return prediction
+
+
+def _draw(model_input: ModelInput, heatmap: Heatmap, size: tuple[int, int], opacity: float) -> bytes:
+    return png_bytes(render_overlay(model_input.pixels, heatmap, size, opacity))

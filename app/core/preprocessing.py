@@ -194,6 +194,7 @@ class PreparedFile:
     sha256: str = ""
     error: ImageError | None = None
     sop_instance_uid: str = ""  # only when asked for, and only for DICOM files that carry a valid one
+    source: SourceInfo | None = None
 
 
 def preprocess_file(
@@ -216,6 +217,7 @@ def preprocess_file(
     digest = hashlib.sha256(data).hexdigest()
     uid = read_sop_instance_uid(data) if with_uid else ""
     try:
-        return PreparedFile(preprocess(data, input_size, max_pixels, dicom=dicom), digest, sop_instance_uid=uid)
+        prepared = prepare_input(data, input_size, max_pixels, dicom=dicom)
     except ImageError as exc:
         return PreparedFile(None, digest, exc, sop_instance_uid=uid)
+    return PreparedFile(prepared.pixels, digest, sop_instance_uid=uid, source=prepared.source)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 
 from app.api.deps import ApiKeyGuard, ServiceDep, SettingsDep
 from app.api.errors import TooManyFilesError, error_responses
@@ -12,7 +12,15 @@ from app.api.schemas import BatchResponse, Prediction
 
 router = APIRouter(tags=["prediction"], dependencies=[ApiKeyGuard])
 
-_SERVICE_ERRORS = (
+Explain = Annotated[
+    bool,
+    Query(
+        description="Add a `heatmap`: the class activation map of the score (compact-head models only, "
+        "else 422 `explain_unsupported`). Requests without it do no extra work."
+    ),
+]
+
+SERVICE_ERRORS = (
     "unauthorized",
     "payload_too_large",
     "bad_request",
@@ -26,7 +34,7 @@ _SERVICE_ERRORS = (
     "timeout",
 )
 # Image errors of one upload; /predict answers with them, /predict/batch puts them in the file's entry.
-_IMAGE_ERRORS = (
+IMAGE_ERRORS = (
     "empty_file",
     "image_too_large",
     "unsupported_media_type",
@@ -42,7 +50,8 @@ _IMAGE_ERRORS = (
 @router.post(
     "/predict",
     summary="Classify one chest X-ray",
-    responses=error_responses(*_IMAGE_ERRORS, *_SERVICE_ERRORS),
+    responses=error_responses(*IMAGE_ERRORS, "explain_unsupported", *SERVICE_ERRORS),
+    response_model_exclude_unset=True,  # `heatmap` only when asked for
 )
 async def predict(
     service: ServiceDep,
@@ -53,24 +62,27 @@ async def predict(
             "CR/DX radiograph) file, recognised by content."
         ),
     ],
+    explain: Explain = False,
 ) -> Prediction:
     """P(pneumonia), calibrated with the model's temperature, and the label at its decision threshold."""
-    return await service.predict(await file.read())
+    return await service.predict(await file.read(), explain)
 
 
 @router.post(
     "/predict/batch",
     summary="Classify several chest X-rays",
-    responses=error_responses("too_many_files", *_SERVICE_ERRORS),
+    responses=error_responses("too_many_files", "explain_unsupported", *SERVICE_ERRORS),
+    response_model_exclude_unset=True,
 )
 async def predict_batch(
     service: ServiceDep,
     settings: SettingsDep,
     files: Annotated[list[UploadFile], File(description="Repeat the `files` field once per image.")],
+    explain: Explain = False,
 ) -> BatchResponse:
     """Results in upload order; a file that is not a usable image gets its own error entry, the rest are scored."""
     limit = settings.max_batch_files
     if len(files) > limit:
         raise TooManyFilesError(f"{len(files)} files uploaded; at most {limit} per batch")
     uploads = [(upload.filename, await upload.read()) for upload in files]
-    return BatchResponse(results=await service.predict_many(uploads))
+    return BatchResponse(results=await service.predict_many(uploads, explain))
