@@ -1,0 +1,75 @@
+"""How many images one forward pass takes, and whether the batcher waits for more: from measurement.
+
+On a GPU bigger batches are nearly free per image, so the configured maximum is used and the
+batcher waits a few milliseconds to fill them. On a CPU a batch of 8 can cost *more* per image
+than 8 single passes (activations too big for the caches, every buffer a fresh page-faulted
+allocation: benchmarks/NOTES.md, sections 5 and 10), so at startup the engine times a ladder of
+batch sizes for a bounded few seconds and keeps the largest one that does not lower throughput;
+and it never holds a queued image back waiting for company, since the CPU is busy anyway and an
+idle CPU gains nothing from waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+# A larger batch is kept when its per-image time is within this fraction of the best one measured:
+# equal throughput, fewer passes. Beyond it, the larger batch is slower per image and loses.
+TOLERANCE = 0.05
+PolicySource = Literal["configured", "measured"]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The batcher's limits and where they came from (reported by /model, /health and the metrics)."""
+
+    batch_size: int
+    max_wait_s: float
+    source: PolicySource
+    seconds_per_image: dict[int, float] = field(default_factory=dict)  # measured, by batch size
+
+
+def ladder(max_batch_size: int) -> list[int]:
+    """Batch sizes worth timing: 1, 2, 4, ... up to (and including) the configured maximum."""
+    sizes = [1]
+    while sizes[-1] < max_batch_size:
+        sizes.append(min(sizes[-1] * 2, max_batch_size))
+    return sizes
+
+
+def choose_batch_size(seconds_per_image: Mapping[int, float], tolerance: float = TOLERANCE) -> int:
+    """The largest measured batch whose per-image time is within ``tolerance`` of the fastest one."""
+    if not seconds_per_image:
+        raise ValueError("no batch size was measured")
+    best = min(seconds_per_image.values())
+    return max(size for size, seconds in seconds_per_image.items() if seconds <= best * (1 + tolerance))
+
+
+def measure(
+    run: Callable[[int], None], max_batch_size: int, budget_s: float, clock: Callable[[], float] = time.perf_counter
+) -> dict[int, float]:
+    """Seconds per image of ``run(batch_size)`` up the ladder, within about ``budget_s`` seconds.
+
+    Each size is run twice and the faster run kept: on a shared machine the slower of two is
+    mostly other processes' noise. Batch 1 is always measured; a larger size is tried only when
+    its two runs (estimated from the last size's time) fit in what is left of the budget, so a
+    slow CPU measures fewer sizes instead of starting late.
+    """
+    started = clock()
+    results: dict[int, float] = {}
+    for size in ladder(max_batch_size):
+        if results:
+            last = max(results)
+            expected = 2 * results[last] * size
+            if clock() - started + expected > budget_s:
+                break
+        timings = []
+        for _ in range(2):
+            begun = clock()
+            run(size)
+            timings.append((clock() - begun) / size)
+        results[size] = min(timings)
+    return results

@@ -1,0 +1,156 @@
+"""The CPU fast path: the network's convolutions compiled by OpenVINO, in fp32, bf16 or int8.
+
+Chosen over ONNX Runtime by measurement on the target CPU (benchmarks/NOTES.md, section 9):
+OpenVINO's CPU plugin runs int8 convolutions on AMX/VNNI and bf16 on AMX, where ONNX Runtime's
+default CPU kernels do not. Only the convolutional part runs here (``app.core.onnx_export``);
+normalisation, the head, the calibrated probability and class activation maps stay in the shared
+PyTorch code, so every backend reports the same things about an image.
+
+The graph is built only from the verified weights (``load_model`` checked their sha256 and golden
+outputs), converted once and cached on disk (``app.core.conversion_cache``), and the compiled
+model is checked against the golden outputs with the precision's tolerance before it serves;
+a cached model that fails the check is thrown away and converted again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import openvino as ov
+import torch
+
+from app.core.artifacts import LoadedModel, ModelLoadError
+from app.core.conversion_cache import ConversionCache, Converted
+from app.core.int8_calibration import RECIPE, Int8Calibration, quantize
+from app.core.onnx_export import MAPS_NAME, OPSET, export_features
+
+OvPrecision = Literal["fp32", "bf16", "int8"]
+# The int8 graph's unquantized parts (quantize/dequantize steps, pooling) stay in fp32. OpenVINO
+# would otherwise pick bf16 on its own on CPUs with AMX: fp32 must be asked for to be fp32.
+_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
+
+
+class OpenVinoUnavailableError(RuntimeError):
+    """The requested OpenVINO configuration cannot run on this host; the message is one line."""
+
+
+def cpu_capabilities() -> frozenset[str]:
+    """OpenVINO's view of the CPU: ``FP32``, ``BF16``, ``INT8``, ..."""
+    return frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_supported(precision: OvPrecision) -> None:
+    """Refuse a precision the CPU has no fast kernels for, instead of emulating it slowly."""
+    wanted = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[precision]
+    if wanted not in cpu_capabilities():
+        raise OpenVinoUnavailableError(
+            f"this CPU has no {precision} support in OpenVINO (it offers {sorted(cpu_capabilities())})"
+        )
+
+
+@dataclass
+class OpenVinoFeatures:
+    """A compiled feature extractor: normalised ``float32[N,3,S,S]`` -> ``float32[N,512,h,w]`` maps."""
+
+    precision: OvPrecision
+    converted: Converted
+    threads: int
+    convert_seconds: float
+    _request: ov.InferRequest
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self._request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
+        return torch.from_numpy(outputs[MAPS_NAME])
+
+
+def cache_key(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Calibration | None) -> dict[str, str | int]:
+    """Everything the converted graph depends on. bf16 and fp32 share the fp32 graph (bf16 is a compile option)."""
+    key: dict[str, str | int] = {
+        "format": CACHE_FORMAT,
+        "weights_sha256": loaded.metadata.sha256,
+        "input_size": loaded.metadata.spec.input_size,
+        "graph": "int8" if precision == "int8" else "fp32",
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "opset": OPSET,
+    }
+    if precision == "int8":
+        import onnxruntime  # only int8 conversion uses it (its quantizer)
+
+        assert calibration is not None
+        key |= {"recipe": RECIPE, "calibration": calibration.digest(), "onnxruntime": onnxruntime.__version__}
+    return key
+
+
+def _build(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Calibration | None) -> Callable[[Path], None]:
+    def build(path: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_features(loaded.network, fp32)
+            if precision == "int8":
+                assert calibration is not None
+                quantize(fp32, path, calibration)
+            else:
+                shutil.move(fp32, path)
+
+    return build
+
+
+def compile_features(
+    loaded: LoadedModel,
+    precision: OvPrecision,
+    *,
+    cache_dir: Path | None,
+    threads: int,
+    calibration: Int8Calibration | None = None,
+    verify: Callable[[OpenVinoFeatures], float],
+) -> OpenVinoFeatures:
+    """Convert (or reuse the cached conversion), compile and verify; ``verify`` raises ``ModelLoadError``.
+
+    A cached conversion that fails ``verify`` is removed and converted once more; a fresh one
+    that fails is an error (the conversion itself is wrong, not the cache).
+    """
+    check_supported(precision)
+    if precision == "int8" and calibration is None:
+        raise OpenVinoUnavailableError("int8 needs the weights' int8 calibration file (model.int8.json)")
+    cache = ConversionCache(cache_dir)
+    key = cache_key(loaded, precision, calibration)
+    config = {
+        "INFERENCE_PRECISION_HINT": _HINTS[precision],
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",  # one request at a time: all threads on it
+        "CPU_DENORMALS_OPTIMIZATION": True,  # flush subnormals, as the PyTorch CPU path does
+    }
+    for attempt in (1, 2):
+        started = time.perf_counter()
+        converted = cache.get_or_build(key, "model.onnx", _build(loaded, precision, calibration), prefix=key["graph"])
+        core = ov.Core()
+        request = core.compile_model(core.read_model(str(converted.path)), "CPU", config).create_infer_request()
+        features = OpenVinoFeatures(precision, converted, threads, time.perf_counter() - started, request)
+        try:
+            difference = verify(features)
+        except ModelLoadError as exc:
+            if converted.status != "hit" or attempt == 2:
+                raise
+            cache.reject(converted, f"golden check failed: {exc}")
+            continue
+        log.info(
+            "OpenVINO %s model ready (%s, %.1f s, golden max logit difference %.3g)",
+            precision,
+            converted.status,
+            features.convert_seconds,
+            difference,
+        )
+        return features
+    raise AssertionError("unreachable")

@@ -1,0 +1,65 @@
+"""The CPU batch-size policy: chosen from measured per-image times (injected here, never timed in a test)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.core.batch_policy import choose_batch_size, ladder, measure
+
+
+def test_ladder_doubles_up_to_and_including_the_maximum() -> None:
+    assert ladder(1) == [1]
+    assert ladder(6) == [1, 2, 4, 6]
+    assert ladder(32) == [1, 2, 4, 8, 16, 32]
+
+
+def test_batch_one_is_chosen_when_it_is_fastest_per_image() -> None:
+    # The issue's measurement on this CPU: batch 8 halves throughput.
+    assert choose_batch_size({1: 1 / 3.47, 2: 1 / 2.9, 4: 1 / 2.2, 8: 1 / 1.76}) == 1
+
+
+def test_the_largest_batch_within_the_tolerance_of_the_best_is_kept() -> None:
+    assert choose_batch_size({1: 0.200, 2: 0.205, 4: 0.260}) == 2  # 2 is 2.5 % slower: same throughput
+    assert choose_batch_size({1: 0.200, 2: 0.215}) == 1  # 7.5 % slower per image: it loses
+    assert choose_batch_size({1: 0.010, 2: 0.006, 4: 0.004, 8: 0.0041, 16: 0.0050}) == 8  # batching helps
+    assert choose_batch_size({1: 0.2, 2: 0.25}, tolerance=0.3) == 2
+
+
+def test_choosing_from_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no batch size"):
+        choose_batch_size({})
+
+
+class FakeClock:
+    """Advances only when the measured work 'runs', so the measurement logic is tested without timing."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_measure_keeps_the_faster_of_two_runs_and_stops_within_budget() -> None:
+    clock = FakeClock()
+    cost = {1: [0.5, 0.3], 2: [0.5, 0.6], 4: [2.0, 2.0]}  # seconds per call, first and second run
+    calls: list[int] = []
+
+    def run(size: int) -> None:
+        calls.append(size)
+        clock.now += cost[size][calls.count(size) - 1]
+
+    result = measure(run, max_batch_size=8, budget_s=3.0, clock=clock)
+    # Batch 1: 0.3 s per image (faster run). Batch 2 fits (estimate 2 x 0.3 x 2 = 1.2 s; 0.8 s spent):
+    # 0.25 s per image. Batch 4 would need about 2 x 0.25 x 4 = 2 s more: over the 3 s budget, skipped.
+    assert result == {1: pytest.approx(0.3), 2: pytest.approx(0.25)}
+    assert calls == [1, 1, 2, 2]
+
+
+def test_measure_always_measures_batch_one_even_over_budget() -> None:
+    clock = FakeClock()
+
+    def run(size: int) -> None:
+        clock.now += 10.0 * size
+
+    assert measure(run, max_batch_size=32, budget_s=0.1, clock=clock) == {1: 10.0}
