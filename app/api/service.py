@@ -1,7 +1,8 @@
-"""The serving pipeline behind the routes: parallel decoding, then the shared batcher.
+"""The serving pipeline behind the routes: isolated parallel decoding, then the shared batcher.
 
-Decoding happens per file in a thread pool *before* batching, so a bad upload fails alone
-with its own error code and never reaches (or breaks) a batch of good images.
+Decoding happens per file in decoder worker processes (``app.core.decode_pool``) *before*
+batching, so a bad upload fails alone with its own error code, never reaches (or breaks) a batch
+of good images, and cannot take the serving process down even when it crashes a native decoder.
 """
 
 from __future__ import annotations
@@ -9,18 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-
-import torch
 
 from app.api.batching import DynamicBatcher, ShuttingDownError
 from app.api.errors import NotReadyError, RequestTimeoutError
 from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
 from app.api.telemetry import Metrics
+from app.core.decode_pool import DecodePool
 from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
-from app.core.preprocessing import ImageError, preprocess
+from app.core.preprocessing import ImageError
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ class Service:
         self.metrics = metrics
         self.engine: InferenceEngine | None = None
         self._batcher: DynamicBatcher | None = None
-        self._decode_pool: ThreadPoolExecutor | None = None
+        self.decoder: DecodePool | None = None  # the isolated decoder processes, once started
         self.draining = False
 
     async def start(self) -> None:
@@ -44,8 +43,16 @@ class Service:
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
-        workers = settings.decode_workers or default_decode_workers(engine.device)
-        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="cxr-decode")
+        self.decoder = await asyncio.to_thread(
+            DecodePool,
+            settings.decode_workers or default_decode_workers(engine.device),
+            engine.input_size,
+            max_pixels=settings.max_pixels,
+            max_decode_bytes=settings.max_decode_bytes,
+            large_decode_bytes=settings.large_decode_bytes,
+            large_slots=settings.large_decodes,
+            timeout_s=settings.decode_timeout_s,
+        )
         self._batcher = DynamicBatcher(
             engine,
             max_batch_size=settings.max_batch_size,
@@ -75,8 +82,8 @@ class Service:
         self.draining = True
         if self._batcher is not None:
             await self._batcher.close()
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.decoder is not None:
+            await asyncio.to_thread(self.decoder.close)
 
     def health(self) -> Health:
         if self.engine is None or self._batcher is None:
@@ -133,15 +140,14 @@ class Service:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
     async def _score(self, data: bytes) -> ImageResult:
-        engine, batcher = self._admit()
+        _, batcher = self._admit()
+        assert self.decoder is not None  # set before the batcher, in start()
         try:
-            pixels: torch.Tensor = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, preprocess, data, engine.input_size, self.settings.max_pixels
-            )
+            decoded = await self.decoder.decode_async(data)
         except ImageError as exc:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise
-        return await batcher.submit(pixels)
+        return await batcher.submit(decoded.pixels)
 
     async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
         try:

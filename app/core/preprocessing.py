@@ -2,34 +2,60 @@
 
 Training and serving both call :func:`preprocess`, so an image is decoded, oriented,
 converted to grayscale and squashed to the model's square input in exactly one way.
-Large JPEGs are decoded with libjpeg's DCT scaling (Pillow's draft mode) to no less
-than the target size, which is what makes 9-megapixel uploads cheap.
+Large JPEGs are decoded with libjpeg's DCT scaling (the scale Pillow's draft mode picks) to no
+less than the target size, which is what makes 9-megapixel uploads cheap.
+
+Decoding is strict: a damaged image is an error, never filled in. 8-bit JPEGs go through
+libjpeg-turbo (simplejpeg) with its warnings ("premature end of data", "extraneous bytes",
+"bad Huffman code") raised as errors; 12/16-bit and lossless JPEGs must decode identically with
+and without extra bytes after every entropy-coded segment (a scan that runs out of data would
+read them); PNG chunks must all be present with valid CRCs. The decode cost (pixels x channels x
+bytes per sample, from the header) is checked before any decoder allocates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
+import os
+import stat
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from app.core.coded_error import CodedError
+from app.core.image_headers import (
+    JPEG_MAGIC,
+    PNG_MAGIC,
+    ImageHeader,
+    JpegFrame,
+    decode_cost,
+    jpeg_scale,
+    read_header,
+    read_jpeg_frame,
+)
+
+__all__ = ["JpegFrame", "read_jpeg_frame"]  # re-exported: the header parser lives in image_headers
 
 # Formats accepted by content, whatever the file name or declared content type says.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
 DEFAULT_MAX_PIXELS = 100_000_000
+# 100 M pixels at 4 bytes each (8-bit RGBA, 16-bit grey + alpha): what the decoder may allocate for one image.
+DEFAULT_MAX_DECODE_BYTES = 400_000_000
 RESAMPLE = Image.Resampling.BILINEAR
 # The pixel limit is enforced here from the header, before any decoding, with a
 # configurable bound; Pillow's own global guess would reject valid large X-rays.
 Image.MAX_IMAGE_PIXELS = None
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic).
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+# Bytes appended to each entropy-coded segment of a high-precision JPEG to prove the scan is complete
+# (no 0xFF, so they never form a marker); pseudo-random so a decoder that reads them decodes something.
+_PROBE_PADDING = bytes(np.random.default_rng(20240601).integers(0, 255, 64, dtype=np.uint8))
 
 
 class ImageError(CodedError):
@@ -62,53 +88,22 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
-@dataclass(frozen=True)
-class JpegFrame:
-    """The fields of a JPEG start-of-frame header that decide how to decode it."""
-
-    precision: int
-    height: int
-    width: int
-    components: int
-    lossless: bool
-
-
-def read_jpeg_frame(data: bytes) -> JpegFrame | None:
-    """Parse the first SOF header without decoding; ``None`` when there is none."""
-    pos = 2
-    size = len(data)
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker in _SOF_MARKERS:
-            if pos + 10 > size:
-                return None
-            return JpegFrame(
-                precision=data[pos + 4],
-                height=int.from_bytes(data[pos + 5 : pos + 7], "big"),
-                width=int.from_bytes(data[pos + 7 : pos + 9], "big"),
-                components=data[pos + 9],
-                lossless=marker in (0xC3, 0xC7, 0xCB, 0xCF),
-            )
-        if marker == 0xDA or length < 2:  # start of scan before any frame: malformed
-            return None
-        pos += 2 + length
-    return None
-
-
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise CorruptImageError("image header declares a zero width or height")
     if width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+
+
+def check_decode_budget(header: ImageHeader, target_size: int, max_pixels: int, max_decode_bytes: int) -> None:
+    """Refuse, from the header alone, an image whose pixels or decoded samples are over the limits."""
+    _check_pixels(header.width, header.height, max_pixels)
+    cost = decode_cost(header, target_size)
+    if cost > max_decode_bytes:
+        raise ImageTooLargeError(
+            f"decoding this {header.width}x{header.height} image ({header.channels} channels of {header.bits} bits) "
+            f"needs {cost} bytes, over the limit of {max_decode_bytes}"
+        )
 
 
 def _to_grayscale(img: Image.Image) -> Image.Image:
@@ -128,10 +123,12 @@ def _to_grayscale(img: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         return Image.fromarray((scaled + 0.5).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
         img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
+    if img.mode in ("RGBA", "LA"):
+        # Over a black background, channel by channel at one byte per pixel: a full-size RGBA
+        # compositing copy would cost 4 bytes per pixel twice more.
+        return Image.composite(img.convert("L"), Image.new("L", img.size, 0), img.getchannel("A"))
     return img.convert("L")
 
 
@@ -154,31 +151,152 @@ class ModelInput:
 
 
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+# EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _entropy_segment_ends(data: bytes) -> list[int]:
+    """Offsets where an entropy-coded segment ends (before each RSTn and each scan's closing marker)."""
+    ends: list[int] = []
+    pos, size = 2, len(data)
+    while pos + 2 <= size:
+        if data[pos] != 0xFF:
+            raise CorruptImageError(f"the JPEG has no marker where one is required (offset {pos})")
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return ends
+        if pos + 4 > size:
+            break
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2:
+            raise CorruptImageError(f"the JPEG has a segment of impossible length {length}")
+        pos += 2 + length
+        if marker != 0xDA:
+            continue
+        while True:  # entropy-coded data: 0xFF is followed by 0x00 (stuffing), RSTn, or the next marker
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= size:
+                raise CorruptImageError("the JPEG scan data ends without an end-of-image marker")
+            following = data[pos + 1]
+            if following == 0x00:
+                pos += 2
+            elif 0xD0 <= following <= 0xD7:
+                ends.append(pos)
+                pos += 2
+            elif following == 0xFF:
+                pos += 1
+            else:
+                ends.append(pos)
+                break
+    raise CorruptImageError("the JPEG ends without an end-of-image marker")
+
+
+def _with_probe_padding(data: bytes, ends: list[int]) -> bytes:
+    parts, start = [], 0
+    for end in ends:
+        parts += [data[start:end], _PROBE_PADDING]
+        start = end
+    parts.append(data[start:])
+    return b"".join(parts)
 
 
 def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
-    """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs."""
+    """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs.
+
+    imagecodecs ignores libjpeg's warnings, so completeness is proven another way: a scan whose
+    data covers every pixel never reads past its end, so padding every entropy-coded segment must
+    not change a single decoded sample. A scan cut short would read the padding instead of zeros.
+    """
     import imagecodecs
 
+    if frame.components not in (1, 2, 3):
+        raise UnsupportedImageError(f"{frame.precision}-bit JPEGs with {frame.components} components are not supported")
     try:
-        arr = imagecodecs.jpeg8_decode(data)
+        arr = np.asarray(imagecodecs.jpeg8_decode(data))
+        probe = np.asarray(imagecodecs.jpeg8_decode(_with_probe_padding(data, _entropy_segment_ends(data))))
+    except ImageError:
+        raise
     except Exception as exc:  # imagecodecs raises its own error types per codec
-        try:
-            arr = imagecodecs.ljpeg_decode(data)
-        except Exception:
-            raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
-    arr = np.asarray(arr)
+        raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
+    if probe.shape != arr.shape or not np.array_equal(probe, arr):
+        raise CorruptImageError(f"the {frame.precision}-bit JPEG's scan data ends before its last pixel")
+    del probe
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    if arr.ndim == 3:
-        arr = arr[:, :, :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if arr.ndim == 3 and arr.shape[2] == 2:  # grey + alpha: over black, as 8-bit PNGs with alpha are
+        alpha = arr[:, :, 1].astype(np.float32) / float((1 << frame.precision) - 1)
+        gray = arr[:, :, 0].astype(np.float32) * alpha
+    elif arr.ndim == 3:
+        gray = arr[:, :, :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:
+        gray = arr.astype(np.float32)
+    if gray.ndim != 2 or gray.shape != (frame.height, frame.width):
+        raise CorruptImageError(f"the JPEG decoded to {arr.shape}, not the {frame.width}x{frame.height} of its header")
     shift = max(frame.precision - 8, 0)
-    gray = np.clip(np.rint(arr / float(1 << shift)), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray, "L")
+    return Image.fromarray(np.clip(np.rint(gray / float(1 << shift)), 0, 255).astype(np.uint8), "L")
+
+
+def _decode_jpeg(data: bytes, frame: JpegFrame, target_size: int) -> tuple[Image.Image, SourceInfo]:
+    """8-bit JPEG: Pillow reads the header and EXIF, libjpeg-turbo decodes strictly at the draft scale."""
+    if frame.components not in (1, 3, 4):
+        raise UnsupportedImageError(f"8-bit JPEGs with {frame.components} components are not supported")
+    try:
+        header = Image.open(io.BytesIO(data))
+        orientation = header.getexif().get(ExifTags.Base.Orientation)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImageError(f"the JPEG header is invalid: {exc}") from exc
+    scale = jpeg_scale(frame.width, frame.height, target_size)
+    size = {"min_width": math.ceil(frame.width / scale), "min_height": math.ceil(frame.height / scale)}
+    try:
+        if frame.components == 4:  # CMYK/YCCK: Adobe's inverted convention, as Pillow reads it
+            cmyk = simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True, **size)
+            img = Image.fromarray(255 - cmyk, "CMYK").convert("L")
+        else:
+            img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True, **size)[:, :, 0], "L")
+    except ValueError as exc:  # simplejpeg reports every libjpeg error and warning as ValueError
+        raise CorruptImageError(f"the JPEG data is corrupt or truncated: {exc}") from exc
+    width, height = frame.width, frame.height
+    if orientation in _UPRIGHT:
+        img = img.transpose(_UPRIGHT[orientation])
+        if orientation in _QUARTER_TURNS:
+            width, height = height, width
+    return img, SourceInfo("JPEG", width, height)
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk up to IEND present and intact (CRC), so damage is an error rather than a guess."""
+    pos, size = len(PNG_MAGIC), len(data)
+    while True:
+        if pos + 12 > size:
+            raise CorruptImageError("the PNG is truncated: it ends before its IEND chunk")
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if length > 0x7FFFFFFF or end + 4 > size:
+            raise CorruptImageError("the PNG is truncated: a chunk runs past the end of the file")
+        kind = data[pos + 4 : pos + 8]
+        if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            raise CorruptImageError(f"the PNG's {kind.decode('latin-1')!r} chunk fails its CRC check")
+        if kind == b"IEND":
+            return
+        pos = end + 4
 
 
 def decode_grayscale(
-    data: bytes, target_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    target_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> tuple[Image.Image, SourceInfo]:
     """Decode ``data`` to an upright 8-bit grayscale image no smaller than ``target_size``.
 
@@ -186,32 +304,33 @@ def decode_grayscale(
     """
     if not data:
         raise EmptyImageError()
-    frame = read_jpeg_frame(data) if data.startswith(_JPEG_MAGIC) else None
-    if frame is not None:
-        _check_pixels(frame.width, frame.height, max_pixels)
-        if frame.precision != 8 or frame.lossless:
+    header = read_header(data)
+    if data.startswith(JPEG_MAGIC) and header is None:
+        raise CorruptImageError("the file starts like a JPEG but has no valid frame header")
+    if header is not None:
+        check_decode_budget(header, target_size, max_pixels, max_decode_bytes)
+        frame = header.jpeg
+        if frame is not None and (frame.precision != 8 or frame.lossless):
             source = SourceInfo("JPEG", frame.width, frame.height, {"bits": frame.precision})
             return _decode_high_precision_jpeg(data, frame), source
+        if frame is not None:
+            return _decode_jpeg(data, frame, target_size)
+    if data.startswith(PNG_MAGIC):
+        _check_png_chunks(data)
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in SUPPORTED_FORMATS:
             raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG or PNG")
         _check_pixels(img.width, img.height, max_pixels)
-        width, height = img.size
-        if img.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
-            width, height = height, width
-        source = SourceInfo("PNG" if img.format == "PNG" else "JPEG", width, height)
-        if img.format in ("JPEG", "MPO"):
-            img.draft("L" if img.mode in ("L", "RGB") else img.mode, (target_size, target_size))
+        source = SourceInfo("PNG", img.width, img.height)
         img.load()
-        img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        if data.startswith(_JPEG_MAGIC):
-            raise CorruptImageError("the file starts like a JPEG but its header is invalid") from exc
+        if data.startswith(PNG_MAGIC):
+            raise CorruptImageError("the file starts like a PNG but its header is invalid") from exc
         raise UnsupportedImageError("the file is not a JPEG or PNG image") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
     return _to_grayscale(img), source
 
@@ -223,15 +342,36 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
-def prepare_input(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelInput:
+def prepare_array(
+    data: bytes,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> tuple[np.ndarray, SourceInfo]:
+    """Encoded image bytes to ``uint8[S, S]`` pixels and what was decoded: the part decoder workers run."""
+    image, source = decode_grayscale(data, input_size, max_pixels, max_decode_bytes)
+    return resize_square(image, input_size), source
+
+
+def prepare_input(
+    data: bytes,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> ModelInput:
     """Encoded image bytes to the network input ``uint8[1, S, S]`` plus what was decoded."""
-    image, source = decode_grayscale(data, input_size, max_pixels)
-    return ModelInput(torch.from_numpy(resize_square(image, input_size)).unsqueeze(0), source)
+    pixels, source = prepare_array(data, input_size, max_pixels, max_decode_bytes)
+    return ModelInput(torch.from_numpy(pixels).unsqueeze(0), source)
 
 
-def preprocess(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def preprocess(
+    data: bytes,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> torch.Tensor:
     """Encoded image bytes to the network input ``uint8[1, S, S]`` (one grayscale channel)."""
-    return prepare_input(data, input_size, max_pixels).pixels
+    return prepare_input(data, input_size, max_pixels, max_decode_bytes).pixels
 
 
 @dataclass(frozen=True)
@@ -243,14 +383,56 @@ class PreparedFile:
     error: ImageError | None = None
 
 
-def preprocess_file(path: Path, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedFile:
-    """Read and preprocess a file from disk exactly as the service does an upload; never raises ImageError."""
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of a regular file; FIFOs, sockets and devices are refused without blocking on them.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor, so neither a FIFO (whose
+    plain ``open`` waits for a writer forever) nor a file swapped for one in between can hang a run.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        return PreparedFile(None, error=UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}"))
+        raise UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnreadableFileError(f"skipped: {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def preprocess_file(
+    path: Path,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    decoder: Callable[[bytes], torch.Tensor] | None = None,
+) -> PreparedFile:
+    """Read and preprocess a file from disk exactly as the service does an upload; never raises ImageError.
+
+    ``decoder`` replaces the in-process :func:`preprocess` (the scorer passes its isolated decode pool).
+    """
+    try:
+        data = read_image_file(path)
+    except ImageError as exc:
+        return PreparedFile(None, error=exc)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        return PreparedFile(preprocess(data, input_size, max_pixels), digest)
+        if decoder is not None:
+            return PreparedFile(decoder(data), digest)
+        return PreparedFile(preprocess(data, input_size, max_pixels, max_decode_bytes), digest)
     except ImageError as exc:
         return PreparedFile(None, digest, exc)

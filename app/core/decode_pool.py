@@ -1,0 +1,257 @@
+"""Run :func:`app.core.preprocessing.prepare_array` in decoder worker processes, one job per worker.
+
+The native decoders (libjpeg-turbo, libpng/zlib, whatever ``prepare_array`` grows to use) parse
+untrusted bytes. In a worker process a crash (segfault, out-of-memory kill) costs one image: the
+caller gets :class:`DecoderCrashedError` (``corrupt_image``), the worker is replaced and every
+other decode goes on. ``concurrent.futures.ProcessPoolExecutor`` would instead mark the whole pool
+broken and fail every job in flight, so this is a small pool of its own: a pipe per worker, a
+queue of idle workers, and a worker that dies or overruns its time is killed and replaced.
+
+Workers are forked from a ``forkserver`` that has preloaded the preprocessing module, so a
+replacement starts in milliseconds and never inherits the serving process's threads. Each
+worker caps its address space (``RLIMIT_AS``), so a decompression bomb fails in the worker,
+not on the host. Decodes whose header-declared cost is over ``large_decode_bytes`` go through
+``large_slots`` lanes (the pool keeps at least one more worker than that, so small images never
+all queue behind bombs) and their worker is retired afterwards, which hands its memory back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import queue
+import resource
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.core.image_headers import decode_cost, read_header
+from app.core.preprocessing import (
+    DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    CorruptImageError,
+    ImageError,
+    ImageTooLargeError,
+    ModelInput,
+    prepare_array,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_LARGE_DECODE_BYTES = 64 * MiB
+DEFAULT_DECODE_TIMEOUT_S = 20.0
+_PRELOAD = ["app.core.preprocessing"]
+
+
+class DecoderCrashedError(CorruptImageError):
+    """The decoder process died on this input: the image is treated as damaged, the worker replaced."""
+
+    default_message = "the image crashed its decoder; it is damaged or hostile"
+
+
+class DecodeTimeoutError(CorruptImageError):
+    """The decoder did not finish in time: killed and replaced."""
+
+
+class DecoderFailedError(Exception):
+    """A bug: the decoder raised something other than an ImageError. Not a client error; logged as a 500."""
+
+
+def worker_memory_limit(max_decode_bytes: int) -> int:
+    """Address space a worker may add after start-up: room for the decoded samples, their grey copy
+    and resizing (3x the decode budget) plus 512 MiB for the decoders' own buffers."""
+    return 3 * max_decode_bytes + 512 * MiB
+
+
+def _current_address_space() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmSize not found in /proc/self/status")
+
+
+def _worker_main(conn: Connection, memory_limit: int) -> None:
+    """Child process: cap memory, then answer one job at a time until the pipe closes or a ``None`` job."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    with contextlib.suppress(OSError, ValueError):  # no /proc (not Linux): run without the cap
+        limit = _current_address_space() + memory_limit
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        input_size, max_pixels, max_decode_bytes = job
+        data = conn.recv_bytes()
+        reply: tuple[str, Any, bool]  # (status, payload, whether this worker exits after replying)
+        try:
+            reply = ("ok", prepare_array(data, input_size, max_pixels, max_decode_bytes), False)
+        except ImageError as exc:
+            reply = ("image_error", exc, False)
+        except MemoryError:  # the address-space cap hit: answer, then exit rather than run on a fragmented heap
+            reply = (
+                "image_error",
+                ImageTooLargeError("decoding this image needs more memory than a decoder may use"),
+                True,
+            )
+        except Exception as exc:
+            reply = ("bug", f"{type(exc).__name__}: {exc}", False)
+        del data
+        conn.send(reply)
+        if reply[2]:
+            return
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-exitcode).name
+    return f"exit status {exitcode}"
+
+
+@dataclass(eq=False)  # identity, so workers can live in a set
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+
+
+class DecodePool:
+    """A fixed number of decoder processes; :meth:`decode` (threads) and :meth:`decode_async` (asyncio)."""
+
+    def __init__(
+        self,
+        workers: int,
+        input_size: int,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+        large_decode_bytes: int = DEFAULT_LARGE_DECODE_BYTES,
+        large_slots: int = 1,
+        timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
+        memory_limit: int | None = None,
+    ) -> None:
+        self.size = max(workers, large_slots + 1)
+        self.input_size = input_size
+        self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
+        self.large_decode_bytes = large_decode_bytes
+        self.timeout_s = timeout_s
+        self.memory_limit = memory_limit or worker_memory_limit(max_decode_bytes)
+        self.crashes = 0
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(_PRELOAD)
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._large = threading.BoundedSemaphore(large_slots)
+        self._large_async = asyncio.Semaphore(large_slots)
+        self._threads = ThreadPoolExecutor(self.size, thread_name_prefix="cxr-decode")
+        self._closed = False
+        self._all: set[_Worker] = set()
+        self._lock = threading.Lock()
+        for worker in self._threads.map(lambda _: self._spawn(), range(self.size)):
+            self._idle.put(worker)
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_worker_main, args=(child, self.memory_limit), name="cxr-decoder", daemon=True
+        )
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        with self._lock:
+            self._all.add(worker)
+        return worker
+
+    def _retire(self, worker: _Worker, *, kill: bool) -> None:
+        with self._lock:
+            self._all.discard(worker)
+        if kill:
+            worker.process.kill()
+        else:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5)
+        worker.conn.close()
+
+    def is_large(self, data: bytes) -> bool:
+        """Whether the header declares a decode over ``large_decode_bytes`` (read in pure Python)."""
+        header = read_header(data)
+        return header is not None and decode_cost(header, self.input_size) > self.large_decode_bytes
+
+    def decode(self, data: bytes) -> ModelInput:
+        """Blocking decode for threads (the offline scorer); raises the image's :class:`ImageError`."""
+        large = self.is_large(data)
+        with self._large if large else contextlib.nullcontext():
+            return self._run(data, large)
+
+    async def decode_async(self, data: bytes) -> ModelInput:
+        """The service's decode: large ones wait for a lane here, on the event loop, not in a thread."""
+        large = self.is_large(data)
+        async with self._large_async if large else contextlib.nullcontext():
+            return await asyncio.get_running_loop().run_in_executor(self._threads, self._run, data, large)
+
+    def _run(self, data: bytes, large: bool) -> ModelInput:
+        if self._closed:
+            raise RuntimeError("the decode pool is closed")
+        worker = self._idle.get()
+        replace = large  # a large decode's worker is retired: its heap goes back to the OS
+        try:
+            worker.conn.send((self.input_size, self.max_pixels, self.max_decode_bytes))
+            worker.conn.send_bytes(data)
+            if not worker.conn.poll(self.timeout_s):
+                replace = True
+                self._retire(worker, kill=True)
+                raise DecodeTimeoutError(f"decoding did not finish within {self.timeout_s:g} s")
+            status, payload, exiting = worker.conn.recv()
+            replace = replace or exiting
+        except (EOFError, OSError) as exc:  # the worker died mid-job
+            replace = True
+            worker.process.join(timeout=5)
+            reason = _signal_name(worker.process.exitcode)
+            self._retire(worker, kill=True)
+            self.crashes += 1
+            log.warning("decoder worker died (%s) on a %d-byte input; replaced", reason, len(data))
+            raise DecoderCrashedError(f"the image crashed its decoder ({reason}); it is damaged or hostile") from exc
+        finally:
+            if replace and not self._closed:
+                if worker in self._all:
+                    self._retire(worker, kill=False)
+                self._idle.put(self._spawn())
+            elif not replace:
+                self._idle.put(worker)
+        if status == "ok":
+            pixels, source = payload
+            return ModelInput(torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0), source)
+        if status == "image_error":
+            raise payload
+        raise DecoderFailedError(payload)
+
+    def close(self) -> None:
+        """Stop every worker; decodes still running are answered as crashes by their callers."""
+        self._closed = True
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            workers = list(self._all)
+        for worker in workers:
+            self._retire(worker, kill=False)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
