@@ -129,7 +129,7 @@ def _complete_rows(text: str) -> tuple[list[dict[str, str]], int]:
         header = next(reader, None)
         if header is None:
             return rows, 0
-        if tuple(header) != COLUMNS and "\n" not in text:  # the header itself was cut: nothing to keep
+        if text[consumed - 1] != "\n":  # the header itself was cut: nothing to keep
             return rows, 0
         if tuple(header) != COLUMNS:
             raise UsageError(f"exists but is not a predictions file from app.score (columns {header})")

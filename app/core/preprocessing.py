@@ -392,6 +392,11 @@ _FILE_KINDS = {
 }
 
 
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise UnreadableFileError(f"skipped: {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}")
+
+
 def read_image_file(path: Path) -> bytes:
     """The bytes of a regular file; FIFOs, sockets and devices are refused without blocking on them.
 
@@ -399,13 +404,12 @@ def read_image_file(path: Path) -> bytes:
     plain ``open`` waits for a writer forever) nor a file swapped for one in between can hang a run.
     """
     try:
+        _require_regular(os.stat(path).st_mode)  # sockets cannot even be opened: name them first
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UnreadableFileError(f"skipped: {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}")
+        _require_regular(os.fstat(fd).st_mode)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read()
     except OSError as exc:
