@@ -15,6 +15,9 @@ router = APIRouter(tags=["prediction"], dependencies=[ApiKeyGuard])
 _SERVICE_ERRORS = (
     "unauthorized",
     "payload_too_large",
+    "too_many_files",
+    "request_timeout",
+    "header_too_large",
     "bad_request",
     "missing_field",
     "validation_error",
@@ -36,7 +39,13 @@ _SERVICE_ERRORS = (
 )
 async def predict(
     service: ServiceDep,
-    file: Annotated[UploadFile, File(description="A JPEG (8/12-bit, any colour model) or PNG (8/16-bit) image.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A JPEG (8/12/16-bit or lossless, any colour model) or PNG (8/16-bit) image; not empty.",
+            json_schema_extra={"minLength": 1},
+        ),
+    ],
 ) -> Prediction:
     """P(pneumonia), calibrated with the model's temperature, and the label at its decision threshold."""
     return await service.predict(await file.read())
@@ -45,12 +54,21 @@ async def predict(
 @router.post(
     "/predict/batch",
     summary="Classify several chest X-rays",
-    responses=error_responses("too_many_files", *_SERVICE_ERRORS),
+    responses=error_responses(*_SERVICE_ERRORS),
 )
 async def predict_batch(
     service: ServiceDep,
     settings: SettingsDep,
-    files: Annotated[list[UploadFile], File(description="Repeat the `files` field once per image.")],
+    files: Annotated[
+        list[UploadFile],
+        File(
+            description="Repeat the `files` field once per image (at least one, at most CXR_MAX_BATCH_FILES).",
+            json_schema_extra={
+                "minItems": 1,
+                "items": {"type": "string", "contentMediaType": "application/octet-stream", "minLength": 1},
+            },
+        ),
+    ],
 ) -> BatchResponse:
     """Results in upload order; a file that is not a usable image gets its own error entry, the rest are scored."""
     limit = settings.max_batch_files
