@@ -38,6 +38,10 @@ def json_error_bytes(status: int, code: str, message: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+class _HeadTooLargeError(Exception):
+    """Raised from a parser callback to stop parsing an oversized head."""
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """Set the two class attributes with :func:`guarded_protocol`; uvicorn instantiates it per connection."""
 
@@ -47,7 +51,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while a head is incomplete (may include a body's first bytes)
+        self._head_size = 0  # exact size of the current head, from the parser's callbacks
+        self._head_too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
@@ -61,10 +67,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
         super().data_received(data)  # completes the head (on_headers_complete) when it is all there
+        # A head still incomplete after this many bytes (one endless header line, say) is refused here.
         if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
-            self._refuse(
-                431, "header_too_large", f"the request line and headers are over {self.max_header_bytes} bytes"
-            )
+            self._refuse_too_large()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+
+    # httptools calls these once per complete URL piece / header line, also within one big chunk.
+    def on_url(self, url: bytes) -> None:
+        self._grow_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _grow_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self.max_header_bytes:
+            self._head_too_large = True
+            raise _HeadTooLargeError  # aborts parsing; httptools reports it as a parser error (send_400_response)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -77,7 +101,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def send_400_response(self, msg: str) -> None:
-        self._refuse(400, "bad_request", "the request is not valid HTTP/1.1")
+        if self._head_too_large:
+            self._refuse_too_large()
+        else:
+            self._refuse(400, "bad_request", "the request is not valid HTTP/1.1")
+
+    def _refuse_too_large(self) -> None:
+        limit = self.max_header_bytes
+        self._refuse(431, "header_too_large", f"the request line and headers are over {limit} bytes")
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
