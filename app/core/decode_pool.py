@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 DEFAULT_LARGE_DECODE_BYTES = 64 * MiB
 DEFAULT_DECODE_TIMEOUT_S = 20.0
+STARTUP_TIMEOUT_S = 120.0
 _PRELOAD = ["app.core.preprocessing"]
 
 
@@ -86,6 +87,7 @@ def _worker_main(conn: Connection, memory_limit: int) -> None:
     with contextlib.suppress(OSError, ValueError):  # no /proc (not Linux): run without the cap
         limit = _current_address_space() + memory_limit
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn.send("ready")
     while True:
         try:
             job = conn.recv()
@@ -125,6 +127,7 @@ def _signal_name(exitcode: int | None) -> str:
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
+    ready: bool = False  # its "ready" message was read: start-up never counts against a decode's time
 
 
 class DecodePool:
@@ -160,6 +163,7 @@ class DecodePool:
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
         for worker in self._threads.map(lambda _: self._spawn(), range(self.size)):
+            self._await_ready(worker)  # the pool starts warm
             self._idle.put(worker)
 
     def _spawn(self) -> _Worker:
@@ -173,6 +177,20 @@ class DecodePool:
         with self._lock:
             self._all.add(worker)
         return worker
+
+    def _await_ready(self, worker: _Worker) -> None:
+        """Wait for a new worker's start-up (imports, memory cap), separately from any decode's deadline.
+
+        A replacement that started slowly on a loaded host must not time out the next image, be
+        replaced, and so on; a worker that cannot start at all is the service's failure, not the image's.
+        """
+        try:
+            started = worker.conn.poll(STARTUP_TIMEOUT_S) and worker.conn.recv() == "ready"
+        except (EOFError, OSError):
+            started = False
+        if not started:
+            raise DecoderFailedError(f"a decoder worker did not start within {STARTUP_TIMEOUT_S:g} s")
+        worker.ready = True
 
     def _retire(self, worker: _Worker, *, kill: bool) -> None:
         with self._lock:
@@ -211,6 +229,10 @@ class DecodePool:
         worker = self._idle.get()
         replace = large  # a large decode's worker is retired: its heap goes back to the OS
         try:
+            if not worker.ready:
+                replace = True  # until it proves it started
+                self._await_ready(worker)
+                replace = large
             worker.conn.send((self.input_size, self.max_pixels, self.max_decode_bytes))
             worker.conn.send_bytes(data)
             if not worker.conn.poll(self.timeout_s):

@@ -79,6 +79,22 @@ def read_jpeg_frame(data: bytes) -> JpegFrame | None:
     return None
 
 
+def jpeg_has_exif(data: bytes) -> bool:
+    """Whether an APP1 Exif segment comes before the first scan (most X-ray JPEGs have none)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return False
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            return True
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
+
+
 def read_header(data: bytes) -> ImageHeader | None:
     """The JPEG frame or PNG IHDR of ``data``; ``None`` for other formats or an unreadable header."""
     if data.startswith(JPEG_MAGIC):

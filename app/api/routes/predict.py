@@ -62,11 +62,10 @@ async def predict_batch(
     files: Annotated[
         list[UploadFile],
         File(
-            description="Repeat the `files` field once per image (at least one, at most CXR_MAX_BATCH_FILES).",
-            json_schema_extra={
-                "minItems": 1,
-                "items": {"type": "string", "contentMediaType": "application/octet-stream", "minLength": 1},
-            },
+            # Not minLength on the items: an empty file in a batch is that file's own error entry, not a 4xx.
+            description="Repeat the `files` field once per image (at least one, at most CXR_MAX_BATCH_FILES); "
+            "an empty file gets its own `empty_file` entry.",
+            json_schema_extra={"minItems": 1},
         ),
     ],
 ) -> BatchResponse:
