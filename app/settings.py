@@ -45,13 +45,13 @@ class Settings(BaseSettings):
     decode_workers: int | None = Field(
         None,
         ge=1,
-        description="Decoder processes; unset: min(4, CPUs) with a GPU, CPUs // 8 (at least 1) on the CPU; "
-        "always at least CXR_LARGE_DECODES + 1.",
+        description="Decoder processes for ordinary images; unset: min(4, CPUs) with a GPU, CPUs // 8 (at least 1) "
+        "on the CPU. CXR_LARGE_DECODES more decode large images.",
     )
     large_decode_bytes: int = Field(
-        DEFAULT_LARGE_DECODE_BYTES, ge=1, description="Decodes costing more wait for one of CXR_LARGE_DECODES lanes."
+        DEFAULT_LARGE_DECODE_BYTES, ge=1, description="Decodes costing more use the CXR_LARGE_DECODES workers."
     )
-    large_decodes: int = Field(1, ge=1, description="Large decodes running at once.")
+    large_decodes: int = Field(1, ge=1, description="Decoder processes for large images (at once, one each).")
     decode_timeout_s: float = Field(DEFAULT_DECODE_TIMEOUT_S, gt=0, description="A decoder slower than this is killed.")
     max_header_bytes: int = Field(64 * 1024, ge=1024, description="Request line and headers, in bytes (431 over).")
     header_timeout_s: float = Field(10.0, gt=0, description="Time to send the request line and headers (408 after).")

@@ -116,7 +116,7 @@ def test_large_decodes_retire_their_worker(pool: DecodePool) -> None:
 def test_large_decodes_take_turns_while_small_ones_go_on() -> None:
     """Finding 5: with one large lane, two bombs decode one after the other and a small image never waits."""
     with DecodePool(1, SIZE, large_decode_bytes=8_000_000, large_slots=1) as lanes:
-        assert lanes.size == 2  # one worker more than large lanes, whatever was asked for
+        assert lanes.size == 2  # one worker for ordinary images, one for large ones
         bomb = one_colour_rgba_png(4000, 4000)
         started = time.perf_counter()
         lanes.decode(bomb)

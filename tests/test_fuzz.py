@@ -46,11 +46,11 @@ def test_bounded_fuzz_run_finds_nothing(pool: DecodePool) -> None:
 
 def test_a_crash_is_reported_as_a_finding_not_fatal(pool: DecodePool) -> None:
     """The harness's own detector: a decoder that dies is one finding, and the run goes on."""
-    first, second = pool._idle.get(), pool._idle.get()
-    first.process.kill()  # as a segfault would, before the first mutant reaches it
-    first.process.join()
-    pool._idle.put(first)
-    pool._idle.put(second)
+    workers = [pool._idle.get() for _ in range(pool.size)]
+    workers[0].process.kill()  # as a segfault would, before the first mutant reaches it
+    workers[0].process.join()
+    for worker in workers:
+        pool._idle.put(worker)
     outcomes, findings = fuzz_decoders.fuzz(pool, ["jpeg-baseline"], 4, seed=1)
     assert outcomes["jpeg-baseline"].total() == 4
     assert [(finding.kind, finding.index) for finding in findings] == [("crash", 0)]

@@ -10,9 +10,10 @@ queue of idle workers, and a worker that dies or overruns its time is killed and
 Workers are forked from a ``forkserver`` that has preloaded the preprocessing module, so a
 replacement starts in milliseconds and never inherits the serving process's threads. Each
 worker caps its address space (``RLIMIT_AS``), so a decompression bomb fails in the worker,
-not on the host. Decodes whose header-declared cost is over ``large_decode_bytes`` go through
-``large_slots`` lanes (the pool keeps at least one more worker than that, so small images never
-all queue behind bombs) and their worker is retired afterwards, which hands its memory back.
+not on the host. Ordinary decodes use at most ``workers`` workers at once; decodes whose
+header-declared cost is over ``large_decode_bytes`` use ``large_slots`` workers of their own, so
+small images never queue behind bombs, and a large decode's worker is retired afterwards, which
+hands its memory back.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import multiprocessing
 import queue
 import resource
 import signal
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ MiB = 1024 * 1024
 DEFAULT_LARGE_DECODE_BYTES = 64 * MiB
 DEFAULT_DECODE_TIMEOUT_S = 20.0
 STARTUP_TIMEOUT_S = 120.0
+_JOB_HEADER = struct.Struct("<QQQ")  # input size, max pixels, max decode bytes
 _PRELOAD = ["app.core.preprocessing"]
 
 
@@ -90,13 +93,14 @@ def _worker_main(conn: Connection, memory_limit: int) -> None:
     conn.send("ready")
     while True:
         try:
-            job = conn.recv()
+            message = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        if job is None:
+        if not message:  # the pool retires this worker
             return
-        input_size, max_pixels, max_decode_bytes = job
-        data = conn.recv_bytes()
+        input_size, max_pixels, max_decode_bytes = _JOB_HEADER.unpack_from(message)
+        data = memoryview(message)[_JOB_HEADER.size :].tobytes()
+        del message
         reply: tuple[str, Any, bool]  # (status, payload, whether this worker exits after replying)
         try:
             reply = ("ok", prepare_array(data, input_size, max_pixels, max_decode_bytes), False)
@@ -145,7 +149,7 @@ class DecodePool:
         timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
         memory_limit: int | None = None,
     ) -> None:
-        self.size = max(workers, large_slots + 1)
+        self.size = workers + large_slots  # a lane per process: a job never waits for a worker, only for its lane
         self.input_size = input_size
         self.max_pixels = max_pixels
         self.max_decode_bytes = max_decode_bytes
@@ -156,8 +160,8 @@ class DecodePool:
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        self._large = threading.BoundedSemaphore(large_slots)
-        self._large_async = asyncio.Semaphore(large_slots)
+        self._lanes = {False: threading.BoundedSemaphore(workers), True: threading.BoundedSemaphore(large_slots)}
+        self._lanes_async = {False: asyncio.Semaphore(workers), True: asyncio.Semaphore(large_slots)}
         self._threads = ThreadPoolExecutor(self.size, thread_name_prefix="cxr-decode")
         self._closed = False
         self._all: set[_Worker] = set()
@@ -199,7 +203,7 @@ class DecodePool:
             worker.process.kill()
         else:
             with contextlib.suppress(OSError):
-                worker.conn.send(None)
+                worker.conn.send_bytes(b"")
         worker.process.join(timeout=5)
         if worker.process.is_alive():
             worker.process.kill()
@@ -214,14 +218,32 @@ class DecodePool:
     def decode(self, data: bytes) -> ModelInput:
         """Blocking decode for threads (the offline scorer); raises the image's :class:`ImageError`."""
         large = self.is_large(data)
-        with self._large if large else contextlib.nullcontext():
+        with self._lanes[large]:
             return self._run(data, large)
 
     async def decode_async(self, data: bytes) -> ModelInput:
-        """The service's decode: large ones wait for a lane here, on the event loop, not in a thread."""
+        """The service's decode: it waits for its lane on the event loop, not in a thread.
+
+        The lane is given back when the worker is done, not when the caller stops waiting (a
+        request that timed out), so the lanes always count the decodes really running.
+        """
         large = self.is_large(data)
-        async with self._large_async if large else contextlib.nullcontext():
-            return await asyncio.get_running_loop().run_in_executor(self._threads, self._run, data, large)
+        lane = self._lanes_async[large]
+        loop = asyncio.get_running_loop()
+        await lane.acquire()
+
+        def job() -> ModelInput:
+            try:
+                return self._run(data, large)
+            finally:
+                loop.call_soon_threadsafe(lane.release)
+
+        try:
+            future = loop.run_in_executor(self._threads, job)
+        except BaseException:
+            lane.release()
+            raise
+        return await future
 
     def _run(self, data: bytes, large: bool) -> ModelInput:
         if self._closed:
@@ -233,8 +255,8 @@ class DecodePool:
                 replace = True  # until it proves it started
                 self._await_ready(worker)
                 replace = large
-            worker.conn.send((self.input_size, self.max_pixels, self.max_decode_bytes))
-            worker.conn.send_bytes(data)
+            # One message per job (one wake-up of the worker): fixed header, then the upload's bytes.
+            worker.conn.send_bytes(_JOB_HEADER.pack(self.input_size, self.max_pixels, self.max_decode_bytes) + data)
             if not worker.conn.poll(self.timeout_s):
                 replace = True
                 self._retire(worker, kill=True)
