@@ -53,7 +53,7 @@ DEFAULT_LARGE_DECODE_BYTES = 64 * MiB
 DEFAULT_DECODE_TIMEOUT_S = 20.0
 STARTUP_TIMEOUT_S = 120.0
 _JOB_HEADER = struct.Struct("<QQQ")  # input size, max pixels, max decode bytes
-_PRELOAD = ["app.core.preprocessing"]
+_PRELOAD = ["app.core.preprocessing", "app.core.decode_pool"]  # the worker code is fixed when the server starts
 
 
 class DecoderCrashedError(CorruptImageError):
