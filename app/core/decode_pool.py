@@ -236,7 +236,8 @@ class DecodePool:
             try:
                 return self._run(data, large)
             finally:
-                loop.call_soon_threadsafe(lane.release)
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nothing waits for the lane any more
+                    loop.call_soon_threadsafe(lane.release)
 
         try:
             future = loop.run_in_executor(self._threads, job)
