@@ -22,7 +22,7 @@ from tests.hostile_inputs import (
     two_channel_jpeg,
     zero_middle,
 )
-from tests.live_server import LiveServer, live_server, serving_settings
+from tests.live_server import LiveServer, live_server, metric_samples, serving_settings
 from tests.test_decode_pool import running_pid, slow_png, worker_pids
 
 GOOD = encode(synthetic_xray(), "JPEG", quality=90)
@@ -68,6 +68,9 @@ def test_a_decoder_killed_mid_request_fails_only_that_request(server: LiveServer
     assert "SIGSEGV" in result["victim"].json()["error"]["message"]
     assert [response.status_code for response in others] == [200] * 4
     assert len(worker_pids(decoder)) == decoder.size
+    with server.client() as client:
+        replaced = metric_samples(client.get("/metrics").text, "cxr_decoder_replacements_total")
+    assert replaced['{reason="crash"}'] >= 1
 
 
 @pytest.mark.parametrize(

@@ -88,11 +88,21 @@ def test_a_worker_that_dies_costs_only_its_own_image(pool: DecodePool) -> None:
 
 
 def test_a_hung_decoder_is_killed_and_replaced() -> None:
-    with DecodePool(2, SIZE, timeout_s=0.5) as short:
+    """A decoder that never answers (here: every worker stopped with SIGSTOP) costs its image 0.5 s, then 422."""
+    replaced: list[str] = []
+    with DecodePool(1, SIZE, timeout_s=0.5, on_replace=replaced.append) as short:
+        stopped = worker_pids(short)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
         with pytest.raises(DecodeTimeoutError):
-            short.decode(slow_png(5000))
+            short.decode(SMALL)
+        assert 0.5 <= time.monotonic() - started < 10
+        for pid in stopped & worker_pids(short):  # the one that was not asked stays in the pool
+            os.kill(pid, signal.SIGCONT)
+        assert replaced == ["timeout"]
         assert short.decode(SMALL).pixels.shape == (1, SIZE, SIZE)
-        assert len(worker_pids(short)) == short.size
+        assert len(worker_pids(short)) == short.size and not stopped <= worker_pids(short)
 
 
 def test_a_bomb_fails_in_its_worker_under_the_memory_cap() -> None:

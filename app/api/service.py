@@ -52,6 +52,7 @@ class Service:
             large_decode_bytes=settings.large_decode_bytes,
             large_slots=settings.large_decodes,
             timeout_s=settings.decode_timeout_s,
+            on_replace=self.metrics.record_decoder_replacement,
         )
         self._batcher = DynamicBatcher(
             engine,

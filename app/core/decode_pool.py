@@ -27,6 +27,7 @@ import resource
 import signal
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -148,6 +149,7 @@ class DecodePool:
         large_slots: int = 1,
         timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
         memory_limit: int | None = None,
+        on_replace: Callable[[str], None] | None = None,
     ) -> None:
         self.size = workers + large_slots  # a lane per process: a job never waits for a worker, only for its lane
         self.input_size = input_size
@@ -157,6 +159,8 @@ class DecodePool:
         self.timeout_s = timeout_s
         self.memory_limit = memory_limit or worker_memory_limit(max_decode_bytes)
         self.crashes = 0
+        # Told why each worker is replaced: crash, timeout, out_of_memory, large_decode, start_failed.
+        self._on_replace = on_replace
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
@@ -250,22 +254,24 @@ class DecodePool:
         if self._closed:
             raise RuntimeError("the decode pool is closed")
         worker = self._idle.get()
-        replace = large  # a large decode's worker is retired: its heap goes back to the OS
+        # Why this worker is replaced after the job, if it is: a large decode's heap goes back to the OS.
+        replaced_for: str | None = "large_decode" if large else None
         try:
             if not worker.ready:
-                replace = True  # until it proves it started
+                replaced_for = "start_failed"  # until it proves it started
                 self._await_ready(worker)
-                replace = large
+                replaced_for = "large_decode" if large else None
             # One message per job (one wake-up of the worker): fixed header, then the upload's bytes.
             worker.conn.send_bytes(_JOB_HEADER.pack(self.input_size, self.max_pixels, self.max_decode_bytes) + data)
             if not worker.conn.poll(self.timeout_s):
-                replace = True
+                replaced_for = "timeout"
                 self._retire(worker, kill=True)
                 raise DecodeTimeoutError(f"decoding did not finish within {self.timeout_s:g} s")
             status, payload, exiting = worker.conn.recv()
-            replace = replace or exiting
+            if exiting:
+                replaced_for = "out_of_memory"
         except (EOFError, OSError) as exc:  # the worker died mid-job
-            replace = True
+            replaced_for = "crash"
             worker.process.join(timeout=5)
             reason = _signal_name(worker.process.exitcode)
             self._retire(worker, kill=True)
@@ -273,12 +279,14 @@ class DecodePool:
             log.warning("decoder worker died (%s) on a %d-byte input; replaced", reason, len(data))
             raise DecoderCrashedError(f"the image crashed its decoder ({reason}); it is damaged or hostile") from exc
         finally:
-            if replace and not self._closed:
+            if replaced_for is None:
+                self._idle.put(worker)
+            elif not self._closed:
                 if worker in self._all:
                     self._retire(worker, kill=False)
                 self._idle.put(self._spawn())
-            elif not replace:
-                self._idle.put(worker)
+                if self._on_replace is not None:
+                    self._on_replace(replaced_for)
         if status == "ok":
             pixels, source = payload
             return ModelInput(torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0), source)
