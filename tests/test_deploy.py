@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from app.settings import Settings
-from tests.conftest import encode, synthetic_xray
+from tests.conftest import encode, find_tool, synthetic_xray
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
@@ -46,8 +46,8 @@ STACKS = {
 }
 COMPOSE_FILES = sorted({name for files in STACKS.values() for name in files})
 REPLICAS = ("api-gpu0", "api-gpu1")
-NGINX = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI: apt-get install -y nginx)")
+NGINX = find_tool("nginx")
+needs_nginx = pytest.mark.needs_tool("nginx")
 
 
 class Replica(NamedTuple):
@@ -595,3 +595,15 @@ def test_nginx_rejects_oversized_uploads_before_the_replicas(proxy: Proxy, repli
     assert over.headers.get_list("x-request-id") == ["over-limit"]
     assert eventually(lambda: "at-limit" in "".join(log.read_text() for log in logs))
     assert "over-limit" not in "".join(log.read_text() for log in logs)
+
+
+@needs_nginx
+def test_docs_page_and_its_assets_load_through_nginx(proxy: Proxy) -> None:
+    """The page's relative URLs resolve through the proxy, and its security headers survive it."""
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert assets and all(not asset.startswith(("/", "http")) for asset in assets)
+        for asset in [*assets, "openapi.json"]:
+            assert client.get(httpx.URL(str(page.url)).join(asset)).status_code == 200, asset

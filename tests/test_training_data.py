@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from app.core.network import ModelSpec
+from tests.dicom_files import Spec, chest_stored, dicom_bytes
 from tests.training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, write_split
-from training.cli import main
+from training.cli import build_parser, main
+from training.config import TrainConfig, flag
 from training.data import discover, load_images
 from training.split import grouped_stratified_split, patient_id
 from training.user_errors import DataError
@@ -176,3 +180,46 @@ def test_unusable_device_is_a_clear_error(
         str(tmp_path / "r"),
     ]
     assert "no CUDA GPU is available" in _error_line(capsys, [*evaluate, "--device", "cuda"])
+
+
+def test_evaluate_reads_dicom_files_through_the_service_preprocessing(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "dicom"
+    for label, seeds in (("NORMAL", (1, 2, 3)), ("PNEUMONIA", (4, 5, 6))):
+        (root / label).mkdir(parents=True)
+        for seed in seeds:
+            stored = chest_stored(Spec(), seed=seed)
+            (root / label / f"IM-{seed:04d}-0001.dcm").write_bytes(dicom_bytes(Spec(photometric="MONOCHROME2"), stored))
+    lateral = root / "NORMAL" / "IM-0009-0001.dcm"
+    lateral.write_bytes(dicom_bytes(Spec(view="LL")))
+    report = tmp_path / "report"
+    argv = ["evaluate", "--weights", str(tiny_weights), "--data", str(root), "--report", str(report)]
+    assert main([*argv, "--device", "cpu", "--bootstrap", "10", "--workers", "1"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n"] == 6
+    assert [(item["path"], item["reason"].split(":")[0]) for item in metrics["unreadable"]] == [
+        (str(lateral), "not_frontal_view")
+    ]
+
+
+def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """The train subcommand is generated from TrainConfig: each field is a flag that parses to the field's type."""
+    argv = ["train", "--data", "d", "--out", "o", "--input-size", "64", "--lr", "0.01", "--no-cache", "--hflip"]
+    args = build_parser().parse_args([*argv, "--imagenet-weights", "w.pth", "--threshold-method", "youden"])
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    assert values == {
+        "data": Path("d"),
+        "out": Path("o"),
+        "input_size": 64,
+        "lr": 0.01,
+        "cache": False,
+        "hflip": True,
+        "imagenet_weights": Path("w.pth"),
+        "threshold_method": "youden",
+    }
+    assert TrainConfig(**values).model_spec() == ModelSpec(input_size=64)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert all(flag(name) in shown for name in TrainConfig.model_fields)

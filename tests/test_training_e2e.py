@@ -75,7 +75,13 @@ def test_run_writes_checkpoints_metrics_and_export(run_dir: Path) -> None:
     meta = json.loads((run_dir / "model.json").read_text())
     assert meta["provenance"]["input_size"] == INPUT_SIZE and meta["provenance"]["init"] == "scratch"
     assert len(meta["provenance"]["data_hash"]) == 64
-    assert meta["temperature"] > 0 and 0.0 <= meta["threshold"] <= 1.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert meta["temperature"] == summary["temperature"] != 1.0
+    # The threshold is the highest one that still catches 95% of validation pneumonia (computed here by hand).
+    rows = list(csv.DictReader((run_dir / "val_report" / "predictions.csv").open()))
+    positives = sorted((float(r["probability"]) for r in rows if r["label"] == "PNEUMONIA"), reverse=True)
+    needed = -(-95 * len(positives) // 100)  # ceil(0.95 * n)
+    assert meta["threshold"] == pytest.approx(positives[needed - 1], abs=1e-6)
     assert meta["metrics"]["validation"].keys() >= METRIC_KEYS
 
 

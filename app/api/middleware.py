@@ -30,7 +30,7 @@ error_log = logging.getLogger("app.api.errors")
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Polled by orchestrators every few seconds: logged at DEBUG so they do not drown real traffic.
-_QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics"})
+_QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def _endpoint_label(scope: Scope) -> str:
@@ -74,7 +74,8 @@ class RequestContextMiddleware:
             # uvicorn cancels requests still running when the drain grace ends; it would answer a plain-text 500.
             if not response_started:
                 status = 503
-                await coded_error_response(ShuttingDownError(), self.retry_after_s)(scope, receive, send_with_id)
+                shutting_down = coded_error_response(ShuttingDownError(), self.retry_after_s, scope["path"])
+                await shutting_down(scope, receive, send_with_id)
             raise
         except Exception:
             error_log.exception("unhandled error in %s %s", scope["method"], scope["path"])
@@ -83,6 +84,7 @@ class RequestContextMiddleware:
                     "internal_error",
                     f"unexpected server error; it has been logged with request id {request_id}",
                     self.retry_after_s,
+                    path=scope["path"],
                 )
                 await response(scope, receive, send_with_id)
         finally:
@@ -132,7 +134,7 @@ class ApiKeyMiddleware:
             and self._is_protected(scope)
             and not self.settings.api_key_accepts(Headers(scope=scope).get("x-api-key"))
         ):
-            response = coded_error_response(UnauthorizedError(), self.settings.retry_after_s)
+            response = coded_error_response(UnauthorizedError(), self.settings.retry_after_s, scope["path"])
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -161,7 +163,7 @@ class BodySizeLimitMiddleware:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             error = self._too_large()
-            response = error_response(error.code, error.detail, self.retry_after_s, error.headers)
+            response = error_response(error.code, error.detail, self.retry_after_s, error.headers, scope["path"])
             await response(scope, receive, send)
             return
         received = 0

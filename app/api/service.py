@@ -1,28 +1,61 @@
-"""The serving pipeline behind the routes: isolated parallel decoding, then the shared batcher.
+"""The serving pipeline behind the routes: parallel decoding, then the shared batcher.
 
 Decoding happens per file in decoder worker processes (``app.core.decode_pool``) *before*
 batching, so a bad upload fails alone with its own error code, never reaches (or breaks) a batch
-of good images, and cannot take the serving process down even when it crashes a native decoder.
+of good images, and cannot take the serving process down even when it crashes a native decoder. Every route,
+``/predict`` and the Open Inference Protocol alike, goes through the same decode, batcher and
+decision here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+
+import torch
 
 from app.api.batching import DynamicBatcher, ShuttingDownError
-from app.api.errors import NotReadyError, RequestTimeoutError
-from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
+from app.api.errors import InvalidInferenceRequestError, NotReadyError, RequestTimeoutError
+from app.api.schemas import (
+    BatchItemError,
+    BatchPrediction,
+    ErrorBody,
+    Health,
+    HeatmapBody,
+    ImageSource,
+    ModelCard,
+    ModelIdentity,
+    Prediction,
+)
 from app.api.telemetry import Metrics
 from app.core.decode_pool import DecodePool
 from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
-from app.core.preprocessing import ImageError
+from app.core.heatmap import Heatmap
+from app.core.overlay import heatmap_scale, overlay_size, png_bytes, render_overlay
+from app.core.preprocessing import ImageError, ModelInput, SourceInfo
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One upload after the forward pass: what the model said and the input it said it about."""
+
+    result: ImageResult
+    input: ModelInput
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A prediction with its heatmap, drawn: the PNG and the magnitude shown at full colour."""
+
+    prediction: Prediction
+    png: bytes
+    scale: float
 
 
 class Service:
@@ -43,6 +76,7 @@ class Service:
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
+        # The one preprocessing function, with the DICOM checks the settings ask for, in worker processes.
         self.decoder = await asyncio.to_thread(
             DecodePool,
             settings.decode_workers or default_decode_workers(engine.device),
@@ -52,6 +86,7 @@ class Service:
             large_decode_bytes=settings.large_decode_bytes,
             large_slots=settings.large_decodes,
             timeout_s=settings.decode_timeout_s,
+            dicom=settings.dicom_policy(),
             on_replace=self.metrics.record_decoder_replacement,
         )
         self._batcher = DynamicBatcher(
@@ -100,24 +135,73 @@ class Service:
         meta = self._loaded().metadata
         return ModelIdentity(name=meta.name, version=meta.version, sha256=meta.sha256)
 
+    def input_size(self) -> int:
+        """Side of the square ``uint8`` image the loaded network takes."""
+        return self._loaded().input_size
+
     def model_card(self) -> ModelCard:
         engine = self._loaded()
         meta = engine.metadata.model_dump(exclude={"golden"})
         return ModelCard(**meta, device=str(engine.device), precision=engine.precision)
 
-    async def predict(self, data: bytes) -> Prediction:
+    async def predict(self, data: bytes, explain: bool = False) -> Prediction:
         async with self._deadline():
-            result = await self._score(data)
-        return self._prediction(result)
+            scored = await self._score(data, explain)
+        return self._prediction(scored.result, scored.input.source)
 
-    async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
+    async def explain(self, data: bytes, opacity: float) -> Explanation:
+        """The prediction with its heatmap drawn over the input at the upload's aspect ratio, as a PNG."""
+        async with self._deadline():
+            scored = await self._score(data, explain=True)
+            heatmap = scored.result.heatmap
+            assert heatmap is not None
+            source = scored.input.source
+            size = overlay_size(source.width, source.height, self._loaded().input_size)
+            png = await asyncio.to_thread(_draw, scored.input, heatmap, size, opacity)
+        return Explanation(self._prediction(scored.result, source), png, heatmap_scale(heatmap))
+
+    async def predict_many(
+        self, files: list[tuple[str | None, bytes]], explain: bool = False
+    ) -> list[BatchPrediction | BatchItemError]:
         """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
         try:
             async with self._deadline(), asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._score_item(name, data)) for name, data in files]
+                tasks = [group.create_task(self._score_item(name, data, explain)) for name, data in files]
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed: retry the batch
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
+
+    async def predict_images(self, images: Sequence[bytes]) -> list[Prediction]:
+        """All or nothing, for protocols where a request succeeds or fails as a whole.
+
+        Every image is decoded first, in parallel; when any cannot be used the request fails with
+        that image's own error code and position (the first such image), and nothing is scored.
+        """
+        async with self._deadline():
+            engine, batcher = self._admit()
+            decoded = await asyncio.gather(*(self._decode(engine, data) for data in images), return_exceptions=True)
+            prepared: list[ModelInput] = []
+            for index, item in enumerate(decoded):
+                if isinstance(item, ImageError):
+                    raise type(item)(f"item {index} of {len(images)}: {item.message}") from item
+                if isinstance(item, BaseException):
+                    raise item
+                prepared.append(item)
+            pixels = [item.pixels for item in prepared]
+            return await self._submit_all(batcher, pixels, [item.source for item in prepared])
+
+    async def predict_pixels(self, pixels: torch.Tensor) -> list[Prediction]:
+        """Images the client preprocessed itself: ``uint8[N,1,S,S]`` at exactly this model's input size."""
+        engine, batcher = self._admit()
+        size = engine.input_size
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (1, size, size):
+            raise InvalidInferenceRequestError(
+                f"pixels must be uint8[N, 1, {size}, {size}] for this model, got {pixels.dtype}{list(pixels.shape)}"
+            )
+        if pixels.shape[0] == 0:
+            raise InvalidInferenceRequestError("pixels holds no image")
+        async with self._deadline():
+            return await self._submit_all(batcher, list(pixels.contiguous().unbind(0)), [None] * pixels.shape[0])
 
     def _loaded(self) -> InferenceEngine:
         if self.engine is None:
@@ -140,24 +224,58 @@ class Service:
         except TimeoutError:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
-    async def _score(self, data: bytes) -> ImageResult:
-        _, batcher = self._admit()
-        assert self.decoder is not None  # set before the batcher, in start()
+    async def _decode(self, engine: InferenceEngine, data: bytes) -> ModelInput:
+        assert self.decoder is not None and self.decoder.input_size == engine.input_size  # both set in start()
         try:
-            decoded = await self.decoder.decode_async(data)
+            return await self.decoder.decode_async(data)
         except ImageError as exc:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise
-        return await batcher.submit(decoded.pixels)
 
-    async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
+    async def _score(self, data: bytes, explain: bool = False) -> Scored:
+        engine, batcher = self._admit()
+        if explain:
+            engine.check_explainable()  # refuse before decoding anything
+        prepared = await self._decode(engine, data)
+        return Scored(await batcher.submit(prepared.pixels, explain), prepared)
+
+    async def _submit_all(
+        self, batcher: DynamicBatcher, pixels: list[torch.Tensor], sources: Sequence[SourceInfo | None]
+    ) -> list[Prediction]:
+        """Queue every image at once (they share forward passes); a service error fails them all."""
         try:
-            result = await self._score(data)
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(batcher.submit(image)) for image in pixels]
+        except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed
+            raise failed.exceptions[0] from None
+        return [self._prediction(task.result(), source) for task, source in zip(tasks, sources, strict=True)]
+
+    async def _score_item(self, filename: str | None, data: bytes, explain: bool) -> BatchPrediction | BatchItemError:
+        try:
+            scored = await self._score(data, explain)
         except ImageError as exc:
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
-        return BatchPrediction(filename=filename, **self._prediction(result).model_dump())
+        prediction = self._prediction(scored.result, scored.input.source)
+        return BatchPrediction(filename=filename, **prediction.model_dump(exclude_unset=True))
 
-    def _prediction(self, result: ImageResult) -> Prediction:
+    def _prediction(self, result: ImageResult, source: SourceInfo | None) -> Prediction:
+        """The response body: ``source`` is None only for client-preprocessed pixels, where nothing was
+        decoded; ``heatmap`` is set only when one was computed, so it is absent otherwise."""
         decision = self._loaded().decide(result.probability)
         self.metrics.predictions.labels(decision.label).inc()
-        return Prediction(**asdict(decision), model=self.identity())
+        described = ImageSource(**asdict(source)) if source is not None else None
+        prediction = Prediction(**asdict(decision), model=self.identity(), source=described)
+        if result.heatmap is not None:
+            heatmap = result.heatmap
+            prediction.heatmap = HeatmapBody(
+                method=heatmap.method,
+                layer=heatmap.layer,
+                grid=(heatmap.rows, heatmap.cols),
+                values=list(heatmap.values),
+                bias=heatmap.bias,
+            )
+        return prediction
+
+
+def _draw(model_input: ModelInput, heatmap: Heatmap, size: tuple[int, int], opacity: float) -> bytes:
+    return png_bytes(render_overlay(model_input.pixels, heatmap, size, opacity))

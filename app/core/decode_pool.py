@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy
 from app.core.image_headers import decode_cost, read_header
 from app.core.preprocessing import (
     DEFAULT_MAX_DECODE_BYTES,
@@ -85,7 +86,7 @@ def _current_address_space() -> int:
     raise OSError("VmSize not found in /proc/self/status")
 
 
-def _worker_main(conn: Connection, memory_limit: int) -> None:
+def _worker_main(conn: Connection, memory_limit: int, dicom: DicomPolicy) -> None:
     """Child process: cap memory, then answer one job at a time until the pipe closes or a ``None`` job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     with contextlib.suppress(OSError, ValueError):  # no /proc (not Linux): run without the cap
@@ -104,7 +105,7 @@ def _worker_main(conn: Connection, memory_limit: int) -> None:
         del message
         reply: tuple[str, Any, bool]  # (status, payload, whether this worker exits after replying)
         try:
-            reply = ("ok", prepare_array(data, input_size, max_pixels, max_decode_bytes), False)
+            reply = ("ok", prepare_array(data, input_size, max_pixels, max_decode_bytes, dicom=dicom), False)
         except ImageError as exc:
             reply = ("image_error", exc, False)
         except MemoryError:  # the address-space cap hit: answer, then exit rather than run on a fragmented heap
@@ -149,6 +150,7 @@ class DecodePool:
         large_slots: int = 1,
         timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
         memory_limit: int | None = None,
+        dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
         on_replace: Callable[[str], None] | None = None,
     ) -> None:
         self.size = workers + large_slots  # a lane per process: a job never waits for a worker, only for its lane
@@ -158,6 +160,7 @@ class DecodePool:
         self.large_decode_bytes = large_decode_bytes
         self.timeout_s = timeout_s
         self.memory_limit = memory_limit or worker_memory_limit(max_decode_bytes)
+        self.dicom = dicom
         self.crashes = 0
         # Told why each worker is replaced: crash, timeout, out_of_memory, large_decode, start_failed.
         self._on_replace = on_replace
@@ -177,7 +180,7 @@ class DecodePool:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=_worker_main, args=(child, self.memory_limit), name="cxr-decoder", daemon=True
+            target=_worker_main, args=(child, self.memory_limit, self.dicom), name="cxr-decoder", daemon=True
         )
         process.start()
         child.close()

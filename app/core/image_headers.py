@@ -11,28 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from app.core.jpeg_header import JpegFrame, read_jpeg_frame
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic).
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
-_LOSSLESS_SOF = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
 # PNG colour type -> samples per pixel (grey, RGB, palette, grey+alpha, RGBA).
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 # libjpeg's DCT scaling factors that Pillow's draft mode uses; preprocessing decodes with the same ones.
 JPEG_SCALES = (8, 4, 2, 1)
-
-
-@dataclass(frozen=True)
-class JpegFrame:
-    """The fields of a JPEG start-of-frame header that decide how to decode it."""
-
-    precision: int
-    height: int
-    width: int
-    components: int
-    lossless: bool
-    progressive: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,54 +31,6 @@ class ImageHeader:
     channels: int
     bits: int
     jpeg: JpegFrame | None = None
-
-
-def read_jpeg_frame(data: bytes) -> JpegFrame | None:
-    """Parse the first SOF header without decoding; ``None`` when there is none."""
-    pos = 2
-    size = len(data)
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker in _SOF_MARKERS:
-            if pos + 10 > size:
-                return None
-            return JpegFrame(
-                precision=data[pos + 4],
-                height=int.from_bytes(data[pos + 5 : pos + 7], "big"),
-                width=int.from_bytes(data[pos + 7 : pos + 9], "big"),
-                components=data[pos + 9],
-                lossless=marker in _LOSSLESS_SOF,
-                progressive=marker in _PROGRESSIVE_SOF,
-            )
-        if marker == 0xDA or length < 2:  # start of scan before any frame: malformed
-            return None
-        pos += 2 + length
-    return None
-
-
-def jpeg_has_exif(data: bytes) -> bool:
-    """Whether an APP1 Exif segment comes before the first scan (most X-ray JPEGs have none)."""
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0xDA:
-            return False
-        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
-            return True
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return False
 
 
 def read_header(data: bytes) -> ImageHeader | None:

@@ -3,7 +3,9 @@
 Training and serving both call :func:`preprocess`, so an image is decoded, oriented,
 converted to grayscale and squashed to the model's square input in exactly one way.
 Large JPEGs are decoded with libjpeg's DCT scaling (the scale Pillow's draft mode picks) to no
-less than the target size, which is what makes 9-megapixel uploads cheap.
+less than the target size, which is what makes 9-megapixel uploads cheap. DICOM files, detected by
+content, are turned into 8-bit display pixels by ``app.core.dicom`` and then take the same
+resize as every other input.
 
 Decoding is strict: a damaged image is an error, never filled in. 8-bit JPEGs go through
 libjpeg-turbo (simplejpeg) with its warnings ("premature end of data", "extraneous bytes",
@@ -30,20 +32,19 @@ import simplejpeg
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from app.core.coded_error import CodedError
-from app.core.image_headers import (
-    JPEG_MAGIC,
-    PNG_MAGIC,
-    ImageHeader,
-    JpegFrame,
-    decode_cost,
-    jpeg_has_exif,
-    jpeg_scale,
-    read_header,
-    read_jpeg_frame,
+from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy, decode_dicom, is_dicom, read_sop_instance_uid
+from app.core.image_errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    UnreadableFileError,
+    UnsupportedImageError,
 )
+from app.core.image_headers import JPEG_MAGIC, PNG_MAGIC, ImageHeader, decode_cost, jpeg_scale, read_header
+from app.core.jpeg_header import JpegFrame, jpeg_has_exif, read_jpeg_frame
 
-__all__ = ["JpegFrame", "read_jpeg_frame"]  # re-exported: the header parser lives in image_headers
+__all__ = ["JpegFrame", "read_jpeg_frame"]  # re-exported: the header parser lives in jpeg_header
 
 # Formats accepted by content, whatever the file name or declared content type says.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
@@ -57,36 +58,6 @@ Image.MAX_IMAGE_PIXELS = None
 # Bytes appended to each entropy-coded segment of a high-precision JPEG to prove the scan is complete
 # (no 0xFF, so they never form a marker); pseudo-random so a decoder that reads them decodes something.
 _PROBE_PADDING = bytes(np.random.default_rng(20240601).integers(0, 255, 64, dtype=np.uint8))
-
-
-class ImageError(CodedError):
-    """An upload that cannot be turned into model input; ``code`` is stable for clients."""
-
-    code = "invalid_image"
-    default_message = "the upload cannot be used as an image"
-
-
-class EmptyImageError(ImageError):
-    code = "empty_file"
-    default_message = "the uploaded file is empty"
-
-
-class UnreadableFileError(ImageError):
-    """A file on disk (offline scoring, training data) that could not be read at all."""
-
-    code = "read_error"
-
-
-class UnsupportedImageError(ImageError):
-    code = "unsupported_media_type"
-
-
-class CorruptImageError(ImageError):
-    code = "corrupt_image"
-
-
-class ImageTooLargeError(ImageError):
-    code = "image_too_large"
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -137,10 +108,10 @@ def _to_grayscale(img: Image.Image) -> Image.Image:
 class SourceInfo:
     """What was decoded, for responses and overlays: format facts only, never patient data."""
 
-    format: str  # "JPEG", "PNG"
+    format: str  # "JPEG", "PNG", "DICOM"
     width: int  # upright (after EXIF orientation), full resolution
     height: int
-    details: dict[str, str | int] = field(default_factory=dict)  # format-specific, JSON-safe
+    details: dict[str, str | int | float | bool] = field(default_factory=dict)  # format-specific, JSON-safe
 
 
 @dataclass(frozen=True)
@@ -299,6 +270,8 @@ def decode_grayscale(
     target_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> tuple[Image.Image, SourceInfo]:
     """Decode ``data`` to an upright 8-bit grayscale image no smaller than ``target_size``.
 
@@ -306,6 +279,10 @@ def decode_grayscale(
     """
     if not data:
         raise EmptyImageError()
+    if is_dicom(data):
+        decoded = decode_dicom(data, max_pixels, dicom)
+        height, width = decoded.pixels.shape
+        return Image.fromarray(decoded.pixels, "L"), SourceInfo("DICOM", width, height, decoded.details)
     header = read_header(data)
     if data.startswith(JPEG_MAGIC) and header is None:
         raise CorruptImageError("the file starts like a JPEG but has no valid frame header")
@@ -322,7 +299,7 @@ def decode_grayscale(
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in SUPPORTED_FORMATS:
-            raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG or PNG")
+            raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG, PNG or DICOM")
         _check_pixels(img.width, img.height, max_pixels)
         source = SourceInfo("PNG", img.width, img.height)
         img.load()
@@ -331,7 +308,7 @@ def decode_grayscale(
     except UnidentifiedImageError as exc:
         if data.startswith(PNG_MAGIC):
             raise CorruptImageError("the file starts like a PNG but its header is invalid") from exc
-        raise UnsupportedImageError("the file is not a JPEG or PNG image") from exc
+        raise UnsupportedImageError("the file is not a JPEG, PNG or DICOM image") from exc
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
     return _to_grayscale(img), source
@@ -349,9 +326,11 @@ def prepare_array(
     input_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> tuple[np.ndarray, SourceInfo]:
     """Encoded image bytes to ``uint8[S, S]`` pixels and what was decoded: the part decoder workers run."""
-    image, source = decode_grayscale(data, input_size, max_pixels, max_decode_bytes)
+    image, source = decode_grayscale(data, input_size, max_pixels, max_decode_bytes, dicom=dicom)
     return resize_square(image, input_size), source
 
 
@@ -360,9 +339,14 @@ def prepare_input(
     input_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> ModelInput:
-    """Encoded image bytes to the network input ``uint8[1, S, S]`` plus what was decoded."""
-    pixels, source = prepare_array(data, input_size, max_pixels, max_decode_bytes)
+    """Encoded image bytes to the network input ``uint8[1, S, S]`` plus what was decoded.
+
+    ``dicom`` says which DICOM metadata checks refuse an upload (all by default).
+    """
+    pixels, source = prepare_array(data, input_size, max_pixels, max_decode_bytes, dicom=dicom)
     return ModelInput(torch.from_numpy(pixels).unsqueeze(0), source)
 
 
@@ -371,9 +355,11 @@ def preprocess(
     input_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> torch.Tensor:
     """Encoded image bytes to the network input ``uint8[1, S, S]`` (one grayscale channel)."""
-    return prepare_input(data, input_size, max_pixels, max_decode_bytes).pixels
+    return prepare_input(data, input_size, max_pixels, max_decode_bytes, dicom=dicom).pixels
 
 
 @dataclass(frozen=True)
@@ -383,6 +369,8 @@ class PreparedFile:
     pixels: torch.Tensor | None
     sha256: str = ""
     error: ImageError | None = None
+    sop_instance_uid: str = ""  # only when asked for, and only for DICOM files that carry a valid one
+    source: SourceInfo | None = None
 
 
 _FILE_KINDS = {
@@ -425,20 +413,28 @@ def preprocess_file(
     input_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
-    decoder: Callable[[bytes], torch.Tensor] | None = None,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
+    with_uid: bool = False,
+    decoder: Callable[[bytes], ModelInput] | None = None,
 ) -> PreparedFile:
     """Read and preprocess a file from disk exactly as the service does an upload; never raises ImageError.
 
-    ``decoder`` replaces the in-process :func:`preprocess` (the scorer passes its isolated decode pool).
+    ``with_uid`` also reads a DICOM file's SOP Instance UID (the offline scorer's ``--with-uids``);
+    it is kept out of :class:`SourceInfo` so that it can never reach an HTTP response. ``decoder``
+    replaces the in-process :func:`prepare_input` (the scorer passes its isolated decode pool).
     """
     try:
         data = read_image_file(path)
     except ImageError as exc:
         return PreparedFile(None, error=exc)
     digest = hashlib.sha256(data).hexdigest()
+    uid = read_sop_instance_uid(data) if with_uid else ""
     try:
         if decoder is not None:
-            return PreparedFile(decoder(data), digest)
-        return PreparedFile(preprocess(data, input_size, max_pixels, max_decode_bytes), digest)
+            prepared = decoder(data)
+        else:
+            prepared = prepare_input(data, input_size, max_pixels, max_decode_bytes, dicom=dicom)
     except ImageError as exc:
-        return PreparedFile(None, digest, exc)
+        return PreparedFile(None, digest, exc, sop_instance_uid=uid)
+    return PreparedFile(prepared.pixels, digest, sop_instance_uid=uid, source=prepared.source)
