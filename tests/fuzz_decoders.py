@@ -23,10 +23,12 @@ from pathlib import Path
 
 import imagecodecs
 from PIL import Image
+from pydicom import uid
 
 from app.core.decode_pool import DecodePool, DecoderCrashedError, DecoderFailedError, DecodeTimeoutError
 from app.core.preprocessing import ImageError
 from tests.conftest import encode, synthetic_xray
+from tests.dicom_files import Spec, dicom_bytes
 from tests.hostile_inputs import gradient16, two_channel_jpeg
 
 INPUT_SIZE = 32
@@ -45,6 +47,11 @@ def _seeds() -> dict[str, bytes]:
         "jpeg-lossless-12-grey-alpha": two_channel_jpeg(12, lossless=True),
         "png-8-rgb": encode(xray.convert("RGB"), "PNG"),
         "png-16-grey": encode(Image.fromarray(gradient16(64, 48)), "PNG"),
+        # DICOM: the parser (pydicom) and every codec behind it, on small single-frame radiographs.
+        "dicom-uncompressed-12bit": dicom_bytes(Spec(bits_stored=12)),
+        "dicom-jpeg-lossless": dicom_bytes(Spec(bits_stored=12, syntax=uid.JPEGLosslessSV1)),
+        "dicom-jpeg-ls": dicom_bytes(Spec(bits_stored=12, syntax=uid.JPEGLSLossless)),
+        "dicom-jpeg2000": dicom_bytes(Spec(bits_stored=12, syntax=uid.JPEG2000Lossless)),
     }
 
 

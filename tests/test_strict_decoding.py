@@ -7,10 +7,12 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom import uid
 
 from app.core import preprocessing as imaging
 from app.core.image_headers import decode_cost, read_header
 from tests.conftest import encode, synthetic_xray
+from tests.dicom_files import Spec, chest_stored, dicom_bytes, encode_frame
 from tests.hostile_inputs import (
     cut_with_eoi,
     gradient16,
@@ -159,3 +161,15 @@ def test_rgba_over_black_matches_compositing() -> None:
     composited = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img).convert("L")
     ours = imaging.preprocess(encode(img, "PNG"), 64)[0].numpy().astype(int)
     assert np.abs(ours - np.asarray(composited).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("syntax", [uid.JPEGLosslessSV1, uid.JPEGExtended12Bit, uid.JPEGBaseline8Bit])
+def test_dicom_jpeg_frame_cut_short_is_corrupt(syntax: str) -> None:
+    """The JPEG frames inside DICOM files get the same completeness proof as JPEG uploads."""
+    spec = Spec(bits_stored=8 if syntax == uid.JPEGBaseline8Bit else 12, syntax=syntax)
+    stored = chest_stored(spec, 200, 160).astype(np.uint8 if spec.bits_stored == 8 else np.uint16)
+    frame = encode_frame(stored, spec)
+    assert imaging.preprocess(dicom_bytes(spec, stored, frame), 32).shape == (1, 32, 32)
+    cut = cut_with_eoi(frame, 0.6)
+    with pytest.raises(imaging.CorruptImageError):
+        imaging.preprocess(dicom_bytes(spec, stored, cut + b"\0" * (len(cut) % 2)), 32)

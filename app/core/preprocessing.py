@@ -42,6 +42,7 @@ from app.core.image_errors import (
     UnsupportedImageError,
 )
 from app.core.image_headers import JPEG_MAGIC, PNG_MAGIC, ImageHeader, decode_cost, jpeg_scale, read_header
+from app.core.jpeg_complete import IncompleteJpegError, decode_complete_jpeg
 from app.core.jpeg_header import JpegFrame, jpeg_has_exif, read_jpeg_frame
 
 __all__ = ["JpegFrame", "read_jpeg_frame"]  # re-exported: the header parser lives in jpeg_header
@@ -55,9 +56,6 @@ RESAMPLE = Image.Resampling.BILINEAR
 # The pixel limit is enforced here from the header, before any decoding, with a
 # configurable bound; Pillow's own global guess would reject valid large X-rays.
 Image.MAX_IMAGE_PIXELS = None
-# Bytes appended to each entropy-coded segment of a high-precision JPEG to prove the scan is complete
-# (no 0xFF, so they never form a marker); pseudo-random so a decoder that reads them decodes something.
-_PROBE_PADDING = bytes(np.random.default_rng(20240601).integers(0, 255, 64, dtype=np.uint8))
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -135,75 +133,20 @@ _UPRIGHT = {
 }
 
 
-def _entropy_segment_ends(data: bytes) -> list[int]:
-    """Offsets where an entropy-coded segment ends (before each RSTn and each scan's closing marker)."""
-    ends: list[int] = []
-    pos, size = 2, len(data)
-    while pos + 2 <= size:
-        if data[pos] != 0xFF:
-            raise CorruptImageError(f"the JPEG has no marker where one is required (offset {pos})")
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0xD9:
-            return ends
-        if pos + 4 > size:
-            break
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if length < 2:
-            raise CorruptImageError(f"the JPEG has a segment of impossible length {length}")
-        pos += 2 + length
-        if marker != 0xDA:
-            continue
-        while True:  # entropy-coded data: 0xFF is followed by 0x00 (stuffing), RSTn, or the next marker
-            pos = data.find(b"\xff", pos)
-            if pos < 0 or pos + 1 >= size:
-                raise CorruptImageError("the JPEG scan data ends without an end-of-image marker")
-            following = data[pos + 1]
-            if following == 0x00:
-                pos += 2
-            elif 0xD0 <= following <= 0xD7:
-                ends.append(pos)
-                pos += 2
-            elif following == 0xFF:
-                pos += 1
-            else:
-                ends.append(pos)
-                break
-    raise CorruptImageError("the JPEG ends without an end-of-image marker")
-
-
-def _with_probe_padding(data: bytes, ends: list[int]) -> bytes:
-    parts, start = [], 0
-    for end in ends:
-        parts += [data[start:end], _PROBE_PADDING]
-        start = end
-    parts.append(data[start:])
-    return b"".join(parts)
-
-
 def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
     """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs.
 
-    imagecodecs ignores libjpeg's warnings, so completeness is proven another way: a scan whose
-    data covers every pixel never reads past its end, so padding every entropy-coded segment must
-    not change a single decoded sample. A scan cut short would read the padding instead of zeros.
+    Completeness is proven by :func:`app.core.jpeg_complete.decode_complete_jpeg` (imagecodecs
+    ignores libjpeg's warnings).
     """
-    import imagecodecs
-
     if frame.components not in (1, 2, 3):
         raise UnsupportedImageError(f"{frame.precision}-bit JPEGs with {frame.components} components are not supported")
     try:
-        arr = np.asarray(imagecodecs.jpeg8_decode(data))
-        probe = np.asarray(imagecodecs.jpeg8_decode(_with_probe_padding(data, _entropy_segment_ends(data))))
-    except ImageError:
-        raise
+        arr = decode_complete_jpeg(data)
+    except IncompleteJpegError as exc:
+        raise CorruptImageError(f"the {frame.precision}-bit JPEG's {exc}") from exc
     except Exception as exc:  # imagecodecs raises its own error types per codec
         raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
-    if probe.shape != arr.shape or not np.array_equal(probe, arr):
-        raise CorruptImageError(f"the {frame.precision}-bit JPEG's scan data ends before its last pixel")
-    del probe
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim == 3 and arr.shape[2] == 2:  # grey + alpha: over black, as 8-bit PNGs with alpha are
