@@ -27,6 +27,7 @@ import resource
 import signal
 import struct
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,8 +69,14 @@ class DecodeTimeoutError(CorruptImageError):
     """The decoder did not finish in time: killed and replaced."""
 
 
-class DecoderFailedError(Exception):
-    """A bug: the decoder raised something other than an ImageError. Not a client error; logged as a 500."""
+class DecoderFailedError(ImageError):
+    """A bug, or a worker that cannot start: not the image's fault, so a 500 (``internal_error``), logged.
+
+    An ImageError all the same, so it fails only its own file: one entry of a batch, one scorer row.
+    """
+
+    code = "internal_error"
+    default_message = "the decoder failed on this file; it has been logged"
 
 
 def worker_memory_limit(max_decode_bytes: int) -> int:
@@ -87,7 +94,7 @@ def _current_address_space() -> int:
 
 
 def _worker_main(conn: Connection, memory_limit: int, dicom: DicomPolicy) -> None:
-    """Child process: cap memory, then answer one job at a time until the pipe closes or a ``None`` job."""
+    """Child process: cap memory, then answer one job at a time until the pipe closes or an empty message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     with contextlib.suppress(OSError, ValueError):  # no /proc (not Linux): run without the cap
         limit = _current_address_space() + memory_limit
@@ -114,8 +121,8 @@ def _worker_main(conn: Connection, memory_limit: int, dicom: DicomPolicy) -> Non
                 ImageTooLargeError("decoding this image needs more memory than a decoder may use"),
                 True,
             )
-        except Exception as exc:
-            reply = ("bug", f"{type(exc).__name__}: {exc}", False)
+        except Exception:
+            reply = ("bug", traceback.format_exc(), False)
         del data
         conn.send(reply)
         if reply[2]:
@@ -295,7 +302,8 @@ class DecodePool:
             return ModelInput(torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0), source)
         if status == "image_error":
             raise payload
-        raise DecoderFailedError(payload)
+        log.error("decoder bug on a %d-byte input (answered internal_error):\n%s", len(data), payload)
+        raise DecoderFailedError(payload.strip().splitlines()[-1])
 
     def close(self) -> None:
         """Stop every worker; decodes still running are answered as crashes by their callers."""
