@@ -58,11 +58,12 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def default_decode_workers(device: torch.device) -> int:
-    """Decode threads when none are configured.
+    """Decoder worker processes (``app.core.decode_pool``) when none are configured.
 
-    With a GPU, decoding is the host's main job: up to 4 threads. On the CPU the forward pass
-    needs the cores and decoding costs about an eighth of it, so one thread per 8 cores: more
-    only steal cycles from the model (measured in benchmarks/NOTES.md).
+    With a GPU, decoding is the host's main job: up to 4 workers. On the CPU the forward pass
+    needs the cores and decoding costs about an eighth of it, so one worker per 8 cores: more
+    only steal cycles from the model (measured in benchmarks/NOTES.md). The pool adds one when
+    needed so a large decode never holds the only worker.
     """
     cpus = len(os.sched_getaffinity(0))
     return min(4, cpus) if device.type == "cuda" else max(1, cpus // 8)
