@@ -29,7 +29,8 @@ import torch
 
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
-from app.core.int8_calibration import Int8Calibration, measure_ranges, quantize
+from app.core.fastpath_record import Int8Ranges
+from app.core.int8_calibration import measure_ranges, quantize
 from app.core.onnx_export import export_features
 from benchmarks import eval_sets
 from benchmarks.serve_bench import export_random_model
@@ -79,14 +80,7 @@ def build_variants(args: argparse.Namespace, weights: Path, calibration: np.ndar
     batches = [calibration[i : i + 8] for i in range(0, len(calibration), 8)]
     started = time.perf_counter()
     ranges = measure_ranges(fp32_onnx, batches)
-    recipe = Int8Calibration(
-        weights_sha256=loaded.metadata.sha256,
-        input_size=loaded.metadata.spec.input_size,
-        images=len(calibration),
-        source="benchmark",
-        exporter=torch.__version__,
-        ranges=ranges,
-    )
+    recipe = Int8Ranges(images=len(calibration), source="benchmark", exporter=torch.__version__, ranges=ranges)
     quantize(fp32_onnx, int8_onnx, recipe)
     print(f"onnxruntime quantizer: {time.perf_counter() - started:.1f} s on {len(calibration)} images", flush=True)
     core = ov.Core()
@@ -114,18 +108,23 @@ def build_variants(args: argparse.Namespace, weights: Path, calibration: np.ndar
     return variants
 
 
-def time_variants(variants: dict[str, Features], x: np.ndarray, rounds: int, seconds: float) -> dict[str, list[float]]:
-    """Images/s per variant per round; rounds interleave the variants."""
-    for run in variants.values():
-        run(x)  # warm-up: allocation, kernel selection
-    rates: dict[str, list[float]] = {name: [] for name in variants}
+def time_variants(
+    variants: dict[str, Features], calibration: np.ndarray, sizes: list[int], rounds: int, seconds: float
+) -> dict[tuple[str, int], list[float]]:
+    """Images/s per (variant, batch size) per round; each round runs every pair once, interleaved."""
+    batches = {size: np.ascontiguousarray(np.resize(calibration, (size, *calibration.shape[1:]))) for size in sizes}
+    jobs = [(name, size) for size in sizes for name in variants]
+    for name, size in jobs:
+        variants[name](batches[size])  # warm-up: allocation, kernel selection
+    rates: dict[tuple[str, int], list[float]] = {job: [] for job in jobs}
     for _ in range(rounds):
-        for name, run in variants.items():
+        for name, size in jobs:
+            run, x = variants[name], batches[size]
             calls, started = 0, time.perf_counter()
             while calls < 2 or time.perf_counter() - started < seconds:
                 run(x)
                 calls += 1
-            rates[name].append(len(x) * calls / (time.perf_counter() - started))
+            rates[name, size].append(size * calls / (time.perf_counter() - started))
     return rates
 
 
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, help="exported model (default: random-init VGG16 at --input-size)")
     parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="each timed (interleaved)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=1.5, help="per variant per round")
@@ -174,17 +173,19 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             calibration = loaded.network.normalize(pixels).numpy()
         print(
-            f"input {metadata.spec.input_size} px, batch {args.batch_size}, {args.threads} threads; "
+            f"input {metadata.spec.input_size} px, batches {args.batch_sizes}, {args.threads} threads; "
             f"calibration: {where}"
         )
         variants = build_variants(args, weights, calibration, Path(tmp))
-        x = np.ascontiguousarray(np.repeat(calibration[:1], args.batch_size, axis=0))
-        rates = time_variants(variants, x, args.rounds, args.seconds)
-        base = statistics.median(rates["torch fp32"])
-        print(f"\n{'variant':40s} {'img/s':>8s} {'x torch fp32':>13s}  rounds")
-        for name, values in rates.items():
+        rates = time_variants(variants, calibration, args.batch_sizes, args.rounds, args.seconds)
+        base = statistics.median(rates["torch fp32", args.batch_sizes[0]])
+        print(f"\n{'variant':40s} {'batch':>5s} {'img/s':>8s} {'x torch fp32':>13s}  rounds")
+        for (name, size), values in sorted(
+            rates.items(), key=lambda item: (list(variants).index(item[0][0]), item[0][1])
+        ):
             median = statistics.median(values)
-            print(f"{name:40s} {median:8.2f} {median / base:13.2f}  {' '.join(f'{v:.2f}' for v in values)}")
+            rounds = " ".join(f"{v:.2f}" for v in values)
+            print(f"{name:40s} {size:5d} {median:8.2f} {median / base:13.2f}  {rounds}")
         if args.agreement and args.weights:
             val = eval_sets.evaluation_sets(args.data, metadata, limit=args.agreement)[0]
             print(f"\nagreement with torch fp32 on {len(val.labels)} {val.description}")

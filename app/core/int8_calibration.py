@@ -1,120 +1,44 @@
 """Post-training static int8 quantization from stored activation ranges.
 
-Static int8 needs the range of every activation, which only real images can give. Measuring
-them needs training images, which a serving host does not (and should not) hold, so the ranges
-are measured once, offline, on a few hundred *training* images (``python -m
-benchmarks.accuracy_gate --calibrate N``), and stored next to the weights as
-``model.int8.json``: numbers only, no pixels, tied to the weights by their sha256, together
-with the accuracy gate's verdict on the validation split. The service then builds the int8
-model from the verified weights and these numbers alone, in about a second.
+Static int8 needs the range of every activation, which only real images can give. They are
+measured once, offline, on a few hundred *training* images (:func:`measure_ranges`, run by
+``python -m benchmarks.accuracy_gate --calibrate N``) and stored next to the weights in
+``model.cpu.json`` (``app.core.fastpath_record``); the service then builds the int8 graph from
+the verified weights and those numbers alone (:func:`quantize`), in about a second.
 
 ONNX Runtime's quantizer does the work (``quantize_static``: QDQ format, per-channel symmetric
-int8 weights, uint8 activations, min/max ranges), and its JSON calibration cache is how the
-stored ranges are handed back to it, so no quantization arithmetic is re-implemented here.
-Measured against NNCF's quantizer on the shipped model (benchmarks/NOTES.md): the same speed in
-OpenVINO, about 6x smaller probability differences.
+int8 weights, uint8 activations, min/max ranges), and its JSON calibration cache is how the stored
+ranges are handed back to it, so no quantization arithmetic is re-implemented here. Measured
+against NNCF's quantizer on the shipped model (benchmarks/NOTES.md): the same speed in OpenVINO,
+about 6x smaller probability differences. ONNX Runtime is imported only where int8 is built, so a
+service that never builds int8 never loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
 
-from app.core.artifacts import resolve_paths
-from app.core.coded_error import first_validation_error
+from app.core.fastpath_record import Int8Ranges
 from app.core.onnx_export import INPUT_NAME
 
-CALIBRATION_SUFFIX = ".int8.json"
-FORMAT_VERSION = 1
 # Everything about how ranges become an int8 graph; part of the conversion cache key.
 RECIPE = "ort-qdq-minmax-u8act-s8weight-perchannel-v1"
-# The accuracy gate (issue 14): what a reduced-precision model must keep against fp32 PyTorch.
-MAX_AUC_DROP = 0.002
-MAX_FLIP_RATE = 0.005
 
 
 class CalibrationError(RuntimeError):
-    """The calibration file is missing, malformed or made for other weights; the message is one line."""
+    """The stored ranges do not fit the exported graph; the message is one line."""
 
 
-class GateResult(BaseModel):
-    """The accuracy gate on one evaluation set: the int8 model against fp32 PyTorch."""
-
-    dataset: str = Field(description="Which images, e.g. 'validation (patient-grouped split of train, ...)'.")
-    images: int = Field(ge=1)
-    roc_auc_fp32: float
-    roc_auc: float
-    max_probability_difference: float = Field(ge=0.0)
-    label_flips: int = Field(ge=0, description="Images whose label at the model's threshold changed.")
-    guard_refusal_flips: int | None = Field(
-        None, ge=0, description="Images the input guard refuses in one precision and not the other."
-    )
-    passed: bool
-
-
-class Int8Calibration(BaseModel):
-    """Contents of ``model.int8.json``."""
-
-    format_version: int = FORMAT_VERSION
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    input_size: int = Field(ge=1)
-    method: Literal["minmax"] = "minmax"
-    images: int = Field(ge=1, description="Calibration images (training side of the split only).")
-    source: str = Field(description="Where the calibration images came from.")
-    exporter: str = Field(description="torch version whose ONNX export the tensor names belong to.")
-    ranges: dict[str, tuple[float, float]] = Field(description="ONNX tensor name -> (lowest, highest) value seen.")
-    gate: list[GateResult] = Field(default_factory=list, description="The accuracy gate's results, per dataset.")
-
-    @property
-    def gate_passed(self) -> bool:
-        """True only when the gate was run and passed on every dataset it was run on."""
-        return bool(self.gate) and all(result.passed for result in self.gate)
-
-    def digest(self) -> str:
-        """Identifies the ranges (not the gate results), for the conversion cache key."""
-        canonical = json.dumps({name: list(pair) for name, pair in sorted(self.ranges.items())})
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def calibration_path(weights: Path) -> Path:
-    """``weights/model.int8.json`` for a weights folder (or ``X.int8.json`` beside ``X.safetensors``)."""
-    weights_path, _ = resolve_paths(Path(weights))
-    return weights_path.with_suffix(CALIBRATION_SUFFIX)
-
-
-def read_calibration(weights: Path, weights_sha256: str) -> Int8Calibration | None:
-    """The calibration for these weights; None when there is no file, an error when it is unusable."""
-    path = calibration_path(weights)
-    if not path.is_file():
-        return None
-    try:
-        calibration = Int8Calibration.model_validate_json(path.read_bytes())
-    except ValidationError as exc:
-        where, message, _ = first_validation_error(exc.errors())
-        raise CalibrationError(f"invalid int8 calibration {path}: {where}: {message}") from exc
-    if calibration.weights_sha256 != weights_sha256:
-        raise CalibrationError(
-            f"int8 calibration {path} was measured for weights {calibration.weights_sha256[:12]}, not these "
-            f"({weights_sha256[:12]}): run python -m benchmarks.accuracy_gate --calibrate again"
-        )
-    return calibration
-
-
-def write_calibration(calibration: Int8Calibration, weights: Path) -> Path:
-    """Write atomically (a reader never sees half a file)."""
-    path = calibration_path(weights)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(calibration.model_dump_json(indent=2) + "\n")
-    os.replace(staging, path)
-    return path
+def ranges_digest(int8: Int8Ranges) -> str:
+    """Identifies the ranges, for the conversion cache key."""
+    canonical = json.dumps({name: list(pair) for name, pair in sorted(int8.ranges.items())})
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class _Batches:
@@ -151,12 +75,11 @@ def measure_ranges(fp32_onnx: Path, batches: Sequence[np.ndarray]) -> dict[str, 
     return {name: (_scalar(item["lowest"]), _scalar(item["highest"])) for name, item in sorted(data.items())}
 
 
-def quantize(fp32_onnx: Path, out: Path, calibration: Int8Calibration) -> None:
+def quantize(fp32_onnx: Path, out: Path, int8: Int8Ranges) -> None:
     """Write the int8 (QDQ) graph of ``fp32_onnx`` using the stored ranges; no image is needed."""
-    # ONNX Runtime (and onnx) are imported only where int8 is built: a PyTorch-only service never loads them.
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
-    ranges = {name: (np.float32(low), np.float32(high)) for name, (low, high) in calibration.ranges.items()}
+    ranges = {name: (np.float32(low), np.float32(high)) for name, (low, high) in int8.ranges.items()}
     with tempfile.TemporaryDirectory(prefix="cxr-quantize-") as tmp:
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
@@ -195,7 +118,7 @@ def _check_quantized(path: Path) -> None:
     if not convs or floating:
         raise CalibrationError(
             f"int8 calibration does not cover the exported graph: {len(floating)} of {len(convs)} convolutions "
-            f"stay in float (e.g. {floating[:1]}); run python -m benchmarks.accuracy_gate --calibrate again"
+            f"stay in float (e.g. {floating[:1]}); measure them again (benchmarks.accuracy_gate --calibrate)"
         )
 
 

@@ -30,7 +30,8 @@ import torch
 
 from app.core.artifacts import LoadedModel, ModelLoadError
 from app.core.conversion_cache import ConversionCache, Converted
-from app.core.int8_calibration import RECIPE, Int8Calibration, quantize
+from app.core.fastpath_record import Int8Ranges
+from app.core.int8_calibration import RECIPE, quantize, ranges_digest
 from app.core.onnx_export import MAPS_NAME, OPSET, export_features
 
 OvPrecision = Literal["fp32", "bf16", "int8"]
@@ -74,7 +75,7 @@ class OpenVinoFeatures:
         return torch.from_numpy(outputs[MAPS_NAME])
 
 
-def cache_key(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Calibration | None) -> dict[str, str | int]:
+def cache_key(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Ranges | None) -> dict[str, str | int]:
     """Everything the converted graph depends on. bf16 and fp32 share the fp32 graph (bf16 is a compile option)."""
     key: dict[str, str | int] = {
         "format": CACHE_FORMAT,
@@ -89,11 +90,11 @@ def cache_key(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Cali
         import onnxruntime  # only int8 conversion uses it (its quantizer)
 
         assert calibration is not None
-        key |= {"recipe": RECIPE, "calibration": calibration.digest(), "onnxruntime": onnxruntime.__version__}
+        key |= {"recipe": RECIPE, "calibration": ranges_digest(calibration), "onnxruntime": onnxruntime.__version__}
     return key
 
 
-def _build(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Calibration | None) -> Callable[[Path], None]:
+def _build(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Ranges | None) -> Callable[[Path], None]:
     def build(path: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
             fp32 = Path(tmp) / "fp32.onnx"
@@ -113,7 +114,7 @@ def compile_features(
     *,
     cache_dir: Path | None,
     threads: int,
-    calibration: Int8Calibration | None = None,
+    calibration: Int8Ranges | None = None,
     verify: Callable[[OpenVinoFeatures], float],
 ) -> OpenVinoFeatures:
     """Convert (or reuse the cached conversion), compile and verify; ``verify`` raises ``ModelLoadError``.
@@ -123,7 +124,7 @@ def compile_features(
     """
     check_supported(precision)
     if precision == "int8" and calibration is None:
-        raise OpenVinoUnavailableError("int8 needs the weights' int8 calibration file (model.int8.json)")
+        raise OpenVinoUnavailableError("int8 needs the int8 ranges in the weights' model.cpu.json")
     cache = ConversionCache(cache_dir)
     key = cache_key(loaded, precision, calibration)
     config = {
