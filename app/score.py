@@ -2,8 +2,9 @@
 
 Scores every file under DIR with the same verified model, preprocessing and device/precision
 choice as the HTTP service (``app.core.preprocessing.preprocess`` + ``app.core.engine``), so an offline
-prediction equals the one the API would return. Unreadable files become CSV rows with the
-service's stable error code instead of stopping the run. Rows are flushed after every batch
+prediction equals the one the API would return. Unreadable files, and images the input guard
+refuses (``not_chest_xray``), become CSV rows with the service's stable error code instead of
+stopping the run; with ``--input-guard flag`` they are scored with a ``warning``. Rows are flushed after every batch
 and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
 """
 
@@ -26,10 +27,22 @@ from tqdm import tqdm
 
 from app.core.artifacts import ModelLoadError
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
+from app.core.input_guard import NotChestXrayError
 from app.core.preprocessing import PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
-COLUMNS = ("path", "label", "pneumonia_probability", "threshold", "error_code", "error_message", "model_sha256")
+COLUMNS = (
+    "path",
+    "label",
+    "pneumonia_probability",
+    "threshold",
+    "guard_score",
+    "guard_threshold",
+    "warning",
+    "error_code",
+    "error_message",
+    "model_sha256",
+)
 USAGE_ERROR = 2
 INTERRUPTED = 130
 MAX_LISTED_ERRORS = 20
@@ -117,9 +130,19 @@ def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, s
         row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
+            rows.append(row)
+            continue
+        result = next(results)
+        if result.guard_score is not None and engine.guard_spec is not None:
+            row.update(guard_score=repr(result.guard_score), guard_threshold=repr(engine.guard_spec.threshold))
+        try:
+            assessment = engine.assess(result)  # the service's own decision, guard included
+        except NotChestXrayError as exc:
+            row.update(error_code=exc.code, error_message=exc.message)
         else:
-            decision = engine.decide(next(results).probability)
+            decision = assessment.decision
             row.update(label=decision.label, pneumonia_probability=repr(decision.pneumonia_probability))
+            row.update(warning=assessment.warning or "")
         rows.append(row)
     return rows
 
@@ -174,12 +197,13 @@ def write_batch(handle: TextIO, writer: csv.DictWriter[str], rows: list[dict[str
 def report(summary: Summary, out: Path, stream: TextIO) -> None:
     unreadable = sum(summary.errors.values())
     print(
-        f"scored {summary.scored} files ({unreadable} unreadable), skipped {summary.skipped} already in {out}",
+        f"scored {summary.scored} files ({unreadable} unreadable or refused), "
+        f"skipped {summary.skipped} already in {out}",
         file=stream,
     )
     if unreadable:
         codes = ", ".join(f"{code}={count}" for code, count in sorted(summary.errors.items()))
-        print(f"unreadable files by error code: {codes}", file=stream)
+        print(f"files without a label by error code: {codes}", file=stream)
         for path, code in summary.failed_paths[:MAX_LISTED_ERRORS]:
             print(f"  {code}: {path}", file=stream)
         if unreadable > MAX_LISTED_ERRORS:
@@ -215,6 +239,13 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         help="decoding threads (default: $CXR_DECODE_WORKERS, else by device)",
     )
     parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
+    parser.add_argument(
+        "--input-guard",
+        choices=("reject", "flag", "off"),
+        default=defaults.input_guard,
+        help="images the input guard fails: an error row (reject), a row with a warning (flag), or unchecked "
+        "(off) (default: $CXR_INPUT_GUARD, else reject)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -233,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.out.parent.is_dir():
         parser.error(f"the folder of --out {args.out} does not exist")
     try:
-        engine = load_engine(args.weights, device=args.device, precision=args.precision)
+        engine = load_engine(args.weights, device=args.device, precision=args.precision, input_guard=args.input_guard)
         summary = score(
             args.directory,
             args.out,

@@ -55,6 +55,11 @@ ERRORS: dict[str, tuple[int, str]] = {
     "unsupported_media_type": (415, "the file is not a JPEG or PNG image"),
     "corrupt_image": (422, "the image data is corrupt or truncated: image file is truncated"),
     "invalid_image": (422, ImageError.default_message),
+    "not_chest_xray": (
+        422,
+        "refused: input guard score 4.210 > threshold 1.546: it does not resemble the frontal chest X-rays "
+        "the model was trained on",
+    ),
     "missing_field": (422, "file: Field required"),
     "validation_error": (422, "files.0: Expected UploadFile, received: <class 'str'>"),
     "internal_error": (500, "unexpected server error; it has been logged with this request's id"),

@@ -17,9 +17,19 @@ import torch
 
 from app.api.batching import DynamicBatcher, ShuttingDownError
 from app.api.errors import NotReadyError, RequestTimeoutError
-from app.api.schemas import BatchItemError, BatchPrediction, ErrorBody, Health, ModelCard, ModelIdentity, Prediction
+from app.api.schemas import (
+    BatchItemError,
+    BatchPrediction,
+    ErrorBody,
+    Health,
+    InputGuard,
+    ModelCard,
+    ModelIdentity,
+    Prediction,
+)
 from app.api.telemetry import Metrics
 from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
+from app.core.input_guard import NotChestXrayError
 from app.core.preprocessing import ImageError, preprocess
 from app.settings import Settings
 
@@ -40,7 +50,9 @@ class Service:
     async def start(self) -> None:
         """Load, verify, place and warm up the model without blocking the event loop."""
         settings = self.settings
-        engine = await asyncio.to_thread(load_engine, settings.weights, settings.device, settings.precision)
+        engine = await asyncio.to_thread(
+            load_engine, settings.weights, settings.device, settings.precision, settings.input_guard
+        )
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
@@ -94,13 +106,13 @@ class Service:
 
     def model_card(self) -> ModelCard:
         engine = self._loaded()
-        meta = engine.metadata.model_dump(exclude={"golden"})
-        return ModelCard(**meta, device=str(engine.device), precision=engine.precision)
+        meta = engine.metadata.model_dump(exclude={"golden": True, "guard": {"golden_scores"}})
+        return ModelCard(**meta, input_guard=engine.guard_mode, device=str(engine.device), precision=engine.precision)
 
     async def predict(self, data: bytes) -> Prediction:
         async with self._deadline():
             result = await self._score(data)
-        return self._prediction(result)
+        return self._prediction(result)  # raises NotChestXrayError (422) when the guard refuses the image
 
     async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
         """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
@@ -145,12 +157,27 @@ class Service:
 
     async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
         try:
-            result = await self._score(data)
-        except ImageError as exc:
+            prediction = self._prediction(await self._score(data))
+        except ImageError as exc:  # unusable upload, or refused by the input guard: this file only
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
-        return BatchPrediction(filename=filename, **self._prediction(result).model_dump())
+        return BatchPrediction(filename=filename, **prediction.model_dump())
 
     def _prediction(self, result: ImageResult) -> Prediction:
-        decision = self._loaded().decide(result.probability)
+        try:
+            assessment = self._loaded().assess(result)
+        except NotChestXrayError:
+            self.metrics.guard_failures.labels("refused").inc()
+            raise
+        if assessment.warning is not None:
+            self.metrics.guard_failures.labels("flagged").inc()
+        decision = assessment.decision
         self.metrics.predictions.labels(decision.label).inc()
-        return Prediction(**asdict(decision), model=self.identity())
+        guard = assessment.guard
+        return Prediction(
+            **asdict(decision),
+            input_guard=InputGuard(score=guard.score, threshold=guard.threshold, passed=guard.passed)
+            if guard
+            else None,
+            warning=assessment.warning,
+            model=self.identity(),
+        )

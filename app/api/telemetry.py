@@ -55,5 +55,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.guard_failures = Counter(
+            "cxr_input_guard_failures",
+            "Images the input guard failed, by what was done: refused (reject mode) or flagged (flag mode).",
+            ["action"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,7 +31,7 @@ _SERVICE_ERRORS = (
     "/predict",
     summary="Classify one chest X-ray",
     responses=error_responses(
-        "empty_file", "image_too_large", "unsupported_media_type", "corrupt_image", *_SERVICE_ERRORS
+        "empty_file", "image_too_large", "unsupported_media_type", "corrupt_image", "not_chest_xray", *_SERVICE_ERRORS
     ),
 )
 async def predict(
