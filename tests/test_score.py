@@ -103,7 +103,7 @@ def test_scores_recursively_and_reports_unreadable_files(
     assert by_path[NOT_IMAGE]["error_message"]
 
     err = capsys.readouterr().err
-    assert "scored 8 files (2 unreadable), skipped 0" in err
+    assert "scored 8 files (2 unreadable or refused), skipped 0" in err
     assert f"corrupt_image: {CORRUPT}" in err and f"unsupported_media_type: {NOT_IMAGE}" in err
 
 
