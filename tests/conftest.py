@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,27 @@ from app.core.network import ModelSpec, PneumoniaNet, build_model
 from app.core.preprocessing import preprocess
 
 TEST_INPUT_SIZE = 32
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def find_tool(name: str) -> str | None:
+    """A system program on PATH or in the sbin folders Debian installs servers into."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_tool(name): the test drives this system program for real")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A missing tool skips locally, but fails under CI, where .ci/run installs it: no silent skips there."""
+    for marker in item.iter_markers("needs_tool"):
+        name = marker.args[0]
+        if find_tool(name) is None:
+            message = f"{name} is not installed (.ci/run installs it with apt-get)"
+            if IN_CI:
+                pytest.fail(f"{message}; CI must run this test", pytrace=False)
+            pytest.skip(message)
 
 
 def synthetic_xray(width: int = 96, height: int = 80, seed: int = 0, mode: str = "L") -> Image.Image:

@@ -200,4 +200,6 @@ def test_missing_api_key_is_refused_before_the_body_is_read(tiny_weights: Path) 
     assert pulled == 0
     assert sent[0]["status"] == 401 and json.loads(sent[1]["body"])["error"]["code"] == "unauthorized"
     sent, pulled = _call_asgi(app, [content_type, (b"x-api-key", b"s3cret")], chunks)
-    assert pulled >= len(chunks) and sent[0]["status"] != 401  # the right key goes through to the route
+    # The right key goes through to the route, which reads the whole body (and, with no model loaded, says so).
+    assert pulled >= len(chunks) and sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["code"] == "not_ready"

@@ -14,7 +14,7 @@ from PIL import Image
 from app.core import preprocessing as imaging
 from app.core.artifacts import ModelLoadError, check_golden, load_model
 from app.core.decision import pneumonia_probability
-from app.core.network import ModelSpec, build_model
+from app.core.network import ModelSpec, Normalization, build_model, equalize_histogram
 from tests.conftest import encode, export_tiny_model, synthetic_xray
 
 
@@ -135,3 +135,31 @@ def test_sixteen_bit_jpeg_pixel_limit_checked_before_decoding() -> None:
     data = imagecodecs.ljpeg_encode(np.zeros((80, 96), np.uint16), bitspersample=16)
     with pytest.raises(imaging.ImageTooLargeError):
         imaging.preprocess(data, 32, max_pixels=80 * 96 - 1)
+
+
+def _textbook_equalization(image: np.ndarray) -> np.ndarray:
+    """round((cdf(v) - cdf_min) / (n - cdf_min) * 255), written out in numpy as an independent oracle."""
+    cdf = np.bincount(image.ravel(), minlength=256).cumsum()
+    lowest = cdf[image.min()]
+    return np.round((cdf[image] - lowest) / (image.size - lowest) * 255)
+
+
+def test_histogram_equalisation_matches_the_textbook_mapping() -> None:
+    rng = np.random.default_rng(3)
+    batch = (rng.beta(2, 5, (3, 1, 24, 20)) * 180 + 30).astype(np.uint8)
+    got = equalize_histogram(torch.from_numpy(batch)).numpy()
+    for image, equalized in zip(batch, got, strict=True):
+        np.testing.assert_array_equal(equalized[0], _textbook_equalization(image[0]))
+    assert equalize_histogram(torch.full((1, 1, 4, 4), 9, dtype=torch.uint8)).eq(0).all()
+
+
+def test_equalizing_network_ignores_exposure_changes_that_keep_grey_levels_apart() -> None:
+    torch.manual_seed(0)
+    spec = ModelSpec(architecture="vgg16", input_size=32, normalization=Normalization(equalize=True))
+    network = build_model(spec).eval()
+    dark = torch.randint(0, 120, (2, 1, 32, 32), dtype=torch.uint8)
+    brighter = dark * 2 + 10  # strictly increasing on 0..119: every grey level keeps its rank
+    with torch.inference_mode():
+        assert torch.allclose(network(dark), network(brighter))
+        plain = build_model(spec.model_copy(update={"normalization": Normalization()})).eval()
+        assert not torch.allclose(plain(dark), plain(brighter))

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from app.settings import Settings
-from tests.conftest import encode, synthetic_xray
+from tests.conftest import encode, find_tool, synthetic_xray
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
@@ -46,8 +46,8 @@ STACKS = {
 }
 COMPOSE_FILES = sorted({name for files in STACKS.values() for name in files})
 REPLICAS = ("api-gpu0", "api-gpu1")
-NGINX = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI: apt-get install -y nginx)")
+NGINX = find_tool("nginx")
+needs_nginx = pytest.mark.needs_tool("nginx")
 
 
 class Replica(NamedTuple):

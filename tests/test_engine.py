@@ -10,7 +10,7 @@ import torch
 
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
-from app.core.engine import EngineError, default_decode_workers, load_engine, resolve_device, resolve_dtype
+from app.core.engine import EngineError, ImageResult, default_decode_workers, load_engine, resolve_device, resolve_dtype
 from app.core.preprocessing import preprocess
 from tests.conftest import export_tiny_model
 
@@ -39,9 +39,18 @@ def test_temperature_and_threshold_come_from_the_model_card(tmp_path: Path) -> N
     assert engine.decide(0.25).threshold == 0.25
 
 
-def test_warmup_and_wrong_input_shape(tiny_weights: Path) -> None:
+def test_warmup_and_wrong_input_shape(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = load_engine(tiny_weights, device="cpu")
-    engine.warmup([1, 3])
+    seen: list[tuple[int, ...]] = []
+    real_infer = engine.infer
+
+    def spy(pixels: torch.Tensor) -> list[ImageResult]:
+        seen.append(tuple(pixels.shape))
+        return real_infer(pixels)
+
+    monkeypatch.setattr(engine, "infer", spy)
+    engine.warmup([3, 1, 3])
+    assert seen == [(1, 1, 32, 32), (3, 1, 32, 32)]  # each distinct batch size once, smallest first
     with pytest.raises(ValueError, match="expected uint8"):
         engine.infer(torch.zeros((1, 1, 16, 16), dtype=torch.uint8))
 
@@ -89,8 +98,8 @@ def test_cuda_engine_runs_reduced_precision_and_agrees(tiny_weights: Path) -> No
     assert engine.dtype in (torch.float16, torch.bfloat16)
     engine.warmup([1, 2])
     pixels = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
-    reference = load_engine(tiny_weights, device="cpu").predict_proba(pixels)
-    assert engine.predict_proba(engine.collate(list(pixels))) == pytest.approx(reference, abs=5e-2)
+    reference = [r.probability for r in load_engine(tiny_weights, device="cpu").infer(pixels)]
+    assert [r.probability for r in engine.infer(engine.collate(list(pixels)))] == pytest.approx(reference, abs=5e-2)
 
 
 @pytest.mark.parametrize(

@@ -137,7 +137,17 @@ def test_resume_skips_finished_files_and_repairs_a_torn_row(
     done_before = {line.split(",")[0] for line in lines[1:4]}
     assert sorted(processed) == sorted({row["path"] for row in read_rows(full)} - done_before)
     assert (summary.scored, summary.skipped, sum(summary.errors.values())) == (5, 3, 2)
-    assert out.read_text() == full.read_text()  # torn row dropped, nothing duplicated, same order and values
+    # Torn row dropped, nothing duplicated, same order; values equal up to float noise, because the
+    # resumed run used another batch size and only CPU fp32 promises batch-independent bits.
+    resumed, reference = read_rows(out), read_rows(full)
+    assert [{k: v for k, v in row.items() if k != "pneumonia_probability"} for row in resumed] == [
+        {k: v for k, v in row.items() if k != "pneumonia_probability"} for row in reference
+    ]
+    for got, expected in zip(resumed, reference, strict=True):
+        if expected["pneumonia_probability"]:
+            assert float(got["pneumonia_probability"]) == pytest.approx(
+                float(expected["pneumonia_probability"]), abs=1e-6
+            )
 
     processed.clear()
     summary = run_with(engine, image_dir, out)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from app.core.network import ModelSpec
 from tests.training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, write_split
-from training.cli import main
+from training.cli import build_parser, main
+from training.config import TrainConfig, flag
 from training.data import discover, load_images
 from training.split import grouped_stratified_split, patient_id
 from training.user_errors import DataError
@@ -176,3 +178,25 @@ def test_unusable_device_is_a_clear_error(
         str(tmp_path / "r"),
     ]
     assert "no CUDA GPU is available" in _error_line(capsys, [*evaluate, "--device", "cuda"])
+
+
+def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """The train subcommand is generated from TrainConfig: each field is a flag that parses to the field's type."""
+    argv = ["train", "--data", "d", "--out", "o", "--input-size", "64", "--lr", "0.01", "--no-cache", "--hflip"]
+    args = build_parser().parse_args([*argv, "--imagenet-weights", "w.pth", "--threshold-method", "youden"])
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    assert values == {
+        "data": Path("d"),
+        "out": Path("o"),
+        "input_size": 64,
+        "lr": 0.01,
+        "cache": False,
+        "hflip": True,
+        "imagenet_weights": Path("w.pth"),
+        "threshold_method": "youden",
+    }
+    assert TrainConfig(**values).model_spec() == ModelSpec(input_size=64)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert all(flag(name) in shown for name in TrainConfig.model_fields)

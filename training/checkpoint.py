@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from training.user_errors import UsageError
@@ -22,6 +23,33 @@ CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 1
 _MODEL = "model."
 _OPTIM = "optim."
+
+
+class TrainState(BaseModel):
+    """Scalars saved with every checkpoint; ``epoch`` is the number of completed epochs."""
+
+    epoch: int = 0
+    best_auc: float | None = None
+    best_epoch: int | None = None
+    epochs_since_best: int = 0
+    stopped_early: bool = False
+    split_hash: str = ""
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+    def end_epoch(self, row: dict[str, Any], val_auc: float, *, patience: int, epochs: int) -> bool:
+        """Record a finished epoch (``row`` JSON-safe); True when its val AUC is the best so far.
+
+        Early stopping is part of the saved state, so a resumed run stops where the uninterrupted one would.
+        """
+        improved = self.best_auc is None or val_auc > self.best_auc
+        self.epoch = row["epoch"]
+        self.history.append({**row, "best": improved})
+        if improved:
+            self.best_auc, self.best_epoch, self.epochs_since_best = val_auc, self.epoch, 0
+        else:
+            self.epochs_since_best += 1
+        self.stopped_early = patience > 0 and self.epochs_since_best >= patience and self.epoch < epochs
+        return improved
 
 
 def checkpoint_paths(run_dir: Path, name: str) -> tuple[Path, Path]:
@@ -101,3 +129,18 @@ def load_checkpoint(
 
 def has_checkpoint(run_dir: Path, name: str = "last") -> bool:
     return all(path.is_file() for path in checkpoint_paths(run_dir, name))
+
+
+def save_epoch(
+    run_dir: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *, best: bool
+) -> None:
+    """``last`` after every epoch (with the optimizer, to resume); ``best`` too when the epoch improved."""
+    meta = {"state": state.model_dump(mode="json")}
+    if best:
+        save_checkpoint(run_dir, "best", network, meta, None)
+    save_checkpoint(run_dir, "last", network, meta, optimizer)
+
+
+def load_last(run_dir: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore weights and optimizer from ``last`` in place; returns the training state saved with them."""
+    return TrainState(**load_checkpoint(run_dir, "last", network, optimizer)["state"])

@@ -7,68 +7,56 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from app.core.artifacts import ModelLoadError
+from app.core.coded_error import first_validation_error
 from app.core.engine import EngineError, resolve_device
-from training.config import TrainConfig
+from training.config import TrainConfig, flag
 from training.user_errors import UsageError
 
-# Config fields whose CLI form is an on/off switch (--flag / --no-flag).
-_SWITCHES = ("freeze_features", "hflip", "cache")
+
+def _base_type(annotation: Any) -> Any:
+    """``X | None`` is X: a flag that is not given keeps the field's default."""
+    members = [arg for arg in get_args(annotation) if arg is not type(None)]
+    return members[0] if isinstance(annotation, UnionType) and len(members) == 1 else annotation
 
 
-def _help(name: str) -> str:
-    field = TrainConfig.model_fields[name]
+def _help(field: FieldInfo) -> str:
     default = field.get_default(call_default_factory=True)
     suffix = "" if default is PydanticUndefined or default is None else f" (default: {default})"
     return f"{field.description}{suffix}"
 
 
-def _choices(name: str) -> list[str] | None:
-    annotation = TrainConfig.model_fields[name].annotation
-    options = [a for a in get_args(annotation) if isinstance(a, str)]
-    if not options:  # Literal nested in a type alias, or Optional
-        options = [a for arg in get_args(annotation) for a in get_args(arg) if isinstance(a, str)]
-    return options or None
+def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
+    """argparse options for one TrainConfig field, from its annotation and description."""
+    kind = _base_type(field.annotation)
+    options: dict[str, Any] = {"help": _help(field)}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif get_origin(kind) is Literal:
+        choices = list(get_args(kind))
+        options.update(type=type(choices[0]), choices=choices)
+    elif kind is Path:
+        options.update(type=Path, metavar=name.upper().replace("_", "-"))
+    elif kind in (int, float, str):
+        options["type"] = kind
+    else:
+        raise TypeError(f"TrainConfig.{name}: no command-line form for {field.annotation}")
+    return options
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "train", help="train, calibrate on validation and export a model", argument_default=argparse.SUPPRESS
     )
-    types = {
-        "epochs": int,
-        "input_size": int,
-        "batch_size": int,
-        "seed": int,
-        "patience": int,
-        "workers": int,
-        "threads": int,
-        "limit_per_class": int,
-        "bootstrap": int,
-        "golden_count": int,
-        "min_val_images": int,
-        "lr": float,
-        "momentum": float,
-        "weight_decay": float,
-        "warmup_epochs": float,
-        "aug_strength": float,
-        "val_fraction": float,
-        "target_sensitivity": float,
-        "dropout": float,
-    }
-    for name in TrainConfig.model_fields:
-        flag = "--" + name.replace("_", "-")
-        if name in _SWITCHES:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(name))
-        elif name in ("data", "out", "imagenet_weights"):
-            parser.add_argument(flag, type=Path, metavar=name.upper().replace("_", "-"), help=_help(name))
-        else:
-            parser.add_argument(flag, type=types.get(name, str), choices=_choices(name), help=_help(name))
+    for name, field in TrainConfig.model_fields.items():
+        parser.add_argument(flag(name), **_argument(name, field))
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -77,6 +65,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="continue a run from its last checkpoint (bare --resume: the --out directory if it has one); "
         "a finished run is only re-calibrated, re-evaluated and re-exported",
     )
+
+
+def _as_in_training(name: str) -> dict[str, Any]:
+    """An evaluate option that means what the TrainConfig field means: same type, default and help."""
+    field = TrainConfig.model_fields[name]
+    return {**_argument(name, field), "default": field.get_default(call_default_factory=True)}
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -90,16 +84,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--split", default="test", help="split to use when --data has split folders (default: test)")
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default: 64)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=TrainConfig.model_fields["workers"].get_default(call_default_factory=True),
-        help="image decoding threads",
+        "--ood",
+        type=Path,
+        metavar="DIR",
+        help="also report the input guard's refusal rate per subfolder of DIR (folders of images that are not "
+        "chest X-rays, e.g. from python -m benchmarks.ood_set)",
     )
-    parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for 95 percent CIs; 0 = none (default: 1000)"
-    )
+    for name in ("device", "workers", "bootstrap"):
+        parser.add_argument(flag(name), **_as_in_training(name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     values: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
     if args.command == "train":
-        from training.trainer import resolve_config, train
+        from training.rundir import resolve_config
+        from training.trainer import train
 
         config, resuming = resolve_config(values, getattr(args, "resume", None))
         summary = train(config, resuming)
@@ -142,8 +136,10 @@ def _run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         bootstrap=args.bootstrap,
+        ood=args.ood,
     )
-    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "roc_auc", "threshold")}))
+    keys = ("n", "accuracy", "sensitivity", "specificity", "roc_auc", "threshold", "input_guard", "ood")
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        first = exc.errors()[0]
-        print(f"error: --{'.'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}", file=sys.stderr)
+        where, message, _ = first_validation_error(exc.errors())
+        print(f"error: {flag(where)}: {message}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""Validated training configuration; its field defaults are the CLI defaults (one source of truth)."""
+"""Validated training configuration: its fields are the ``train`` command's flags (one source of truth)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.artifacts import StorageDtype
-from app.core.network import Architecture, Head
+from app.core.network import Architecture, Dropout, Head, InputSize, ModelSpec, Normalization
 from training.calibration import ThresholdMethod
+
+# Inference keeps no activations for a backward pass, so twice the training batch fits in the same memory.
+EVAL_BATCH_FACTOR = 2
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: ``input_size`` is ``--input-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def default_workers() -> int:
@@ -25,14 +33,18 @@ class TrainConfig(BaseModel):
     data: Path = Field(description="dataset root: DIR/{train,val,test}/{NORMAL,PNEUMONIA} or DIR/{NORMAL,PNEUMONIA}")
     out: Path = Field(description="run directory (checkpoints, metrics, exported model)")
     epochs: int = Field(20, ge=1, description="total number of epochs")
-    input_size: int = Field(224, ge=32, le=1024, description="square network input side in pixels")
+    input_size: InputSize = Field(224, description="square network input side in pixels")
     init: Literal["scratch", "imagenet"] = Field("scratch", description="random init or ImageNet VGG16 weights")
     imagenet_weights: Path | None = Field(
         None, description="torchvision VGG16(-BN) ImageNet weights (.pth or .safetensors); default: torch hub cache"
     )
     arch: Architecture = Field("vgg16_bn", description="VGG16 without or with batch norm")
     head: Head = Field("compact", description="classic: fc6/fc7/fc8 on 7x7 pooling; compact: global pool + linear")
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout in the head")
+    dropout: Dropout = Field(0.5, description="dropout in the head")
+    equalize: bool = Field(
+        False, description="per-image histogram equalisation inside the network (served the same way)"
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the training loss")
     freeze_features: bool = Field(False, description="train only the head (convolutions and their BN frozen)")
     opt: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
     lr: float | None = Field(None, gt=0, description="peak learning rate (default 5e-4 adamw, 1e-2 sgd)")
@@ -58,7 +70,24 @@ class TrainConfig(BaseModel):
     cache: bool = Field(True, description="cache decoded images in OUTDIR/cache keyed by file list + input size")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95 percent confidence intervals; 0 = none")
     golden_count: int = Field(4, ge=1, description="validation images stored as golden check inputs")
+    guard_max_false_refusal: float = Field(
+        0.01, ge=0.0, lt=1.0, description="input guard threshold: at most this fraction of val images refused"
+    )
     version: str | None = Field(None, description="model version in model.json (default: run name + time)")
+
+    def model_spec(self) -> ModelSpec:
+        """The network this run trains; it is exported in model.json, so the service builds the same one."""
+        return ModelSpec(
+            architecture=self.arch,
+            head=self.head,
+            input_size=self.input_size,
+            dropout=self.dropout,
+            normalization=Normalization(equalize=self.equalize),
+        )
+
+    def eval_batch_size(self) -> int:
+        """Batch size for validation and test predictions."""
+        return self.batch_size * EVAL_BATCH_FACTOR
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (5e-4 if self.opt == "adamw" else 1e-2)
@@ -84,6 +113,7 @@ RESUME_OVERRIDABLE = frozenset(
         "export_dtype",
         "bootstrap",
         "golden_count",
+        "guard_max_false_refusal",
         "version",
         "imagenet_weights",
     }

@@ -1,8 +1,10 @@
-"""Find labelled images on disk and decode each of them once into an in-memory uint8 tensor.
+"""Find labelled images on disk, decode each of them once into an in-memory uint8 tensor, and
+prepare a run's train/validation(/test) sets from them.
 
-Every image goes through :func:`app.core.preprocessing.preprocess`, the same code the service uses, so
-training sees exactly the pixels that serving will. Unreadable files are skipped and returned
-to the caller, which logs them and records them in the run summary.
+Every image goes through :func:`app.core.preprocessing.preprocess_file`, the same code the service
+uses, so training sees exactly the pixels that serving will and a failure has the service's error
+code. Unreadable files are skipped and returned to the caller, which logs them and records them
+in the run summary.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from app.core.network import CLASS_NAMES
-from app.core.preprocessing import ImageError, preprocess
+from app.core.preprocessing import preprocess_file
+from training.config import TrainConfig
+from training.distributed import DistInfo, barrier
+from training.split import grouped_stratified_split
 from training.user_errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
@@ -118,19 +124,6 @@ def _listing_key(samples: list[Sample], input_size: int) -> str:
     return digest.hexdigest()
 
 
-def _decode(sample: Sample, input_size: int) -> tuple[torch.Tensor | None, str, str]:
-    """(pixels or None, content sha256, failure reason)."""
-    try:
-        data = sample.path.read_bytes()
-    except OSError as exc:
-        return None, "", f"cannot read: {exc}"
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        return preprocess(data, input_size), digest, ""
-    except ImageError as exc:
-        return None, digest, f"{exc.code}: {exc}"
-
-
 @dataclass
 class Decoded:
     """Result of :func:`load_images`: the images, what was skipped and a hash of the content."""
@@ -154,16 +147,17 @@ def load_images(samples: list[Sample], input_size: int, *, workers: int, cache_d
                 log.warning("unreadable image skipped: %s (%s)", item.path, item.reason)
             return Decoded(ImageSet(tensors["pixels"], tensors["labels"], meta["paths"]), skipped, meta["content_hash"])
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda s: _decode(s, input_size), samples))
+        results = list(pool.map(lambda s: preprocess_file(s.path, input_size), samples))
     pixels, labels, paths, skipped = [], [], [], []
     content = hashlib.sha256()
-    for sample, (tensor, digest, reason) in zip(samples, results, strict=True):
-        content.update(f"{sample.path.parent.name}/{sample.path.name}|{digest}\n".encode())
-        if tensor is None:
+    for sample, prepared in zip(samples, results, strict=True):
+        content.update(f"{sample.path.parent.name}/{sample.path.name}|{prepared.sha256}\n".encode())
+        if prepared.error is not None:
+            reason = f"{prepared.error.code}: {prepared.error}"
             log.warning("unreadable image skipped: %s (%s)", sample.path, reason)
             skipped.append(Skipped(str(sample.path), reason))
             continue
-        pixels.append(tensor)
+        pixels.append(prepared.pixels)
         labels.append(sample.label)
         paths.append(str(sample.path))
     if not pixels:
@@ -189,3 +183,68 @@ def _write_cache(base: Path, decoded: Decoded) -> None:
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_tensors, base.with_suffix(".safetensors"))
     os.replace(tmp_meta, base.with_suffix(".json"))
+
+
+@dataclass
+class PreparedData:
+    """A run's decoded train/val(/test) images, what was skipped, and where validation came from."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    skipped: list[Skipped]
+    data_hash: str
+    val_source: str
+
+
+def _decode_all(config: TrainConfig, samples: dict[str, list[Sample]], dist: DistInfo) -> dict[str, Any]:
+    """Decode every split; with a cache the main process decodes first and the others read its cache."""
+    cache_dir = config.out / "cache" if config.cache else None
+
+    def decode() -> dict[str, Any]:
+        return {
+            name: load_images(files, config.input_size, workers=config.workers, cache_dir=cache_dir)
+            for name, files in samples.items()
+        }
+
+    decoded = decode() if dist.is_main or cache_dir is None else None
+    barrier(dist)
+    return decoded if decoded is not None else decode()
+
+
+def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: DistInfo) -> PreparedData:
+    """Decode the splits; a missing, too small or one-class val split is replaced by a patient-grouped one."""
+    samples = {("train" if name == "all" else name): files for name, files in splits.items()}
+    if "train" not in samples:
+        raise DataError(f"{config.data}: no train split (expected {config.data}/train/{{NORMAL,PNEUMONIA}})")
+    if config.limit_per_class is not None:
+        samples = {name: limit_per_class(files, config.limit_per_class, config.seed) for name, files in samples.items()}
+    decoded = _decode_all(config, samples, dist)
+    train = decoded["train"].images
+    val = decoded["val"].images if "val" in decoded else None
+    if val is not None and len(val) >= config.min_val_images and min(val.class_counts()) > 0:
+        val_source = "provided val split"
+    else:
+        why = "missing" if val is None else f"too small ({len(val)} images) or one-class"
+        val_source = (
+            f"patient-grouped split of train (val split {why}; fraction {config.val_fraction}, seed {config.seed})"
+        )
+        train_index, val_index = grouped_stratified_split(
+            train.paths, train.labels.numpy(), config.val_fraction, config.seed
+        )
+        train, val = train.subset(train_index), train.subset(val_index)
+    skipped = [item for result in decoded.values() for item in result.skipped]
+    data_hash = hashlib.sha256(
+        "".join(f"{k}:{v.content_hash}\n" for k, v in sorted(decoded.items())).encode()
+    ).hexdigest()
+    test = decoded["test"].images if "test" in decoded else None
+    return PreparedData(train, val, test, skipped, data_hash, val_source)
+
+
+def split_hash(data: PreparedData) -> str:
+    """Identifies which files are on which side, so a resume on changed data is refused."""
+    digest = hashlib.sha256()
+    for side, images in (("train", data.train), ("val", data.val)):
+        for path in sorted(Path(p).name for p in images.paths):
+            digest.update(f"{side}:{path}\n".encode())
+    return digest.hexdigest()

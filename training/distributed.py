@@ -74,6 +74,42 @@ def gather_rows(rows: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
     return out
 
 
+class ReplicaDriftError(RuntimeError):
+    """The ranks of a data-parallel run no longer hold the same parameters: gradients were not shared."""
+
+
+def check_replicas_in_sync(module: torch.nn.Module, info: DistInfo) -> None:
+    """Raise unless every rank holds bitwise the same parameters (DDP's guarantee), checked by checksums.
+
+    Cheap (three float64 sums per rank) and run once after the last epoch, so a run whose ranks
+    silently trained apart fails instead of exporting one rank's weights as if they were the team's.
+    """
+    if not info.enabled:
+        return
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in module.parameters()])
+    position = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    checksum = torch.stack([flat.sum(), flat.square().sum(), (flat * position).sum()]).to(_comm_device(info))
+    gathered = [torch.empty_like(checksum) for _ in range(info.world_size)]
+    dist.all_gather(gathered, checksum)
+    if any(not torch.equal(gathered[0], other) for other in gathered[1:]):
+        raise ReplicaDriftError(f"the {info.world_size} processes ended with different parameters")
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def place_process(device: torch.device, requested: str, info: DistInfo) -> torch.device:
+    """Under torchrun each process takes its local GPU, unless ``--device`` named one."""
+    if device.type == "cuda":
+        if info.enabled and requested in ("auto", "cuda"):
+            device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def configure_threads(threads: int | None) -> None:
+    """Share the CPU cores between the processes torchrun started on the same host."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_world))

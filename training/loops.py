@@ -1,4 +1,4 @@
-"""One training epoch and batched inference; the loops that touch the device."""
+"""One training epoch, validation and batched inference: the loops that touch the device."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from app.core.decision import pneumonia_probability
+from app.core.network import PneumoniaNet
 from training.augment import augment_batch
-from training.distributed import DistInfo, all_reduce_sum
+from training.data import ImageSet
+from training.distributed import DistInfo, all_reduce_sum, gather_rows
+from training.metrics import roc_auc
 
 
 @dataclass(frozen=True)
@@ -134,3 +139,19 @@ def predict_logits(
     if not outputs:
         return torch.zeros((0, 2))
     return torch.cat(outputs)
+
+
+def validate(
+    network: PneumoniaNet, val: ImageSet, *, batch_size: int, device: torch.device, dist: DistInfo
+) -> dict[str, float]:
+    """Val AUC / loss / accuracy at 0.5, each rank predicting a shard."""
+    shard = val.pixels[dist.rank :: dist.world_size]
+    logits = predict_logits(network, shard, batch_size=batch_size, device=device, amp=True, show=dist.is_main)
+    logits = gather_rows(logits, len(val), dist)
+    probs = pneumonia_probability(logits).numpy()
+    labels = val.labels.numpy()
+    return {
+        "val_loss": float(nn.functional.cross_entropy(logits, val.labels)),
+        "val_auc": roc_auc(labels, probs),
+        "val_accuracy_at_0.5": float(np.mean((probs >= 0.5) == labels)),
+    }

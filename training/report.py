@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from app.core.decision import decide
 from app.core.network import CLASS_NAMES
 from training import plots
 from training.metrics import binary_metrics, bootstrap_ci
@@ -47,7 +48,7 @@ def write_report(
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "probability", "prediction"])
         for path, label, prob in zip(paths, labels.tolist(), probs.tolist(), strict=True):
-            writer.writerow([path, CLASS_NAMES[label], f"{prob:.6f}", CLASS_NAMES[int(prob >= threshold)]])
+            writer.writerow([path, CLASS_NAMES[label], f"{prob:.6f}", decide(prob, threshold).label])
     nan = float("nan")
     auc = metrics["roc_auc"] if metrics["roc_auc"] is not None else nan
     if 0 < int(labels.sum()) < len(labels):

@@ -1,5 +1,7 @@
 """Every failure becomes ``{"error": {"code", "message"}}`` with a status fixed by its code.
 
+Under ``/v2`` (the Open Inference Protocol) the same errors take the protocol's shape,
+``{"error": "<message>", "code": "<code>"}``, which Triton's and KServe's clients read.
 Every error a client can see is a :class:`~app.core.coded_error.CodedError` (image errors from
 the core, batcher errors, and the HTTP layer's own below), handled by one handler. ``ERRORS`` is
 the one table of codes: that handler, the ASGI middleware and the OpenAPI ``responses=``
@@ -18,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.batching import BatcherError, InferenceFailedError, ShuttingDownError
 from app.api.schemas import ErrorResponse
+from app.api.schemas_v2 import V2Error
 from app.core.coded_error import CodedError, first_validation_error
 from app.core.preprocessing import EmptyImageError, ImageError
 
@@ -42,12 +45,34 @@ class TooManyFilesError(CodedError):
     code = "too_many_files"
 
 
+class PayloadTooLargeError(CodedError):
+    code = "payload_too_large"
+
+
+class MalformedRequestError(CodedError):
+    """The body cannot be parsed at all (JSON syntax, binary framing)."""
+
+    code = "bad_request"
+
+
+class InvalidInferenceRequestError(CodedError):
+    """A well-formed inference request that does not fit the model: names, datatypes, shapes, parameters."""
+
+    code = "invalid_request"
+
+
+class UnknownModelError(CodedError):
+    code = "unknown_model"
+
+
 # code -> (HTTP status, example message)
 ERRORS: dict[str, tuple[int, str]] = {
     "bad_request": (400, "the multipart body could not be parsed"),
     "empty_file": (400, EmptyImageError.default_message),
+    "invalid_request": (400, "input 'pixels' has shape [2, 1, 32, 32]; this model takes [-1, 1, 224, 224]"),
     "unauthorized": (401, UnauthorizedError.default_message),
     "not_found": (404, "no route for GET /nope"),
+    "unknown_model": (404, "unknown model 'resnet50'; this server serves 'cxr-pneumonia-vgg16'"),
     "method_not_allowed": (405, "GET is not allowed on /predict"),
     "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),
     "image_too_large": (413, "image is 12000x10000 = 120000000 pixels, over the limit of 100000000"),
@@ -79,31 +104,50 @@ _HTTP_CODES = {
 }
 
 
-def error_response(code: str, message: str, retry_after_s: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The JSON error body; 503s tell clients when to come back."""
+V2_PREFIX = "/v2"
+
+
+def speaks_v2(path: str) -> bool:
+    """Whether ``path`` belongs to the Open Inference Protocol, whose clients expect its error shape."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_body(code: str, message: str, v2: bool = False) -> dict[str, Any]:
+    return {"error": message, "code": code} if v2 else {"error": {"code": code, "message": message}}
+
+
+def error_response(
+    code: str, message: str, retry_after_s: int, headers: dict[str, str] | None = None, path: str = ""
+) -> JSONResponse:
+    """The JSON error body, in the protocol's shape under /v2; 503s tell clients when to come back."""
     status = ERRORS[code][0]
     merged = dict(headers or {})
     if status == 503:
         merged["Retry-After"] = str(retry_after_s)
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=merged)
+    return JSONResponse(error_body(code, message, speaks_v2(path)), status_code=status, headers=merged)
 
 
-def coded_error_response(error: CodedError, retry_after_s: int) -> JSONResponse:
-    return error_response(error.code, error.message, retry_after_s)
+def coded_error_response(error: CodedError, retry_after_s: int, path: str = "") -> JSONResponse:
+    return error_response(error.code, error.message, retry_after_s, path=path)
 
 
-def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:
+def error_responses(*codes: str, v2: bool = False) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` for the given codes, one example per code, grouped by status."""
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
         status, message = ERRORS[code]
         entry = out.setdefault(
-            status, {"model": ErrorResponse, "description": "", "content": {"application/json": {"examples": {}}}}
+            status,
+            {
+                "model": V2Error if v2 else ErrorResponse,
+                "description": "",
+                "content": {"application/json": {"examples": {}}},
+            },
         )
         entry["description"] = ", ".join(filter(None, [entry["description"], code]))
         entry["content"]["application/json"]["examples"][code] = {
             "summary": code,
-            "value": {"error": {"code": code, "message": message}},
+            "value": error_body(code, message, v2),
         }
     return out
 
@@ -114,26 +158,26 @@ def _retry_after(request: Request) -> int:
 
 async def _coded_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CodedError)
-    return coded_error_response(exc, _retry_after(request))
+    return coded_error_response(exc, _retry_after(request), request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     where, message, kind = first_validation_error(exc.errors(), skip=("body", "query", "header"))
     code = "missing_field" if kind == "missing" else "validation_error"
-    return error_response(code, f"{where}: {message}", _retry_after(request))
+    return error_response(code, f"{where}: {message}", _retry_after(request), path=request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code)
     if code is None:  # a status this service never raises itself; keep it, still in our shape
-        body = {"error": {"code": f"http_{exc.status_code}", "message": str(exc.detail)}}
+        body = error_body(f"http_{exc.status_code}", str(exc.detail), speaks_v2(request.url.path))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
     message = f"no route for {request.method} {request.url.path}" if code == "not_found" else str(exc.detail)
     if code == "method_not_allowed":
         message = f"{request.method} is not allowed on {request.url.path}"
-    return error_response(code, message, _retry_after(request), exc.headers)
+    return error_response(code, message, _retry_after(request), exc.headers, request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRouter
 from starlette.routing import BaseRoute
 
+from app import SERVICE_NAME, __version__
 from app.api.deps import ApiKeyGuard
 from app.api.errors import install_error_handlers
 from app.api.middleware import (
@@ -18,7 +19,7 @@ from app.api.middleware import (
     RequestContextMiddleware,
     StartupFailureMiddleware,
 )
-from app.api.routes import model, ops, predict
+from app.api.routes import inference_v2, model, ops, predict
 from app.api.service import Service
 from app.api.telemetry import Metrics
 from app.core.artifacts import ModelLoadError
@@ -39,7 +40,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await service.stop()
 
 
-ROUTERS: tuple[APIRouter, ...] = (predict.router, model.router, ops.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    predict.router,
+    model.router,
+    ops.router,
+    inference_v2.health_router,
+    inference_v2.router,
+)
 
 
 def key_protected_routes(routers: Iterable[APIRouter]) -> list[BaseRoute]:
@@ -50,9 +57,9 @@ def key_protected_routes(routers: Iterable[APIRouter]) -> list[BaseRoute]:
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics(settings.max_batch_size)
     app = FastAPI(
-        title="cxr-pneumonia",
+        title=SERVICE_NAME,
         summary="Pneumonia probability for chest X-rays from a verified VGG16 model, with dynamic GPU batching.",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -28,7 +28,7 @@ error_log = logging.getLogger("app.api.errors")
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Polled by orchestrators every few seconds: logged at DEBUG so they do not drown real traffic.
-_QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics"})
+_QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def _endpoint_label(scope: Scope) -> str:
@@ -75,6 +75,7 @@ class RequestContextMiddleware:
                     "internal_error",
                     f"unexpected server error; it has been logged with request id {request_id}",
                     self.retry_after_s,
+                    path=scope["path"],
                 )
                 await response(scope, receive, send_with_id)
         finally:
@@ -131,7 +132,7 @@ class ApiKeyMiddleware:
             and self._is_protected(scope)
             and not self.settings.api_key_accepts(Headers(scope=scope).get("x-api-key"))
         ):
-            response = coded_error_response(UnauthorizedError(), self.settings.retry_after_s)
+            response = coded_error_response(UnauthorizedError(), self.settings.retry_after_s, scope["path"])
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -152,7 +153,9 @@ class BodySizeLimitMiddleware:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             error = BodyTooLargeError(self.max_bytes)
-            response = error_response("payload_too_large", error.detail, self.retry_after_s, error.headers)
+            response = error_response(
+                "payload_too_large", error.detail, self.retry_after_s, error.headers, scope["path"]
+            )
             await response(scope, receive, send)
             return
         received = 0

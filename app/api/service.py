@@ -1,14 +1,16 @@
 """The serving pipeline behind the routes: parallel decoding, then the shared batcher.
 
 Decoding happens per file in a thread pool *before* batching, so a bad upload fails alone
-with its own error code and never reaches (or breaks) a batch of good images.
+with its own error code and never reaches (or breaks) a batch of good images. Every route,
+``/predict`` and the Open Inference Protocol alike, goes through the same decode, batcher and
+decision here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -16,7 +18,7 @@ from dataclasses import asdict
 import torch
 
 from app.api.batching import DynamicBatcher, ShuttingDownError
-from app.api.errors import NotReadyError, RequestTimeoutError
+from app.api.errors import InvalidInferenceRequestError, NotReadyError, RequestTimeoutError
 from app.api.schemas import (
     BatchItemError,
     BatchPrediction,
@@ -104,6 +106,10 @@ class Service:
         meta = self._loaded().metadata
         return ModelIdentity(name=meta.name, version=meta.version, sha256=meta.sha256)
 
+    def input_size(self) -> int:
+        """Side of the square ``uint8`` image the loaded network takes."""
+        return self._loaded().input_size
+
     def model_card(self) -> ModelCard:
         engine = self._loaded()
         meta = engine.metadata.model_dump(exclude={"golden": True, "guard": {"golden_scores"}})
@@ -122,6 +128,37 @@ class Service:
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed: retry the batch
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
+
+    async def predict_images(self, images: Sequence[bytes]) -> list[Prediction]:
+        """All or nothing, for protocols where a request succeeds or fails as a whole.
+
+        Every image is decoded first, in parallel; when any cannot be used the request fails with
+        that image's own error code and position (the first such image), and nothing is scored.
+        """
+        async with self._deadline():
+            engine, batcher = self._admit()
+            decoded = await asyncio.gather(*(self._decode(engine, data) for data in images), return_exceptions=True)
+            pixels: list[torch.Tensor] = []
+            for index, item in enumerate(decoded):
+                if isinstance(item, ImageError):
+                    raise type(item)(f"item {index} of {len(images)}: {item.message}") from item
+                if isinstance(item, BaseException):
+                    raise item
+                pixels.append(item)
+            return await self._submit_all(batcher, pixels)
+
+    async def predict_pixels(self, pixels: torch.Tensor) -> list[Prediction]:
+        """Images the client preprocessed itself: ``uint8[N,1,S,S]`` at exactly this model's input size."""
+        engine, batcher = self._admit()
+        size = engine.input_size
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (1, size, size):
+            raise InvalidInferenceRequestError(
+                f"pixels must be uint8[N, 1, {size}, {size}] for this model, got {pixels.dtype}{list(pixels.shape)}"
+            )
+        if pixels.shape[0] == 0:
+            raise InvalidInferenceRequestError("pixels holds no image")
+        async with self._deadline():
+            return await self._submit_all(batcher, list(pixels.contiguous().unbind(0)))
 
     def _loaded(self) -> InferenceEngine:
         if self.engine is None:
@@ -144,16 +181,33 @@ class Service:
         except TimeoutError:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
-    async def _score(self, data: bytes) -> ImageResult:
-        engine, batcher = self._admit()
+    async def _decode(self, engine: InferenceEngine, data: bytes) -> torch.Tensor:
         try:
-            pixels: torch.Tensor = await asyncio.get_running_loop().run_in_executor(
+            return await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, preprocess, data, engine.input_size, self.settings.max_pixels
             )
         except ImageError as exc:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise
-        return await batcher.submit(pixels)
+
+    async def _score(self, data: bytes) -> ImageResult:
+        engine, batcher = self._admit()
+        return await batcher.submit(await self._decode(engine, data))
+
+    async def _submit_all(self, batcher: DynamicBatcher, pixels: list[torch.Tensor]) -> list[Prediction]:
+        """Queue every image at once (they share forward passes); a service error fails them all."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(batcher.submit(image)) for image in pixels]
+        except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed
+            raise failed.exceptions[0] from None
+        predictions = []
+        for index, task in enumerate(tasks):
+            try:
+                predictions.append(self._prediction(task.result()))
+            except NotChestXrayError as exc:  # all or nothing: the request fails, naming the image
+                raise NotChestXrayError(f"item {index} of {len(tasks)}: {exc.message}") from exc
+        return predictions
 
     async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
         try:

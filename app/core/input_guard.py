@@ -195,10 +195,12 @@ def guard_vectors(
     """Guard feature vectors of ``uint8[N,1,S,S]`` images, on the CPU in float32, for fitting."""
     out = []
     network.eval()
+    device = next(network.parameters()).device
     with torch.inference_mode():
         for batch in torch.split(pixels, batch_size):
-            _, vector = features_and_maps(network.features, network.normalize(batch), *spec_blocks)  # type: ignore[operator]
-            out.append(vector.cpu())
+            x = network.normalize(batch.to(device))  # type: ignore[operator]
+            _, vector = features_and_maps(network.features, x, *spec_blocks)  # type: ignore[arg-type]
+            out.append(vector.float().cpu())
     return torch.cat(out)
 
 

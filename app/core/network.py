@@ -26,12 +26,17 @@ Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Normalization(BaseModel):
-    """Per-channel mean/std applied after scaling uint8 pixels to [0, 1]."""
+    """Per-channel mean/std applied after scaling uint8 pixels to [0, 1], optionally after equalisation."""
 
     model_config = ConfigDict(frozen=True)
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    equalize: bool = Field(
+        False,
+        description="Per-image histogram equalisation first, so exposure and contrast differences between "
+        "sites matter less; part of the network, so training, serving and scoring apply it alike.",
+    )
 
 
 class ModelSpec(BaseModel):
@@ -80,6 +85,8 @@ class PneumoniaNet(nn.Module):
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map uint8 pixels (1 or 3 channels) to the normalised float input of VGG16."""
+        if self.spec.normalization.equalize:
+            pixels = equalize_histogram(pixels)
         x = pixels.to(self.scale.dtype)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -106,6 +113,24 @@ class PneumoniaNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.forward_normalized(self.normalize(pixels))
+
+
+def equalize_histogram(pixels: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel histogram equalisation of 0..255 values (uint8 or float), returned as float32.
+
+    The classic mapping ``round((cdf(v) - cdf_min) / (n - cdf_min) * 255)`` on 256 levels, done on
+    whole batches with scatter/gather so it runs on the device. Float inputs (augmented batches)
+    are rounded to the nearest level first. A constant image maps to 0.
+    """
+    n, channels, height, width = pixels.shape
+    levels = pixels.float().round().clamp(0, 255).long().reshape(n * channels, height * width)
+    counts = torch.zeros((n * channels, 256), dtype=torch.float32, device=pixels.device)
+    counts.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))
+    cdf = counts.cumsum(1)
+    cdf_min = cdf.gather(1, levels.min(dim=1, keepdim=True).values)
+    total = float(height * width)
+    mapped = ((cdf - cdf_min) / (total - cdf_min).clamp_min(1.0) * 255.0).round().clamp(0, 255)
+    return mapped.gather(1, levels).reshape(n, channels, height, width)
 
 
 def build_model(spec: ModelSpec) -> PneumoniaNet:

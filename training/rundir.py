@@ -1,0 +1,99 @@
+"""The run directory: its record files, its log, and the config a ``--resume`` continues with."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.core.network import CLASS_NAMES
+from training.checkpoint import has_checkpoint
+from training.config import RESUME_OVERRIDABLE, TrainConfig, flag
+from training.data import PreparedData
+from training.distributed import DistInfo
+from training.split import patient_id
+from training.user_errors import UsageError
+
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LOG_FILE = "train.log"
+log = logging.getLogger(__name__)
+
+
+def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig, bool]:
+    """Merge CLI values with a stored run's config; returns (config, resuming).
+
+    ``cli`` holds only flags given explicitly. ``resume`` is a run directory, ``"auto"`` (bare
+    ``--resume``: continue ``--out`` if it holds a checkpoint, else start it) or ``None``.
+    """
+    if resume is None:
+        config = TrainConfig(**cli)
+        if has_checkpoint(config.out):
+            raise UsageError(
+                f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
+            )
+        return config, False
+    if resume == "auto":
+        if "out" not in cli:
+            raise UsageError("--resume without a directory needs --out")
+        run_dir = Path(cli["out"])
+        if not has_checkpoint(run_dir):
+            log.info("no checkpoint in %s yet: starting a new run", run_dir)
+            return TrainConfig(**cli), False
+    else:
+        run_dir = Path(resume)
+    config_path = run_dir / CONFIG_FILE
+    if not (config_path.is_file() and has_checkpoint(run_dir)):
+        raise UsageError(f"cannot resume: {run_dir} has no {CONFIG_FILE} and checkpoint/last.*")
+    stored = json.loads(config_path.read_text())
+    stored["out"] = str(run_dir)
+    original, merged = TrainConfig(**stored), TrainConfig(**{**stored, **cli})
+    changed = [k for k in cli if k not in RESUME_OVERRIDABLE and getattr(merged, k) != getattr(original, k)]
+    if changed:
+        flags = ", ".join(f"{flag(k)} (run has {getattr(original, k)})" for k in changed)
+        raise UsageError(f"cannot change {flags} when resuming {run_dir}")
+    return merged, True
+
+
+def setup_logging(run_dir: Path, dist: DistInfo) -> None:
+    """The ``training`` loggers print on every process and write ``train.log`` on the main one only."""
+    root = logging.getLogger("training")
+    root.setLevel(logging.INFO if dist.is_main else logging.ERROR)
+    root.propagate = False
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if dist.is_main:
+        handlers.append(logging.FileHandler(run_dir / LOG_FILE))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def write_split(run_dir: Path, data: PreparedData) -> None:
+    """Which file (and patient) is on which side, for audits of patient leakage."""
+    record = {
+        side: [
+            {"path": path, "label": CLASS_NAMES[label], "patient": patient_id(path)}
+            for path, label in zip(images.paths, images.labels.tolist(), strict=True)
+        ]
+        for side, images in (("train", data.train), ("val", data.val))
+    }
+    (run_dir / SPLIT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def write_run_files(config: TrainConfig, data: PreparedData, history: list[dict[str, Any]]) -> None:
+    """config.json (what ``--resume`` reads back), split.json and metrics.jsonl as of the first epoch to run."""
+    (config.out / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    write_split(config.out, data)
+    (config.out / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    with (run_dir / METRICS_FILE).open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
