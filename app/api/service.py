@@ -30,7 +30,7 @@ from app.api.schemas import (
     Prediction,
 )
 from app.api.telemetry import Metrics
-from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
+from app.core.engine import Assessment, ImageResult, InferenceEngine, default_decode_workers, load_engine
 from app.core.input_guard import NotChestXrayError
 from app.core.preprocessing import ImageError, preprocess
 from app.settings import Settings
@@ -201,13 +201,13 @@ class Service:
                 tasks = [group.create_task(batcher.submit(image)) for image in pixels]
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed
             raise failed.exceptions[0] from None
-        predictions = []
+        assessments = []
         for index, task in enumerate(tasks):
             try:
-                predictions.append(self._prediction(task.result()))
+                assessments.append(self._assess(task.result()))
             except NotChestXrayError as exc:  # all or nothing: the request fails, naming the image
                 raise NotChestXrayError(f"item {index} of {len(tasks)}: {exc.message}") from exc
-        return predictions
+        return [self._answer(assessment) for assessment in assessments]
 
     async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
         try:
@@ -217,11 +217,17 @@ class Service:
         return BatchPrediction(filename=filename, **prediction.model_dump())
 
     def _prediction(self, result: ImageResult) -> Prediction:
+        return self._answer(self._assess(result))
+
+    def _assess(self, result: ImageResult) -> Assessment:
+        """The engine's guard verdict and decision; raises NotChestXrayError (counted) in reject mode."""
         try:
-            assessment = self._loaded().assess(result)
+            return self._loaded().assess(result)
         except NotChestXrayError:
             self.metrics.guard_failures.labels("refused").inc()
             raise
+
+    def _answer(self, assessment: Assessment) -> Prediction:
         if assessment.warning is not None:
             self.metrics.guard_failures.labels("flagged").inc()
         decision = assessment.decision
