@@ -38,7 +38,8 @@ async def predict(
     service: ServiceDep,
     file: Annotated[UploadFile, File(description="A JPEG (8/12-bit, any colour model) or PNG (8/16-bit) image.")],
 ) -> Prediction:
-    """P(pneumonia), calibrated with the model's temperature, and the label at its decision threshold."""
+    """P(pneumonia), calibrated with the model's temperature, the label at its decision threshold, and the input
+    guard's verdict; an image that does not resemble a frontal chest X-ray is refused (422 not_chest_xray)."""
     return await service.predict(await file.read())
 
 
