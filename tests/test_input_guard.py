@@ -244,3 +244,21 @@ def test_scorer_writes_an_error_row_for_refused_files(
     assert float(chest["guard_score"]) <= float(chest["guard_threshold"])
     flagged = rows["flag"]["white.jpg"]
     assert flagged["error_code"] == "" and flagged["label"] and flagged["warning"].startswith("unreliable:")
+
+
+def test_scores_are_finite_and_do_not_depend_on_the_batch(tiny_weights: Path) -> None:
+    """Extreme inputs give finite scores, and an image scores the same alone as in any batch."""
+    engine = load_engine(tiny_weights, device="cpu")
+    size = TEST_INPUT_SIZE
+    checker = (torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2 * 255
+    extremes = [torch.zeros(1, size, size), torch.full((1, size, size), 255), checker[None]]
+    rng = torch.Generator().manual_seed(0)
+    images = [t.to(torch.uint8) for t in extremes] + [
+        torch.randint(0, 256, (1, size, size), dtype=torch.uint8, generator=rng) for _ in range(5)
+    ]
+    together = [r.guard_score for r in engine.infer(engine.collate(images))]
+    alone = [engine.infer(engine.collate([image]))[0].guard_score for image in images]
+    assert all(score is not None and np.isfinite(score) and score > 0 for score in together)
+    assert together == pytest.approx(alone, rel=1e-5)
+    spec = engine.guard_spec
+    assert spec is not None and all(score > spec.threshold for score in together[:3])  # type: ignore[operator]
