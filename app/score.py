@@ -6,6 +6,10 @@ prediction equals the one the API would return. Unreadable files, and images the
 refuses (``not_chest_xray``), become CSV rows with the service's stable error code instead of
 stopping the run; with ``--input-guard flag`` they are scored with a ``warning``. Rows are flushed after every batch
 and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
+DICOM exports (files often without an extension) are recognised by content like any upload;
+``--with-uids`` adds each file's SOP Instance UID, which identifies the image, so it is opt-in.
+With ``--heatmaps`` each scored image also gets an overlay PNG (the service's ``POST /explain``
+picture), written before its CSV row so that a row always means its picture exists.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from typing import TextIO
 from tqdm import tqdm
 
 from app.core.artifacts import ModelLoadError
+from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
+from app.core.heatmap import ExplainUnsupportedError, Heatmap
 from app.core.input_guard import NotChestXrayError
+from app.core.overlay import overlay_size, png_bytes, render_overlay
 from app.core.preprocessing import PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
@@ -43,6 +50,7 @@ COLUMNS = (
     "error_message",
     "model_sha256",
 )
+UID_COLUMN = "sop_instance_uid"
 USAGE_ERROR = 2
 INTERRUPTED = 130
 MAX_LISTED_ERRORS = 20
@@ -83,13 +91,20 @@ def list_images(root: Path, exclude: Path | None = None) -> list[str]:
     return sorted(found)
 
 
-def prepare(root: Path, relative: str, input_size: int, max_pixels: int) -> Prepared:
+def columns(with_uids: bool) -> tuple[str, ...]:
+    """The CSV header: the SOP Instance UID column, right after the path, only when asked for."""
+    return (COLUMNS[0], UID_COLUMN, *COLUMNS[1:]) if with_uids else COLUMNS
+
+
+def prepare(
+    root: Path, relative: str, input_size: int, max_pixels: int, dicom: DicomPolicy, with_uid: bool
+) -> Prepared:
     """Read and preprocess one file exactly as the service does with an upload."""
-    return Prepared(relative, preprocess_file(root / relative, input_size, max_pixels))
+    return Prepared(relative, preprocess_file(root / relative, input_size, max_pixels, dicom=dicom, with_uid=with_uid))
 
 
-def finished_paths(out: Path, model_sha256: str) -> set[str]:
-    """Paths already in ``out``; repairs a row torn by a kill and refuses a CSV from another model."""
+def finished_paths(out: Path, model_sha256: str, with_uids: bool = False) -> set[str]:
+    """Paths already in ``out``; repairs a row torn by a kill and refuses a CSV from another model or layout."""
     if not out.exists():
         return set()
     raw = out.read_bytes()
@@ -100,7 +115,13 @@ def finished_paths(out: Path, model_sha256: str) -> set[str]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             return set()
-        if tuple(reader.fieldnames) != COLUMNS:
+        found = tuple(reader.fieldnames)
+        if found == columns(not with_uids):  # resuming must not mix rows with and without the UID column
+            written, rerun = ("with", "add") if UID_COLUMN in found else ("without", "drop")
+            raise UsageError(
+                f"{out} was written {written} --with-uids; {rerun} --with-uids to resume it, or write to a new --out"
+            )
+        if found != columns(with_uids):
             raise UsageError(f"{out} exists but is not a predictions file from app.score (columns {reader.fieldnames})")
         done: set[str] = set()
         for row in reader:
@@ -119,15 +140,44 @@ def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
-    """Run the readable images of a batch through the engine in one forward pass."""
+@dataclass(frozen=True)
+class Overlay:
+    """A heatmap picture still to be drawn and written: ``path`` is relative to the heatmaps folder."""
+
+    path: str
+    file: PreparedFile
+    heatmap: Heatmap
+
+
+def heatmap_path(relative: str) -> str:
+    """``a/b.jpeg`` -> ``a/b.jpeg.png``: the full name is kept so ``x.jpg`` and ``x.png`` cannot collide."""
+    return f"{relative}.png"
+
+
+def write_overlay(folder: Path, overlay: Overlay, input_size: int) -> None:
+    source, pixels = overlay.file.source, overlay.file.pixels
+    assert source is not None and pixels is not None
+    target = folder / heatmap_path(overlay.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size = overlay_size(source.width, source.height, input_size)
+    target.write_bytes(png_bytes(render_overlay(pixels, overlay.heatmap, size)))
+
+
+def rows_for(
+    batch: list[Prepared], engine: InferenceEngine, explain: bool = False
+) -> tuple[list[dict[str, str]], list[Overlay]]:
+    """Run the readable images of a batch through the engine in one forward pass (with heatmaps if asked).
+
+    Rows always carry the UID (empty unless it was read); the writer keeps it only under ``--with-uids``.
+    """
     meta = engine.metadata
     pixels = [item.file.pixels for item in batch if item.file.pixels is not None]
-    results = iter(engine.infer(engine.collate(pixels)) if pixels else [])
-    rows = []
+    results = iter(engine.infer(engine.collate(pixels), [explain] * len(pixels)) if pixels else [])
+    rows, overlays = [], []
     for item in batch:
-        row = dict.fromkeys(COLUMNS, "")
+        row = dict.fromkeys(columns(with_uids=True), "")
         row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
+        row[UID_COLUMN] = item.file.sop_instance_uid
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
             rows.append(row)
@@ -143,8 +193,10 @@ def rows_for(batch: list[Prepared], engine: InferenceEngine) -> list[dict[str, s
             decision = assessment.decision
             row.update(label=decision.label, pneumonia_probability=repr(decision.pneumonia_probability))
             row.update(warning=assessment.warning or "")
+            if result.heatmap is not None:
+                overlays.append(Overlay(item.path, item.file, result.heatmap))
         rows.append(row)
-    return rows
+    return rows, overlays
 
 
 def score(
@@ -156,19 +208,34 @@ def score(
     workers: int,
     max_pixels: int,
     progress: bool,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
+    with_uids: bool = False,
+    heatmaps: Path | None = None,
 ) -> Summary:
-    """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time."""
-    done = finished_paths(out, engine.metadata.sha256)
-    pending_paths = [path for path in list_images(root, exclude=out.resolve()) if path not in done]
+    """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time.
+
+    With ``heatmaps``, each scored image's overlay PNG is written there (same relative path plus ``.png``)
+    by the decoding threads, before the batch's rows.
+    """
+    done = finished_paths(out, engine.metadata.sha256, with_uids)
+    skip = heatmaps.resolve() if heatmaps is not None else None
+    pending_paths = [
+        path
+        for path in list_images(root, exclude=out.resolve())
+        if path not in done and (skip is None or skip not in (root / path).resolve().parents)
+    ]
     summary = Summary(skipped=len(done))
     write_header = not out.exists() or out.stat().st_size == 0
     with ThreadPoolExecutor(max_workers=workers) as pool, out.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns(with_uids), extrasaction="ignore")
         if write_header:
             writer.writeheader()
 
         def submit(chunk: list[str] | None) -> list[Future[Prepared]]:
-            return [pool.submit(prepare, root, p, engine.input_size, max_pixels) for p in chunk or []]
+            return [
+                pool.submit(prepare, root, path, engine.input_size, max_pixels, dicom, with_uids)
+                for path in chunk or []
+            ]
 
         chunks = batched(pending_paths, batch_size)
         # Decode the next batch on the pool while the current one runs on the device.
@@ -177,7 +244,12 @@ def score(
             while upcoming:
                 batch = [future.result() for future in upcoming]
                 upcoming = submit(next(chunks, None))
-                write_batch(handle, writer, rows_for(batch, engine), summary)
+                rows, overlays = rows_for(batch, engine, explain=heatmaps is not None)
+                if heatmaps is not None:
+                    drawn = [pool.submit(write_overlay, heatmaps, overlay, engine.input_size) for overlay in overlays]
+                    for future in drawn:
+                        future.result()
+                write_batch(handle, writer, rows, summary)
                 bar.update(len(batch))
     return summary
 
@@ -224,7 +296,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         description="Score every image under DIR (recursively) with the service's model and write a CSV. "
         "Rerunning the same command resumes: files already in --out are skipped.",
     )
-    parser.add_argument("directory", type=Path, metavar="DIR", help="folder of JPEG/PNG chest X-rays")
+    parser.add_argument("directory", type=Path, metavar="DIR", help="folder of JPEG/PNG/DICOM chest X-rays")
     parser.add_argument("--out", type=Path, required=True, help="CSV to create or append to")
     parser.add_argument(
         "--weights", type=Path, default=defaults.weights, help="model directory (default: $CXR_WEIGHTS)"
@@ -246,6 +318,17 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         help="images the input guard fails: an error row (reject), a row with a warning (flag), or unchecked "
         "(off) (default: $CXR_INPUT_GUARD, else reject)",
     )
+    parser.add_argument(
+        "--with-uids",
+        action="store_true",
+        help=f"add a {UID_COLUMN} column (DICOM files; it identifies the image, so it is off by default)",
+    )
+    parser.add_argument(
+        "--heatmaps",
+        type=Path,
+        metavar="HEATDIR",
+        help="also write one overlay PNG per scored image here (HEATDIR/<path>.png), as POST /explain draws it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -263,8 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"DIR {args.directory} is not a directory")
     if not args.out.parent.is_dir():
         parser.error(f"the folder of --out {args.out} does not exist")
+    if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
+        parser.error(f"--heatmaps {args.heatmaps} exists and is not a directory")
     try:
         engine = load_engine(args.weights, device=args.device, precision=args.precision, input_guard=args.input_guard)
+        if args.heatmaps is not None:
+            engine.check_explainable()
+            args.heatmaps.mkdir(parents=True, exist_ok=True)
         summary = score(
             args.directory,
             args.out,
@@ -273,8 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers or default_decode_workers(engine.device),
             max_pixels=args.max_pixels,
             progress=not args.no_progress,
+            dicom=defaults.dicom_policy(),
+            with_uids=args.with_uids,
+            heatmaps=args.heatmaps,
         )
-    except (UsageError, ModelLoadError, EngineError) as exc:
+    except (UsageError, ModelLoadError, EngineError, ExplainUnsupportedError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.core.coded_error import first_validation_error
+from app.core.dicom import DicomPolicy
 from app.core.engine import DEVICE_PATTERN, Precision
 from app.core.input_guard import GuardMode
 from app.core.preprocessing import DEFAULT_MAX_PIXELS
@@ -52,6 +53,19 @@ class Settings(BaseSettings):
     graceful_shutdown_s: int = Field(30, ge=1, description="Time in-flight requests get after SIGTERM.")
     keep_alive_s: int = Field(75, ge=1, description="Idle keep-alive; above the load balancer's idle timeout.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 responses.")
+    dicom_check_modality: bool = Field(True, description="Refuse DICOM files whose Modality is not CR, DX or DR.")
+    dicom_check_view_position: bool = Field(True, description="Refuse DICOM lateral and oblique views.")
+    dicom_check_presentation_intent: bool = Field(True, description="Refuse DICOM FOR PROCESSING (raw) images.")
+
+    def dicom_policy(self) -> DicomPolicy:
+        """The DICOM metadata checks as the plain value preprocessing takes (it may run in another process)."""
+        return DicomPolicy(
+            check_modality=self.dicom_check_modality,
+            check_view_position=self.dicom_check_view_position,
+            check_presentation_intent=self.dicom_check_presentation_intent,
+        )
+
+    ui: bool = Field(True, description="Serve the web page at /ui (CXR_UI=off removes it; / then goes to /docs).")
 
     def api_key_accepts(self, supplied: str | None) -> bool:
         """True when no key is configured or ``supplied`` is it; constant-time, so timing leaks nothing."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,11 +83,11 @@ class ForwardGate:
         self.release = threading.Event()
         original = InferenceEngine.infer
 
-        def gated(engine: InferenceEngine, pixels: torch.Tensor) -> list[ImageResult]:
+        def gated(engine: InferenceEngine, pixels: torch.Tensor, explain: Sequence[bool] = ()) -> list[ImageResult]:
             self.entered.set()
             if not self.release.wait(timeout=30):
                 raise RuntimeError("forward gate never released")
-            return original(engine, pixels)
+            return original(engine, pixels, explain)
 
         monkeypatch.setattr(InferenceEngine, "infer", gated)
 

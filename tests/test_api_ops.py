@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,7 +76,7 @@ def server(tiny_weights: Path) -> Iterator[LiveServer]:
 def test_inference_failure_fails_health_until_a_batch_succeeds(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(engine: InferenceEngine, pixels: torch.Tensor) -> list[ImageResult]:
+    def broken(engine: InferenceEngine, pixels: torch.Tensor, explain: Sequence[bool] = ()) -> list[ImageResult]:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     healthy = InferenceEngine.infer
@@ -95,7 +95,7 @@ def test_inference_failure_fails_health_until_a_batch_succeeds(
 def test_unexpected_error_is_json_500_logged_with_traceback(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def crash(self: Service, data: bytes) -> None:
+    async def crash(self: Service, data: bytes, explain: bool = False) -> None:
         raise KeyError("bug")
 
     monkeypatch.setattr(Service, "predict", crash)
@@ -185,14 +185,16 @@ def test_api_key_required_for_predictions_and_model(guarded: LiveServer, headers
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
     with guarded.client() as client:
         model = client.get("/model", headers=headers)
+        explain = client.post("/explain", headers=headers, files={"file": ("x.jpg", b"\xff\xd8\xff")})
     assert model.status_code == 401 and model.json()["error"]["code"] == "unauthorized"
+    assert explain.status_code == 401 and explain.json()["error"]["code"] == "unauthorized"
 
 
 def test_api_key_accepted_and_operations_stay_open(guarded: LiveServer) -> None:
     assert post_image(guarded, **{"X-API-Key": API_KEY}).status_code == 200
     with guarded.client() as client:
         assert client.get("/model", headers={"X-API-Key": API_KEY}).status_code == 200
-        for path in ("/health", "/livez", "/metrics"):
+        for path in ("/health", "/livez", "/metrics", "/docs", "/openapi.json", "/ui", "/static/ui.js"):
             assert client.get(path).status_code == 200, path
 
 
@@ -212,7 +214,20 @@ def test_cors_when_configured(guarded: LiveServer) -> None:
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     assert "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
+    # A browser app on that origin can read the prediction headers of /explain's PNG.
+    explained = client_post_explain(guarded)
+    exposed = {name.strip().lower() for name in explained.headers["access-control-expose-headers"].split(",")}
+    assert {"x-label", "x-pneumonia-probability", "x-model-sha256"} <= exposed
     assert "access-control-allow-origin" not in stranger.headers
+
+
+def client_post_explain(server: LiveServer) -> httpx.Response:
+    data = encode(synthetic_xray(seed=2))
+    headers = {"Origin": ORIGIN, "X-API-Key": API_KEY}
+    with server.client() as client:
+        response = client.post("/explain", headers=headers, files={"file": ("x.jpg", data)})
+    assert response.status_code == 200 and response.headers["x-label"] in ("NORMAL", "PNEUMONIA")
+    return response
 
 
 def test_json_log_lines_carry_request_id_and_fields() -> None:

@@ -27,7 +27,7 @@ class FakeEngine:
     def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(items))
 
-    def infer(self, pixels: torch.Tensor) -> list[ImageResult]:
+    def infer(self, pixels: torch.Tensor, explain: Sequence[bool] = ()) -> list[ImageResult]:
         self.entered.set()
         assert self.hold.wait(10)
         self.batch_sizes.append(len(pixels))

@@ -72,3 +72,13 @@ def test_two_requests_against_the_real_service(tmp_path: Path) -> None:
     assert bad.errors == 1 and bad.images == 0
     assert single.p50_ms is not None and single.p50_ms > 0
     assert rss > 50  # a Python process with torch loaded
+
+
+def test_explain_bench_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import explain_bench
+
+    explain_bench.main(["--input-size", "32", "--batch-size", "2", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for name in ("none", "one", "all"):
+        assert f"explain {name}" in out
+    assert "ratio to none: 1.000" in out and "map step alone" in out

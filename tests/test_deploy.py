@@ -595,3 +595,15 @@ def test_nginx_rejects_oversized_uploads_before_the_replicas(proxy: Proxy, repli
     assert over.headers.get_list("x-request-id") == ["over-limit"]
     assert eventually(lambda: "at-limit" in "".join(log.read_text() for log in logs))
     assert "over-limit" not in "".join(log.read_text() for log in logs)
+
+
+@needs_nginx
+def test_docs_page_and_its_assets_load_through_nginx(proxy: Proxy) -> None:
+    """The page's relative URLs resolve through the proxy, and its security headers survive it."""
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert assets and all(not asset.startswith(("/", "http")) for asset in assets)
+        for asset in [*assets, "openapi.json"]:
+            assert client.get(httpx.URL(str(page.url)).join(asset)).status_code == 200, asset

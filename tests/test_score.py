@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 import torch
+from PIL import Image
+from pydicom import uid
 
 from app import score
 from app.core.artifacts import LoadedModel, load_model
@@ -17,6 +20,7 @@ from app.core.decision import pneumonia_probability
 from app.core.engine import InferenceEngine, load_engine
 from app.core.preprocessing import preprocess
 from tests.conftest import encode, synthetic_xray
+from tests.dicom_files import Spec, dicom_bytes
 
 GOOD = ["a0.jpg", "a1.jpg", "a2.png", "nested/deeper/c3.jpg", "nested/b4.jpg", "nested/b5.png"]
 CORRUPT = "nested/corrupt.jpg"
@@ -161,13 +165,15 @@ def test_interrupt_keeps_flushed_batches(
     real_rows_for = score.rows_for
     calls = 0
 
-    def interrupt_second_batch(batch: list[score.Prepared], engine: InferenceEngine) -> list[dict[str, str]]:
+    def interrupt_second_batch(
+        batch: list[score.Prepared], engine: InferenceEngine, explain: bool = False
+    ) -> tuple[list[dict[str, str]], list[score.Overlay]]:
         nonlocal calls
         calls += 1
         if calls == 2:
             on_disk.extend(row["path"] for row in read_rows(out))  # while the CSV is still open for writing
             raise KeyboardInterrupt
-        return real_rows_for(batch, engine)
+        return real_rows_for(batch, engine, explain)
 
     on_disk: list[str] = []
     monkeypatch.setattr(score, "rows_for", interrupt_second_batch)
@@ -247,3 +253,95 @@ def test_cli_defaults_follow_service_settings(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("CXR_MAX_PIXELS", "1234")
     args = score.build_parser(score.load_settings()).parse_args(["dir", "--out", "p.csv"])
     assert (args.weights, args.batch_size, args.max_pixels, args.device) == (tiny_weights, 7, 1234, "auto")
+
+
+@pytest.fixture
+def dicom_export(tmp_path: Path) -> Path:
+    """A PACS-style export: extensionless DICOM files in nested folders, a CT among them, and a JPEG."""
+    root = tmp_path / "export"
+    files = {
+        "DICOM/ST1/SE1/IM1": dicom_bytes(Spec(syntax=uid.JPEGLosslessSV1, photometric="MONOCHROME1", modality="CR")),
+        "DICOM/ST1/SE1/IM2": dicom_bytes(Spec(window=(1800, 2500))),
+        "DICOM/ST1/SE2/IM1": dicom_bytes(Spec(modality="CT")),
+        "DICOM/ST2/SE1/IM1": dicom_bytes(Spec(syntax=uid.RLELossless))[:-400],
+        "photo.jpg": encode(synthetic_xray(seed=4)),
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_scores_a_dicom_export_folder(
+    dicom_export: Path, tiny_weights: Path, reference: LoadedModel, tmp_path: Path
+) -> None:
+    out = tmp_path / "predictions.csv"
+    assert run(dicom_export, out, tiny_weights) == 0
+    rows = {row["path"]: row for row in read_rows(out)}
+    assert list(read_rows(out)[0]) == list(score.COLUMNS)  # no UID column unless asked for
+    for name in ("DICOM/ST1/SE1/IM1", "DICOM/ST1/SE1/IM2", "photo.jpg"):
+        probability = float(rows[name]["pneumonia_probability"])
+        assert probability == pytest.approx(direct_probability(reference, dicom_export / name), abs=1e-6)
+    assert rows["DICOM/ST1/SE2/IM1"]["error_code"] == "unsupported_modality"
+    assert rows["DICOM/ST2/SE1/IM1"]["error_code"] == "corrupt_image"
+
+
+def test_with_uids_adds_the_sop_instance_uid_column(dicom_export: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "predictions.csv"
+    assert run(dicom_export, out, tiny_weights, "--with-uids") == 0
+    rows = read_rows(out)
+    assert list(rows[0]) == ["path", "sop_instance_uid", *score.COLUMNS[1:]]
+    by_path = {row["path"]: row["sop_instance_uid"] for row in rows}
+    for name in ("DICOM/ST1/SE1/IM1", "DICOM/ST1/SE1/IM2", "DICOM/ST1/SE2/IM1"):  # refused files keep their UID
+        assert by_path[name] == sop_uid(dicom_export / name)
+    assert by_path["photo.jpg"] == ""
+
+
+def test_resume_works_with_either_form_and_refuses_to_mix_them(
+    dicom_export: Path, engine: InferenceEngine, tmp_path: Path
+) -> None:
+    def score_into(out: Path, with_uids: bool) -> score.Summary:
+        return score.score(
+            dicom_export, out, engine, batch_size=2, workers=2, max_pixels=10**6, progress=False, with_uids=with_uids
+        )
+
+    for with_uids in (False, True):
+        out = tmp_path / f"uids-{with_uids}.csv"
+        full = score_into(out, with_uids)
+        lines = out.read_text().splitlines(keepends=True)
+        out.write_text("".join(lines[:3]))  # header and two rows: an interrupted run
+        resumed = score_into(out, with_uids)
+        assert (full.scored, resumed.skipped, resumed.scored) == (5, 2, 3)
+        assert out.read_text() == "".join(lines)
+        with pytest.raises(score.UsageError, match=f"written {'with' if with_uids else 'without'} --with-uids"):
+            score_into(out, not with_uids)
+        assert out.read_text() == "".join(lines)
+
+
+def test_scorer_follows_the_dicom_settings(
+    dicom_export: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_DICOM_CHECK_MODALITY", "false")
+    out = tmp_path / "predictions.csv"
+    assert run(dicom_export, out, tiny_weights) == 0
+    assert {row["path"]: row["error_code"] for row in read_rows(out)}["DICOM/ST1/SE2/IM1"] == ""
+
+
+def test_heatmaps_writes_one_overlay_per_scored_image(image_dir: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    out, heatmaps = tmp_path / "predictions.csv", tmp_path / "heatmaps"
+    assert run(image_dir, out, tiny_weights, "--heatmaps", str(heatmaps)) == 0
+    written = sorted(path.relative_to(heatmaps).as_posix() for path in heatmaps.rglob("*") if path.is_file())
+    assert written == sorted(f"{name}.png" for name in GOOD)  # none for the unreadable files
+    for seed, name in enumerate(GOOD):
+        with Image.open(heatmaps / f"{name}.png") as overlay:
+            assert overlay.format == "PNG" and overlay.size == (90 + seed, 80)  # the upload's own size and aspect
+    # Heatmaps inside the scored folder are not scored on the next run.
+    inside = image_dir / "heatmaps"
+    assert run(image_dir, tmp_path / "again.csv", tiny_weights, "--heatmaps", str(inside)) == 0
+    assert {row["path"] for row in read_rows(tmp_path / "again.csv")} == {*GOOD, CORRUPT, NOT_IMAGE}
+    assert run(image_dir, tmp_path / "third.csv", tiny_weights, "--heatmaps", str(inside)) == 0
+    assert {row["path"] for row in read_rows(tmp_path / "third.csv")} == {*GOOD, CORRUPT, NOT_IMAGE}

@@ -62,12 +62,20 @@ def test_service_returns_golden_probabilities(shipped) -> None:
     assert shipped.golden_inputs is not None and shipped.metadata.golden is not None
     expected = pneumonia_probability(torch.tensor(shipped.metadata.golden.logits), shipped.metadata.temperature)
     with live_server(serving_settings(SHIPPED)) as server, server.client() as client:
-        for pixels, want in zip(shipped.golden_inputs, expected.tolist(), strict=True):
+        logits = shipped.metadata.golden.logits
+        for pixels, want, (normal, pneumonia) in zip(shipped.golden_inputs, expected.tolist(), logits, strict=True):
             png = encode(Image.fromarray(pixels[0].numpy(), "L"), "PNG")
-            response = client.post("/predict", files={"file": ("golden.png", png, "image/png")})
+            response = client.post(
+                "/predict", params={"explain": "true"}, files={"file": ("golden.png", png, "image/png")}
+            )
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["pneumonia_probability"] == pytest.approx(want, abs=1e-4)
+            # The 64-px model's map is 2 x 2 (input / 32), and it decomposes the golden log-odds exactly.
+            heatmap = body["heatmap"]
+            assert heatmap["grid"] == [2, 2] and heatmap["layer"] == "features.43"
+            log_odds = (pneumonia - normal) / shipped.metadata.temperature  # from the exported golden logits
+            assert sum(heatmap["values"]) / 4 + heatmap["bias"] == pytest.approx(log_odds, abs=1e-3)
             assert body["label"] == ("PNEUMONIA" if body["pneumonia_probability"] >= body["threshold"] else "NORMAL")
             assert body["model"]["sha256"] == shipped.metadata.sha256
             assert body["input_guard"]["passed"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from app.core.network import ModelSpec
+from tests.dicom_files import Spec, chest_stored, dicom_bytes
 from tests.training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, write_split
 from training.cli import build_parser, main
 from training.config import TrainConfig, flag
@@ -178,6 +180,27 @@ def test_unusable_device_is_a_clear_error(
         str(tmp_path / "r"),
     ]
     assert "no CUDA GPU is available" in _error_line(capsys, [*evaluate, "--device", "cuda"])
+
+
+def test_evaluate_reads_dicom_files_through_the_service_preprocessing(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "dicom"
+    for label, seeds in (("NORMAL", (1, 2, 3)), ("PNEUMONIA", (4, 5, 6))):
+        (root / label).mkdir(parents=True)
+        for seed in seeds:
+            stored = chest_stored(Spec(), seed=seed)
+            (root / label / f"IM-{seed:04d}-0001.dcm").write_bytes(dicom_bytes(Spec(photometric="MONOCHROME2"), stored))
+    lateral = root / "NORMAL" / "IM-0009-0001.dcm"
+    lateral.write_bytes(dicom_bytes(Spec(view="LL")))
+    report = tmp_path / "report"
+    argv = ["evaluate", "--weights", str(tiny_weights), "--data", str(root), "--report", str(report)]
+    assert main([*argv, "--device", "cpu", "--bootstrap", "10", "--workers", "1"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n"] == 6
+    assert [(item["path"], item["reason"].split(":")[0]) for item in metrics["unreadable"]] == [
+        (str(lateral), "not_frontal_view")
+    ]
 
 
 def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,7 +29,8 @@ from training.distributed import DistInfo, barrier
 from training.split import grouped_stratified_split
 from training.user_errors import DataError
 
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+# DICOM files (by their usual extension) go through the same preprocessing as the service, its checks included.
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
 

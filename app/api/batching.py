@@ -50,6 +50,7 @@ class InferenceFailedError(BatcherError):
 class _Job:
     pixels: torch.Tensor
     future: asyncio.Future[ImageResult]
+    explain: bool = False
 
 
 class DynamicBatcher:
@@ -73,11 +74,11 @@ class DynamicBatcher:
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="cxr-batcher")
 
-    async def submit(self, pixels: torch.Tensor) -> ImageResult:
-        """Queue one ``uint8[1,S,S]`` image and wait for the engine's result for it."""
+    async def submit(self, pixels: torch.Tensor, explain: bool = False) -> ImageResult:
+        """Queue one ``uint8[1,S,S]`` image and wait for the engine's result for it (with a heatmap if asked)."""
         if self._closed:
             raise ShuttingDownError()
-        job = _Job(pixels, asyncio.get_running_loop().create_future())
+        job = _Job(pixels, asyncio.get_running_loop().create_future(), explain)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -118,7 +119,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._forward, [job.pixels for job in jobs]
+                self._executor, self._forward, [job.pixels for job in jobs], [job.explain for job in jobs]
             )
         except Exception as exc:
             log.exception("inference failed for a batch of %d images", len(jobs))
@@ -134,5 +135,5 @@ class DynamicBatcher:
             if not job.future.done():
                 job.future.set_result(result)
 
-    def _forward(self, images: Sequence[torch.Tensor]) -> list[ImageResult]:
-        return self._engine.infer(self._engine.collate(images))
+    def _forward(self, images: Sequence[torch.Tensor], explain: Sequence[bool]) -> list[ImageResult]:
+        return self._engine.infer(self._engine.collate(images), explain)

@@ -22,6 +22,8 @@ from app.api.batching import BatcherError, InferenceFailedError, ShuttingDownErr
 from app.api.schemas import ErrorResponse
 from app.api.schemas_v2 import V2Error
 from app.core.coded_error import CodedError, first_validation_error
+from app.core.dicom import NotForPresentationError
+from app.core.heatmap import ExplainUnsupportedError
 from app.core.preprocessing import EmptyImageError, ImageError
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),
     "image_too_large": (413, "image is 12000x10000 = 120000000 pixels, over the limit of 100000000"),
     "too_many_files": (413, "40 files uploaded; at most 32 per batch"),
-    "unsupported_media_type": (415, "the file is not a JPEG or PNG image"),
+    "unsupported_media_type": (415, "the file is not a JPEG, PNG or DICOM image"),
     "corrupt_image": (422, "the image data is corrupt or truncated: image file is truncated"),
     "invalid_image": (422, ImageError.default_message),
     "not_chest_xray": (
@@ -85,6 +87,16 @@ ERRORS: dict[str, tuple[int, str]] = {
         "refused: input guard score 4.210 > threshold 1.546: it does not resemble the frontal chest X-rays "
         "the model was trained on",
     ),
+    "unsupported_modality": (422, "the DICOM modality is CT, not a plain radiograph (CR, DX or DR)"),
+    "not_frontal_view": (422, "the DICOM view position is LL; only frontal (PA/AP) views are accepted"),
+    "not_for_presentation": (422, NotForPresentationError.default_message),
+    "multi_frame": (422, "the DICOM file holds 3 frames; send a single-frame radiograph"),
+    "not_monochrome": (
+        422,
+        "the DICOM image is RGB with 3 samples per pixel; only grayscale (MONOCHROME1/MONOCHROME2) radiographs "
+        "are accepted",
+    ),
+    "explain_unsupported": (422, ExplainUnsupportedError.default_message),
     "missing_field": (422, "file: Field required"),
     "validation_error": (422, "files.0: Expected UploadFile, received: <class 'str'>"),
     "internal_error": (500, "unexpected server error; it has been logged with this request's id"),

@@ -19,8 +19,9 @@ from app.api.middleware import (
     RequestContextMiddleware,
     StartupFailureMiddleware,
 )
-from app.api.routes import inference_v2, model, ops, predict
+from app.api.routes import docs, explain, inference_v2, model, ops, predict, ui
 from app.api.service import Service
+from app.api.static_pages import mount_assets
 from app.api.telemetry import Metrics
 from app.core.artifacts import ModelLoadError
 from app.core.engine import EngineError
@@ -42,8 +43,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 ROUTERS: tuple[APIRouter, ...] = (
     predict.router,
+    explain.router,
     model.router,
     ops.router,
+    docs.router,
     inference_v2.health_router,
     inference_v2.router,
 )
@@ -61,12 +64,18 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Pneumonia probability for chest X-rays from a verified VGG16 model, with dynamic GPU batching.",
         version=__version__,
         lifespan=lifespan,
+        # FastAPI's own docs pages load Swagger UI and ReDoc from a CDN; routes/docs.py serves our copy.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = Service(settings, metrics)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(ui.router if settings.ui else ui.docs_home)
+    mount_assets(app)
     install_error_handlers(app)
     # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
     app.add_middleware(
@@ -80,7 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", *explain.PREDICTION_HEADERS],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
     app.add_middleware(StartupFailureMiddleware)

@@ -10,6 +10,24 @@ from app.core.network import ModelSpec
 
 _SHA = "9f2c1d4e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d"
 _IDENTITY = {"name": "cxr-pneumonia-vgg16", "version": "2024-06-01", "sha256": _SHA}
+_SOURCE = {
+    "format": "DICOM",
+    "width": 2048,
+    "height": 2500,
+    "details": {
+        "transfer_syntax": "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+        "photometric_interpretation": "MONOCHROME1",
+        "bits_stored": 12,
+        "modality": "CR",
+        "view_position": "PA",
+        "modality_lut": "none",
+        "voi": "window",
+        "window_center": 2047.0,
+        "window_width": 4096.0,
+        "voi_function": "LINEAR",
+        "inverted": True,
+    },
+}
 _PREDICTION = {
     "label": "PNEUMONIA",
     "pneumonia_probability": 0.9312,
@@ -18,6 +36,7 @@ _PREDICTION = {
     "input_guard": {"score": 0.98, "threshold": 1.546, "passed": True},
     "warning": None,
     "model": _IDENTITY,
+    "source": _SOURCE,
 }
 
 
@@ -48,8 +67,46 @@ class InputGuard(BaseModel):
     passed: bool
 
 
+class ImageSource(BaseModel):
+    """What the upload was decoded as; format facts and applied transforms only, never patient data."""
+
+    format: str = Field(description="JPEG, PNG or DICOM.", examples=["DICOM"])
+    width: int = Field(description="Upright width of the full-resolution image, in pixels.")
+    height: int = Field(description="Upright height of the full-resolution image, in pixels.")
+    details: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Format-specific facts. DICOM: transfer_syntax, photometric_interpretation, bits_stored, "
+        "modality and view_position (standard codes only), modality_lut (none, rescale, lut), voi (voi_lut, "
+        "window, percentile) with its window, and inverted (MONOCHROME1 or Presentation LUT Shape INVERSE).",
+    )
+
+
+_HEATMAP = {
+    "method": "cam",
+    "layer": "features.43",
+    "grid": [2, 2],
+    "values": [1.92, 3.35, 0.41, 2.07],
+    "bias": 0.67,
+}
+
+
+class HeatmapBody(BaseModel):
+    """Where the score came from: sigmoid(mean(values) + bias) is ``pneumonia_probability``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_HEATMAP]})
+
+    method: str = Field(description="`cam`: class activation map of the compact head, exact, no gradients.")
+    layer: str = Field(description="The network layer whose feature maps the cells are (the last conv block).")
+    grid: tuple[int, int] = Field(description="[rows, cols]: the input size / 32 on each side (2x2 at 64 px).")
+    values: list[float] = Field(
+        description="rows x cols cells, row-major from the top-left of the image as the model saw it, in calibrated "
+        "log-odds: positive pushed towards PNEUMONIA, negative towards NORMAL. Raw and signed, never rescaled."
+    )
+    bias: float = Field(description="The head's bias in the same units; mean(values) + bias = the calibrated log-odds.")
+
+
 class Prediction(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [_PREDICTION]})
+    model_config = ConfigDict(json_schema_extra={"examples": [_PREDICTION, {**_PREDICTION, "heatmap": _HEATMAP}]})
 
     label: str = Field(description="Class at the model's decision threshold: PNEUMONIA or NORMAL.")
     pneumonia_probability: float = Field(ge=0.0, le=1.0, description="Temperature-calibrated P(pneumonia).")
@@ -62,10 +119,14 @@ class Prediction(BaseModel):
         None, description="Set when the answer must not be trusted: the guard failed and the server flags instead."
     )
     model: ModelIdentity
+    source: ImageSource | None = Field(
+        None, description="What the upload was decoded as; null only for client-preprocessed pixels (/v2 UINT8 input)."
+    )
+    heatmap: HeatmapBody | None = Field(None, description="Only with `?explain=true`.")
 
 
 class BatchPrediction(Prediction):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"filename": "a.jpg", **_PREDICTION}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"filename": "a.dcm", **_PREDICTION}]})
 
     filename: str | None
 
@@ -83,12 +144,12 @@ class BatchResponse(BaseModel):
             "examples": [
                 {
                     "results": [
-                        {"filename": "a.jpg", **_PREDICTION},
+                        {"filename": "a.dcm", **_PREDICTION},
                         {
                             "filename": "notes.txt",
                             "error": {
                                 "code": "unsupported_media_type",
-                                "message": "the file is not a JPEG or PNG image",
+                                "message": "the file is not a JPEG, PNG or DICOM image",
                             },
                         },
                     ]

@@ -13,7 +13,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
@@ -24,6 +25,8 @@ from app.api.schemas import (
     BatchPrediction,
     ErrorBody,
     Health,
+    HeatmapBody,
+    ImageSource,
     InputGuard,
     ModelCard,
     ModelIdentity,
@@ -31,11 +34,30 @@ from app.api.schemas import (
 )
 from app.api.telemetry import Metrics
 from app.core.engine import Assessment, ImageResult, InferenceEngine, default_decode_workers, load_engine
+from app.core.heatmap import Heatmap
 from app.core.input_guard import NotChestXrayError
-from app.core.preprocessing import ImageError, preprocess
+from app.core.overlay import heatmap_scale, overlay_size, png_bytes, render_overlay
+from app.core.preprocessing import ImageError, ModelInput, SourceInfo, prepare_input
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One upload after the forward pass: what the model said and the input it said it about."""
+
+    result: ImageResult
+    input: ModelInput
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A prediction with its heatmap, drawn: the PNG and the magnitude shown at full colour."""
+
+    prediction: Prediction
+    png: bytes
+    scale: float
 
 
 class Service:
@@ -47,6 +69,8 @@ class Service:
         self.engine: InferenceEngine | None = None
         self._batcher: DynamicBatcher | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        # The one preprocessing function, with the DICOM checks the settings ask for.
+        self._prepare = partial(prepare_input, dicom=settings.dicom_policy())
         self.draining = False
 
     async def start(self) -> None:
@@ -115,16 +139,31 @@ class Service:
         meta = engine.metadata.model_dump(exclude={"golden": True, "guard": {"golden_scores"}})
         return ModelCard(**meta, input_guard=engine.guard_mode, device=str(engine.device), precision=engine.precision)
 
-    async def predict(self, data: bytes) -> Prediction:
+    async def predict(self, data: bytes, explain: bool = False) -> Prediction:
         async with self._deadline():
-            result = await self._score(data)
-        return self._prediction(result)  # raises NotChestXrayError (422) when the guard refuses the image
+            scored = await self._score(data, explain)
+        return self._prediction(scored.result, scored.input.source)  # NotChestXrayError (422) if the guard refuses
 
-    async def predict_many(self, files: list[tuple[str | None, bytes]]) -> list[BatchPrediction | BatchItemError]:
+    async def explain(self, data: bytes, opacity: float) -> Explanation:
+        """The prediction with its heatmap drawn over the input at the upload's aspect ratio, as a PNG."""
+        async with self._deadline():
+            scored = await self._score(data, explain=True)
+            heatmap = scored.result.heatmap
+            assert heatmap is not None
+            source = scored.input.source
+            size = overlay_size(source.width, source.height, self._loaded().input_size)
+            png = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, _draw, scored.input, heatmap, size, opacity
+            )
+        return Explanation(self._prediction(scored.result, source), png, heatmap_scale(heatmap))
+
+    async def predict_many(
+        self, files: list[tuple[str | None, bytes]], explain: bool = False
+    ) -> list[BatchPrediction | BatchItemError]:
         """Score files concurrently (they share batches); image errors stay per file, service errors fail all."""
         try:
             async with self._deadline(), asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._score_item(name, data)) for name, data in files]
+                tasks = [group.create_task(self._score_item(name, data, explain)) for name, data in files]
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed: retry the batch
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
@@ -138,14 +177,15 @@ class Service:
         async with self._deadline():
             engine, batcher = self._admit()
             decoded = await asyncio.gather(*(self._decode(engine, data) for data in images), return_exceptions=True)
-            pixels: list[torch.Tensor] = []
+            prepared: list[ModelInput] = []
             for index, item in enumerate(decoded):
                 if isinstance(item, ImageError):
                     raise type(item)(f"item {index} of {len(images)}: {item.message}") from item
                 if isinstance(item, BaseException):
                     raise item
-                pixels.append(item)
-            return await self._submit_all(batcher, pixels)
+                prepared.append(item)
+            pixels = [item.pixels for item in prepared]
+            return await self._submit_all(batcher, pixels, [item.source for item in prepared])
 
     async def predict_pixels(self, pixels: torch.Tensor) -> list[Prediction]:
         """Images the client preprocessed itself: ``uint8[N,1,S,S]`` at exactly this model's input size."""
@@ -158,7 +198,7 @@ class Service:
         if pixels.shape[0] == 0:
             raise InvalidInferenceRequestError("pixels holds no image")
         async with self._deadline():
-            return await self._submit_all(batcher, list(pixels.contiguous().unbind(0)))
+            return await self._submit_all(batcher, list(pixels.contiguous().unbind(0)), [None] * pixels.shape[0])
 
     def _loaded(self) -> InferenceEngine:
         if self.engine is None:
@@ -181,20 +221,25 @@ class Service:
         except TimeoutError:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
-    async def _decode(self, engine: InferenceEngine, data: bytes) -> torch.Tensor:
+    async def _decode(self, engine: InferenceEngine, data: bytes) -> ModelInput:
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, preprocess, data, engine.input_size, self.settings.max_pixels
+                self._decode_pool, self._prepare, data, engine.input_size, self.settings.max_pixels
             )
         except ImageError as exc:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise
 
-    async def _score(self, data: bytes) -> ImageResult:
+    async def _score(self, data: bytes, explain: bool = False) -> Scored:
         engine, batcher = self._admit()
-        return await batcher.submit(await self._decode(engine, data))
+        if explain:
+            engine.check_explainable()  # refuse before decoding anything
+        prepared = await self._decode(engine, data)
+        return Scored(await batcher.submit(prepared.pixels, explain), prepared)
 
-    async def _submit_all(self, batcher: DynamicBatcher, pixels: list[torch.Tensor]) -> list[Prediction]:
+    async def _submit_all(
+        self, batcher: DynamicBatcher, pixels: list[torch.Tensor], sources: Sequence[SourceInfo | None]
+    ) -> list[Prediction]:
         """Queue every image at once (they share forward passes); a service error fails them all."""
         try:
             async with asyncio.TaskGroup() as group:
@@ -207,17 +252,21 @@ class Service:
                 assessments.append(self._assess(task.result()))
             except NotChestXrayError as exc:  # all or nothing: the request fails, naming the image
                 raise NotChestXrayError(f"item {index} of {len(tasks)}: {exc.message}") from exc
-        return [self._answer(assessment) for assessment in assessments]
+        return [
+            self._answer(assessment, task.result(), source)
+            for assessment, task, source in zip(assessments, tasks, sources, strict=True)
+        ]
 
-    async def _score_item(self, filename: str | None, data: bytes) -> BatchPrediction | BatchItemError:
+    async def _score_item(self, filename: str | None, data: bytes, explain: bool) -> BatchPrediction | BatchItemError:
         try:
-            prediction = self._prediction(await self._score(data))
+            scored = await self._score(data, explain)
+            prediction = self._prediction(scored.result, scored.input.source)
         except ImageError as exc:  # unusable upload, or refused by the input guard: this file only
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
-        return BatchPrediction(filename=filename, **prediction.model_dump())
+        return BatchPrediction(filename=filename, **prediction.model_dump(exclude_unset=True))
 
-    def _prediction(self, result: ImageResult) -> Prediction:
-        return self._answer(self._assess(result))
+    def _prediction(self, result: ImageResult, source: SourceInfo | None) -> Prediction:
+        return self._answer(self._assess(result), result, source)
 
     def _assess(self, result: ImageResult) -> Assessment:
         """The engine's guard verdict and decision; raises NotChestXrayError (counted) in reject mode."""
@@ -227,17 +276,35 @@ class Service:
             self.metrics.guard_failures.labels("refused").inc()
             raise
 
-    def _answer(self, assessment: Assessment) -> Prediction:
+    def _answer(self, assessment: Assessment, result: ImageResult, source: SourceInfo | None) -> Prediction:
+        """The response body: ``source`` is None only for client-preprocessed pixels, where nothing was
+        decoded; ``heatmap`` is set only when one was computed, so it is absent otherwise."""
         if assessment.warning is not None:
             self.metrics.guard_failures.labels("flagged").inc()
         decision = assessment.decision
         self.metrics.predictions.labels(decision.label).inc()
+        described = ImageSource(**asdict(source)) if source is not None else None
         guard = assessment.guard
-        return Prediction(
+        prediction = Prediction(
             **asdict(decision),
             input_guard=InputGuard(score=guard.score, threshold=guard.threshold, passed=guard.passed)
             if guard
             else None,
             warning=assessment.warning,
             model=self.identity(),
+            source=described,
         )
+        if result.heatmap is not None:
+            heatmap = result.heatmap
+            prediction.heatmap = HeatmapBody(
+                method=heatmap.method,
+                layer=heatmap.layer,
+                grid=(heatmap.rows, heatmap.cols),
+                values=list(heatmap.values),
+                bias=heatmap.bias,
+            )
+        return prediction
+
+
+def _draw(model_input: ModelInput, heatmap: Heatmap, size: tuple[int, int], opacity: float) -> bytes:
+    return png_bytes(render_overlay(model_input.pixels, heatmap, size, opacity))

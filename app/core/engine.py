@@ -22,6 +22,7 @@ import torch
 
 from app.core.artifacts import LoadedModel, ModelMetadata, check_golden, load_model
 from app.core.decision import Decision, decide, pneumonia_probability
+from app.core.heatmap import CamHead, ExplainUnsupportedError, Heatmap, cam_head
 from app.core.input_guard import (
     GuardMode,
     GuardSpec,
@@ -102,6 +103,7 @@ class ImageResult:
 
     probability: float  # calibrated P(pneumonia)
     guard_score: float | None = None  # input-guard score; None when the guard is off
+    heatmap: Heatmap | None = None  # only for images whose request asked to explain
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,14 @@ class InferenceEngine:
         self._memory_format = torch.channels_last if fast_layout else torch.contiguous_format
         network = loaded.network.to(device=device, dtype=dtype)
         self.network: PneumoniaNet = network.to(memory_format=self._memory_format).eval()
+        self._cam: CamHead | None = None
+        if loaded.metadata.spec.head == "compact":
+            self._cam = cam_head(self.network, loaded.metadata.temperature)
+
+    def check_explainable(self) -> None:
+        """Raise :class:`ExplainUnsupportedError` before any work when this model cannot give heatmaps."""
+        if self._cam is None:
+            raise ExplainUnsupportedError()
 
     @property
     def precision(self) -> str:
@@ -149,10 +159,12 @@ class InferenceEngine:
         out = torch.empty((len(items), 1, size, size), dtype=torch.uint8, pin_memory=self._cuda)
         return torch.stack(list(items), out=out)
 
-    def infer(self, pixels: torch.Tensor) -> list[ImageResult]:
+    def infer(self, pixels: torch.Tensor, explain: Sequence[bool] = ()) -> list[ImageResult]:
         """One batched forward pass over a ``uint8[N,1,S,S]`` batch: a result per image, in order.
 
         The feature maps are computed once; everything reported about an image derives from them.
+        ``explain[i]`` asks for image i's heatmap; it is computed for those images only, so a batch
+        where nobody asked does no extra work.
         """
         size = self.input_size
         if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[2:]) != (size, size):
@@ -171,7 +183,17 @@ class InferenceEngine:
                 maps = self.network.feature_maps(x)
             logits = self.network.head(maps)
             probabilities = pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
-        return [ImageResult(p, s) for p, s in zip(probabilities, scores, strict=True)]
+            heatmaps: list[Heatmap | None] = [None] * len(probabilities)
+            wanted = [index for index, flag in enumerate(explain) if flag]
+            if wanted:
+                self.check_explainable()
+                assert self._cam is not None
+                for index, heatmap in zip(wanted, self._cam.heatmaps(maps[wanted]), strict=True):
+                    heatmaps[index] = heatmap
+        return [
+            ImageResult(probability=p, guard_score=s, heatmap=h)
+            for p, s, h in zip(probabilities, scores, heatmaps, strict=True)
+        ]
 
     def decide(self, probability: float) -> Decision:
         """The decision at this model's threshold: what the service, the scorer and the reports all say."""

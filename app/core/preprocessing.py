@@ -3,7 +3,9 @@
 Training and serving both call :func:`preprocess`, so an image is decoded, oriented,
 converted to grayscale and squashed to the model's square input in exactly one way.
 Large JPEGs are decoded with libjpeg's DCT scaling (Pillow's draft mode) to no less
-than the target size, which is what makes 9-megapixel uploads cheap.
+than the target size, which is what makes 9-megapixel uploads cheap. DICOM files, detected by
+content, are turned into 8-bit display pixels by ``app.core.dicom`` and then take the same
+resize as every other input.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from app.core.coded_error import CodedError
+from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy, decode_dicom, is_dicom, read_sop_instance_uid
+from app.core.image_errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    UnreadableFileError,
+    UnsupportedImageError,
+)
+from app.core.jpeg_header import JpegFrame, read_jpeg_frame
 
 # Formats accepted by content, whatever the file name or declared content type says.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
@@ -28,80 +39,6 @@ RESAMPLE = Image.Resampling.BILINEAR
 Image.MAX_IMAGE_PIXELS = None
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic).
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-class ImageError(CodedError):
-    """An upload that cannot be turned into model input; ``code`` is stable for clients."""
-
-    code = "invalid_image"
-    default_message = "the upload cannot be used as an image"
-
-
-class EmptyImageError(ImageError):
-    code = "empty_file"
-    default_message = "the uploaded file is empty"
-
-
-class UnreadableFileError(ImageError):
-    """A file on disk (offline scoring, training data) that could not be read at all."""
-
-    code = "read_error"
-
-
-class UnsupportedImageError(ImageError):
-    code = "unsupported_media_type"
-
-
-class CorruptImageError(ImageError):
-    code = "corrupt_image"
-
-
-class ImageTooLargeError(ImageError):
-    code = "image_too_large"
-
-
-@dataclass(frozen=True)
-class JpegFrame:
-    """The fields of a JPEG start-of-frame header that decide how to decode it."""
-
-    precision: int
-    height: int
-    width: int
-    components: int
-    lossless: bool
-
-
-def read_jpeg_frame(data: bytes) -> JpegFrame | None:
-    """Parse the first SOF header without decoding; ``None`` when there is none."""
-    pos = 2
-    size = len(data)
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker in _SOF_MARKERS:
-            if pos + 10 > size:
-                return None
-            return JpegFrame(
-                precision=data[pos + 4],
-                height=int.from_bytes(data[pos + 5 : pos + 7], "big"),
-                width=int.from_bytes(data[pos + 7 : pos + 9], "big"),
-                components=data[pos + 9],
-                lossless=marker in (0xC3, 0xC7, 0xCB, 0xCF),
-            )
-        if marker == 0xDA or length < 2:  # start of scan before any frame: malformed
-            return None
-        pos += 2 + length
-    return None
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -139,10 +76,10 @@ def _to_grayscale(img: Image.Image) -> Image.Image:
 class SourceInfo:
     """What was decoded, for responses and overlays: format facts only, never patient data."""
 
-    format: str  # "JPEG", "PNG"
+    format: str  # "JPEG", "PNG", "DICOM"
     width: int  # upright (after EXIF orientation), full resolution
     height: int
-    details: dict[str, str | int] = field(default_factory=dict)  # format-specific, JSON-safe
+    details: dict[str, str | int | float | bool] = field(default_factory=dict)  # format-specific, JSON-safe
 
 
 @dataclass(frozen=True)
@@ -178,7 +115,11 @@ def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
 
 
 def decode_grayscale(
-    data: bytes, target_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    target_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> tuple[Image.Image, SourceInfo]:
     """Decode ``data`` to an upright 8-bit grayscale image no smaller than ``target_size``.
 
@@ -186,6 +127,10 @@ def decode_grayscale(
     """
     if not data:
         raise EmptyImageError()
+    if is_dicom(data):
+        decoded = decode_dicom(data, max_pixels, dicom)
+        height, width = decoded.pixels.shape
+        return Image.fromarray(decoded.pixels, "L"), SourceInfo("DICOM", width, height, decoded.details)
     frame = read_jpeg_frame(data) if data.startswith(_JPEG_MAGIC) else None
     if frame is not None:
         _check_pixels(frame.width, frame.height, max_pixels)
@@ -195,7 +140,7 @@ def decode_grayscale(
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in SUPPORTED_FORMATS:
-            raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG or PNG")
+            raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG, PNG or DICOM")
         _check_pixels(img.width, img.height, max_pixels)
         width, height = img.size
         if img.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
@@ -210,7 +155,7 @@ def decode_grayscale(
     except UnidentifiedImageError as exc:
         if data.startswith(_JPEG_MAGIC):
             raise CorruptImageError("the file starts like a JPEG but its header is invalid") from exc
-        raise UnsupportedImageError("the file is not a JPEG or PNG image") from exc
+        raise UnsupportedImageError("the file is not a JPEG, PNG or DICOM image") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
     return _to_grayscale(img), source
@@ -223,15 +168,22 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
-def prepare_input(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelInput:
-    """Encoded image bytes to the network input ``uint8[1, S, S]`` plus what was decoded."""
-    image, source = decode_grayscale(data, input_size, max_pixels)
+def prepare_input(
+    data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *, dicom: DicomPolicy = DEFAULT_DICOM_POLICY
+) -> ModelInput:
+    """Encoded image bytes to the network input ``uint8[1, S, S]`` plus what was decoded.
+
+    ``dicom`` says which DICOM metadata checks refuse an upload (all by default).
+    """
+    image, source = decode_grayscale(data, input_size, max_pixels, dicom=dicom)
     return ModelInput(torch.from_numpy(resize_square(image, input_size)).unsqueeze(0), source)
 
 
-def preprocess(data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def preprocess(
+    data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *, dicom: DicomPolicy = DEFAULT_DICOM_POLICY
+) -> torch.Tensor:
     """Encoded image bytes to the network input ``uint8[1, S, S]`` (one grayscale channel)."""
-    return prepare_input(data, input_size, max_pixels).pixels
+    return prepare_input(data, input_size, max_pixels, dicom=dicom).pixels
 
 
 @dataclass(frozen=True)
@@ -241,16 +193,31 @@ class PreparedFile:
     pixels: torch.Tensor | None
     sha256: str = ""
     error: ImageError | None = None
+    sop_instance_uid: str = ""  # only when asked for, and only for DICOM files that carry a valid one
+    source: SourceInfo | None = None
 
 
-def preprocess_file(path: Path, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedFile:
-    """Read and preprocess a file from disk exactly as the service does an upload; never raises ImageError."""
+def preprocess_file(
+    path: Path,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
+    with_uid: bool = False,
+) -> PreparedFile:
+    """Read and preprocess a file from disk exactly as the service does an upload; never raises ImageError.
+
+    ``with_uid`` also reads a DICOM file's SOP Instance UID (the offline scorer's ``--with-uids``);
+    it is kept out of :class:`SourceInfo` so that it can never reach an HTTP response.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
         return PreparedFile(None, error=UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}"))
     digest = hashlib.sha256(data).hexdigest()
+    uid = read_sop_instance_uid(data) if with_uid else ""
     try:
-        return PreparedFile(preprocess(data, input_size, max_pixels), digest)
+        prepared = prepare_input(data, input_size, max_pixels, dicom=dicom)
     except ImageError as exc:
-        return PreparedFile(None, digest, exc)
+        return PreparedFile(None, digest, exc, sop_instance_uid=uid)
+    return PreparedFile(prepared.pixels, digest, sop_instance_uid=uid, source=prepared.source)

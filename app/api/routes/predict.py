@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 
 from app.api.deps import ApiKeyGuard, ServiceDep, SettingsDep
 from app.api.errors import TooManyFilesError, error_responses
@@ -12,7 +12,15 @@ from app.api.schemas import BatchResponse, Prediction
 
 router = APIRouter(tags=["prediction"], dependencies=[ApiKeyGuard])
 
-_SERVICE_ERRORS = (
+Explain = Annotated[
+    bool,
+    Query(
+        description="Add a `heatmap`: the class activation map of the score (compact-head models only, "
+        "else 422 `explain_unsupported`). Requests without it do no extra work."
+    ),
+]
+
+SERVICE_ERRORS = (
     "unauthorized",
     "payload_too_large",
     "bad_request",
@@ -25,37 +33,58 @@ _SERVICE_ERRORS = (
     "shutting_down",
     "timeout",
 )
+# Image errors of one upload; /predict answers with them, /predict/batch puts them in the file's entry.
+IMAGE_ERRORS = (
+    "empty_file",
+    "image_too_large",
+    "unsupported_media_type",
+    "corrupt_image",
+    "unsupported_modality",
+    "not_frontal_view",
+    "not_for_presentation",
+    "multi_frame",
+    "not_monochrome",
+    "not_chest_xray",
+)
 
 
 @router.post(
     "/predict",
     summary="Classify one chest X-ray",
-    responses=error_responses(
-        "empty_file", "image_too_large", "unsupported_media_type", "corrupt_image", "not_chest_xray", *_SERVICE_ERRORS
-    ),
+    responses=error_responses(*IMAGE_ERRORS, "explain_unsupported", *SERVICE_ERRORS),
+    response_model_exclude_unset=True,  # `heatmap` only when asked for
 )
 async def predict(
     service: ServiceDep,
-    file: Annotated[UploadFile, File(description="A JPEG (8/12-bit, any colour model) or PNG (8/16-bit) image.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A JPEG (8/12-bit, any colour model), PNG (8/16-bit) or DICOM (single-frame grayscale "
+            "CR/DX radiograph) file, recognised by content."
+        ),
+    ],
+    explain: Explain = False,
 ) -> Prediction:
     """P(pneumonia), calibrated with the model's temperature, the label at its decision threshold, and the input
     guard's verdict; an image that does not resemble a frontal chest X-ray is refused (422 not_chest_xray)."""
-    return await service.predict(await file.read())
+    return await service.predict(await file.read(), explain)
 
 
 @router.post(
     "/predict/batch",
     summary="Classify several chest X-rays",
-    responses=error_responses("too_many_files", *_SERVICE_ERRORS),
+    responses=error_responses("too_many_files", "explain_unsupported", *SERVICE_ERRORS),
+    response_model_exclude_unset=True,
 )
 async def predict_batch(
     service: ServiceDep,
     settings: SettingsDep,
     files: Annotated[list[UploadFile], File(description="Repeat the `files` field once per image.")],
+    explain: Explain = False,
 ) -> BatchResponse:
     """Results in upload order; a file that is not a usable image gets its own error entry, the rest are scored."""
     limit = settings.max_batch_files
     if len(files) > limit:
         raise TooManyFilesError(f"{len(files)} files uploaded; at most {limit} per batch")
     uploads = [(upload.filename, await upload.read()) for upload in files]
-    return BatchResponse(results=await service.predict_many(uploads))
+    return BatchResponse(results=await service.predict_many(uploads, explain))

@@ -1,0 +1,203 @@
+// The web page: send the chosen files to /predict (one) or /predict/batch (several) with
+// ?explain=true, and draw each image, its heatmap, label, probability and input-guard result.
+// Plain JavaScript, no build step; every URL is relative so the page works behind a proxy.
+// Text from files and responses is only ever set as textContent, never parsed as HTML.
+"use strict";
+
+const TOWARD_PNEUMONIA = [220, 30, 30];
+const TOWARD_NORMAL = [30, 90, 230];
+
+const $ = (selector) => document.querySelector(selector);
+const keyInput = $("#api-key");
+const opacityInput = $("#opacity");
+const statusLine = $("#status");
+const results = $("#results");
+
+// The API key lives in this input only: never stored, sent only to this service.
+function headers(extra = {}) {
+  const key = keyInput.value.trim();
+  return key ? { ...extra, "X-API-Key": key } : extra;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error) return `${body.error.message} (${body.error.code}, HTTP ${response.status})`;
+  } catch (_) {
+    // not JSON (for example a proxy's own error page)
+  }
+  return `HTTP ${response.status} ${response.statusText}`;
+}
+
+async function showModel() {
+  const target = $("#model-identity");
+  try {
+    const response = await fetch("health", { headers: headers() });
+    const health = await response.json();
+    if (!health.model) {
+      target.textContent = `not ready (${health.status}: ${health.detail || ""})`;
+      return;
+    }
+    showIdentity(health.model);
+  } catch (error) {
+    target.textContent = `unreachable (${error})`;
+  }
+}
+
+function showIdentity(model) {
+  $("#model-identity").textContent = `${model.name} ${model.version} · sha256 ${model.sha256.slice(0, 12)}`;
+}
+
+async function score(files) {
+  results.replaceChildren();
+  const batch = files.length > 1;
+  const form = new FormData();
+  for (const file of files) form.append(batch ? "files" : "file", file, file.name);
+  statusLine.textContent = `Scoring ${files.length} file${batch ? "s" : ""}…`;
+  let response;
+  try {
+    response = await fetch(batch ? "predict/batch?explain=true" : "predict?explain=true", {
+      method: "POST",
+      headers: headers(),
+      body: form,
+    });
+  } catch (error) {
+    statusLine.textContent = `The service could not be reached: ${error}`;
+    return;
+  }
+  if (!response.ok) {
+    const message = await errorText(response);
+    if (batch || response.status < 400 || response.status >= 500 || response.status === 401) {
+      statusLine.textContent = `Request failed: ${message}`;
+      return;
+    }
+    // One file refused for itself (bad image, not a chest X-ray): show it on its card.
+    statusLine.textContent = "";
+    render(files[0], { filename: files[0].name, error: { message } });
+    return;
+  }
+  const body = await response.json();
+  const items = batch ? body.results : [{ ...body, filename: files[0].name }];
+  statusLine.textContent = `${items.length} result${items.length > 1 ? "s" : ""}.`;
+  items.forEach((item, index) => render(files[index], item));
+}
+
+function render(file, item) {
+  const card = $("#result-template").content.firstElementChild.cloneNode(true);
+  card.querySelector(".filename").textContent = item.filename || file.name || "(unnamed file)";
+  results.append(card);
+  if (item.error) {
+    const error = item.error.code ? `${item.error.message} (${item.error.code})` : item.error.message;
+    card.querySelector(".error").textContent = error;
+    card.querySelector(".picture").remove();
+    card.querySelector(".gauge").remove();
+    return;
+  }
+  showIdentity(item.model);
+  const label = card.querySelector(".label");
+  label.textContent = item.label;
+  label.classList.add(item.label);
+  const p = item.pneumonia_probability;
+  const side = p >= item.threshold ? "at or above" : "below";
+  card.querySelector(".probability").textContent =
+    `P(pneumonia) = ${p.toFixed(4)}, ${side} the threshold ${item.threshold.toFixed(4)} (calibrated)`;
+  card.querySelector(".gauge .fill").style.width = `${(100 * p).toFixed(2)}%`;
+  card.querySelector(".gauge .threshold").style.left = `${(100 * item.threshold).toFixed(2)}%`;
+  showGuard(card.querySelector(".guard"), item.input_guard, item.warning);
+  const map = item.heatmap;
+  if (map) {
+    const scale = Math.max(...map.values.map(Math.abs));
+    card.querySelector(".map-info").textContent =
+      `${map.method} on ${map.layer}, ${map.grid[0]}x${map.grid[1]} cells, largest |value| ${scale.toFixed(3)} log-odds`;
+  }
+  drawPicture(card, file, map).catch((error) => {
+    card.querySelector(".error").textContent = `The image could not be shown: ${error}`;
+  });
+}
+
+function showGuard(target, guard, warning) {
+  if (!guard) return; // a model or service without the input guard
+  const verdict = guard.passed ? "passed" : "failed";
+  target.textContent =
+    `Input guard ${verdict}: score ${guard.score.toFixed(3)}, threshold ${guard.threshold.toFixed(3)}` +
+    (warning ? `. ${warning}` : "");
+  if (!guard.passed) target.classList.add("failed");
+}
+
+// The browser decodes JPEG and PNG itself; for what it cannot (DICOM, 12-bit or lossless JPEG)
+// the service draws the image as the model saw it (/explain with the heatmap at opacity 0).
+async function decodeForDisplay(file) {
+  try {
+    return await createImageBitmap(file);
+  } catch (_) {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    const response = await fetch("explain?opacity=0", { method: "POST", headers: headers(), body: form });
+    if (!response.ok) throw new Error(await errorText(response));
+    return await createImageBitmap(await response.blob());
+  }
+}
+
+async function drawPicture(card, file, map) {
+  const bitmap = await decodeForDisplay(file);
+  const base = card.querySelector("canvas.base");
+  const overlay = card.querySelector("canvas.heatmap");
+  const width = Math.min(bitmap.width, 720);
+  const height = Math.max(1, Math.round((bitmap.height * width) / bitmap.width));
+  for (const canvas of [base, overlay]) {
+    canvas.width = width;
+    canvas.height = height;
+  }
+  base.getContext("2d").drawImage(bitmap, 0, 0, width, height);
+  if (map) drawHeatmap(overlay, map);
+  overlay.style.opacity = opacityInput.value;
+  card.dataset.drawn = "true";
+}
+
+// One pixel per cell, signed colours, alpha by |value| relative to the map's largest; the browser's
+// bilinear smoothing stretches it over the image (the model saw the whole image squashed to a square,
+// so each cell covers the same fraction of the image's width and height).
+function drawHeatmap(canvas, map) {
+  const [rows, cols] = map.grid;
+  const scale = Math.max(...map.values.map(Math.abs));
+  const cells = document.createElement("canvas");
+  cells.width = cols;
+  cells.height = rows;
+  const context = cells.getContext("2d");
+  const image = context.createImageData(cols, rows);
+  map.values.forEach((value, index) => {
+    const t = scale > 0 ? Math.max(-1, Math.min(1, value / scale)) : 0;
+    const color = t >= 0 ? TOWARD_PNEUMONIA : TOWARD_NORMAL;
+    image.data.set([...color, Math.round(255 * Math.abs(t))], index * 4);
+  });
+  context.putImageData(image, 0, 0);
+  const target = canvas.getContext("2d");
+  target.imageSmoothingEnabled = true;
+  target.imageSmoothingQuality = "high";
+  target.drawImage(cells, 0, 0, canvas.width, canvas.height);
+}
+
+opacityInput.addEventListener("input", () => {
+  for (const canvas of document.querySelectorAll("canvas.heatmap")) canvas.style.opacity = opacityInput.value;
+});
+
+$("#files").addEventListener("change", (event) => {
+  const files = [...event.target.files];
+  event.target.value = ""; // so choosing the same file again scores it again
+  if (files.length) score(files);
+});
+
+const drop = $("#drop");
+drop.addEventListener("dragover", (event) => {
+  event.preventDefault();
+  drop.classList.add("over");
+});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  const files = [...event.dataTransfer.files];
+  if (files.length) score(files);
+});
+
+showModel();
