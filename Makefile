@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench train clean
+.PHONY: install serve test lint bench train clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,18 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache bench-results
+	rm -rf $(VENV) .pytest_cache bench-results fuzz-findings
 
 # Serving benchmark (see benchmarks/README.md); results land in bench-results/.
 # BENCH_ARGS="--precision bf16" measures the CPU fast path.
 bench: $(STAMP)
 	$(PY) -m benchmarks.serve_bench $(BENCH_ARGS)
+
+# Decoder fuzzing, longer than the CI run (see README, Development); findings are written to fuzz-findings/.
+FUZZ_MUTATIONS ?= 20000
+FUZZ_SEED ?= 1
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz_decoders --mutations $(FUZZ_MUTATIONS) --seed $(FUZZ_SEED) --out fuzz-findings
 
 # Default training recipe: DATA=path/to/chest_xray OUT=runs/NAME
 DATA ?= ../shared/data/chest_xray

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -42,8 +43,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Line breaks and other control characters, which a client can put in a path (``%0a``) or a header.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``\\n``, ``\\x1b``, ... instead of the characters themselves: one record stays one line."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(logging.Formatter):
-    """Human-readable lines for local development, still carrying the request id."""
+    """Human-readable lines for local development, still carrying the request id.
+
+    The message is escaped, so a ``%0a`` in a request path cannot start a forged log line, and
+    traceback lines are indented, so none of them can pass for a record either.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s")
@@ -51,6 +65,13 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.request_id = request_id_var.get() or "-"
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return "\n".join("    " + escape_controls(line) for line in super().formatException(ei).splitlines())
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -1,4 +1,5 @@
-"""ASGI entry point for ``uvicorn app.main:app`` (the Docker image); ``python -m app`` is preferred.
+"""ASGI entry point for ``uvicorn app.main:app``; ``python -m app`` (the Docker image's command) is preferred:
+only it installs the HTTP protocol with the header size and time limits (``app.api.http_protocol``).
 
 Settings are read and logging configured at import, as uvicorn imports this module once per
 process; the model itself loads in the app's lifespan, not here.

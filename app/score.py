@@ -2,14 +2,21 @@
 
 Scores every file under DIR with the same verified model, preprocessing and device/precision
 choice as the HTTP service (``app.core.preprocessing.preprocess`` + ``app.core.engine``), so an offline
-prediction equals the one the API would return. Unreadable files, and images the input guard
-refuses (``not_chest_xray``), become CSV rows with the service's stable error code instead of
-stopping the run; with ``--input-guard flag`` they are scored with a ``warning``. Rows are flushed after every batch
-and files already in the CSV are skipped, so rerunning an interrupted command resumes it.
+prediction equals the one the API would return. Decoding runs in isolated decoder processes,
+so an image that crashes a decoder becomes a ``corrupt_image`` row instead of ending the run.
+Every entry of the folder gets a row: unreadable files, FIFOs, sockets, devices, symlink loops
+and directory symlinks (not followed) get the stable error code ``read_error`` with the reason,
+and are never opened in a way that could block. Images the input guard refuses become
+``not_chest_xray`` rows (with ``--input-guard flag`` they are scored with a ``warning``). Rows
+are flushed after every batch and files already in the CSV are skipped, so rerunning an
+interrupted command resumes it.
 DICOM exports (files often without an extension) are recognised by content like any upload;
 ``--with-uids`` adds each file's SOP Instance UID, which identifies the image, so it is opt-in.
 With ``--heatmaps`` each scored image also gets an overlay PNG (the service's ``POST /explain``
 picture), written before its CSV row so that a row always means its picture exists.
+
+File names are written as UTF-8 with ``\\`` for a backslash and ``\\xNN`` for each byte that is not
+valid UTF-8, so every name has exactly one row and a resumed run recognises it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,12 +38,13 @@ from typing import TextIO
 from tqdm import tqdm
 
 from app.core.artifacts import ModelLoadError
+from app.core.decode_pool import DecodePool
 from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
 from app.core.heatmap import ExplainUnsupportedError, Heatmap
 from app.core.input_guard import NotChestXrayError
 from app.core.overlay import overlay_size, png_bytes, render_overlay
-from app.core.preprocessing import PreparedFile, preprocess_file
+from app.core.preprocessing import DEFAULT_MAX_DECODE_BYTES, PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
 COLUMNS = (
@@ -54,6 +63,7 @@ UID_COLUMN = "sop_instance_uid"
 USAGE_ERROR = 2
 INTERRUPTED = 130
 MAX_LISTED_ERRORS = 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class UsageError(Exception):
@@ -78,14 +88,36 @@ class Summary:
     failed_paths: list[tuple[str, str]] = field(default_factory=list)
 
 
+def csv_path(relative: str) -> str:
+    """The ``path`` column for a name from the file system: injective, and always valid UTF-8.
+
+    ``os.walk`` gives undecodable bytes as lone surrogates (``surrogateescape``); they become ``\\xNN``,
+    and a literal backslash becomes ``\\\\`` so no real name can be mistaken for an escaped one.
+    """
+    raw = relative.replace("\\", "\\\\").encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def list_images(root: Path, exclude: Path | None = None) -> list[str]:
-    """All non-hidden files under ``root`` as sorted POSIX paths relative to it (stable across runs and hosts)."""
+    """Every non-hidden entry under ``root`` as sorted POSIX paths relative to it (stable across runs and hosts).
+
+    Symbolic links to directories are listed, not followed (no loops, no folder scored twice), and so
+    is a folder that cannot be listed: both get an error row when read, instead of vanishing.
+    """
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        for name in filenames:
+    excluded = os.path.realpath(exclude) if exclude is not None else None
+
+    def unlistable(error: OSError) -> None:
+        if error.filename is not None:
+            found.append(Path(error.filename).relative_to(root).as_posix())
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
+        linked = [name for name in dirnames if Path(dirpath, name).is_symlink()]
+        dirnames[:] = [name for name in dirnames if not name.startswith(".") and name not in linked]
+        for name in [*filenames, *linked]:
             path = Path(dirpath, name)
-            if name.startswith(".") or (exclude is not None and path.resolve() == exclude):
+            # realpath, unlike Path.resolve, never raises on a symlink loop
+            if name.startswith(".") or (excluded is not None and os.path.realpath(path) == excluded):
                 continue
             found.append(path.relative_to(root).as_posix())
     return sorted(found)
@@ -96,11 +128,53 @@ def columns(with_uids: bool) -> tuple[str, ...]:
     return (COLUMNS[0], UID_COLUMN, *COLUMNS[1:]) if with_uids else COLUMNS
 
 
-def prepare(
-    root: Path, relative: str, input_size: int, max_pixels: int, dicom: DicomPolicy, with_uid: bool
-) -> Prepared:
-    """Read and preprocess one file exactly as the service does with an upload."""
-    return Prepared(relative, preprocess_file(root / relative, input_size, max_pixels, dicom=dicom, with_uid=with_uid))
+def prepare(root: Path, relative: str, input_size: int, with_uid: bool, decoder: DecodePool) -> Prepared:
+    """Read and preprocess one file exactly as the service does with an upload, in the isolated decoders."""
+    file = preprocess_file(root / relative, input_size, with_uid=with_uid, decoder=decoder.decode)
+    return Prepared(relative, file)
+
+
+def _complete_rows(text: str, expected: tuple[str, ...]) -> tuple[list[dict[str, str]], int]:
+    """The rows of a predictions file that were written whole, and where the last of them ends.
+
+    A kill can cut the file anywhere, also inside a quoted file name that holds a newline; a row
+    counts only if it parses to every column, ends in a model hash and its line end is there.
+    The reader is fed one line at a time, so the characters it consumed mark the row's end.
+    """
+    consumed = 0
+    lines = re.finditer(r"[^\n]*\n|[^\n]+$", text)
+
+    def feed() -> Iterator[str]:
+        nonlocal consumed
+        for match in lines:
+            consumed = match.end()
+            yield match.group()
+
+    reader = csv.reader(feed())
+    rows: list[dict[str, str]] = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            return rows, 0
+        if text[consumed - 1] != "\n":  # the header itself was cut: nothing to keep
+            return rows, 0
+        found = tuple(header)
+        if found == columns(UID_COLUMN not in expected):  # resuming must not mix rows with and without UIDs
+            written, rerun = ("with", "add") if UID_COLUMN in found else ("without", "drop")
+            raise UsageError(
+                f"was written {written} --with-uids; {rerun} --with-uids to resume it, or write to a new --out"
+            )
+        if found != expected:
+            raise UsageError(f"exists but is not a predictions file from app.score (columns {header})")
+        end = consumed
+        for fields in reader:
+            if len(fields) != len(expected) or not _SHA256.fullmatch(fields[-1]) or text[consumed - 1] != "\n":
+                break
+            rows.append(dict(zip(expected, fields, strict=True)))
+            end = consumed
+    except csv.Error:  # a quoted field left open by the cut
+        pass
+    return rows, end
 
 
 def finished_paths(out: Path, model_sha256: str, with_uids: bool = False) -> set[str]:
@@ -108,29 +182,23 @@ def finished_paths(out: Path, model_sha256: str, with_uids: bool = False) -> set
     if not out.exists():
         return set()
     raw = out.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        with out.open("r+b") as handle:  # the last row was cut mid-write: drop it, its file is redone
-            handle.truncate(raw.rfind(b"\n") + 1)
-    with out.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            return set()
-        found = tuple(reader.fieldnames)
-        if found == columns(not with_uids):  # resuming must not mix rows with and without the UID column
-            written, rerun = ("with", "add") if UID_COLUMN in found else ("without", "drop")
+    text = raw.decode("utf-8", "surrogateescape")
+    try:
+        rows, end = _complete_rows(text, columns(with_uids))
+    except UsageError as exc:
+        raise UsageError(f"{out} {exc}") from None
+    keep = len(text[:end].encode("utf-8", "surrogateescape"))
+    if keep < len(raw):  # the last row was cut mid-write: drop it, its file is redone
+        with out.open("r+b") as handle:
+            handle.truncate(keep)
+    done: set[str] = set()
+    for row in rows:
+        if row["model_sha256"] != model_sha256:
             raise UsageError(
-                f"{out} was written {written} --with-uids; {rerun} --with-uids to resume it, or write to a new --out"
+                f"{out} holds predictions of model {row['model_sha256'][:12]}, not {model_sha256[:12]}; "
+                "write to a new --out file"
             )
-        if found != columns(with_uids):
-            raise UsageError(f"{out} exists but is not a predictions file from app.score (columns {reader.fieldnames})")
-        done: set[str] = set()
-        for row in reader:
-            if row["model_sha256"] != model_sha256:
-                raise UsageError(
-                    f"{out} holds predictions of model {row['model_sha256'][:12]}, not {model_sha256[:12]}; "
-                    "write to a new --out file"
-                )
-            done.add(row["path"])
+        done.add(row["path"])
     return done
 
 
@@ -176,7 +244,7 @@ def rows_for(
     rows, overlays = [], []
     for item in batch:
         row = dict.fromkeys(columns(with_uids=True), "")
-        row.update(path=item.path, threshold=repr(meta.threshold), model_sha256=meta.sha256)
+        row.update(path=csv_path(item.path), threshold=repr(meta.threshold), model_sha256=meta.sha256)
         row[UID_COLUMN] = item.file.sop_instance_uid
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
@@ -211,6 +279,7 @@ def score(
     dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
     with_uids: bool = False,
     heatmaps: Path | None = None,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> Summary:
     """Score the files of ``root`` not yet in ``out``, appending and flushing one batch at a time.
 
@@ -218,24 +287,28 @@ def score(
     by the decoding threads, before the batch's rows.
     """
     done = finished_paths(out, engine.metadata.sha256, with_uids)
-    skip = heatmaps.resolve() if heatmaps is not None else None
+    # realpath, unlike Path.resolve, never raises on a symlink loop
+    skip = Path(os.path.realpath(heatmaps)) if heatmaps is not None else None
     pending_paths = [
         path
-        for path in list_images(root, exclude=out.resolve())
-        if path not in done and (skip is None or skip not in (root / path).resolve().parents)
+        for path in list_images(root, exclude=out)
+        if csv_path(path) not in done and (skip is None or skip not in Path(os.path.realpath(root / path)).parents)
     ]
     summary = Summary(skipped=len(done))
     write_header = not out.exists() or out.stat().st_size == 0
-    with ThreadPoolExecutor(max_workers=workers) as pool, out.open("a", newline="", encoding="utf-8") as handle:
+    with (
+        DecodePool(
+            workers, engine.input_size, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes, dicom=dicom
+        ) as decoder,
+        ThreadPoolExecutor(max_workers=decoder.size) as pool,
+        out.open("a", newline="", encoding="utf-8") as handle,
+    ):
         writer = csv.DictWriter(handle, fieldnames=columns(with_uids), extrasaction="ignore")
         if write_header:
             writer.writeheader()
 
         def submit(chunk: list[str] | None) -> list[Future[Prepared]]:
-            return [
-                pool.submit(prepare, root, path, engine.input_size, max_pixels, dicom, with_uids)
-                for path in chunk or []
-            ]
+            return [pool.submit(prepare, root, path, engine.input_size, with_uids, decoder) for path in chunk or []]
 
         chunks = batched(pending_paths, batch_size)
         # Decode the next batch on the pool while the current one runs on the device.
@@ -308,7 +381,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         "--workers",
         type=positive_int,
         default=defaults.decode_workers,
-        help="decoding threads (default: $CXR_DECODE_WORKERS, else by device)",
+        help="decoder processes (default: $CXR_DECODE_WORKERS, else by device)",
     )
     parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
     parser.add_argument(
@@ -360,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             workers=args.workers or default_decode_workers(engine.device),
             max_pixels=args.max_pixels,
+            max_decode_bytes=defaults.max_decode_bytes,
             progress=not args.no_progress,
             dicom=defaults.dicom_policy(),
             with_uids=args.with_uids,

@@ -10,10 +10,11 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.core.coded_error import first_validation_error
+from app.core.decode_pool import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_LARGE_DECODE_BYTES
 from app.core.dicom import DicomPolicy
 from app.core.engine import DEVICE_PATTERN, Precision
 from app.core.input_guard import GuardMode
-from app.core.preprocessing import DEFAULT_MAX_PIXELS
+from app.core.preprocessing import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
 
 MiB = 1024 * 1024
 
@@ -42,10 +43,25 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Decode + queue + inference budget per request.")
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest request body accepted.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image (width x height) decoded.")
-    max_batch_files: int = Field(32, ge=1, description="Files per /predict/batch request.")
-    decode_workers: int | None = Field(
-        None, ge=1, description="Decode threads; unset: min(4, CPUs) with a GPU, CPUs // 8 (at least 1) on the CPU."
+    max_decode_bytes: int = Field(
+        DEFAULT_MAX_DECODE_BYTES, ge=1, description="Largest decode: pixels x channels x bytes per sample."
     )
+    # Starlette refuses multipart bodies of over 1,000 parts itself, so more files could never arrive.
+    max_batch_files: int = Field(32, ge=1, le=1000, description="Files per /predict/batch request.")
+    decode_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Decoder processes for ordinary images; unset: min(4, CPUs) with a GPU, CPUs // 8 (at least 1) "
+        "on the CPU. CXR_LARGE_DECODES more decode large images.",
+    )
+    large_decode_bytes: int = Field(
+        DEFAULT_LARGE_DECODE_BYTES, ge=1, description="Decodes costing more use the CXR_LARGE_DECODES workers."
+    )
+    large_decodes: int = Field(1, ge=1, description="Decoder processes for large images (at once, one each).")
+    decode_timeout_s: float = Field(DEFAULT_DECODE_TIMEOUT_S, gt=0, description="A decoder slower than this is killed.")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="Request line and headers, in bytes (431 over).")
+    header_timeout_s: float = Field(10.0, gt=0, description="Time to send the request line and headers (408 after).")
+    body_timeout_s: float = Field(120.0, gt=0, description="Time to send the whole body once headers are in (408).")
     api_key: SecretStr | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -26,6 +26,10 @@ if [[ -n "${QUICK:-}" ]]; then
 else
   BATCHES=(1 32 64 128 256); SERVE=(--concurrency 1 16 64 256 --requests 4096 --max-seconds 45); MIN_S=3
 fi
+# Callers with a time budget (benchmarks/gpu_check.sh) override the sweep: space-separated lists.
+[[ -n "${BENCH_BATCHES:-}" ]] && read -r -a BATCHES <<< "$BENCH_BATCHES"
+[[ -n "${BENCH_SERVE:-}" ]] && read -r -a SERVE <<< "$BENCH_SERVE"
+MIN_S=${BENCH_MIN_S:-$MIN_S}
 
 if [[ $STEP == decode || $STEP == all ]]; then
   "$PY" -m benchmarks.decode_gpu --device cuda --batch 64 --out "$OUT_DIR/decode_gpu.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,3 +204,15 @@ def test_missing_api_key_is_refused_before_the_body_is_read(tiny_weights: Path) 
     # The right key goes through to the route, which reads the whole body (and, with no model loaded, says so).
     assert pulled >= len(chunks) and sent[0]["status"] == 503
     assert json.loads(sent[1]["body"])["error"]["code"] == "not_ready"
+    assert pulled >= len(chunks) and sent[0]["status"] != 401  # the right key goes through to the route
+
+
+def test_readme_documents_every_error_code_and_setting() -> None:
+    """The README's error and settings tables are the contract operators read: no code or CXR_* may be missing."""
+    from app.settings import Settings
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    errors = text.split("### Errors", 1)[1].split("## Settings", 1)[0]
+    assert set(ERRORS) <= set(re.findall(r"`([a-z_]+)`", errors))
+    settings = text.split("## Settings", 1)[1].split("## The model files", 1)[0]
+    assert {f"CXR_{name.upper()}" for name in Settings.model_fields} <= set(re.findall(r"`(CXR_[A-Z_]+)`", settings))

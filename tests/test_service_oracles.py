@@ -70,7 +70,7 @@ def test_access_log_line_carries_the_request_id(tiny_weights: Path) -> None:
 
 def test_reduced_precision_load_reruns_the_golden_check(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With an impossible bf16 tolerance the load must fail: proof that the bf16 network itself was checked."""
-    monkeypatch.setitem(engine_module._GOLDEN_ATOL, torch.bfloat16, 1e-12)
+    monkeypatch.setitem(engine_module.GOLDEN_ATOL, torch.bfloat16, 1e-12)
     with pytest.raises(ModelLoadError, match="golden check failed"):
         load_engine(tiny_weights, device="cpu", precision="bf16")
     assert load_engine(tiny_weights, device="cpu", precision="fp32").precision == "fp32"

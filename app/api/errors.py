@@ -76,11 +76,13 @@ ERRORS: dict[str, tuple[int, str]] = {
     "not_found": (404, "no route for GET /nope"),
     "unknown_model": (404, "unknown model 'resnet50'; this server serves 'cxr-pneumonia-vgg16'"),
     "method_not_allowed": (405, "GET is not allowed on /predict"),
+    "request_timeout": (408, "the request body did not arrive within 120 s"),
     "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),
     "image_too_large": (413, "image is 12000x10000 = 120000000 pixels, over the limit of 100000000"),
     "too_many_files": (413, "40 files uploaded; at most 32 per batch"),
     "unsupported_media_type": (415, "the file is not a JPEG, PNG or DICOM image"),
-    "corrupt_image": (422, "the image data is corrupt or truncated: image file is truncated"),
+    "header_too_large": (431, "the request line and headers are over 65536 bytes"),
+    "corrupt_image": (422, "the JPEG data is corrupt or truncated: Corrupt JPEG data: premature end of data segment"),
     "invalid_image": (422, ImageError.default_message),
     "not_chest_xray": (
         422,
@@ -112,6 +114,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
 }
 
@@ -180,9 +183,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(code, f"{where}: {message}", _retry_after(request), path=request.url.path)
 
 
+class BodyRefusedError(StarletteHTTPException):
+    """Raised from the ASGI ``receive`` while the body streams in (too big, too slow, bad multipart).
+
+    An HTTPException, so FastAPI's body parsing re-raises it untouched to :func:`_http_error`; it
+    carries its own code because one status (413) has several.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(ERRORS[code][0], message, {"Connection": "close"})
+        self.code = code
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = _HTTP_CODES.get(exc.status_code)
+    code = exc.code if isinstance(exc, BodyRefusedError) else _HTTP_CODES.get(exc.status_code)
     if code is None:  # a status this service never raises itself; keep it, still in our shape
         body = error_body(f"http_{exc.status_code}", str(exc.detail), speaks_v2(request.url.path))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,6 +17,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
+    MultipartLimitsMiddleware,
     RequestContextMiddleware,
     StartupFailureMiddleware,
 )
@@ -57,6 +59,31 @@ def key_protected_routes(routers: Iterable[APIRouter]) -> list[BaseRoute]:
     return [route for router in routers if ApiKeyGuard in router.dependencies for route in router.routes]
 
 
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """Make the OpenAPI schema say what this instance enforces, so schema-driven clients agree with it.
+
+    Without ``CXR_API_KEY`` no route needs a key, so no operation may declare the key scheme as a
+    requirement; the batch size limit comes from the settings.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            if settings.api_key is None:
+                schema.get("components", {}).pop("securitySchemes", None)
+                for operations in schema["paths"].values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
+            for body in schema.get("components", {}).get("schemas", {}).values():
+                files = body.get("properties", {}).get("files")
+                if files is not None and files.get("type") == "array":
+                    files["maxItems"] = settings.max_batch_files
+        return app.openapi_schema  # type: ignore[return-value]  # set by build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics(settings.max_batch_size)
     app = FastAPI(
@@ -77,9 +104,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ui.router if settings.ui else ui.docs_home)
     mount_assets(app)
     install_error_handlers(app)
+    _document_limits(app, settings)
     # Added innermost first: the request context wraps everything, so 413s and CORS rejections are logged too.
+    app.add_middleware(MultipartLimitsMiddleware, max_parts=settings.max_batch_files)
     app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, retry_after_s=settings.retry_after_s
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.body_timeout_s,
+        retry_after_s=settings.retry_after_s,
     )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, settings=settings, protected=key_protected_routes(ROUTERS))

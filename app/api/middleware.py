@@ -1,23 +1,25 @@
-"""Pure ASGI middleware: request context (id, logs, metrics, last-resort 500), body limit, startup errors.
+"""Pure ASGI middleware: request context (id, logs, metrics, last-resort 500), body limits, startup errors.
 
-Pure ASGI rather than ``BaseHTTPMiddleware`` so request bodies stream through untouched: the size
-limit can stop a chunked upload at the first byte over, and nothing buffers whole uploads.
+Pure ASGI rather than ``BaseHTTPMiddleware`` so request bodies stream through untouched: the size,
+time and multipart limits can stop an upload at the first byte over, and nothing buffers whole uploads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
 from collections.abc import Sequence
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import UnauthorizedError, coded_error_response, error_response
+from app.api.batching import ShuttingDownError
+from app.api.errors import BodyRefusedError, UnauthorizedError, coded_error_response, error_response
 from app.api.telemetry import Metrics
 from app.logs import request_id_var
 from app.settings import Settings
@@ -68,6 +70,13 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels requests still running when the drain grace ends; it would answer a plain-text 500.
+            if not response_started:
+                status = 503
+                shutting_down = coded_error_response(ShuttingDownError(), self.retry_after_s, scope["path"])
+                await shutting_down(scope, receive, send_with_id)
+            raise
         except Exception:
             error_log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not response_started:
@@ -102,13 +111,6 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class BodyTooLargeError(HTTPException):
-    """Raised from ``receive``; an HTTPException so FastAPI's body parsing re-raises it to our 413 handler."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body is over the limit of {max_bytes} bytes", {"Connection": "close"})
-
-
 class ApiKeyMiddleware:
     """401 for protected paths without a valid ``X-API-Key``, before any of the body is read.
 
@@ -139,12 +141,20 @@ class ApiKeyMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 before reading anything when Content-Length is too big; stop counted chunked bodies at the limit."""
+    """413 before reading anything when Content-Length is too big; stop a body at the limit or the deadline.
 
-    def __init__(self, app: ASGIApp, max_bytes: int, retry_after_s: int) -> None:
+    A chunked upload is stopped at the first chunk over ``max_bytes``; a body still arriving
+    ``timeout_s`` after the headers (a slow or stalled client) gets 408 ``request_timeout``.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, retry_after_s: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
+
+    def _too_large(self) -> BodyRefusedError:
+        return BodyRefusedError("payload_too_large", f"request body is over the limit of {self.max_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -152,21 +162,87 @@ class BodySizeLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            error = BodyTooLargeError(self.max_bytes)
-            response = error_response(
-                "payload_too_large", error.detail, self.retry_after_s, error.headers, scope["path"]
-            )
+            error = self._too_large()
+            response = error_response(error.code, error.detail, self.retry_after_s, error.headers, scope["path"])
             await response(scope, receive, send)
             return
         received = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def limited_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # after the body only a disconnect can come: no deadline on waiting for it
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyRefusedError(
+                    "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    raise BodyTooLargeError(self.max_bytes)
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class MultipartLimitsMiddleware:
+    """Count multipart parts as they stream in and insist on the closing boundary.
+
+    More than ``max_parts`` parts is 413 ``too_many_files`` as soon as the part after the limit
+    starts (Starlette would parse up to 1,000 and answer its own 400); a body that ends without
+    its closing ``--boundary--`` is 400 ``bad_request`` (Starlette would hand on the parts it saw,
+    so a cut upload looked like a missing field).
+    """
+
+    def __init__(self, app: ASGIApp, max_parts: int) -> None:
+        self.app = app
+        self.max_parts = max_parts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        content_type, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
+        boundary = options.get(b"boundary")
+        if content_type != b"multipart/form-data" or not boundary:
+            await self.app(scope, receive, send)
+            return
+        delimiter = b"\r\n--" + boundary
+        pending = b"\r\n"  # the first delimiter may open the body without a line break before it
+        parts = 0
+        closed = False
+
+        async def counting_receive() -> Message:
+            nonlocal pending, parts, closed
+            message = await receive()
+            if message["type"] != "http.request" or closed:
+                return message
+            more = message.get("more_body", False)
+            buffer, pos = pending + message.get("body", b""), 0
+            while (found := buffer.find(delimiter, pos)) >= 0:
+                after = found + len(delimiter)
+                if len(buffer) < after + 2 and more:  # cannot tell "--" (close) from a new part yet
+                    break
+                if buffer[after : after + 2] == b"--":
+                    closed = True
+                    break
+                parts += 1
+                pos = after
+                if parts > self.max_parts:
+                    raise BodyRefusedError(
+                        "too_many_files", f"over {self.max_parts} parts in the multipart body; at most {self.max_parts}"
+                    )
+            else:
+                found = max(pos, len(buffer) - len(delimiter) - 1)
+            pending = buffer[found:] if not closed else b""
+            if not more and not closed:
+                raise BodyRefusedError("bad_request", "the multipart body ended before its closing boundary")
             return message
 
         await self.app(scope, counting_receive, send)

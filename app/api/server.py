@@ -7,6 +7,7 @@ from types import FrameType
 
 import uvicorn
 
+from app.api.http_protocol import guarded_protocol
 from app.settings import Settings
 
 
@@ -23,9 +24,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def server_config(app: object, settings: Settings) -> uvicorn.Config:
-    """Serving-grade uvicorn settings: our structured logs instead of its access log, bounded shutdown."""
+    """Serving-grade uvicorn settings: our structured logs instead of its access log, bounded shutdown,
+    and the protocol with header limits and JSON errors (``app.api.http_protocol``)."""
     return uvicorn.Config(
         app,
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
         host=settings.host,
         port=settings.port,
         log_config=None,

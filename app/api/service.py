@@ -1,7 +1,8 @@
 """The serving pipeline behind the routes: parallel decoding, then the shared batcher.
 
-Decoding happens per file in a thread pool *before* batching, so a bad upload fails alone
-with its own error code and never reaches (or breaks) a batch of good images. Every route,
+Decoding happens per file in decoder worker processes (``app.core.decode_pool``) *before*
+batching, so a bad upload fails alone with its own error code, never reaches (or breaks) a batch
+of good images, and cannot take the serving process down even when it crashes a native decoder. Every route,
 ``/predict`` and the Open Inference Protocol alike, goes through the same decode, batcher and
 decision here.
 """
@@ -11,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import torch
 
@@ -33,11 +32,12 @@ from app.api.schemas import (
     Prediction,
 )
 from app.api.telemetry import Metrics
+from app.core.decode_pool import DecodePool
 from app.core.engine import Assessment, ImageResult, InferenceEngine, default_decode_workers, load_engine
 from app.core.heatmap import Heatmap
 from app.core.input_guard import NotChestXrayError
 from app.core.overlay import heatmap_scale, overlay_size, png_bytes, render_overlay
-from app.core.preprocessing import ImageError, ModelInput, SourceInfo, prepare_input
+from app.core.preprocessing import ImageError, ModelInput, SourceInfo
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class Service:
         self.metrics = metrics
         self.engine: InferenceEngine | None = None
         self._batcher: DynamicBatcher | None = None
-        self._decode_pool: ThreadPoolExecutor | None = None
-        # The one preprocessing function, with the DICOM checks the settings ask for.
-        self._prepare = partial(prepare_input, dicom=settings.dicom_policy())
+        self.decoder: DecodePool | None = None  # the isolated decoder processes, once started
         self.draining = False
 
     async def start(self) -> None:
@@ -82,8 +80,19 @@ class Service:
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
-        workers = settings.decode_workers or default_decode_workers(engine.device)
-        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="cxr-decode")
+        # The one preprocessing function, with the DICOM checks the settings ask for, in worker processes.
+        self.decoder = await asyncio.to_thread(
+            DecodePool,
+            settings.decode_workers or default_decode_workers(engine.device),
+            engine.input_size,
+            max_pixels=settings.max_pixels,
+            max_decode_bytes=settings.max_decode_bytes,
+            large_decode_bytes=settings.large_decode_bytes,
+            large_slots=settings.large_decodes,
+            timeout_s=settings.decode_timeout_s,
+            dicom=settings.dicom_policy(),
+            on_replace=self.metrics.record_decoder_replacement,
+        )
         self._batcher = DynamicBatcher(
             engine,
             max_batch_size=settings.max_batch_size,
@@ -113,8 +122,8 @@ class Service:
         self.draining = True
         if self._batcher is not None:
             await self._batcher.close()
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.decoder is not None:
+            await asyncio.to_thread(self.decoder.close)
 
     def health(self) -> Health:
         if self.engine is None or self._batcher is None:
@@ -152,9 +161,7 @@ class Service:
             assert heatmap is not None
             source = scored.input.source
             size = overlay_size(source.width, source.height, self._loaded().input_size)
-            png = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, _draw, scored.input, heatmap, size, opacity
-            )
+            png = await asyncio.to_thread(_draw, scored.input, heatmap, size, opacity)
         return Explanation(self._prediction(scored.result, source), png, heatmap_scale(heatmap))
 
     async def predict_many(
@@ -222,10 +229,9 @@ class Service:
             raise RequestTimeoutError(f"no result within the {timeout:g} s request timeout") from None
 
     async def _decode(self, engine: InferenceEngine, data: bytes) -> ModelInput:
+        assert self.decoder is not None and self.decoder.input_size == engine.input_size  # both set in start()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, self._prepare, data, engine.input_size, self.settings.max_pixels
-            )
+            return await self.decoder.decode_async(data)
         except ImageError as exc:
             self.metrics.rejected_images.labels(exc.code).inc()
             raise

@@ -61,6 +61,15 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.decoder_replacements = Counter(
+            "cxr_decoder_replacements",
+            "Decoder worker processes replaced, by reason (crash, timeout, out_of_memory, large_decode, start_failed).",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def record_decoder_replacement(self, reason: str) -> None:
+        self.decoder_replacements.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

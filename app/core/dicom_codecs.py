@@ -22,6 +22,7 @@ import numpy as np
 from pydicom import uid
 from pydicom.pixels import get_decoder
 
+from app.core.jpeg_complete import decode_complete_jpeg
 from app.core.jpeg_header import JPEG_LS_SOF_MARKERS, SOF_MARKERS, read_jpeg_frame
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def _decode(src: bytes, runner: DecodeRunner) -> np.ndarray:
     _check_frame(frame.height, frame.width, frame.components, frame.precision, runner)
     if syntax in JPEG_LS_SYNTAXES:
         return np.asarray(imagecodecs.jpegls_decode(src))
-    return np.asarray(imagecodecs.jpeg8_decode(src))
+    return decode_complete_jpeg(src)  # a frame cut short is an error, never grey-filled
 
 
 def _to_bits_stored(arr: np.ndarray, runner: DecodeRunner) -> np.ndarray:

@@ -40,10 +40,10 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 _DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Golden logits are fp32 CPU results; 13 reduced-precision conv layers drift by roughly this much
 # (relative to the largest logit), while wrong or corrupted weights miss by far more.
-_GOLDEN_ATOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1.5e-1}
+GOLDEN_ATOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1.5e-1}
 # Relative drift of the golden inputs' input-guard scores in reduced precision (measured in
 # benchmarks/NOTES.md); tampered statistics move them by far more.
-_GUARD_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+GUARD_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,12 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def default_decode_workers(device: torch.device) -> int:
-    """Decode threads when none are configured.
+    """Decoder worker processes (``app.core.decode_pool``) when none are configured.
 
-    With a GPU, decoding is the host's main job: up to 4 threads. On the CPU the forward pass
-    needs the cores and decoding costs about an eighth of it, so one thread per 8 cores: more
-    only steal cycles from the model (measured in benchmarks/NOTES.md).
+    With a GPU, decoding is the host's main job: up to 4 workers. On the CPU the forward pass
+    needs the cores and decoding costs about an eighth of it, so one worker per 8 cores: more
+    only steal cycles from the model (measured in benchmarks/NOTES.md). The pool adds one when
+    needed so a large decode never holds the only worker.
     """
     cpus = len(os.sched_getaffinity(0))
     return min(4, cpus) if device.type == "cuda" else max(1, cpus // 8)
@@ -245,6 +246,6 @@ def load_engine(
         reason = "no CUDA GPU found" if device == "auto" else "device=cpu was requested"
         log.warning("%s: running inference on the CPU in %s, expect high latency", reason, engine.precision)
     if target.type == "cuda" or dtype != torch.float32:
-        diff = check_golden(loaded, engine.network, atol=_GOLDEN_ATOL[dtype], guard_rtol=_GUARD_RTOL[dtype])
+        diff = check_golden(loaded, engine.network, atol=GOLDEN_ATOL[dtype], guard_rtol=GUARD_RTOL[dtype])
         log.info("golden check passed on %s in %s (max logit difference %.3g)", target, engine.precision, diff)
     return engine

@@ -13,6 +13,7 @@ SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0
 # JPEG-LS (ISO 14495-1) start of frame; same field layout as the markers above.
 JPEG_LS_SOF_MARKERS = frozenset({0xF7})
 _LOSSLESS_SOF = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class JpegFrame:
     width: int
     components: int
     lossless: bool
+    progressive: bool = False  # keeps every DCT coefficient of the full image until its last scan
 
 
 def read_jpeg_frame(data: bytes, markers: frozenset[int] = SOF_MARKERS) -> JpegFrame | None:
@@ -50,8 +52,25 @@ def read_jpeg_frame(data: bytes, markers: frozenset[int] = SOF_MARKERS) -> JpegF
                 width=int.from_bytes(data[pos + 7 : pos + 9], "big"),
                 components=data[pos + 9],
                 lossless=marker in _LOSSLESS_SOF,
+                progressive=marker in _PROGRESSIVE_SOF,
             )
         if marker == 0xDA or length < 2:  # start of scan before any frame: malformed
             return None
         pos += 2 + length
     return None
+
+
+def jpeg_has_exif(data: bytes) -> bool:
+    """Whether an APP1 Exif segment comes before the first scan (most X-ray JPEGs have none)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return False
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            return True
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False

@@ -2,22 +2,35 @@
 
 Training and serving both call :func:`preprocess`, so an image is decoded, oriented,
 converted to grayscale and squashed to the model's square input in exactly one way.
-Large JPEGs are decoded with libjpeg's DCT scaling (Pillow's draft mode) to no less
-than the target size, which is what makes 9-megapixel uploads cheap. DICOM files, detected by
+Large JPEGs are decoded with libjpeg's DCT scaling (the scale Pillow's draft mode picks) to no
+less than the target size, which is what makes 9-megapixel uploads cheap. DICOM files, detected by
 content, are turned into 8-bit display pixels by ``app.core.dicom`` and then take the same
 resize as every other input.
+
+Decoding is strict: a damaged image is an error, never filled in. 8-bit JPEGs go through
+libjpeg-turbo (simplejpeg) with its warnings ("premature end of data", "extraneous bytes",
+"bad Huffman code") raised as errors; 12/16-bit and lossless JPEGs must decode identically with
+and without extra bytes after every entropy-coded segment (a scan that runs out of data would
+read them); PNG chunks must all be present with valid CRCs. The decode cost (pixels x channels x
+bytes per sample, from the header) is checked before any decoder allocates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
+import os
+import stat
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy, decode_dicom, is_dicom, read_sop_instance_uid
 from app.core.image_errors import (
@@ -28,17 +41,21 @@ from app.core.image_errors import (
     UnreadableFileError,
     UnsupportedImageError,
 )
-from app.core.jpeg_header import JpegFrame, read_jpeg_frame
+from app.core.image_headers import JPEG_MAGIC, PNG_MAGIC, ImageHeader, decode_cost, jpeg_scale, read_header
+from app.core.jpeg_complete import IncompleteJpegError, decode_complete_jpeg
+from app.core.jpeg_header import JpegFrame, jpeg_has_exif, read_jpeg_frame
+
+__all__ = ["JpegFrame", "read_jpeg_frame"]  # re-exported: the header parser lives in jpeg_header
 
 # Formats accepted by content, whatever the file name or declared content type says.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
 DEFAULT_MAX_PIXELS = 100_000_000
+# 100 M pixels at 4 bytes each (8-bit RGBA, 16-bit grey + alpha): what the decoder may allocate for one image.
+DEFAULT_MAX_DECODE_BYTES = 400_000_000
 RESAMPLE = Image.Resampling.BILINEAR
 # The pixel limit is enforced here from the header, before any decoding, with a
 # configurable bound; Pillow's own global guess would reject valid large X-rays.
 Image.MAX_IMAGE_PIXELS = None
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -46,6 +63,17 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise CorruptImageError("image header declares a zero width or height")
     if width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+
+
+def check_decode_budget(header: ImageHeader, target_size: int, max_pixels: int, max_decode_bytes: int) -> None:
+    """Refuse, from the header alone, an image whose pixels or decoded samples are over the limits."""
+    _check_pixels(header.width, header.height, max_pixels)
+    cost = decode_cost(header, target_size)
+    if cost > max_decode_bytes:
+        raise ImageTooLargeError(
+            f"decoding this {header.width}x{header.height} image ({header.channels} channels of {header.bits} bits) "
+            f"needs {cost} bytes, over the limit of {max_decode_bytes}"
+        )
 
 
 def _to_grayscale(img: Image.Image) -> Image.Image:
@@ -65,10 +93,12 @@ def _to_grayscale(img: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         return Image.fromarray((scaled + 0.5).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
         img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
+    if img.mode in ("RGBA", "LA"):
+        # Over a black background, channel by channel at one byte per pixel: a full-size RGBA
+        # compositing copy would cost 4 bytes per pixel twice more.
+        return Image.composite(img.convert("L"), Image.new("L", img.size, 0), img.getchannel("A"))
     return img.convert("L")
 
 
@@ -91,33 +121,98 @@ class ModelInput:
 
 
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+# EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
-    """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs."""
-    import imagecodecs
+    """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs.
 
+    Completeness is proven by :func:`app.core.jpeg_complete.decode_complete_jpeg` (imagecodecs
+    ignores libjpeg's warnings).
+    """
+    if frame.components not in (1, 2, 3):
+        raise UnsupportedImageError(f"{frame.precision}-bit JPEGs with {frame.components} components are not supported")
     try:
-        arr = imagecodecs.jpeg8_decode(data)
+        arr = decode_complete_jpeg(data)
+    except IncompleteJpegError as exc:
+        raise CorruptImageError(f"the {frame.precision}-bit JPEG's {exc}") from exc
     except Exception as exc:  # imagecodecs raises its own error types per codec
-        try:
-            arr = imagecodecs.ljpeg_decode(data)
-        except Exception:
-            raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
-    arr = np.asarray(arr)
+        raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    if arr.ndim == 3:
-        arr = arr[:, :, :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if arr.ndim == 3 and arr.shape[2] == 2:  # grey + alpha: over black, as 8-bit PNGs with alpha are
+        alpha = arr[:, :, 1].astype(np.float32) / float((1 << frame.precision) - 1)
+        gray = arr[:, :, 0].astype(np.float32) * alpha
+    elif arr.ndim == 3:
+        gray = arr[:, :, :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:
+        gray = arr.astype(np.float32)
+    if gray.ndim != 2 or gray.shape != (frame.height, frame.width):
+        raise CorruptImageError(f"the JPEG decoded to {arr.shape}, not the {frame.width}x{frame.height} of its header")
     shift = max(frame.precision - 8, 0)
-    gray = np.clip(np.rint(arr / float(1 << shift)), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray, "L")
+    return Image.fromarray(np.clip(np.rint(gray / float(1 << shift)), 0, 255).astype(np.uint8), "L")
+
+
+def _decode_jpeg(data: bytes, frame: JpegFrame, target_size: int) -> tuple[Image.Image, SourceInfo]:
+    """8-bit JPEG: libjpeg-turbo decodes strictly at the draft scale; Pillow reads the EXIF orientation, if any."""
+    if frame.components not in (1, 3, 4):
+        raise UnsupportedImageError(f"8-bit JPEGs with {frame.components} components are not supported")
+    orientation = None
+    if jpeg_has_exif(data):  # Pillow parses EXIF; skipped when there is none (40% of a 224 px decode)
+        try:
+            orientation = Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CorruptImageError(f"the JPEG's EXIF header is invalid: {exc}") from exc
+    scale = jpeg_scale(frame.width, frame.height, target_size)
+    size = {"min_width": math.ceil(frame.width / scale), "min_height": math.ceil(frame.height / scale)}
+    try:
+        if frame.components == 4:  # CMYK/YCCK: Adobe's inverted convention, as Pillow reads it
+            cmyk = simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True, **size)
+            img = Image.fromarray(255 - cmyk, "CMYK").convert("L")
+        else:
+            img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True, **size)[:, :, 0], "L")
+    except ValueError as exc:  # simplejpeg reports every libjpeg error and warning as ValueError
+        raise CorruptImageError(f"the JPEG data is corrupt or truncated: {exc}") from exc
+    width, height = frame.width, frame.height
+    if orientation in _UPRIGHT:
+        img = img.transpose(_UPRIGHT[orientation])
+        if orientation in _QUARTER_TURNS:
+            width, height = height, width
+    return img, SourceInfo("JPEG", width, height)
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk up to IEND present and intact (CRC), so damage is an error rather than a guess."""
+    pos, size = len(PNG_MAGIC), len(data)
+    while True:
+        if pos + 12 > size:
+            raise CorruptImageError("the PNG is truncated: it ends before its IEND chunk")
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if length > 0x7FFFFFFF or end + 4 > size:
+            raise CorruptImageError("the PNG is truncated: a chunk runs past the end of the file")
+        kind = data[pos + 4 : pos + 8]
+        if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            raise CorruptImageError(f"the PNG's {kind.decode('latin-1')!r} chunk fails its CRC check")
+        if kind == b"IEND":
+            return
+        pos = end + 4
 
 
 def decode_grayscale(
     data: bytes,
     target_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     *,
     dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> tuple[Image.Image, SourceInfo]:
@@ -131,32 +226,33 @@ def decode_grayscale(
         decoded = decode_dicom(data, max_pixels, dicom)
         height, width = decoded.pixels.shape
         return Image.fromarray(decoded.pixels, "L"), SourceInfo("DICOM", width, height, decoded.details)
-    frame = read_jpeg_frame(data) if data.startswith(_JPEG_MAGIC) else None
-    if frame is not None:
-        _check_pixels(frame.width, frame.height, max_pixels)
-        if frame.precision != 8 or frame.lossless:
+    header = read_header(data)
+    if data.startswith(JPEG_MAGIC) and header is None:
+        raise CorruptImageError("the file starts like a JPEG but has no valid frame header")
+    if header is not None:
+        check_decode_budget(header, target_size, max_pixels, max_decode_bytes)
+        frame = header.jpeg
+        if frame is not None and (frame.precision != 8 or frame.lossless):
             source = SourceInfo("JPEG", frame.width, frame.height, {"bits": frame.precision})
             return _decode_high_precision_jpeg(data, frame), source
+        if frame is not None:
+            return _decode_jpeg(data, frame, target_size)
+    if data.startswith(PNG_MAGIC):
+        _check_png_chunks(data)
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in SUPPORTED_FORMATS:
             raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG, PNG or DICOM")
         _check_pixels(img.width, img.height, max_pixels)
-        width, height = img.size
-        if img.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
-            width, height = height, width
-        source = SourceInfo("PNG" if img.format == "PNG" else "JPEG", width, height)
-        if img.format in ("JPEG", "MPO"):
-            img.draft("L" if img.mode in ("L", "RGB") else img.mode, (target_size, target_size))
+        source = SourceInfo("PNG", img.width, img.height)
         img.load()
-        img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        if data.startswith(_JPEG_MAGIC):
-            raise CorruptImageError("the file starts like a JPEG but its header is invalid") from exc
+        if data.startswith(PNG_MAGIC):
+            raise CorruptImageError("the file starts like a PNG but its header is invalid") from exc
         raise UnsupportedImageError("the file is not a JPEG, PNG or DICOM image") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
     return _to_grayscale(img), source
 
@@ -168,22 +264,45 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
+def prepare_array(
+    data: bytes,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
+) -> tuple[np.ndarray, SourceInfo]:
+    """Encoded image bytes to ``uint8[S, S]`` pixels and what was decoded: the part decoder workers run."""
+    image, source = decode_grayscale(data, input_size, max_pixels, max_decode_bytes, dicom=dicom)
+    return resize_square(image, input_size), source
+
+
 def prepare_input(
-    data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *, dicom: DicomPolicy = DEFAULT_DICOM_POLICY
+    data: bytes,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> ModelInput:
     """Encoded image bytes to the network input ``uint8[1, S, S]`` plus what was decoded.
 
     ``dicom`` says which DICOM metadata checks refuse an upload (all by default).
     """
-    image, source = decode_grayscale(data, input_size, max_pixels, dicom=dicom)
-    return ModelInput(torch.from_numpy(resize_square(image, input_size)).unsqueeze(0), source)
+    pixels, source = prepare_array(data, input_size, max_pixels, max_decode_bytes, dicom=dicom)
+    return ModelInput(torch.from_numpy(pixels).unsqueeze(0), source)
 
 
 def preprocess(
-    data: bytes, input_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *, dicom: DicomPolicy = DEFAULT_DICOM_POLICY
+    data: bytes,
+    input_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    *,
+    dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
 ) -> torch.Tensor:
     """Encoded image bytes to the network input ``uint8[1, S, S]`` (one grayscale channel)."""
-    return prepare_input(data, input_size, max_pixels, dicom=dicom).pixels
+    return prepare_input(data, input_size, max_pixels, max_decode_bytes, dicom=dicom).pixels
 
 
 @dataclass(frozen=True)
@@ -197,27 +316,68 @@ class PreparedFile:
     source: SourceInfo | None = None
 
 
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise UnreadableFileError(f"skipped: {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}")
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of a regular file; FIFOs, sockets and devices are refused without blocking on them.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor, so neither a FIFO (whose
+    plain ``open`` waits for a writer forever) nor a file swapped for one in between can hang a run.
+    """
+    try:
+        _require_regular(os.stat(path).st_mode)  # sockets cannot even be opened: name them first
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    try:
+        _require_regular(os.fstat(fd).st_mode)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
 def preprocess_file(
     path: Path,
     input_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     *,
     dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
     with_uid: bool = False,
+    decoder: Callable[[bytes], ModelInput] | None = None,
 ) -> PreparedFile:
     """Read and preprocess a file from disk exactly as the service does an upload; never raises ImageError.
 
     ``with_uid`` also reads a DICOM file's SOP Instance UID (the offline scorer's ``--with-uids``);
-    it is kept out of :class:`SourceInfo` so that it can never reach an HTTP response.
+    it is kept out of :class:`SourceInfo` so that it can never reach an HTTP response. ``decoder``
+    replaces the in-process :func:`prepare_input` (the scorer passes its isolated decode pool).
     """
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return PreparedFile(None, error=UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}"))
+        data = read_image_file(path)
+    except ImageError as exc:
+        return PreparedFile(None, error=exc)
     digest = hashlib.sha256(data).hexdigest()
     uid = read_sop_instance_uid(data) if with_uid else ""
     try:
-        prepared = prepare_input(data, input_size, max_pixels, dicom=dicom)
+        if decoder is not None:
+            prepared = decoder(data)
+        else:
+            prepared = prepare_input(data, input_size, max_pixels, max_decode_bytes, dicom=dicom)
     except ImageError as exc:
         return PreparedFile(None, digest, exc, sop_instance_uid=uid)
     return PreparedFile(prepared.pixels, digest, sop_instance_uid=uid, source=prepared.source)

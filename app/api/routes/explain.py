@@ -57,7 +57,9 @@ def wants_json(accept: str | None) -> bool:
 )
 async def explain(
     service: ServiceDep,
-    file: Annotated[UploadFile, File(description="A JPEG or PNG image, as for /predict.")],
+    file: Annotated[
+        UploadFile, File(description="An image, as for /predict; not empty.", json_schema_extra={"minLength": 1})
+    ],
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="Heatmap opacity at its strongest cell.")] = (
         DEFAULT_OPACITY
     ),

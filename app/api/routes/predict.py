@@ -23,6 +23,9 @@ Explain = Annotated[
 SERVICE_ERRORS = (
     "unauthorized",
     "payload_too_large",
+    "too_many_files",
+    "request_timeout",
+    "header_too_large",
     "bad_request",
     "missing_field",
     "validation_error",
@@ -59,8 +62,9 @@ async def predict(
     file: Annotated[
         UploadFile,
         File(
-            description="A JPEG (8/12-bit, any colour model), PNG (8/16-bit) or DICOM (single-frame grayscale "
-            "CR/DX radiograph) file, recognised by content."
+            description="A JPEG (8/12/16-bit or lossless, any colour model), PNG (8/16-bit) or DICOM (single-frame "
+            "grayscale CR/DX radiograph) file, recognised by content; not empty.",
+            json_schema_extra={"minLength": 1},
         ),
     ],
     explain: Explain = False,
@@ -73,13 +77,21 @@ async def predict(
 @router.post(
     "/predict/batch",
     summary="Classify several chest X-rays",
-    responses=error_responses("too_many_files", "explain_unsupported", *SERVICE_ERRORS),
+    responses=error_responses("explain_unsupported", *SERVICE_ERRORS),
     response_model_exclude_unset=True,
 )
 async def predict_batch(
     service: ServiceDep,
     settings: SettingsDep,
-    files: Annotated[list[UploadFile], File(description="Repeat the `files` field once per image.")],
+    files: Annotated[
+        list[UploadFile],
+        File(
+            # Not minLength on the items: an empty file in a batch is that file's own error entry, not a 4xx.
+            description="Repeat the `files` field once per image (at least one, at most CXR_MAX_BATCH_FILES); "
+            "an empty file gets its own `empty_file` entry.",
+            json_schema_extra={"minItems": 1},
+        ),
+    ],
     explain: Explain = False,
 ) -> BatchResponse:
     """Results in upload order; a file that is not a usable image gets its own error entry, the rest are scored."""
