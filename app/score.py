@@ -376,7 +376,13 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=positive_int, default=defaults.max_batch_size)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: $CXR_DEVICE)")
-    parser.add_argument("--precision", default=defaults.precision, help="auto, fp16, bf16 or fp32")
+    parser.add_argument("--precision", default=defaults.precision, help="auto, fp16, bf16, fp32 or int8")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "openvino", "auto"),
+        default=defaults.backend,
+        help="forward-pass runtime; openvino is the CPU fast path (default: $CXR_BACKEND, else torch)",
+    )
     parser.add_argument(
         "--workers",
         type=positive_int,
@@ -422,7 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
         parser.error(f"--heatmaps {args.heatmaps} exists and is not a directory")
     try:
-        engine = load_engine(args.weights, device=args.device, precision=args.precision, input_guard=args.input_guard)
+        engine = load_engine(
+            args.weights,
+            device=args.device,
+            precision=args.precision,
+            input_guard=args.input_guard,
+            backend=args.backend,
+            cache_dir=defaults.cache_dir,
+        )
         if args.heatmaps is not None:
             engine.check_explainable()
             args.heatmaps.mkdir(parents=True, exist_ok=True)

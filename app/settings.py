@@ -9,7 +9,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.backend_choice import Backend
 from app.core.coded_error import first_validation_error
+from app.core.conversion_cache import default_cache_dir
 from app.core.decode_pool import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_LARGE_DECODE_BYTES
 from app.core.dicom import DicomPolicy
 from app.core.engine import DEVICE_PATTERN, Precision
@@ -32,13 +34,35 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     weights: Path = Path("weights")
     device: str = Field("auto", pattern=DEVICE_PATTERN)
-    precision: Precision = "auto"
+    precision: Precision = Field(
+        "auto", description="auto, fp32, bf16, fp16 (GPU) or int8 (CXR_BACKEND=openvino/auto on a CPU host)."
+    )
+    backend: Backend = Field(
+        "torch",
+        description="torch, openvino (CPU fast path) or auto (torch on a GPU; on a CPU OpenVINO in the fastest "
+        "precision the model's accuracy gate approves).",
+    )
+    cache_dir: Path | None = Field(
+        default_factory=default_cache_dir,
+        description="Where OpenVINO conversions are cached (keyed by the weights' sha256); off: convert every start.",
+    )
     input_guard: GuardMode = Field(
         "reject",
         description="Images the input guard fails: reject (422), flag (200 with a warning) or off (unchecked).",
     )
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Images per forward pass at most.")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Images per forward pass at most (on the CPU an upper bound for the probe)."
+    )
+    max_wait_ms: float | None = Field(
+        None, ge=0, le=10_000, description="How long a batch waits to fill up; unset: 5 ms on a GPU, 0 on the CPU."
+    )
+    batch_probe_s: float = Field(
+        3.0,
+        ge=0,
+        le=60,
+        description="CPU only: seconds at startup for timing batch sizes up to CXR_MAX_BATCH_SIZE and keeping the "
+        "largest that does not lower throughput; 0: use CXR_MAX_BATCH_SIZE as is.",
+    )
     queue_size: int = Field(512, ge=1, description="Images waiting for the GPU before requests get 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Decode + queue + inference budget per request.")
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest request body accepted.")
@@ -97,6 +121,14 @@ class Settings(BaseSettings):
         """Accept ``https://a.org,https://b.org``, the natural way to write a list in one variable."""
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("cache_dir", "max_wait_ms", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """``CXR_CACHE_DIR=off`` (or empty) turns the cache off; an empty ``CXR_MAX_WAIT_MS`` means the default."""
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
         return value
 
     @field_validator("log_level", mode="before")

@@ -24,8 +24,18 @@ from app.settings import Settings
 
 
 def serving_settings(weights: Path, **overrides: object) -> Settings:
-    """Settings for a CPU test server; never the process environment's CXR_* values."""
-    values: dict[str, object] = {"weights": weights, "device": "cpu", "log_format": "text", "decode_workers": 2}
+    """Settings for a CPU test server; never the process environment's CXR_* values.
+
+    The CPU batch-size probe is off (``batch_probe_s=0``): tests that form batches must get the
+    batch size they configure, not one timed on a busy machine; the probe has its own tests.
+    """
+    values: dict[str, object] = {
+        "weights": weights,
+        "device": "cpu",
+        "log_format": "text",
+        "decode_workers": 2,
+        "batch_probe_s": 0,
+    }
     return Settings.model_validate({**values, **overrides})
 
 

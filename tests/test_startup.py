@@ -76,6 +76,16 @@ def refusals(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "architecture": (["app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "arch", _head))}),
         "uvicorn_entry": (["uvicorn", "app.main:app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "u", _sha))}),
         "no_guard": (["app"], {"CXR_WEIGHTS": str(export_tiny_model(root / "bare", guard=False))}),
+        # CPU fast path (issue 14): combinations that cannot be honoured are refused before any conversion.
+        "int8_on_torch": (["app"], {"CXR_WEIGHTS": str(tiny_weights), "CXR_PRECISION": "int8"}),
+        "int8_uncalibrated": (
+            ["app"],
+            {"CXR_WEIGHTS": str(tiny_weights), "CXR_BACKEND": "openvino", "CXR_PRECISION": "int8"},
+        ),
+        "fp16_openvino": (
+            ["app"],
+            {"CXR_WEIGHTS": str(tiny_weights), "CXR_BACKEND": "openvino", "CXR_PRECISION": "fp16"},
+        ),
     }
     processes = {name: launch(args, **env) for name, (args, env) in cases.items()}
     outcomes = {}
@@ -93,6 +103,9 @@ def refusals(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         ("architecture", "do not fit vgg16/classic"),
         ("uvicorn_entry", "sha256 mismatch"),
         ("no_guard", "has no input guard: re-export it with the training package, or set CXR_INPUT_GUARD=off"),
+        ("int8_on_torch", "precision int8 needs CXR_BACKEND=openvino (or auto on a CPU host)"),
+        ("int8_uncalibrated", "int8 needs measured activation ranges in model.cpu.json"),
+        ("fp16_openvino", "precision fp16 needs a CUDA device; on the CPU use fp32, bf16 or int8"),
     ],
 )
 def test_bad_model_refuses_to_start(refusals: dict[str, tuple[int, str]], case: str, reason: str) -> None:
@@ -147,6 +160,23 @@ def test_invalid_setting_refuses_with_one_line(
         "cxr-pneumonia: invalid setting CXR_MAX_BATCH_SIZE: Input should be a valid integer, unable to parse string as"
         " an integer"
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("CXR_BACKEND", "onnxruntime", "invalid setting CXR_BACKEND: Input should be 'auto', 'torch' or 'openvino'"),
+        ("CXR_PRECISION", "int4", "invalid setting CXR_PRECISION: Input should be 'auto', 'fp16', 'bf16', 'fp32' or"),
+        ("CXR_BATCH_PROBE_S", "-1", "invalid setting CXR_BATCH_PROBE_S: Input should be greater than or equal to 0"),
+    ],
+)
+def test_invalid_fast_path_setting_refuses_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert main() == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"cxr-pneumonia: {message}")
 
 
 def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_weights: Path) -> None:

@@ -2,9 +2,11 @@
 
 Requests put one decoded image each on a bounded queue and await a future. A single worker
 takes the first waiting image, keeps collecting until the batch is full or ``max_wait`` has
-passed (the loop LitServe's server uses), runs the forward pass on a dedicated thread so the
-event loop never blocks, and resolves the futures. A request that was cancelled or timed out
-while waiting has a done future and is simply left out, so it can never break its batch.
+passed (the loop LitServe's server uses; with ``max_wait`` 0, as on the CPU, it takes only what
+is already queued), runs the forward pass on a dedicated thread so the event loop never blocks,
+and resolves the futures. The batch size and wait come from ``app.core.batch_policy``. A
+request that was cancelled or timed out while waiting has a done future and is simply left out,
+so it can never break its batch.
 """
 
 from __future__ import annotations
@@ -103,9 +105,12 @@ class DynamicBatcher:
             deadline = asyncio.get_running_loop().time() + self._max_wait_s
             while len(batch) < self._max_batch_size:
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        job = await self._queue.get()
-                except TimeoutError:
+                    if self._max_wait_s <= 0:  # take what is already queued, never wait for more (CPU)
+                        job = self._queue.get_nowait()
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            job = await self._queue.get()
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
                 if job is None:
                     stopping = True

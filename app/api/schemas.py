@@ -165,7 +165,15 @@ class Health(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"status": "ok", "device": "cuda:0", "precision": "bf16", "model": _IDENTITY, "detail": None},
+                {
+                    "status": "ok",
+                    "device": "cpu",
+                    "precision": "bf16",
+                    "backend": "openvino",
+                    "batch_size": 1,
+                    "model": _IDENTITY,
+                    "detail": None,
+                },
                 {
                     "status": "loading",
                     "device": None,
@@ -180,6 +188,8 @@ class Health(BaseModel):
     status: Literal["ok", "loading", "draining", "failed"]
     device: str | None = None
     precision: str | None = None
+    backend: str | None = Field(None, description="Runtime of the forward pass: torch or openvino.")
+    batch_size: int | None = Field(None, description="Images per forward pass at most, as chosen at startup.")
     model: ModelIdentity | None = None
     detail: str | None = None
 
@@ -188,6 +198,30 @@ class Liveness(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"status": "alive"}]})
 
     status: Literal["alive"] = "alive"
+
+
+class Batching(BaseModel):
+    """How the batcher groups images, and why (measured on the CPU, configured on a GPU)."""
+
+    batch_size: int = Field(description="Images per forward pass at most.")
+    max_wait_ms: float = Field(description="How long a batch waits for more images once the first arrives.")
+    source: Literal["configured", "measured"] = Field(
+        description="measured: the largest batch size that did not lower throughput in the startup probe."
+    )
+    ms_per_image: dict[str, float] = Field(
+        default_factory=dict, description="The probe's forward-pass time per image, by batch size (CPU only)."
+    )
+
+
+class Backend(BaseModel):
+    """The runtime that computes the feature maps."""
+
+    name: str = Field(description="torch or openvino.")
+    reason: str = Field(description="Why this backend and precision (CXR_BACKEND=auto says what it chose).")
+    conversion: dict[str, str | float] = Field(
+        default_factory=dict,
+        description="openvino: cache (hit, built, rebuilt, uncached), seconds to convert or load, threads.",
+    )
 
 
 class ModelCard(BaseModel):
@@ -206,8 +240,19 @@ class ModelCard(BaseModel):
                     "temperature": 1.37,
                     "metrics": {"test_auroc": 0.962, "test_sensitivity": 0.95},
                     "provenance": {"git_commit": "8e8cf9a", "dataset": "chest_xray"},
-                    "device": "cuda:0",
+                    "device": "cpu",
                     "precision": "bf16",
+                    "backend": {
+                        "name": "openvino",
+                        "reason": "auto: the accuracy gate approves bf16 with the input guard",
+                        "conversion": {"cache": "hit", "seconds": 0.41, "threads": 4},
+                    },
+                    "batching": {
+                        "batch_size": 1,
+                        "max_wait_ms": 0.0,
+                        "source": "measured",
+                        "ms_per_image": {"1": 61.2, "2": 66.0, "4": 71.9},
+                    },
                 }
             ]
         }
@@ -230,3 +275,5 @@ class ModelCard(BaseModel):
     provenance: dict[str, Any]
     device: str = Field(description="Where this instance runs the model.")
     precision: str = Field(description="Compute precision on that device.")
+    backend: Backend
+    batching: Batching

@@ -20,6 +20,8 @@ import torch
 from app.api.batching import DynamicBatcher, ShuttingDownError
 from app.api.errors import InvalidInferenceRequestError, NotReadyError, RequestTimeoutError
 from app.api.schemas import (
+    Backend,
+    Batching,
     BatchItemError,
     BatchPrediction,
     ErrorBody,
@@ -32,6 +34,7 @@ from app.api.schemas import (
     Prediction,
 )
 from app.api.telemetry import Metrics
+from app.core.batch_policy import BatchPolicy, plan
 from app.core.decode_pool import DecodePool
 from app.core.engine import Assessment, ImageResult, InferenceEngine, default_decode_workers, load_engine
 from app.core.heatmap import Heatmap
@@ -69,17 +72,29 @@ class Service:
         self.engine: InferenceEngine | None = None
         self._batcher: DynamicBatcher | None = None
         self.decoder: DecodePool | None = None  # the isolated decoder processes, once started
+        self.batching: BatchPolicy | None = None  # set at startup, measured on the CPU
         self.draining = False
 
     async def start(self) -> None:
         """Load, verify, place and warm up the model without blocking the event loop."""
         settings = self.settings
         engine = await asyncio.to_thread(
-            load_engine, settings.weights, settings.device, settings.precision, settings.input_guard
+            load_engine,
+            settings.weights,
+            settings.device,
+            settings.precision,
+            settings.input_guard,
+            settings.backend,
+            settings.cache_dir,
         )
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
+        wait_s = None if settings.max_wait_ms is None else settings.max_wait_ms / 1000
+        policy = await asyncio.to_thread(plan, engine, settings.max_batch_size, wait_s, settings.batch_probe_s)
+        self.batching = policy
+        self.metrics.batch_size_limit.set(policy.batch_size)
+        self.metrics.backend.labels(engine.backend.name, engine.precision).set(1)
         # The one preprocessing function, with the DICOM checks the settings ask for, in worker processes.
         self.decoder = await asyncio.to_thread(
             DecodePool,
@@ -95,8 +110,8 @@ class Service:
         )
         self._batcher = DynamicBatcher(
             engine,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_wait_ms / 1000,
+            max_batch_size=policy.batch_size,
+            max_wait_s=policy.max_wait_s,
             queue_size=settings.queue_size,
             metrics=self.metrics,
         )
@@ -111,6 +126,9 @@ class Service:
                 "sha256": meta.sha256,
                 "device": str(engine.device),
                 "precision": engine.precision,
+                "backend": engine.backend.name,
+                "batch_size": policy.batch_size,
+                "max_wait_ms": 1000 * policy.max_wait_s,
             },
         )
 
@@ -128,7 +146,13 @@ class Service:
     def health(self) -> Health:
         if self.engine is None or self._batcher is None:
             return Health(status="loading", detail="the model is loading")
-        identity = {"device": str(self.engine.device), "precision": self.engine.precision, "model": self.identity()}
+        identity = {
+            "device": str(self.engine.device),
+            "precision": self.engine.precision,
+            "backend": self.engine.backend.name,
+            "batch_size": self.batching.batch_size if self.batching is not None else None,
+            "model": self.identity(),
+        }
         if self.draining:
             return Health(status="draining", detail="shutting down", **identity)
         if self._batcher.last_error is not None:
@@ -146,7 +170,25 @@ class Service:
     def model_card(self) -> ModelCard:
         engine = self._loaded()
         meta = engine.metadata.model_dump(exclude={"golden": True, "guard": {"golden_scores"}})
-        return ModelCard(**meta, input_guard=engine.guard_mode, device=str(engine.device), precision=engine.precision)
+        assert self.batching is not None  # set with the engine in start()
+        policy = self.batching
+        batching = Batching(
+            batch_size=policy.batch_size,
+            max_wait_ms=1000 * policy.max_wait_s,
+            source=policy.source,
+            ms_per_image={str(size): round(1000 * seconds, 3) for size, seconds in policy.seconds_per_image.items()},
+        )
+        backend = Backend(
+            name=engine.backend.name, reason=engine.backend.reason, conversion=dict(engine.backend.conversion)
+        )
+        return ModelCard(
+            **meta,
+            input_guard=engine.guard_mode,
+            device=str(engine.device),
+            precision=engine.precision,
+            backend=backend,
+            batching=batching,
+        )
 
     async def predict(self, data: bytes, explain: bool = False) -> Prediction:
         async with self._deadline():

@@ -45,6 +45,17 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("cxr_queue_depth", "Images waiting for a forward pass.", registry=self.registry)
+        self.batch_size_limit = Gauge(
+            "cxr_batch_size_limit",
+            "Images per forward pass at most, as chosen at startup (measured on the CPU, configured on a GPU).",
+            registry=self.registry,
+        )
+        self.backend = Gauge(
+            "cxr_backend_info",
+            "The runtime and precision serving (value 1).",
+            ["backend", "precision"],
+            registry=self.registry,
+        )
         self.predictions = Counter(
             "cxr_predictions", "Predictions returned, by label.", ["label"], registry=self.registry
         )

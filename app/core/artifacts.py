@@ -225,26 +225,48 @@ def check_golden(
     tolerance ``guard_rtol``), so tampered guard statistics are refused like tampered weights.
     Returns the largest absolute logit difference; raises when either exceeds its tolerance.
     """
-    golden = loaded.metadata.golden
-    if golden is None or loaded.golden_inputs is None:
+    if loaded.metadata.golden is None or loaded.golden_inputs is None:
         raise ModelLoadError("model has no golden reference outputs; re-export it with the training package")
     device = next(network.parameters()).device
     with torch.inference_mode():
         logits = network(loaded.golden_inputs.to(device)).float().cpu()
+    spec, stats = loaded.metadata.guard, loaded.guard
+    scores = None
+    if spec is not None and stats is not None:
+        scores = compute_guard_scores(network, loaded.golden_inputs, spec, stats)
+    return compare_golden(loaded, logits, scores, atol, guard_rtol)
+
+
+def compare_golden(
+    loaded: LoadedModel,
+    logits: torch.Tensor,
+    guard_scores: torch.Tensor | None,
+    atol: float | None = None,
+    guard_rtol: float = 1e-3,
+) -> float:
+    """Compare outputs computed for the golden inputs (by any runtime) with the exported ones.
+
+    ``guard_scores`` is None when the runtime does not compute the guard (served without it);
+    otherwise they must match too. Returns the largest absolute logit difference.
+    """
+    golden = loaded.metadata.golden
+    if golden is None:
+        raise ModelLoadError("model has no golden reference outputs; re-export it with the training package")
+    logits = logits.float().cpu()
     expected = torch.tensor(golden.logits, dtype=torch.float32)
     if logits.shape != expected.shape:
         raise ModelLoadError(f"golden check: output shape {tuple(logits.shape)} != {tuple(expected.shape)}")
     tolerance = atol if atol is not None else golden.atol
     scale = max(1.0, float(expected.abs().max()))
     diff = float((logits - expected).abs().max())
-    if diff > tolerance * scale:
+    if not diff <= tolerance * scale:
         raise ModelLoadError(
             f"golden check failed: logits differ from the exported ones by {diff:.4g} "
             f"(tolerance {tolerance * scale:.4g})"
         )
-    spec, stats = loaded.metadata.guard, loaded.guard
-    if spec is not None and stats is not None:
-        scores = compute_guard_scores(network, loaded.golden_inputs, spec, stats)
+    spec = loaded.metadata.guard
+    if spec is not None and guard_scores is not None:
+        scores = guard_scores.float().cpu()
         reference = torch.tensor(spec.golden_scores, dtype=torch.float32)
         if scores.shape != reference.shape:
             raise ModelLoadError(f"golden check: {len(spec.golden_scores)} guard scores stored, {len(scores)} computed")

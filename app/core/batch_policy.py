@@ -11,15 +11,23 @@ idle CPU gains nothing from waiting.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from app.core.engine import InferenceEngine
 
 # A larger batch is kept when its per-image time is within this fraction of the best one measured:
 # equal throughput, fewer passes. Beyond it, the larger batch is slower per image and loses.
 TOLERANCE = 0.05
 PolicySource = Literal["configured", "measured"]
+GPU_MAX_WAIT_S = 0.005  # a GPU batch of 32 costs little more than 1: worth a few milliseconds of waiting
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,3 +81,29 @@ def measure(
             timings.append((clock() - begun) / size)
         results[size] = min(timings)
     return results
+
+
+def plan(engine: InferenceEngine, max_batch_size: int, max_wait_s: float | None, probe_s: float) -> BatchPolicy:
+    """The batcher's policy for ``engine``: configured on a GPU, measured on the CPU (unless ``probe_s`` is 0).
+
+    ``max_wait_s`` None means the device's default: 5 ms on a GPU, 0 on the CPU.
+    """
+    if engine.device.type == "cuda" or probe_s <= 0:
+        default_wait = GPU_MAX_WAIT_S if engine.device.type == "cuda" else 0.0
+        wait = default_wait if max_wait_s is None else max_wait_s
+        return BatchPolicy(max_batch_size, wait, "configured")
+    size = engine.input_size
+    generator = torch.Generator().manual_seed(0)
+    batches = {
+        batch: torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8, generator=generator)
+        for batch in ladder(max_batch_size)
+    }
+    engine.infer(batches[1])  # first call after loading pays one-time allocations: not a measurement
+    timings = measure(lambda batch: engine.infer(batches[batch]), max_batch_size, probe_s)
+    chosen = choose_batch_size(timings)
+    log.info(
+        "batch size %d chosen on the CPU (ms per image by batch size: %s)",
+        chosen,
+        ", ".join(f"{batch}: {1000 * seconds:.1f}" for batch, seconds in timings.items()),
+    )
+    return BatchPolicy(chosen, 0.0 if max_wait_s is None else max_wait_s, "measured", timings)

@@ -3,9 +3,11 @@
 Shared by the HTTP service and the offline scorer so both produce the same calibrated
 probabilities. On CUDA the network runs in bf16/fp16 with channels_last; on the CPU in fp32
 unless bf16 is asked for (with channels_last, about 2.5x faster on CPUs with AVX512-BF16 or
-AMX). On CUDA batches are staged in page-locked host memory for asynchronous copies. In any
-reduced precision the stored golden outputs are re-checked on the device, so such a deployment
-is proven to still compute the exported model.
+AMX). On CUDA batches are staged in page-locked host memory for asynchronous copies. On a CPU
+host the convolutions can instead run in OpenVINO (``CXR_BACKEND``, ``app.core.backend_choice``):
+fp32, bf16 or int8, several times faster, with normalisation, head, heatmaps and guard scoring
+still computed here. In any reduced precision or other runtime the stored golden outputs are
+re-checked before serving, so such a deployment is proven to still compute the exported model.
 """
 
 from __future__ import annotations
@@ -13,14 +15,23 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from app.core.artifacts import LoadedModel, ModelMetadata, check_golden, load_model
+from app.core.artifacts import (
+    LoadedModel,
+    ModelLoadError,
+    ModelMetadata,
+    check_golden,
+    compare_golden,
+    load_model,
+    read_metadata,
+)
+from app.core.backend_choice import Backend, BackendChoice, BackendChoiceError, choose
 from app.core.decision import Decision, decide, pneumonia_probability
 from app.core.heatmap import CamHead, ExplainUnsupportedError, Heatmap, cam_head
 from app.core.input_guard import (
@@ -32,9 +43,10 @@ from app.core.input_guard import (
     guard_scores,
     judge,
 )
+from app.core.int8_calibration import CalibrationError
 from app.core.network import PneumoniaNet
 
-Precision = Literal["auto", "fp16", "bf16", "fp32"]
+Precision = Literal["auto", "fp16", "bf16", "fp32", "int8"]
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 _DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,12 +56,18 @@ GOLDEN_ATOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-
 # Relative drift of the golden inputs' input-guard scores in reduced precision (measured in
 # benchmarks/NOTES.md); tampered statistics move them by far more.
 GUARD_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+# The same for the OpenVINO backend, by precision. int8 moves the shipped model's logits by at most
+# 6 % of their size on 1,123 evaluation images (benchmarks/NOTES.md); corrupted weights miss by far more.
+OPENVINO_GOLDEN_ATOL: dict[str, float] = {"fp32": 1e-3, "bf16": 1.5e-1, "int8": 1e-1}
+OPENVINO_GUARD_RTOL: dict[str, float] = {"fp32": 1e-3, "bf16": 1e-1, "int8": 1e-1}
+# The feature stage: normalised input -> (last feature maps, input-guard vector or None).
+Features = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
-    """The requested device or precision cannot be honoured; the message is one line."""
+    """The requested device, backend or precision cannot be honoured; the message is one line."""
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -116,11 +134,32 @@ class Assessment:
     warning: str | None = None  # flag mode: the guard failed, the label must not be trusted
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """Which runtime computes the feature maps, and how it got there (shown by /model)."""
+
+    name: str  # "torch" or "openvino"
+    reason: str = "requested"
+    conversion: dict[str, str | float] = field(default_factory=dict)  # openvino: cache status, seconds
+
+
 class InferenceEngine:
-    """A loaded network pinned to one device and dtype, turning uint8 batches into P(pneumonia)."""
+    """A loaded network pinned to one device and dtype, turning uint8 batches into P(pneumonia).
+
+    ``features`` replaces the PyTorch feature stage with another runtime (OpenVINO), which must
+    return the same maps and guard vector; ``precision`` then names that runtime's precision.
+    """
 
     def __init__(
-        self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, guard_mode: GuardMode = "reject"
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        dtype: torch.dtype,
+        guard_mode: GuardMode = "reject",
+        *,
+        features: Features | None = None,
+        precision: str | None = None,
+        backend: BackendInfo | None = None,
     ) -> None:
         self.metadata: ModelMetadata = loaded.metadata
         self.device = device
@@ -144,15 +183,19 @@ class InferenceEngine:
         self._cam: CamHead | None = None
         if loaded.metadata.spec.head == "compact":
             self._cam = cam_head(self.network, loaded.metadata.temperature)
+        self._features: Features = features or self._torch_features
+        self.precision: str = precision or next(name for name, kind in _DTYPES.items() if kind == dtype)
+        self.backend: BackendInfo = backend or BackendInfo("torch")
 
     def check_explainable(self) -> None:
         """Raise :class:`ExplainUnsupportedError` before any work when this model cannot give heatmaps."""
         if self._cam is None:
             raise ExplainUnsupportedError()
 
-    @property
-    def precision(self) -> str:
-        return next(name for name, dtype in _DTYPES.items() if dtype == self.dtype)
+    def _torch_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.guard_spec is None:
+            return self.network.feature_maps(x), None
+        return features_and_maps(self.network.features, x, self.guard_spec.mean_blocks, self.guard_spec.std_blocks)
 
     def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         """Stack ``uint8[1,S,S]`` images into one batch, in page-locked memory on CUDA so the copy is async."""
@@ -175,13 +218,10 @@ class InferenceEngine:
                 pixels = pixels.pin_memory()
             x = self.network.normalize(pixels.to(self.device, non_blocking=True))
             x = x.contiguous(memory_format=self._memory_format)
+            maps, vectors = self._features(x)
             scores: list[float | None] = [None] * len(pixels)
-            if self.guard_spec is not None and self._guard is not None:
-                spec = self.guard_spec
-                maps, vectors = features_and_maps(self.network.features, x, spec.mean_blocks, spec.std_blocks)
+            if vectors is not None and self._guard is not None:
                 scores = list(guard_scores(vectors, self._guard).cpu().tolist())
-            else:
-                maps = self.network.feature_maps(x)
             logits = self.network.head(maps)
             probabilities = pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
             heatmaps: list[Heatmap | None] = [None] * len(probabilities)
@@ -226,26 +266,99 @@ class InferenceEngine:
 
 
 def load_engine(
-    weights: Path, device: str = "auto", precision: str = "auto", input_guard: GuardMode = "reject"
+    weights: Path,
+    device: str = "auto",
+    precision: str = "auto",
+    input_guard: GuardMode = "reject",
+    backend: Backend | str = "torch",
+    cache_dir: Path | None = None,
 ) -> InferenceEngine:
     """Load, verify and place the model; raises ``ModelLoadError`` or ``EngineError`` with one-line reasons.
 
     A model without an input guard only loads with ``input_guard="off"``: serving one
-    silently would label anything it is given.
+    silently would label anything it is given. ``backend`` is ``torch``, ``openvino`` or ``auto``
+    (``app.core.backend_choice``); ``cache_dir`` holds OpenVINO conversions (None: no cache).
     """
-    target = resolve_device(device)
-    dtype = resolve_dtype(target, precision)
+    if precision not in ("auto", "int8", *_DTYPES):
+        raise EngineError(f"invalid precision {precision!r}: use auto, fp16, bf16, fp32 or int8")
+    # The OpenVINO backend is the CPU's: with CXR_DEVICE=auto it runs there even on a GPU host.
+    target = torch.device("cpu") if backend == "openvino" and device == "auto" else resolve_device(device)
+    sha256 = read_metadata(Path(weights)).sha256
+    try:
+        choice = choose(backend, target, precision, weights=Path(weights), sha256=sha256, guard_on=input_guard != "off")
+    except BackendChoiceError as exc:
+        raise EngineError(str(exc)) from exc
+    if choice.backend == "openvino":
+        return load_openvino(Path(weights), choice, input_guard, cache_dir)
+    dtype = resolve_dtype(target, choice.precision)
     loaded = load_model(Path(weights))  # verifies sha256, tensor fit and golden outputs on the CPU in fp32
     if target.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:
         # Subnormal activations are many times slower on x86 CPUs; flushing them moves logits by ~1e-38.
         torch.set_flush_denormal(True)
-    engine = InferenceEngine(loaded, target, dtype, input_guard)
+    engine = InferenceEngine(loaded, target, dtype, input_guard, backend=BackendInfo("torch", choice.reason))
     if target.type == "cpu":
         reason = "no CUDA GPU found" if device == "auto" else "device=cpu was requested"
         log.warning("%s: running inference on the CPU in %s, expect high latency", reason, engine.precision)
     if target.type == "cuda" or dtype != torch.float32:
         diff = check_golden(loaded, engine.network, atol=GOLDEN_ATOL[dtype], guard_rtol=GUARD_RTOL[dtype])
         log.info("golden check passed on %s in %s (max logit difference %.3g)", target, engine.precision, diff)
+    return engine
+
+
+def load_openvino(
+    weights: Path, choice: BackendChoice, guard_mode: GuardMode, cache_dir: Path | None
+) -> InferenceEngine:
+    """The CPU fast path: OpenVINO feature stage built from the verified weights, golden-checked.
+
+    Serves ``choice`` as given: :func:`load_engine` calls it after ``backend_choice.choose`` approved
+    the combination; the accuracy gate calls it directly to measure a precision not yet approved.
+    """
+    from app.core import openvino_backend  # imports OpenVINO: only when this backend serves
+
+    loaded = load_model(weights)  # sha256, tensor fit and golden outputs verified in fp32 PyTorch first
+    torch.set_flush_denormal(True)
+    guard = loaded.metadata.guard if guard_mode != "off" else None
+    precision = choice.precision
+    ranges = choice.record.int8 if choice.record is not None else None
+
+    def verify(features: Features) -> float:
+        """The golden inputs through the whole engine path: PyTorch normalisation, runtime features, head."""
+        assert loaded.golden_inputs is not None  # load_model's own golden check required them
+        with torch.inference_mode():
+            maps, vectors = features(loaded.network.normalize(loaded.golden_inputs))
+            logits = loaded.network.head(maps)
+            scores = guard_scores(vectors, loaded.guard) if vectors is not None and loaded.guard is not None else None
+        return compare_golden(
+            loaded, logits, scores, OPENVINO_GOLDEN_ATOL[precision], guard_rtol=OPENVINO_GUARD_RTOL[precision]
+        )
+
+    try:
+        runtime = openvino_backend.compile_features(
+            loaded,
+            precision,  # type: ignore[arg-type]
+            guard=guard,
+            cache_dir=cache_dir,
+            threads=torch.get_num_threads(),
+            calibration=ranges,
+            verify=verify,
+        )
+    except ModelLoadError:
+        raise  # the converted model failed its golden check: the message says by how much
+    except (openvino_backend.OpenVinoUnavailableError, CalibrationError) as exc:
+        raise EngineError(str(exc)) from exc
+    except (RuntimeError, ValueError, OSError) as exc:  # OpenVINO or the exporter failed: say so in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"OpenVINO {precision} conversion failed: {first[:300]}") from exc
+    conversion: dict[str, str | float] = {
+        "cache": runtime.converted.status,
+        "seconds": round(runtime.convert_seconds, 3),
+        "threads": runtime.threads,
+    }
+    info = BackendInfo("openvino", choice.reason, conversion)
+    engine = InferenceEngine(
+        loaded, torch.device("cpu"), torch.float32, guard_mode, features=runtime, precision=precision, backend=info
+    )
+    log.info("CPU inference in OpenVINO %s (%s)", precision, choice.reason)
     return engine

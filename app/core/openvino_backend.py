@@ -31,8 +31,9 @@ import torch
 from app.core.artifacts import LoadedModel, ModelLoadError
 from app.core.conversion_cache import ConversionCache, Converted
 from app.core.fastpath_record import Int8Ranges
+from app.core.input_guard import GuardSpec
 from app.core.int8_calibration import RECIPE, quantize, ranges_digest
-from app.core.onnx_export import MAPS_NAME, OPSET, export_features
+from app.core.onnx_export import GUARD_NAME, MAPS_NAME, OPSET, export_features, guard_key
 
 OvPrecision = Literal["fp32", "bf16", "int8"]
 # The int8 graph's unquantized parts (quantize/dequantize steps, pooling) stay in fp32. OpenVINO
@@ -62,26 +63,32 @@ def check_supported(precision: OvPrecision) -> None:
 
 @dataclass
 class OpenVinoFeatures:
-    """A compiled feature extractor: normalised ``float32[N,3,S,S]`` -> ``float32[N,512,h,w]`` maps."""
+    """A compiled feature extractor: normalised ``float32[N,3,S,S]`` -> (maps, guard vector or None)."""
 
     precision: OvPrecision
     converted: Converted
     threads: int
     convert_seconds: float
+    with_guard: bool
     _request: ov.InferRequest
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # infer() copies its outputs (share_outputs=False), so the tensors outlive the next request.
         outputs = self._request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
-        return torch.from_numpy(outputs[MAPS_NAME])
+        vector = torch.from_numpy(outputs[GUARD_NAME]) if self.with_guard else None
+        return torch.from_numpy(outputs[MAPS_NAME]), vector
 
 
-def cache_key(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Ranges | None) -> dict[str, str | int]:
+def cache_key(
+    loaded: LoadedModel, precision: OvPrecision, guard: GuardSpec | None, calibration: Int8Ranges | None
+) -> dict[str, str | int]:
     """Everything the converted graph depends on. bf16 and fp32 share the fp32 graph (bf16 is a compile option)."""
     key: dict[str, str | int] = {
         "format": CACHE_FORMAT,
         "weights_sha256": loaded.metadata.sha256,
         "input_size": loaded.metadata.spec.input_size,
         "graph": "int8" if precision == "int8" else "fp32",
+        "guard_taps": guard_key(guard),
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "opset": OPSET,
@@ -94,11 +101,13 @@ def cache_key(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Rang
     return key
 
 
-def _build(loaded: LoadedModel, precision: OvPrecision, calibration: Int8Ranges | None) -> Callable[[Path], None]:
+def _build(
+    loaded: LoadedModel, precision: OvPrecision, guard: GuardSpec | None, calibration: Int8Ranges | None
+) -> Callable[[Path], None]:
     def build(path: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
             fp32 = Path(tmp) / "fp32.onnx"
-            export_features(loaded.network, fp32)
+            export_features(loaded.network, fp32, guard)
             if precision == "int8":
                 assert calibration is not None
                 quantize(fp32, path, calibration)
@@ -112,6 +121,7 @@ def compile_features(
     loaded: LoadedModel,
     precision: OvPrecision,
     *,
+    guard: GuardSpec | None,
     cache_dir: Path | None,
     threads: int,
     calibration: Int8Ranges | None = None,
@@ -126,7 +136,7 @@ def compile_features(
     if precision == "int8" and calibration is None:
         raise OpenVinoUnavailableError("int8 needs the int8 ranges in the weights' model.cpu.json")
     cache = ConversionCache(cache_dir)
-    key = cache_key(loaded, precision, calibration)
+    key = cache_key(loaded, precision, guard, calibration)
     config = {
         "INFERENCE_PRECISION_HINT": _HINTS[precision],
         "INFERENCE_NUM_THREADS": threads,
@@ -135,10 +145,13 @@ def compile_features(
     }
     for attempt in (1, 2):
         started = time.perf_counter()
-        converted = cache.get_or_build(key, "model.onnx", _build(loaded, precision, calibration), prefix=key["graph"])
+        converted = cache.get_or_build(
+            key, "model.onnx", _build(loaded, precision, guard, calibration), prefix=str(key["graph"])
+        )
         core = ov.Core()
         request = core.compile_model(core.read_model(str(converted.path)), "CPU", config).create_infer_request()
-        features = OpenVinoFeatures(precision, converted, threads, time.perf_counter() - started, request)
+        seconds = time.perf_counter() - started
+        features = OpenVinoFeatures(precision, converted, threads, seconds, guard is not None, request)
         try:
             difference = verify(features)
         except ModelLoadError as exc:

@@ -1,0 +1,172 @@
+"""The OpenVINO CPU backend: golden-checked, agrees with PyTorch, cached by sha256, serves every feature.
+
+Every comparison is against the PyTorch engine on the same tiny model and the same preprocessed
+images. Tolerances: fp32 to float rounding (1e-5 on probabilities and heatmap cells); bf16 and
+int8 to 10 % of the largest heatmap value and 0.01 in probability (the tiny random models give
+probabilities near 0.5 from logits near 0, so relative drift shows in the heatmaps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.core.artifacts import load_model
+from app.core.conversion_cache import MANIFEST
+from app.core.engine import EngineError, ImageResult, InferenceEngine, load_engine
+from app.core.fastpath_record import FastPathRecord, Int8Ranges, write_record
+from app.core.int8_calibration import measure_ranges
+from app.core.onnx_export import export_features
+from app.core.openvino_backend import cpu_capabilities
+from tests.conftest import encode, export_tiny_model, synthetic_chest_pixels, synthetic_xray
+from tests.live_server import live_server, serving_settings
+
+SIZE = 64  # a 2x2 heatmap, like the shipped model
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with its guard, and int8 ranges measured on synthetic chest images (no gate run)."""
+    out = export_tiny_model(tmp_path_factory.mktemp("ov"), seed=3, input_size=SIZE)
+    loaded = load_model(out)
+    graph = tmp_path_factory.mktemp("graph") / "fp32.onnx"
+    export_features(loaded.network, graph, loaded.metadata.guard)
+    pixels = synthetic_chest_pixels(48, SIZE, seed=21)
+    with torch.inference_mode():
+        batches = [loaded.network.normalize(pixels[i : i + 8]).numpy() for i in range(0, len(pixels), 8)]
+    ranges = Int8Ranges(
+        images=48, source="synthetic", exporter=torch.__version__, ranges=measure_ranges(graph, batches)
+    )
+    write_record(FastPathRecord(weights_sha256=loaded.metadata.sha256, input_size=SIZE, int8=ranges), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return synthetic_chest_pixels(16, SIZE, seed=77)
+
+
+@pytest.fixture(scope="module")
+def reference(weights: Path, images: torch.Tensor) -> list[ImageResult]:
+    engine = load_engine(weights, "cpu", "fp32", input_guard="flag", backend="torch")
+    return engine.infer(images, [True] * len(images))
+
+
+def openvino(weights: Path, precision: str, cache: Path, guard: str = "flag") -> InferenceEngine:
+    return load_engine(weights, "cpu", precision, input_guard=guard, backend="openvino", cache_dir=cache)  # type: ignore[arg-type]
+
+
+def assert_agrees(results: list[ImageResult], reference: list[ImageResult], tolerance: float, guard: bool) -> None:
+    largest = max(abs(value) for result in reference for value in result.heatmap.values)  # type: ignore[union-attr]
+    for got, want in zip(results, reference, strict=True):
+        assert got.probability == pytest.approx(want.probability, abs=0.01 if tolerance > 1e-4 else 1e-5)
+        assert got.heatmap is not None and want.heatmap is not None
+        assert (got.heatmap.rows, got.heatmap.cols, got.heatmap.layer) == (
+            want.heatmap.rows,
+            want.heatmap.cols,
+            want.heatmap.layer,
+        )
+        assert got.heatmap.values == pytest.approx(want.heatmap.values, abs=tolerance * largest)
+        assert got.heatmap.bias == want.heatmap.bias  # the head is PyTorch's on every backend
+        if guard:
+            assert got.guard_score == pytest.approx(want.guard_score, rel=max(tolerance, 1e-4))
+        else:
+            assert got.guard_score is None
+
+
+def test_fp32_computes_what_pytorch_computes(
+    weights: Path, images: torch.Tensor, reference: list[ImageResult], tmp_path: Path
+) -> None:
+    engine = openvino(weights, "fp32", tmp_path)
+    assert (engine.backend.name, engine.precision) == ("openvino", "fp32")
+    assert_agrees(engine.infer(images, [True] * len(images)), reference, 1e-5, guard=True)
+
+
+def test_int8_agrees_within_tolerance_without_the_guard(
+    weights: Path, images: torch.Tensor, reference: list[ImageResult], tmp_path: Path
+) -> None:
+    engine = openvino(weights, "int8", tmp_path, guard="off")
+    assert (engine.backend.name, engine.precision, engine.guard_spec) == ("openvino", "int8", None)
+    assert_agrees(engine.infer(images, [True] * len(images)), reference, 0.1, guard=False)
+
+
+def test_int8_with_the_guard_is_refused_before_conversion(weights: Path, tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="not been through the accuracy gate with the input guard"):
+        openvino(weights, "int8", tmp_path, guard="reject")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif("BF16" not in cpu_capabilities(), reason="this CPU has no bf16 units")
+def test_bf16_agrees_within_tolerance(
+    weights: Path, images: torch.Tensor, reference: list[ImageResult], tmp_path: Path
+) -> None:
+    assert_agrees(openvino(weights, "bf16", tmp_path).infer(images, [True] * len(images)), reference, 0.1, guard=True)
+
+
+def test_a_second_start_reuses_the_conversion(weights: Path, tmp_path: Path) -> None:
+    first = openvino(weights, "int8", tmp_path, guard="off")
+    second = openvino(weights, "int8", tmp_path, guard="off")
+    assert (first.backend.conversion["cache"], second.backend.conversion["cache"]) == ("built", "hit")
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def entry(cache: Path) -> Path:
+    (folder,) = cache.iterdir()
+    return folder
+
+
+def test_a_tampered_file_is_rejected_and_converted_again(weights: Path, tmp_path: Path) -> None:
+    openvino(weights, "fp32", tmp_path)
+    model = entry(tmp_path) / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 1]))
+    again = openvino(weights, "fp32", tmp_path)
+    assert again.backend.conversion["cache"] == "rebuilt"
+    assert openvino(weights, "fp32", tmp_path).backend.conversion["cache"] == "hit"
+
+
+def test_a_consistent_but_wrong_cache_entry_fails_the_golden_check_and_is_rebuilt(
+    weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another model's graph under this key, with a matching manifest: only the golden check can tell."""
+    openvino(weights, "fp32", tmp_path)
+    folder = entry(tmp_path)
+    impostor = load_model(export_tiny_model(tmp_path.parent / "impostor", seed=11, input_size=SIZE))
+    export_features(impostor.network, folder / "model.onnx", impostor.metadata.guard)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    from app.core.artifacts import file_sha256
+
+    manifest["sha256"] = file_sha256(folder / "model.onnx")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        engine = openvino(weights, "fp32", tmp_path)
+    assert "golden check failed" in caplog.text and engine.backend.conversion["cache"] == "built"
+
+
+def test_without_a_cache_folder_every_start_converts(weights: Path) -> None:
+    assert openvino(weights, "fp32", None).backend.conversion["cache"] == "uncached"  # type: ignore[arg-type]
+
+
+def test_live_server_answers_like_the_pytorch_one(weights: Path, tmp_path: Path) -> None:
+    """/predict?explain=true through both servers: same fields, same guard verdict, same heatmap."""
+    upload = encode(synthetic_xray(120, 100, seed=4))
+    answers = {}
+    for backend in ("torch", "openvino"):
+        settings = serving_settings(weights, backend=backend, precision="fp32", cache_dir=tmp_path / "cache")
+        with live_server(settings) as server, server.client() as client:
+            response = client.post("/predict", params={"explain": "true"}, files={"file": ("x.jpg", upload)})
+            assert response.status_code == 200, response.text
+            answers[backend] = response.json()
+            card = client.get("/model").json()
+            health = client.get("/health").json()
+            assert card["backend"]["name"] == health["backend"] == backend
+    torch_answer, ov_answer = answers["torch"], answers["openvino"]
+    assert set(ov_answer) == set(torch_answer) and {"input_guard", "heatmap"} <= set(ov_answer)
+    assert ov_answer["label"] == torch_answer["label"]
+    assert ov_answer["pneumonia_probability"] == pytest.approx(torch_answer["pneumonia_probability"], abs=1e-5)
+    assert ov_answer["input_guard"]["passed"] == torch_answer["input_guard"]["passed"]
+    assert ov_answer["input_guard"]["score"] == pytest.approx(torch_answer["input_guard"]["score"], rel=1e-4)
+    assert ov_answer["heatmap"]["values"] == pytest.approx(torch_answer["heatmap"]["values"], abs=1e-5)
