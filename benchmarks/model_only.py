@@ -20,6 +20,7 @@ import torch
 
 from app.core.artifacts import load_model
 from app.core.engine import load_engine
+from app.core.input_guard import GuardMode
 
 
 def timed_throughput(step: Callable[[], object], batch_size: int, device: str, min_seconds: float) -> dict[str, float]:
@@ -38,10 +39,18 @@ def timed_throughput(step: Callable[[], object], batch_size: int, device: str, m
 
 
 def measure_engine(
-    weights: Path, device: str, precision: str, batch_sizes: Sequence[int], min_seconds: float
+    weights: Path,
+    device: str,
+    precision: str,
+    batch_sizes: Sequence[int],
+    min_seconds: float,
+    *,
+    backend: str = "torch",
+    input_guard: GuardMode = "reject",
+    cache_dir: Path | None = None,
 ) -> dict[str, object]:
     """Engine throughput per batch size; peak GPU memory is taken at the largest batch."""
-    engine = load_engine(weights, device, precision)
+    engine = load_engine(weights, device, precision, input_guard, backend, cache_dir)
     size = engine.input_size
     per_batch: dict[str, dict[str, float]] = {}
     peak_gpu_mb: float | None = None

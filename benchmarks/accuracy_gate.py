@@ -1,0 +1,164 @@
+"""The accuracy gate: a backend and precision against fp32 PyTorch, on the validation split and the test folder.
+
+For each evaluation set (``benchmarks.eval_sets``) both engines score the same preprocessed
+images; the gate reports ROC AUC of each and their difference, the largest probability
+difference, label flips at the model's threshold and, for a model with an input guard, the
+images the guard refuses in one and not the other. It passes when, on every set, AUC drops by at
+most 0.002 and at most 0.5 % of the images change label or guard verdict.
+
+``--calibrate N`` first measures int8 activation ranges on N images from the *training* side of
+the model's split and writes them next to the weights (``model.cpu.json``,
+``app.core.fastpath_record``); a full run (no ``--limit``) of OpenVINO bf16 or int8 then records
+the gate's results in that file, which is what lets ``CXR_BACKEND=auto`` choose that precision
+(only when the validation set passed, for the input-guard mode being served).
+
+    python -m benchmarks.accuracy_gate --weights weights --backend openvino --precision int8 --calibrate 300
+    python -m benchmarks.accuracy_gate --weights weights --backend openvino --precision fp32
+    python -m benchmarks.accuracy_gate --weights weights --backend torch --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.core.artifacts import load_model
+from app.core.backend_choice import BackendChoice
+from app.core.engine import InferenceEngine, load_engine, load_openvino
+from app.core.fastpath_record import (
+    MAX_AUC_DROP,
+    MAX_FLIP_RATE,
+    FastPathRecord,
+    GateRecord,
+    GateResult,
+    Int8Ranges,
+    read_record,
+    write_record,
+)
+from app.core.int8_calibration import measure_ranges
+from app.core.onnx_export import export_features
+from benchmarks import eval_sets
+from training.metrics import roc_auc
+
+BATCH = 32
+
+
+def score(engine: InferenceEngine, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and input-guard scores (None without a guard) of every image."""
+    probabilities: list[float] = []
+    guard: list[float] = []
+    for start in range(0, len(pixels), BATCH):
+        for result in engine.infer(pixels[start : start + BATCH]):
+            probabilities.append(result.probability)
+            if result.guard_score is not None:
+                guard.append(result.guard_score)
+    return np.array(probabilities), (np.array(guard) if guard else None)
+
+
+def compare(images: eval_sets.EvalSet, reference: InferenceEngine, candidate: InferenceEngine) -> GateResult:
+    labels, pixels = images.labels, images.pixels
+    p_ref, g_ref = score(reference, pixels)
+    p, g = score(candidate, pixels)
+    threshold = reference.metadata.threshold
+    flips = int(((p >= threshold) != (p_ref >= threshold)).sum())
+    guard_flips = None
+    if g is not None and g_ref is not None and reference.guard_spec is not None:
+        limit = reference.guard_spec.threshold
+        guard_flips = int(((g > limit) != (g_ref > limit)).sum())
+    auc_ref, auc = roc_auc(labels, p_ref), roc_auc(labels, p)
+    return GateResult(
+        dataset=images.name,
+        description=images.description,
+        images=len(labels),
+        roc_auc_fp32=auc_ref,
+        roc_auc=auc,
+        max_probability_difference=float(np.abs(p - p_ref).max()),
+        label_flips=flips,
+        guard_refusal_flips=guard_flips,
+    )
+
+
+def calibrate(weights: Path, data: Path, count: int) -> Int8Ranges:
+    """Measure int8 ranges on ``count`` training-side images and write them next to the weights.
+
+    The graph is exported with the input guard's taps, so the ranges cover both served graphs
+    (with and without the guard: ``app.core.onnx_export``). Earlier gate results are dropped:
+    they judged other ranges.
+    """
+    loaded = load_model(weights)
+    pixels, where = eval_sets.calibration_images(data, loaded.metadata, count)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cxr-calibrate-") as tmp, torch.inference_mode():
+        graph = Path(tmp) / "fp32.onnx"
+        export_features(loaded.network, graph, loaded.metadata.guard)
+        batches = [loaded.network.normalize(pixels[i : i + 16]).numpy() for i in range(0, len(pixels), 16)]
+        ranges = measure_ranges(graph, batches)
+    int8 = Int8Ranges(images=len(pixels), source=where, exporter=torch.__version__, ranges=ranges)
+    record = read_record(weights, loaded.metadata.sha256) or FastPathRecord(
+        weights_sha256=loaded.metadata.sha256, input_size=loaded.metadata.spec.input_size
+    )
+    kept = [gate for gate in record.gate if gate.precision != "int8"]
+    path = write_record(record.model_copy(update={"int8": int8, "gate": kept}), weights)
+    print(f"calibrated on {where} in {time.perf_counter() - started:.0f} s: {len(ranges)} ranges -> {path}")
+    return int8
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=Path("weights"))
+    parser.add_argument("--backend", default="openvino", choices=["torch", "openvino"])
+    parser.add_argument("--precision", default="int8", choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--data", type=Path, default=eval_sets.DEFAULT_DATA, help="folder with train/ (and test/)")
+    parser.add_argument("--calibrate", type=int, metavar="N", help="first measure int8 ranges on N training images")
+    parser.add_argument("--limit", type=int, help="first N images of each set (smoke runs; never recorded)")
+    args = parser.parse_args(argv)
+    if args.calibrate:
+        calibrate(args.weights, args.data, args.calibrate)
+    with tempfile.TemporaryDirectory(prefix="cxr-gate-") as cache:
+        reference = load_engine(args.weights, "cpu", "fp32", input_guard="flag", backend="torch")
+        if args.backend == "torch":
+            candidate = load_engine(args.weights, "cpu", args.precision, input_guard="flag", backend="torch")
+        else:  # not through backend_choice: the gate measures precisions before anything approves them
+            record = read_record(args.weights, reference.metadata.sha256)
+            choice = BackendChoice("openvino", args.precision, "accuracy gate", record)
+            candidate = load_openvino(args.weights, choice, "flag", Path(cache))
+    results = []
+    for images in eval_sets.evaluation_sets(args.data, reference.metadata, args.limit):
+        result = compare(images, reference, candidate)
+        results.append(result)
+        guard = "" if result.guard_refusal_flips is None else f", guard refusal flips {result.guard_refusal_flips}"
+        print(
+            f"{images.name}: n={result.images} AUC fp32 {result.roc_auc_fp32:.5f} {args.backend} {args.precision} "
+            f"{result.roc_auc:.5f} (diff {result.roc_auc - result.roc_auc_fp32:+.5f}), max |dp| "
+            f"{result.max_probability_difference:.4f}, label flips {result.label_flips}{guard}: "
+            + f"without the guard {verdict(result.passes(with_guard=False))}, "
+            + f"with it {verdict(result.passes(with_guard=True))}"
+        )
+    passed = all(result.passes(with_guard=False) for result in results)
+    guarded = all(result.passes(with_guard=True) for result in results)
+    if args.backend == "openvino" and args.precision != "fp32" and args.limit is None:
+        sha256 = reference.metadata.sha256
+        record = read_record(args.weights, sha256) or FastPathRecord(
+            weights_sha256=sha256, input_size=reference.input_size
+        )
+        gate = GateRecord(precision=args.precision, results=results)
+        print(f"gate results recorded in {write_record(record.with_gate(gate), args.weights)}")
+    print(
+        f"gate (AUC drop <= {MAX_AUC_DROP}, flips <= {MAX_FLIP_RATE:.1%} on every set): "
+        f"without the guard {verdict(passed)}, with it {verdict(guarded)}"
+    )
+    return 0 if passed else 1
+
+
+def verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
