@@ -18,7 +18,14 @@ from sklearn.covariance import LedoitWolf
 from app import score
 from app.core.artifacts import ModelLoadError, compute_guard_scores, file_sha256, load_model
 from app.core.engine import EngineError, load_engine
-from app.core.input_guard import GUARD_MEAN_KEY, features_and_maps, fit_threshold, guard_scores, ledoit_wolf
+from app.core.input_guard import (
+    GUARD_MEAN_KEY,
+    GuardStats,
+    features_and_maps,
+    fit_threshold,
+    guard_scores,
+    ledoit_wolf,
+)
 from app.core.network import ModelSpec, build_model
 from app.core.preprocessing import preprocess
 from tests.conftest import GUARD_MARGIN, TEST_INPUT_SIZE, encode, export_tiny_model, synthetic_xray
@@ -262,3 +269,16 @@ def test_scores_are_finite_and_do_not_depend_on_the_batch(tiny_weights: Path) ->
     assert together == pytest.approx(alone, rel=1e-5)
     spec = engine.guard_spec
     assert spec is not None and all(score > spec.threshold for score in together[:3])  # type: ignore[operator]
+
+
+def test_whitener_is_stored_as_its_packed_lower_triangle_and_read_back_exactly() -> None:
+    whitener = torch.tril(torch.randn(5, 5))
+    stats = GuardStats(torch.randn(5), whitener)
+    tensors = stats.tensors()
+    assert tensors["__guard__.whitener_tril"].shape == (15,)  # 5 * 6 / 2 values, not 25
+    restored = GuardStats.pop_from(dict(tensors))
+    assert restored is not None and torch.equal(restored.whitener, whitener) and torch.equal(restored.mean, stats.mean)
+    with pytest.raises(ValueError, match="lower triangular"):
+        GuardStats(torch.randn(5), torch.randn(5, 5) + 1.0).tensors()
+    with pytest.raises(ValueError, match="packed whitening matrix has 14 values"):
+        GuardStats.pop_from({"__guard__.mean": torch.zeros(5), "__guard__.whitener_tril": torch.zeros(14)})

@@ -109,6 +109,37 @@ ERRORS: dict[str, tuple[int, str]] = {
     "shutting_down": (503, ShuttingDownError.default_message),
     "timeout": (504, "no result within the 30 s request timeout"),
 }
+
+# What any upload route can answer besides its own codes (documented in OpenAPI from here).
+SERVICE_ERRORS = (
+    "unauthorized",
+    "payload_too_large",
+    "too_many_files",
+    "request_timeout",
+    "header_too_large",
+    "bad_request",
+    "missing_field",
+    "validation_error",
+    "internal_error",
+    "inference_failed",
+    "not_ready",
+    "overloaded",
+    "shutting_down",
+    "timeout",
+)
+# Image errors of one upload; /predict answers with them, /predict/batch puts them in the file's entry.
+IMAGE_ERRORS = (
+    "empty_file",
+    "image_too_large",
+    "unsupported_media_type",
+    "corrupt_image",
+    "unsupported_modality",
+    "not_frontal_view",
+    "not_for_presentation",
+    "multi_frame",
+    "not_monochrome",
+    "not_chest_xray",
+)
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",

@@ -10,8 +10,7 @@ from fastapi import APIRouter, File, Header, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import ApiKeyGuard, ServiceDep
-from app.api.errors import error_responses
-from app.api.routes.predict import IMAGE_ERRORS, SERVICE_ERRORS
+from app.api.errors import IMAGE_ERRORS, SERVICE_ERRORS, error_responses
 from app.api.schemas import Prediction
 from app.core.overlay import DEFAULT_OPACITY
 

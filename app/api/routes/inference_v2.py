@@ -23,7 +23,14 @@ from fastapi import APIRouter, Request, Response
 
 from app import SERVICE_NAME, __version__
 from app.api.deps import ApiKeyGuard, ServiceDep, SettingsDep
-from app.api.errors import InvalidInferenceRequestError, TooManyFilesError, UnknownModelError, error_responses
+from app.api.errors import (
+    IMAGE_ERRORS,
+    SERVICE_ERRORS,
+    InvalidInferenceRequestError,
+    TooManyFilesError,
+    UnknownModelError,
+    error_responses,
+)
 from app.api.schemas import ModelIdentity, Prediction
 from app.api.schemas_v2 import (
     InferRequest,
@@ -75,29 +82,12 @@ health_router = APIRouter(tags=["open inference protocol"])
 router = APIRouter(tags=["open inference protocol"], dependencies=[ApiKeyGuard])
 
 _MODEL_ERRORS = error_responses("unauthorized", "unknown_model", "not_ready", v2=True)
+# V2 reports malformed requests as invalid_request, never FastAPI's form-field codes.
 _INFER_ERRORS = (
-    "bad_request",
     "invalid_request",
-    "empty_file",
-    "unauthorized",
     "unknown_model",
-    "payload_too_large",
-    "image_too_large",
-    "too_many_files",
-    "unsupported_media_type",
-    "corrupt_image",
-    "not_chest_xray",
-    "unsupported_modality",
-    "not_frontal_view",
-    "not_for_presentation",
-    "multi_frame",
-    "not_monochrome",
-    "internal_error",
-    "inference_failed",
-    "not_ready",
-    "overloaded",
-    "shutting_down",
-    "timeout",
+    *IMAGE_ERRORS,
+    *(code for code in SERVICE_ERRORS if code not in ("missing_field", "validation_error")),
 )
 
 

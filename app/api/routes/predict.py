@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, UploadFile
 
 from app.api.deps import ApiKeyGuard, ServiceDep, SettingsDep
-from app.api.errors import TooManyFilesError, error_responses
+from app.api.errors import IMAGE_ERRORS, SERVICE_ERRORS, TooManyFilesError, error_responses
 from app.api.schemas import BatchResponse, Prediction
 
 router = APIRouter(tags=["prediction"], dependencies=[ApiKeyGuard])
@@ -19,36 +19,6 @@ Explain = Annotated[
         "else 422 `explain_unsupported`). Requests without it do no extra work."
     ),
 ]
-
-SERVICE_ERRORS = (
-    "unauthorized",
-    "payload_too_large",
-    "too_many_files",
-    "request_timeout",
-    "header_too_large",
-    "bad_request",
-    "missing_field",
-    "validation_error",
-    "internal_error",
-    "inference_failed",
-    "not_ready",
-    "overloaded",
-    "shutting_down",
-    "timeout",
-)
-# Image errors of one upload; /predict answers with them, /predict/batch puts them in the file's entry.
-IMAGE_ERRORS = (
-    "empty_file",
-    "image_too_large",
-    "unsupported_media_type",
-    "corrupt_image",
-    "unsupported_modality",
-    "not_frontal_view",
-    "not_for_presentation",
-    "multi_frame",
-    "not_monochrome",
-    "not_chest_xray",
-)
 
 
 @router.post(
