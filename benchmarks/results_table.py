@@ -29,6 +29,7 @@ def build(
     model_only: dict[str, Any],
     decode: dict[str, Any],
     peak_rss_mb: dict[str, float],
+    cpu_configs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The serve.json document: headline keys first, then full detail."""
     top = max(level["concurrency"] for level in levels["ours_predict"])
@@ -49,6 +50,7 @@ def build(
         "model_only_detail": model_only,
         "decode": decode,
         "peak_rss_mb": peak_rss_mb,
+        "cpu_configs": cpu_configs or [],
     }
 
 
@@ -89,6 +91,23 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     if detail.get("peak_gpu_memory_mb") is not None:
         lines.append(f"- peak GPU memory at the largest batch: {fmt(detail['peak_gpu_memory_mb'], 0)} MiB")
+    if doc.get("cpu_configs"):
+        lines += [
+            "",
+            "## CPU configurations (naive and ours driven back to back at each level)",
+            "",
+            "| backend | precision | guard | input px | concurrency | ours img/s | naive img/s | model only | "
+            "ours/naive | ours/model only | errors ours/naive |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for entry in doc["cpu_configs"]:
+            ours, naive, model = (entry[key]["throughput_ips"] for key in ("ours", "naive", "model_only"))
+            lines.append(
+                f"| {entry['backend']} | {entry['precision']} | {entry['input_guard']} | {entry['input_size']} "
+                f"| {entry['concurrency']} | {fmt(ours, 2)} | {fmt(naive, 2)} | {fmt(model, 2)} "
+                f"| {fmt(ratio(ours, naive), 2)} | {fmt(ratio(ours, model), 2)} "
+                f"| {entry['ours']['errors']}/{entry['naive']['errors']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ from app.core.artifacts import export_model
 from app.core.input_guard import fit_guard
 from app.core.network import ModelSpec, build_model
 from app.core.preprocessing import preprocess
-from benchmarks import decode_bench, model_only, results_table
+from benchmarks import cpu_sweep, decode_bench, model_only, results_table
 from benchmarks.loadgen import run_level
 from benchmarks.server_proc import REPO_ROOT, free_port, serve
 from benchmarks.uploads import DEFAULT_REAL_DIR, Upload, real_uploads, synthetic_uploads
@@ -73,6 +73,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic", type=int, default=12, help="synthetic uploads added to the real ones")
     parser.add_argument("--real-dir", type=Path, default=DEFAULT_REAL_DIR)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
+    parser.add_argument(
+        "--configs",
+        type=cpu_sweep.parse_config,
+        nargs="*",
+        help="CPU configurations for cpu_configs, BACKEND:PRECISION (default on a CPU: torch:fp32, torch:bf16 where "
+        "the CPU has it, openvino:fp32, openvino:int8; none on a GPU; give the flag alone for none)",
+    )
+    parser.add_argument(
+        "--config-sizes", type=int, nargs="+", help="input sizes of the cpu_configs sweep (default 224 64)"
+    )
+    parser.add_argument(
+        "--config-seconds", type=float, help="cpu_configs: seconds per server per level (default 8, 3 with --quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 levels, few requests, short timings")
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
@@ -84,6 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_seconds = 30.0 if args.quick else 60.0
     if args.max_batch_size is None:
         args.max_batch_size = 128 if on_gpu else 8
+    if args.configs is None:
+        args.configs = [] if on_gpu else cpu_sweep.default_configs()
+    if args.config_sizes is None:
+        args.config_sizes = [args.input_size] if args.quick else [224, 64]
+    if args.config_seconds is None:
+        args.config_seconds = 3.0 if args.quick else 8.0
     if args.quick:
         args.synthetic = min(args.synthetic, 4)
     return args
@@ -109,6 +128,20 @@ def service_env(args: argparse.Namespace, weights: Path, port: int) -> dict[str,
     if args.decode_workers is not None:
         env["CXR_DECODE_WORKERS"] = str(args.decode_workers)
     return env
+
+
+def sweep_env(
+    args: argparse.Namespace, weights: Path, port: int, config: cpu_sweep.Config, cache: Path
+) -> dict[str, str]:
+    """One cpu_configs service: the run's settings with this backend and precision (and its input guard mode)."""
+    backend, precision = config
+    return {
+        **service_env(args, weights, port),
+        "CXR_BACKEND": backend,
+        "CXR_PRECISION": precision,
+        "CXR_CACHE_DIR": str(cache),
+        "CXR_INPUT_GUARD": cpu_sweep.guard_mode(config),
+    }
 
 
 async def drive(
@@ -182,10 +215,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             levels["naive_predict"] = asyncio.run(drive(server.base_url, "/predict", uploads, args, 1))
             peak_rss["naive"] = server.peak_rss_mb()
 
+        cpu_configs = cpu_sweep.run(
+            args,
+            uploads,
+            Path(tmp),
+            lambda out, size: export_random_model(out, size, uploads),
+            lambda weights, port, config: sweep_env(args, weights, port, config, Path(tmp) / "converted"),
+        )
+
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    settings["configs"] = [f"{backend}:{precision}" for backend, precision in args.configs]
     settings["uploads"] = len(uploads)
     doc = results_table.build(
-        device=args.device, settings=settings, levels=levels, model_only=model, decode=decode, peak_rss_mb=peak_rss
+        device=args.device,
+        settings=settings,
+        levels=levels,
+        model_only=model,
+        decode=decode,
+        peak_rss_mb=peak_rss,
+        cpu_configs=cpu_configs,
     )
     print(results_table.write(doc, args.out))
     return doc

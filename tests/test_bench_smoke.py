@@ -82,3 +82,55 @@ def test_explain_bench_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None
     for name in ("none", "one", "all"):
         assert f"explain {name}" in out
     assert "ratio to none: 1.000" in out and "map step alone" in out
+
+
+@pytest.mark.timeout(400)
+def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: Path) -> None:
+    """The ``cpu_configs`` part of ``make bench --quick`` on a 32 px model: torch fp32 and OpenVINO int8."""
+    from benchmarks import cpu_sweep, results_table, serve_bench
+
+    uploads = [Upload(f"u{seed}.jpeg", encode(synthetic_xray(120, 100, seed), "JPEG"), 120, 100) for seed in range(3)]
+    out = tmp_path / "out"
+    args = serve_bench.parse_args(
+        [
+            *("--quick", "--input-size", "32", "--concurrency", "2", "--requests", "4", "--config-seconds", "2"),
+            *("--out", str(out), "--configs", "torch:fp32", "openvino:int8"),
+        ]
+    )
+    assert args.config_sizes == [32]
+    entries = cpu_sweep.run(
+        args,
+        uploads,
+        tmp_path,
+        lambda folder, size: serve_bench.export_random_model(folder, size, uploads),
+        lambda weights, port, config: serve_bench.sweep_env(args, weights, port, config, tmp_path / "converted"),
+    )
+    assert [(e["backend"], e["precision"], e["input_guard"], e["input_size"], e["concurrency"]) for e in entries] == [
+        ("torch", "fp32", "reject", 32, 2),
+        ("openvino", "int8", "off", 32, 2),
+    ]
+    for entry in entries:
+        assert entry["ours"]["errors"] == 0 and entry["naive"]["errors"] == 0, entry
+        assert min(entry[key]["throughput_ips"] for key in ("ours", "naive", "model_only")) > 0
+    # The int8 service really served OpenVINO int8 (its startup log says so), not a fallback.
+    assert "CPU inference in OpenVINO int8" in (out / "ours-openvino-int8-32.log").read_text()
+    table = results_table.markdown(
+        results_table.build(
+            device="cpu",
+            settings={},
+            levels={
+                "ours_predict": [{"concurrency": 2, **entries[0]["ours"], "endpoint": "/predict", "p95_ms": None}],
+                "naive_predict": [{"concurrency": 2, **entries[0]["naive"], "endpoint": "/predict", "p95_ms": None}],
+            },
+            model_only={"throughput_ips": 1.0, "per_batch_size": {}, "precision": "fp32"},
+            decode={
+                "preprocess_1_thread_ips": 1.0,
+                "preprocess_n_threads_ips": 1.0,
+                "threads": 2,
+                "naive_1_thread_ips": 1,
+            },
+            peak_rss_mb={},
+            cpu_configs=entries,
+        )
+    )
+    assert "| openvino | int8 | off | 32 | 2 |" in table
