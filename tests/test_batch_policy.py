@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from app.core.batch_policy import choose_batch_size, ladder, measure
+import pytest
+import torch
+
+from app.core import batch_policy
+from app.core.batch_policy import BatchPolicy, choose_batch_size, ladder, measure, plan
+from tests.conftest import export_tiny_model
+from tests.live_server import live_server, metric_samples, serving_settings
 
 
 def test_ladder_doubles_up_to_and_including_the_maximum() -> None:
@@ -63,3 +69,52 @@ def test_measure_always_measures_batch_one_even_over_budget() -> None:
         clock.now += 10.0 * size
 
     assert measure(run, max_batch_size=32, budget_s=0.1, clock=clock) == {1: 10.0}
+
+
+class ProbeEngine:
+    """Just enough of an engine for ``plan``: a device, an input size and a forward pass that does nothing."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.input_size = 8
+        self.calls: list[int] = []
+
+    def infer(self, pixels: torch.Tensor) -> list[None]:
+        self.calls.append(len(pixels))
+        return []
+
+
+def test_plan_on_the_cpu_takes_batch_one_from_injected_timings_and_never_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    timings = {1: 0.29, 2: 0.35, 4: 0.45, 8: 0.57}  # seconds per image: batching loses (the issue's CPU)
+    monkeypatch.setattr(batch_policy, "measure", lambda run, max_batch_size, budget_s: timings)
+    policy = plan(ProbeEngine("cpu"), max_batch_size=8, max_wait_s=None, probe_s=3.0)  # type: ignore[arg-type]
+    assert policy == BatchPolicy(1, 0.0, "measured", timings)
+
+
+def test_plan_on_a_gpu_keeps_the_configured_batch_and_waits_a_little() -> None:
+    engine = ProbeEngine("cuda")
+    policy = plan(engine, max_batch_size=128, max_wait_s=None, probe_s=3.0)  # type: ignore[arg-type]
+    assert policy == BatchPolicy(128, 0.005, "configured")
+    assert engine.calls == []  # nothing timed on a GPU
+    assert plan(engine, 64, 0.002, 3.0).max_wait_s == 0.002  # type: ignore[arg-type]
+
+
+def test_plan_with_the_probe_off_uses_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch_policy, "measure", lambda *args, **kwargs: pytest.fail("the probe is off"))
+    assert plan(ProbeEngine("cpu"), 8, None, 0.0) == BatchPolicy(8, 0.0, "configured")  # type: ignore[arg-type]
+
+
+def test_a_live_cpu_server_reports_the_measured_batch_size_everywhere(tmp_path: Path) -> None:
+    """/health, /model and the metric agree on the size the startup probe chose (whatever it measured)."""
+    weights = export_tiny_model(tmp_path / "weights")
+    settings = serving_settings(weights, max_batch_size=4, batch_probe_s=0.5)
+    with live_server(settings) as server, server.client() as client:
+        card = client.get("/model").json()["batching"]
+        health = client.get("/health").json()
+        metric = metric_samples(client.get("/metrics").text, "cxr_batch_size_limit")
+    assert card["source"] == "measured" and card["max_wait_ms"] == 0.0
+    assert set(card["ms_per_image"]) <= {"1", "2", "4"} and "1" in card["ms_per_image"]
+    assert str(card["batch_size"]) in card["ms_per_image"]
+    assert health["batch_size"] == card["batch_size"] == metric[""]
