@@ -29,13 +29,16 @@ RUN groupadd --system --gid 10001 cxr \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/weights /srv/weights
 # CXR_WEIGHTS points at the baked-in model; mount another model directory read-only over
-# /srv/weights to replace it without rebuilding.
+# /srv/weights to replace it without rebuilding. The root filesystem is read-only in compose and
+# Kubernetes and the user has no home: OpenVINO conversions (CXR_BACKEND=openvino) are cached
+# under the writable /tmp (tmpfs / emptyDir), so they last as long as the container.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     CXR_HOST=0.0.0.0 \
     CXR_PORT=8000 \
-    CXR_WEIGHTS=/srv/weights
+    CXR_WEIGHTS=/srv/weights \
+    CXR_CACHE_DIR=/tmp/cxr-cache
 WORKDIR /srv
 USER 10001:10001
 EXPOSE 8000

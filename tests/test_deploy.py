@@ -300,7 +300,10 @@ def test_environment_overrides_reach_the_service() -> None:
 def test_compose_defaults_are_the_service_defaults(stack: str) -> None:
     """Compose repeats the defaults for ${VAR:-default}; they must not drift from app/settings.py."""
     services = compose_config(STACKS[stack])["services"]
-    intended = {"weights": Path("/srv/weights")} | ({"device": "cpu", "precision": "fp32"} if stack == "cpu" else {})
+    # The image's writable /tmp holds OpenVINO conversions (read-only root filesystem, no home).
+    intended = {"weights": Path("/srv/weights"), "cache_dir": Path("/tmp/cxr-cache")} | (
+        {"device": "cpu", "precision": "fp32"} if stack == "cpu" else {}
+    )
     defaults = settings_from({}).model_dump() | intended
     for name, service in services.items():
         if name != "proxy":

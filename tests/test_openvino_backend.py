@@ -100,10 +100,13 @@ def test_int8_with_the_guard_is_refused_before_conversion(weights: Path, tmp_pat
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
-@pytest.mark.skipif("BF16" not in cpu_capabilities(), reason="this CPU has no bf16 units")
-def test_bf16_agrees_within_tolerance(
+def test_bf16_agrees_within_tolerance_or_is_refused_without_bf16_units(
     weights: Path, images: torch.Tensor, reference: list[ImageResult], tmp_path: Path
 ) -> None:
+    if "BF16" not in cpu_capabilities():  # never a silent skip: such a CPU must refuse bf16 in one line
+        with pytest.raises(EngineError, match="precision bf16 is not supported by this CPU"):
+            openvino(weights, "bf16", tmp_path)
+        return
     assert_agrees(openvino(weights, "bf16", tmp_path).infer(images, [True] * len(images)), reference, 0.1, guard=True)
 
 
