@@ -11,7 +11,10 @@ stops taking new requests after ``--config-seconds``, which bounds the whole swe
 int8 runs with the input guard off: ``CXR_BACKEND=openvino CXR_PRECISION=int8`` is refused with
 the guard on unless the accuracy gate approved it, and a random benchmark model has no labelled
 images to gate on (the shipped model's gate results: benchmarks/NOTES.md). Every other
-configuration serves with the guard, as production does; each entry says which.
+configuration computes the guard in ``flag`` mode: the same work as ``reject``, but the random
+model's guard is fitted with no margin on the uploads' fp32 scores, so bf16 drift would refuse
+some of them and turn them into errors (a first run refused 24 of 34 in torch bf16). Each entry
+says which mode ran.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def default_configs() -> list[Config]:
 
 def guard_mode(config: Config) -> str:
     """The input guard mode a configuration is benchmarked in (see the module docstring)."""
-    return "off" if config[1] == "int8" else "reject"
+    return "off" if config[1] == "int8" else "flag"
 
 
 def parse_config(text: str) -> Config:

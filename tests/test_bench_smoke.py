@@ -106,7 +106,7 @@ def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: 
         lambda weights, port, config: serve_bench.sweep_env(args, weights, port, config, tmp_path / "converted"),
     )
     assert [(e["backend"], e["precision"], e["input_guard"], e["input_size"], e["concurrency"]) for e in entries] == [
-        ("torch", "fp32", "reject", 32, 2),
+        ("torch", "fp32", "flag", 32, 2),
         ("openvino", "int8", "off", 32, 2),
     ]
     for entry in entries:
