@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         [str(p) for p in train.paths], train.labels.numpy(), run_args.get("val_fraction", 0.15), run_args.get("seed", 0)
     )
     val_x, val_y = train.pixels[val_index], train.labels[val_index]
+    # The model's own operating-point rule, as finalize stored it: "youden" or "sensitivity>=T".
+    method, _, target_text = meta.threshold_method.partition(">=")
+    if method not in ("sensitivity", "youden"):
+        raise SystemExit(f"unknown threshold rule {meta.threshold_method!r} in {args.weights}")
+    target = float(target_text) if target_text else 0.95
     cpu = torch.device("cpu")
 
     def logits(pixels: torch.Tensor, view: View) -> torch.Tensor:
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         temperature = fit_temperature(val_logits, val_y)
         val_p = pneumonia_probability(val_logits, temperature).numpy().astype(np.float64)
         test_p = pneumonia_probability(test_logits, temperature).numpy().astype(np.float64)
-        threshold = select_threshold(val_y.numpy(), val_p, meta.threshold_method, 0.95)
+        threshold = select_threshold(val_y.numpy(), val_p, method, target)
         m = binary_metrics(test.labels.numpy(), test_p, threshold)
         print(
             f"| {' + '.join(combo)} | {temperature:.3f} | {threshold:.4f} | {roc_auc(val_y.numpy(), val_p):.4f} "
