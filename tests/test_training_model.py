@@ -37,6 +37,41 @@ def test_hflip_only_flips() -> None:
     assert all(a or b for a, b in zip(is_flipped, is_same, strict=True)) and 10 < sum(is_flipped) < 54
 
 
+def test_erase_corners_fills_one_corner_rectangle_with_the_mean() -> None:
+    size = 40
+    pixels = torch.randint(1, 255, (64, 1, size, size), dtype=torch.uint8)
+    out = augment_batch(pixels, torch.Generator().manual_seed(1), strength=0.0, erase_corners=0.5)
+    erased = 0
+    for before, after in zip(pixels.float(), out, strict=True):
+        changed = (after != before)[0]
+        if not changed.any():
+            continue
+        erased += 1
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        # one solid rectangle, 10-25% of the side, flush with one corner, holding the image's mean
+        height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert 4 <= height <= 10 and 4 <= width <= 10
+        assert int(rows[0]) == 0 or int(rows[-1]) == size - 1
+        assert int(cols[0]) == 0 or int(cols[-1]) == size - 1
+        patch = after[0, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        torch.testing.assert_close(patch, torch.full_like(patch, float(before.mean())))
+        outside = torch.ones_like(changed)
+        outside[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = False
+        assert torch.equal(after[0][outside], before[0][outside])
+    assert 16 < erased < 48  # about half of 64
+
+
+def test_zoom_in_enlarges_the_subject() -> None:
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disk = (((yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 12**2).to(torch.uint8) * 200
+    pixels = disk.view(1, 1, 64, 64).repeat(32, 1, 1, 1)
+    area = float((pixels > 100).sum(dim=(1, 2, 3)).float().mean())
+    zoomed = augment_batch(pixels, torch.Generator().manual_seed(0), strength=0.0, zoom_in=0.5)
+    areas = (zoomed > 100).sum(dim=(1, 2, 3)).float()
+    # scale 1 + U(0, 0.5): the disk's area grows by scale^2, i.e. by 1.58x on average (1x to 2.25x)
+    assert float(areas.min()) >= area * 0.97 and 1.4 < float(areas.mean()) / area < 1.8
+
+
 def test_schedule_warms_up_then_decays_to_zero() -> None:
     schedule = Schedule(peak_lr=1.0, warmup_steps=4, total_steps=20)
     assert [schedule.lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -16,6 +16,7 @@ from scipy.special import log_softmax, softmax
 from app.core.artifacts import load_model
 from app.core.preprocessing import preprocess
 from tests.training_support import INPUT_SIZE, make_dataset, train_args
+from training.calibration import select_threshold
 from training.cli import main
 
 NORMAL_PATIENTS, PNEUMONIA_PATIENTS, PER_PATIENT = 4, 10, 2  # imbalanced on purpose
@@ -95,3 +96,11 @@ def test_early_stopping_stops_when_validation_auc_cannot_improve(tmp_path: Path)
     assert [row["epoch"] for row in history] == [1, 2]
     provenance = json.loads((out / "model.json").read_text())["provenance"]
     assert provenance["stopped_early"] is True and provenance["epochs_trained"] == 2
+
+
+def test_an_unknown_threshold_rule_is_refused_not_read_as_youden() -> None:
+    # model.json stores the rule as "sensitivity>=0.95"; passing that string on as a method once
+    # silently chose Youden's J (threshold 0.74 instead of 0.93 for the shipped model).
+    labels, probs = np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.6, 0.9])
+    with pytest.raises(ValueError, match="unknown threshold method"):
+        select_threshold(labels, probs, "sensitivity>=0.95", 0.95)  # type: ignore[arg-type]

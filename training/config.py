@@ -56,6 +56,12 @@ class TrainConfig(BaseModel):
     aug_strength: float = Field(
         1.0, ge=0.0, le=3.0, description="scales rotation/translation/scale/intensity jitter; 0 = off"
     )
+    zoom_in: float = Field(
+        0.0, ge=0.0, le=1.0, description="extra one-sided random zoom-in of up to this fraction (tighter framing)"
+    )
+    erase_corners: float = Field(
+        0.0, ge=0.0, le=1.0, description="probability of filling one image corner (side markers) with the mean"
+    )
     seed: int = Field(0, description="seed for the split, init, shuffling and augmentation")
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of train split off as validation (by patient)")
     min_val_images: int = Field(100, ge=1, description="a provided val split smaller than this is replaced")

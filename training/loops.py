@@ -84,6 +84,8 @@ def train_one_epoch(
     batch_size: int,
     aug_strength: float,
     hflip: bool,
+    zoom_in: float,
+    erase_corners: float,
     device: torch.device,
     amp: bool,
     dist: DistInfo,
@@ -101,7 +103,9 @@ def train_one_epoch(
             group["lr"] = schedule.lr(first_step + offset)
         batch = pixels[index].to(device, non_blocking=True)
         target = labels[index].to(device, non_blocking=True)
-        inputs = augment_batch(batch, generator, strength=aug_strength, hflip=hflip)
+        inputs = augment_batch(
+            batch, generator, strength=aug_strength, hflip=hflip, zoom_in=zoom_in, erase_corners=erase_corners
+        )
         if device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):

@@ -102,6 +102,8 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
             batch_size=config.batch_size,
             aug_strength=config.aug_strength,
             hflip=config.hflip,
+            zoom_in=config.zoom_in,
+            erase_corners=config.erase_corners,
             device=device,
             amp=device.type == "cuda",
             dist=dist,
