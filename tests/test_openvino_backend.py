@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 from app.core.artifacts import load_model
 from app.core.conversion_cache import MANIFEST
 from app.core.engine import EngineError, ImageResult, InferenceEngine, load_engine
-from app.core.fastpath_record import FastPathRecord, Int8Ranges, write_record
+from app.core.fastpath_record import FastPathRecord, Int8Ranges, read_record, write_record
 from app.core.int8_calibration import measure_ranges
 from app.core.onnx_export import export_features
 from app.core.openvino_backend import cpu_capabilities
@@ -173,3 +174,17 @@ def test_live_server_answers_like_the_pytorch_one(weights: Path, tmp_path: Path)
     assert ov_answer["input_guard"]["passed"] == torch_answer["input_guard"]["passed"]
     assert ov_answer["input_guard"]["score"] == pytest.approx(torch_answer["input_guard"]["score"], rel=1e-4)
     assert ov_answer["heatmap"]["values"] == pytest.approx(torch_answer["heatmap"]["values"], abs=1e-5)
+
+
+def test_int8_ranges_that_do_not_cover_the_graph_refuse_in_one_line(weights: Path, tmp_path: Path) -> None:
+    """A model.cpu.json whose ranges miss tensors of the exported graph: refused, never served half-quantized."""
+    copy = tmp_path / "weights"
+    shutil.copytree(weights, copy)
+    record = read_record(copy, load_model(copy).metadata.sha256)
+    assert record is not None and record.int8 is not None
+    kept = dict(list(record.int8.ranges.items())[:3])
+    write_record(record.model_copy(update={"int8": record.int8.model_copy(update={"ranges": kept})}), copy)
+    with pytest.raises(EngineError) as info:
+        openvino(copy, "int8", tmp_path / "cache", guard="off")
+    message = str(info.value)
+    assert "\n" not in message and "int8 calibration does not" in message, message
