@@ -120,3 +120,29 @@ def test_youden_threshold_maximises_j() -> None:
         return r["sensitivity"] + r["specificity"] - 1
 
     assert j(chosen) == pytest.approx(max(j(t) for t in np.unique(probs)))
+
+
+def test_sensitivity_threshold_defaults_to_95_percent_and_needs_at_least_one_case() -> None:
+    # 20 positives scored 0.05, 0.10, ..., 1.00 and one negative: catching 95% = 19 of them means the
+    # threshold is the 19th highest score, 0.10; a 25% target over 4 positives needs just the top one.
+    positives = np.arange(1, 21) / 20
+    labels = np.r_[np.ones(20, dtype=int), 0]
+    probs = np.r_[positives, 0.5]
+    assert select_threshold(labels, probs, "sensitivity") == pytest.approx(0.10)
+    assert select_threshold(labels[16:], probs[16:], "sensitivity", 0.25) == pytest.approx(1.0)
+    assert select_threshold(labels[16:], probs[16:], "sensitivity", 0.01) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["sensitivity", "youden"])
+def test_threshold_selection_refuses_one_class(method: str) -> None:
+    with pytest.raises(ValueError, match=r"^threshold selection needs both classes in the validation data$"):
+        select_threshold(np.ones(5), np.linspace(0, 1, 5), method)  # type: ignore[arg-type]
+
+
+def test_temperature_stays_inside_its_search_bounds() -> None:
+    # Separable logits: the NLL keeps falling as 1/T grows, so the fit stops at the bound 1/T = 50 (T = 0.02).
+    # Logits that point the wrong way: the best positive 1/T is the smallest allowed, 0.02 (T = 50).
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0]] * 50)
+    labels = torch.tensor([1, 0] * 50)
+    assert fit_temperature(logits, labels) == pytest.approx(0.02, rel=1e-6)
+    assert fit_temperature(logits, 1 - labels) == pytest.approx(50.0, rel=1e-6)
