@@ -6,8 +6,10 @@ prediction equals the one the API would return. Decoding runs in isolated decode
 so an image that crashes a decoder becomes a ``corrupt_image`` row instead of ending the run.
 Every entry of the folder gets a row: unreadable files, FIFOs, sockets, devices, symlink loops
 and directory symlinks (not followed) get the stable error code ``read_error`` with the reason,
-and are never opened in a way that could block. Rows are flushed after every batch and files
-already in the CSV are skipped, so rerunning an interrupted command resumes it.
+and are never opened in a way that could block. Images the input guard refuses become
+``not_chest_xray`` rows (with ``--input-guard flag`` they are scored with a ``warning``). Rows
+are flushed after every batch and files already in the CSV are skipped, so rerunning an
+interrupted command resumes it.
 DICOM exports (files often without an extension) are recognised by content like any upload;
 ``--with-uids`` adds each file's SOP Instance UID, which identifies the image, so it is opt-in.
 With ``--heatmaps`` each scored image also gets an overlay PNG (the service's ``POST /explain``
@@ -40,11 +42,23 @@ from app.core.decode_pool import DecodePool
 from app.core.dicom import DEFAULT_DICOM_POLICY, DicomPolicy
 from app.core.engine import EngineError, InferenceEngine, default_decode_workers, load_engine
 from app.core.heatmap import ExplainUnsupportedError, Heatmap
+from app.core.input_guard import NotChestXrayError
 from app.core.overlay import overlay_size, png_bytes, render_overlay
 from app.core.preprocessing import DEFAULT_MAX_DECODE_BYTES, PreparedFile, preprocess_file
 from app.settings import Settings, SettingsError, load_settings
 
-COLUMNS = ("path", "label", "pneumonia_probability", "threshold", "error_code", "error_message", "model_sha256")
+COLUMNS = (
+    "path",
+    "label",
+    "pneumonia_probability",
+    "threshold",
+    "guard_score",
+    "guard_threshold",
+    "warning",
+    "error_code",
+    "error_message",
+    "model_sha256",
+)
 UID_COLUMN = "sop_instance_uid"
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -234,10 +248,19 @@ def rows_for(
         row[UID_COLUMN] = item.file.sop_instance_uid
         if item.file.error is not None:
             row.update(error_code=item.file.error.code, error_message=item.file.error.message)
+            rows.append(row)
+            continue
+        result = next(results)
+        if result.guard_score is not None and engine.guard_spec is not None:
+            row.update(guard_score=repr(result.guard_score), guard_threshold=repr(engine.guard_spec.threshold))
+        try:
+            assessment = engine.assess(result)  # the service's own decision, guard included
+        except NotChestXrayError as exc:
+            row.update(error_code=exc.code, error_message=exc.message)
         else:
-            result = next(results)
-            decision = engine.decide(result.probability)
+            decision = assessment.decision
             row.update(label=decision.label, pneumonia_probability=repr(decision.pneumonia_probability))
+            row.update(warning=assessment.warning or "")
             if result.heatmap is not None:
                 overlays.append(Overlay(item.path, item.file, result.heatmap))
         rows.append(row)
@@ -319,12 +342,13 @@ def write_batch(handle: TextIO, writer: csv.DictWriter[str], rows: list[dict[str
 def report(summary: Summary, out: Path, stream: TextIO) -> None:
     unreadable = sum(summary.errors.values())
     print(
-        f"scored {summary.scored} files ({unreadable} unreadable), skipped {summary.skipped} already in {out}",
+        f"scored {summary.scored} files ({unreadable} unreadable or refused), "
+        f"skipped {summary.skipped} already in {out}",
         file=stream,
     )
     if unreadable:
         codes = ", ".join(f"{code}={count}" for code, count in sorted(summary.errors.items()))
-        print(f"unreadable files by error code: {codes}", file=stream)
+        print(f"files without a label by error code: {codes}", file=stream)
         for path, code in summary.failed_paths[:MAX_LISTED_ERRORS]:
             print(f"  {code}: {path}", file=stream)
         if unreadable > MAX_LISTED_ERRORS:
@@ -361,6 +385,13 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-pixels", type=positive_int, default=defaults.max_pixels, help="reject larger images")
     parser.add_argument(
+        "--input-guard",
+        choices=("reject", "flag", "off"),
+        default=defaults.input_guard,
+        help="images the input guard fails: an error row (reject), a row with a warning (flag), or unchecked "
+        "(off) (default: $CXR_INPUT_GUARD, else reject)",
+    )
+    parser.add_argument(
         "--with-uids",
         action="store_true",
         help=f"add a {UID_COLUMN} column (DICOM files; it identifies the image, so it is off by default)",
@@ -391,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.heatmaps is not None and args.heatmaps.exists() and not args.heatmaps.is_dir():
         parser.error(f"--heatmaps {args.heatmaps} exists and is not a directory")
     try:
-        engine = load_engine(args.weights, device=args.device, precision=args.precision)
+        engine = load_engine(args.weights, device=args.device, precision=args.precision, input_guard=args.input_guard)
         if args.heatmaps is not None:
             engine.check_explainable()
             args.heatmaps.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from app.core.coded_error import first_validation_error
 from app.core.decode_pool import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_LARGE_DECODE_BYTES
 from app.core.dicom import DicomPolicy
 from app.core.engine import DEVICE_PATTERN, Precision
+from app.core.input_guard import GuardMode
 from app.core.preprocessing import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
 
 MiB = 1024 * 1024
@@ -32,6 +33,10 @@ class Settings(BaseSettings):
     weights: Path = Path("weights")
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     precision: Precision = "auto"
+    input_guard: GuardMode = Field(
+        "reject",
+        description="Images the input guard fails: reject (422), flag (200 with a warning) or off (unchecked).",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Images per forward pass at most.")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
     queue_size: int = Field(512, ge=1, description="Images waiting for the GPU before requests get 503.")

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from app.core.artifacts import export_model
+from app.core.input_guard import fit_guard
 from app.core.network import ModelSpec, build_model
+from app.core.preprocessing import preprocess
 from benchmarks import decode_bench, model_only, results_table
 from benchmarks.loadgen import run_level
 from benchmarks.server_proc import REPO_ROOT, free_port, serve
@@ -29,12 +31,20 @@ CPU_CONCURRENCY = (1, 4, 16)
 GPU_CONCURRENCY = (1, 16, 64, 256)
 
 
-def export_random_model(out_dir: Path, input_size: int) -> Path:
-    """VGG16 with the compact head at random init: same compute as the shipped model."""
+def export_random_model(out_dir: Path, input_size: int, uploads: Sequence[Upload] = ()) -> Path:
+    """VGG16 with the compact head at random init: same compute as the shipped model, input guard included.
+
+    The guard is fitted on the benchmark's own uploads (threshold: the largest of their scores),
+    so the service computes it for every image, as in production, and refuses none of them.
+    """
     torch.manual_seed(0)
     network = build_model(ModelSpec(architecture="vgg16", head="compact", input_size=input_size))
     golden = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
-    export_model(network, out_dir, version="bench-random", golden_inputs=golden)
+    samples = [preprocess(upload.data, input_size) for upload in uploads]
+    samples = samples or [torch.randint(0, 256, (1, input_size, input_size), dtype=torch.uint8) for _ in range(8)]
+    pixels = torch.stack(samples)
+    guard = fit_guard(network, pixels, pixels, input_size=input_size, max_false_refusal=0.0, source="bench uploads")
+    export_model(network, out_dir, version="bench-random", golden_inputs=golden, guard=guard)
     return out_dir
 
 
@@ -137,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-        weights = args.weights or export_random_model(Path(tmp) / "weights", args.input_size)
+        weights = args.weights or export_random_model(Path(tmp) / "weights", args.input_size, uploads)
         threads = args.decode_workers or min(8, os.cpu_count() or 1)
         decode = decode_bench.run(uploads, args.input_size, threads)
         print(f"decode: {decode}", flush=True)

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from app.core.artifacts import export_model
-from app.core.network import ModelSpec, build_model
+from app.core.input_guard import GuardSpec, GuardStats, fit_guard
+from app.core.network import ModelSpec, PneumoniaNet, build_model
+from app.core.preprocessing import preprocess
 
 TEST_INPUT_SIZE = 32
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -68,13 +70,43 @@ def make_jpeg() -> Callable[..., bytes]:
     return factory
 
 
-def export_tiny_model(out_dir: Path, seed: int = 0, input_size: int = TEST_INPUT_SIZE, **kwargs: object) -> Path:
-    """Export a random-init compact VGG16 at a small input size, exactly as training exports."""
+# The tiny models' guards accept synthetic chest images of any size from 32 to 400 px; blank, noise
+# and colour images score 8x or more above their threshold (tests/test_input_guard.py shows both).
+GUARD_MARGIN = 2.0
+
+
+def synthetic_chest_pixels(count: int, input_size: int, seed: int) -> torch.Tensor:
+    """``count`` synthetic chest images of random sizes, JPEG-encoded and preprocessed as uploads are."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        width, height = (int(v) for v in rng.integers(32, 401, 2))
+        images.append(preprocess(encode(synthetic_xray(width, height, seed=seed * 10_000 + index)), input_size))
+    return torch.stack(images)
+
+
+def tiny_guard(network: PneumoniaNet, input_size: int, seed: int) -> tuple[GuardSpec, GuardStats]:
+    """A guard for a random-init test model, fitted like training fits one, on synthetic chest images.
+
+    The threshold is the largest validation score times ``GUARD_MARGIN``: random features are
+    noisier than trained ones, and tests must not depend on which synthetic image is the 1%.
+    """
+    train = synthetic_chest_pixels(120, input_size, seed=2 * seed + 1)
+    val = synthetic_chest_pixels(40, input_size, seed=2 * seed + 2)
+    spec, stats = fit_guard(network, train, val, input_size=input_size, max_false_refusal=0.0, source="synthetic")
+    return spec.model_copy(update={"threshold": spec.threshold * GUARD_MARGIN}), stats
+
+
+def export_tiny_model(
+    out_dir: Path, seed: int = 0, input_size: int = TEST_INPUT_SIZE, guard: bool = True, **kwargs: object
+) -> Path:
+    """Export a random-init compact VGG16 at a small input size, with an input guard, exactly as training exports."""
     torch.manual_seed(seed)
     spec = ModelSpec(architecture="vgg16", head="compact", input_size=input_size)
     network = build_model(spec)
     golden = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
-    export_model(network, out_dir, version=f"test-{seed}", golden_inputs=golden, **kwargs)  # type: ignore[arg-type]
+    fitted = tiny_guard(network, input_size, seed) if guard else None
+    export_model(network, out_dir, version=f"test-{seed}", golden_inputs=golden, guard=fitted, **kwargs)  # type: ignore[arg-type]
     return out_dir
 
 

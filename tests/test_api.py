@@ -49,7 +49,8 @@ def reference(calibrated_weights: Path) -> Callable[[list[bytes]], list[float]]:
 
 
 def exif_rotated_jpeg() -> bytes:
-    img = synthetic_xray(120, 60, seed=5)
+    """An upright chest image stored turned a quarter counter-clockwise, with the EXIF tag that turns it back."""
+    img = synthetic_xray(60, 120, seed=5).transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     return encode(img, "JPEG", exif=exif.tobytes())

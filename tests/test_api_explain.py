@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ SIZE = 64  # a 2x2 map, like the shipped model
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     weights = export_tiny_model(tmp_path_factory.mktemp("explain"), seed=5, input_size=SIZE, temperature=1.3)
-    settings = serving_settings(weights, max_batch_size=8, max_wait_ms=100, ui=False)
+    # flag: the extreme aspect ratios below are images the guard fails; /explain must still draw them, with a warning
+    settings = serving_settings(weights, max_batch_size=8, max_wait_ms=100, ui=False, input_guard="flag")
     with live_server(settings) as running:
         yield running
 
@@ -147,6 +149,11 @@ def test_explain_survives_extreme_aspect_ratios(server: LiveServer, width: int, 
     with server.client() as client:
         response = client.post("/explain", files={"file": ("odd.png", data)})
     assert response.status_code == 200, response.text
+    assert response.headers["X-Input-Guard-Passed"] in ("true", "false") and float(
+        response.headers["X-Input-Guard-Score"]
+    )
+    if response.headers["X-Input-Guard-Passed"] == "false":
+        assert unquote(response.headers["X-Warning"]).startswith("unreliable: input guard score")
     image = Image.open(io.BytesIO(response.content))
     long_side = max(min(max(width, height), 512), SIZE)
     assert max(image.size) == long_side and min(image.size) >= 1

@@ -266,6 +266,22 @@ def test_one_bad_image_fails_the_request_naming_it_and_nothing_is_scored(
     assert rejected['{code="corrupt_image"}'] >= 1 and rejected['{code="unsupported_media_type"}'] >= 1
 
 
+def test_input_guard_refuses_the_request_naming_the_image_and_reports_its_verdict(
+    server: LiveServer, client: triton.InferenceServerClient, model: tuple[str, str], weights: Path
+) -> None:
+    with server.client() as http:
+        before = metric_samples(http.get("/metrics").text, "cxr_predictions_total")
+    blank = encode(Image.new("L", (300, 300), 255))
+    error = refused(lambda: client.infer(model[0], [image_input([IMAGES[0], blank, IMAGES[2]])], headers=key()))
+    assert error.status() == "422" and error.message().startswith("item 1 of 3: refused: input guard score")
+    with server.client() as http:
+        assert metric_samples(http.get("/metrics").text, "cxr_predictions_total") == before
+    parameters = client.infer(model[0], [image_input(IMAGES)], headers=key()).get_response()["parameters"]
+    guard = load_model(weights).metadata.guard
+    assert guard is not None and parameters["input_guard_threshold"] == pytest.approx(guard.threshold)
+    assert 0 < parameters["input_guard_max_score"] <= guard.threshold and "warning" not in parameters
+
+
 def test_pixels_of_the_wrong_size_or_type_are_refused(
     client: triton.InferenceServerClient, model: tuple[str, str]
 ) -> None:

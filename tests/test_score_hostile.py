@@ -19,7 +19,9 @@ UNDECODABLE = os.fsdecode(b"caf\xe9-latin1.jpeg")  # 0xE9 alone is not UTF-8
 
 @pytest.fixture(scope="module")
 def engine(tiny_weights: Path) -> InferenceEngine:
-    return load_engine(tiny_weights, device="cpu")
+    # Hostile folder entries are tested here; a blank or two-channel image is what the guard refuses
+    # (tests/test_input_guard.py), so flag mode keeps every readable image a scored row.
+    return load_engine(tiny_weights, device="cpu", input_guard="flag")
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,24 @@ def test_shipped_model_card_is_complete(shipped) -> None:
     assert validation["tp"] + validation["fp"] + validation["tn"] + validation["fn"] == validation["n"]
     assert validation["roc_auc"] >= 0.95
     assert meta.provenance["data_hash"] and meta.provenance["input_size"] == meta.spec.input_size
+    guard = meta.guard
+    assert guard is not None and meta.version.endswith("-guard")
+    assert guard.calibration["train_images"] == meta.provenance["train_images"]
+    assert guard.calibration["val_images"] == validation["n"]
+    assert float(guard.calibration["val_refusal_rate"]) <= 0.01
+
+
+def test_guard_was_added_without_touching_the_network(shipped) -> None:
+    """1.1.0 is 1.0.0 plus its guard: same golden logits (same weights), guard scores of the golden inputs pass."""
+    assert (
+        shipped.metadata.provenance["guard_added_to"]
+        == "05d16aa41ea18463b5760199d3b680ad839ac9beb4f6fbe4017813459c0609dd"
+    )
+    assert shipped.metadata.golden is not None and shipped.metadata.golden.logits[0] == pytest.approx(
+        [6.153524398803711, -5.620335578918457], abs=1e-6
+    )
+    guard = shipped.metadata.guard
+    assert guard is not None and all(score <= guard.threshold for score in guard.golden_scores)
 
 
 def test_golden_outputs_reproduce_on_cpu(shipped) -> None:
@@ -60,3 +78,12 @@ def test_service_returns_golden_probabilities(shipped) -> None:
             assert sum(heatmap["values"]) / 4 + heatmap["bias"] == pytest.approx(log_odds, abs=1e-3)
             assert body["label"] == ("PNEUMONIA" if body["pneumonia_probability"] >= body["threshold"] else "NORMAL")
             assert body["model"]["sha256"] == shipped.metadata.sha256
+            assert body["input_guard"]["passed"] is True
+
+
+def test_service_refuses_a_blank_upload(shipped) -> None:
+    """The issue's first example: an all-white JPEG was labelled PNEUMONIA (p = 0.999); now it is refused."""
+    white = encode(Image.new("L", (300, 300), 255))
+    with live_server(serving_settings(SHIPPED)) as server, server.client() as client:
+        response = client.post("/predict", files={"file": ("white.jpg", white, "image/jpeg")})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "not_chest_xray"

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from app.__main__ import main
+from tests.conftest import export_tiny_model
 from tests.live_server import LiveServer, serving_settings, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def refusals(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "sha256": (["app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "sha", _sha))}),
         "architecture": (["app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "arch", _head))}),
         "uvicorn_entry": (["uvicorn", "app.main:app"], {"CXR_WEIGHTS": str(copy_with(tiny_weights, root / "u", _sha))}),
+        "no_guard": (["app"], {"CXR_WEIGHTS": str(export_tiny_model(root / "bare", guard=False))}),
     }
     processes = {name: launch(args, **env) for name, (args, env) in cases.items()}
     outcomes = {}
@@ -90,6 +92,7 @@ def refusals(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         ("sha256", "sha256 mismatch"),
         ("architecture", "do not fit vgg16/classic"),
         ("uvicorn_entry", "sha256 mismatch"),
+        ("no_guard", "has no input guard: re-export it with the training package, or set CXR_INPUT_GUARD=off"),
     ],
 )
 def test_bad_model_refuses_to_start(refusals: dict[str, tuple[int, str]], case: str, reason: str) -> None:

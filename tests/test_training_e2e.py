@@ -152,6 +152,44 @@ def test_evaluate_writes_report(run_dir: Path, tmp_path: Path) -> None:
     assert correct / 14 == pytest.approx(metrics["accuracy"])
     for name in PLOT_FILES:
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    guard = load_model(run_dir).metadata.guard
+    assert guard is not None and metrics["input_guard"]["n"] == 14
+    assert metrics["input_guard"]["threshold"] == guard.threshold
+    assert 0 <= metrics["input_guard"]["refused"] <= 14
+
+
+def test_export_fits_the_input_guard_on_train_and_val(run_dir: Path) -> None:
+    loaded = load_model(run_dir)  # verifies the guard's golden scores too
+    guard, provenance = loaded.metadata.guard, loaded.metadata.provenance
+    assert guard is not None and loaded.guard is not None
+    assert guard.calibration["train_images"] == provenance["train_images"]
+    assert guard.calibration["val_images"] == provenance["val_images"]
+    assert float(guard.calibration["val_refusal_rate"]) <= 0.01 + 1 / provenance["val_images"]
+
+
+def test_evaluate_reports_guard_refusals_per_ood_folder(run_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tests.conftest import encode
+
+    data = write_split(tmp_path / "holdout", normal_names(range(60, 63), 1), pneumonia_names(range(60, 63), 1), seed=9)
+    ood = tmp_path / "ood"
+    (ood / "blank").mkdir(parents=True)
+    (ood / "noise" / "nested").mkdir(parents=True)
+    for value in (0, 128, 255):
+        (ood / "blank" / f"{value}.png").write_bytes(encode(Image.new("L", (120, 100), value), "PNG"))
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        noise = Image.fromarray(rng.integers(0, 256, (90, 90, 3), dtype=np.uint8), "RGB")
+        (ood / "noise" / "nested" / f"{index}.jpg").write_bytes(encode(noise))
+    (ood / "noise" / "notes.txt").write_text("not an image")
+    report = tmp_path / "report"
+    argv = ["evaluate", "--weights", str(run_dir), "--data", str(data), "--report", str(report)]
+    assert main([*argv, "--bootstrap", "0", "--ood", str(ood)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["ood"]["blank"] == {**metrics["ood"]["blank"], "n": 3, "refused": 3, "refusal_rate": 1.0}
+    assert metrics["ood"]["noise"] == {**metrics["ood"]["noise"], "n": 2, "refused": 2, "unreadable": 1}
+    assert main([*argv, "--bootstrap", "0", "--ood", str(tmp_path / "missing")]) == 2
 
 
 class _InterruptedError(Exception):

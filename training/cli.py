@@ -84,6 +84,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--split", default="test", help="split to use when --data has split folders (default: test)")
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default: 64)")
+    parser.add_argument(
+        "--ood",
+        type=Path,
+        metavar="DIR",
+        help="also report the input guard's refusal rate per subfolder of DIR (folders of images that are not "
+        "chest X-rays, e.g. from python -m benchmarks.ood_set)",
+    )
     for name in ("device", "workers", "bootstrap"):
         parser.add_argument(flag(name), **_as_in_training(name))
 
@@ -129,8 +136,10 @@ def _run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         bootstrap=args.bootstrap,
+        ood=args.ood,
     )
-    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "roc_auc", "threshold")}))
+    keys = ("n", "accuracy", "sensitivity", "specificity", "roc_auc", "threshold", "input_guard", "ood")
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
 
 
 def main(argv: list[str] | None = None) -> int:

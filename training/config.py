@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
     cache: bool = Field(True, description="cache decoded images in OUTDIR/cache keyed by file list + input size")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95 percent confidence intervals; 0 = none")
     golden_count: int = Field(4, ge=1, description="validation images stored as golden check inputs")
+    guard_max_false_refusal: float = Field(
+        0.01, ge=0.0, lt=1.0, description="input guard threshold: at most this fraction of val images refused"
+    )
     version: str | None = Field(None, description="model version in model.json (default: run name + time)")
 
     def model_spec(self) -> ModelSpec:
@@ -110,6 +113,7 @@ RESUME_OVERRIDABLE = frozenset(
         "export_dtype",
         "bootstrap",
         "golden_count",
+        "guard_max_false_refusal",
         "version",
         "imagenet_weights",
     }

@@ -1,4 +1,8 @@
-"""``evaluate``: score an exported model on a labelled folder at its stored threshold."""
+"""``evaluate``: score an exported model on a labelled folder at its stored threshold.
+
+Also reports the input guard's refusal rate on that folder (chest X-rays it would refuse) and,
+with ``ood``, per subfolder of a folder of other images (what it should refuse).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.core.artifacts import LoadedModel, load_model
+from app.core.artifacts import LoadedModel, compute_guard_scores, load_model
 from app.core.decision import pneumonia_probability
+from app.core.preprocessing import preprocess_file
 from training.data import ImageSet, discover, load_images
 from training.loops import predict_logits
 from training.report import compute_report_metrics, write_report
@@ -35,8 +40,49 @@ def evaluate_images(
     probs = pneumonia_probability(logits, loaded.metadata.temperature).numpy().astype(np.float64)
     labels = images.labels.numpy()
     metrics = {**compute_report_metrics(labels, probs, loaded.metadata.threshold, bootstrap=bootstrap), **(extra or {})}
+    if loaded.guard is not None:
+        metrics["input_guard"] = guard_refusals(loaded, images.pixels, batch_size)
     write_report(report_dir, images.paths, labels, probs, metrics)
     return metrics
+
+
+def guard_refusals(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """How many of these images the model's input guard refuses (scores computed as the service does)."""
+    spec, stats = loaded.metadata.guard, loaded.guard
+    if spec is None or stats is None:
+        raise DataError(f"model {loaded.metadata.version} has no input guard to report on")
+    scores = (
+        torch.cat(
+            [compute_guard_scores(loaded.network, batch, spec, stats) for batch in torch.split(pixels, batch_size)]
+        )
+        if len(pixels)
+        else torch.zeros(0)
+    )
+    refused = int((scores > spec.threshold).sum())
+    return {
+        "threshold": spec.threshold,
+        "n": len(scores),
+        "refused": refused,
+        "refusal_rate": refused / len(scores) if len(scores) else None,
+    }
+
+
+def ood_refusals(loaded: LoadedModel, root: Path, batch_size: int) -> dict[str, dict[str, Any]]:
+    """The guard's refusal rate per subfolder of ``root`` (images found recursively; unreadable ones counted apart)."""
+    if not root.is_dir():
+        raise DataError(f"--ood {root} is not a directory")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"--ood {root} has no subfolders (one per category of other images)")
+    size = loaded.metadata.spec.input_size
+    report = {}
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        prepared = [preprocess_file(path, size) for path in files]
+        pixels = [item.pixels for item in prepared if item.pixels is not None]
+        stacked = torch.stack(pixels) if pixels else torch.zeros((0, 1, size, size), dtype=torch.uint8)
+        report[folder.name] = {**guard_refusals(loaded, stacked, batch_size), "unreadable": len(files) - len(pixels)}
+    return report
 
 
 def run_evaluate(
@@ -49,6 +95,7 @@ def run_evaluate(
     batch_size: int,
     workers: int,
     bootstrap: int,
+    ood: Path | None = None,
 ) -> dict[str, Any]:
     loaded = load_model(weights)
     splits = discover(data)
@@ -61,6 +108,11 @@ def run_evaluate(
         "data_hash": decoded.content_hash,
         "unreadable": [vars(item) for item in decoded.skipped],
     }
+    if ood is not None:
+        if loaded.guard is None:
+            raise DataError(f"--ood: model {loaded.metadata.version} has no input guard to report on")
+        loaded.network.to(device)
+        extra["ood"] = ood_refusals(loaded, ood, batch_size)
     return evaluate_images(
         loaded, decoded.images, report_dir, device=device, batch_size=batch_size, bootstrap=bootstrap, extra=extra
     )

@@ -18,6 +18,7 @@ import torch
 
 from app.core.artifacts import export_model, load_model
 from app.core.decision import pneumonia_probability
+from app.core.input_guard import fit_guard
 from app.core.network import CLASS_NAMES, PneumoniaNet
 from training.calibration import fit_temperature, select_threshold
 from training.checkpoint import TrainState, load_checkpoint
@@ -141,6 +142,21 @@ def finalize(
         _brief(val_metrics),
     )
     made = provenance(config, state, data, extra)
+    # The input guard: statistics from the training images, threshold from validation (never test).
+    guard = fit_guard(
+        network,
+        data.train.pixels,
+        data.val.pixels,
+        input_size=config.input_size,
+        max_false_refusal=config.guard_max_false_refusal,
+        batch_size=config.eval_batch_size(),
+        source=f"training split ({data.val_source})",
+    )
+    log.info(
+        "input guard: threshold %.4f, %.2f%% of val refused",
+        guard[0].threshold,
+        100 * guard[0].calibration["val_refusal_rate"],
+    )
     version = config.version or f"{config.out.resolve().name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     export_model(
         network.cpu(),
@@ -155,6 +171,7 @@ def finalize(
         temperature=temperature,
         metrics={"validation": val_metrics},
         provenance=made,
+        guard=guard,
     )
     summary: dict[str, Any] = {
         "model": str(config.out / "model.safetensors"),

@@ -84,6 +84,11 @@ ERRORS: dict[str, tuple[int, str]] = {
     "header_too_large": (431, "the request line and headers are over 65536 bytes"),
     "corrupt_image": (422, "the JPEG data is corrupt or truncated: Corrupt JPEG data: premature end of data segment"),
     "invalid_image": (422, ImageError.default_message),
+    "not_chest_xray": (
+        422,
+        "refused: input guard score 4.210 > threshold 1.546: it does not resemble the frontal chest X-rays "
+        "the model was trained on",
+    ),
     "unsupported_modality": (422, "the DICOM modality is CT, not a plain radiograph (CR, DX or DR)"),
     "not_frontal_view": (422, "the DICOM view position is LL; only frontal (PA/AP) views are accepted"),
     "not_for_presentation": (422, NotForPresentationError.default_message),

@@ -33,6 +33,8 @@ _PREDICTION = {
     "pneumonia_probability": 0.9312,
     "probabilities": {"NORMAL": 0.0688, "PNEUMONIA": 0.9312},
     "threshold": 0.42,
+    "input_guard": {"score": 0.98, "threshold": 1.546, "passed": True},
+    "warning": None,
     "model": _IDENTITY,
     "source": _SOURCE,
 }
@@ -53,6 +55,16 @@ class ModelIdentity(BaseModel):
     name: str
     version: str
     sha256: str
+
+
+class InputGuard(BaseModel):
+    """How much the image resembles the model's training chest X-rays, so every answer can be audited."""
+
+    score: float = Field(
+        description="Distance from the training images' features; about 1 is typical, lower is closer."
+    )
+    threshold: float = Field(description="Scores above this fail the guard.")
+    passed: bool
 
 
 class ImageSource(BaseModel):
@@ -100,6 +112,12 @@ class Prediction(BaseModel):
     pneumonia_probability: float = Field(ge=0.0, le=1.0, description="Temperature-calibrated P(pneumonia).")
     probabilities: dict[str, float] = Field(description="Calibrated probability per class name.")
     threshold: float = Field(description="Decision threshold on pneumonia_probability.")
+    input_guard: InputGuard | None = Field(
+        description="The input guard's verdict; null when the server runs with CXR_INPUT_GUARD=off (not checked)."
+    )
+    warning: str | None = Field(
+        None, description="Set when the answer must not be trusted: the guard failed and the server flags instead."
+    )
     model: ModelIdentity
     source: ImageSource | None = Field(
         None, description="What the upload was decoded as; null only for client-preprocessed pixels (/v2 UINT8 input)."
@@ -204,6 +222,10 @@ class ModelCard(BaseModel):
     threshold: float
     threshold_method: str
     temperature: float
+    guard: dict[str, Any] | None = Field(
+        None, description="The model's input guard (method, threshold, calibration); null if it has none."
+    )
+    input_guard: str = Field("reject", description="What this server does with images the guard fails.")
     metrics: dict[str, Any]
     provenance: dict[str, Any]
     device: str = Field(description="Where this instance runs the model.")

@@ -26,14 +26,16 @@ from app.api.schemas import (
     Health,
     HeatmapBody,
     ImageSource,
+    InputGuard,
     ModelCard,
     ModelIdentity,
     Prediction,
 )
 from app.api.telemetry import Metrics
 from app.core.decode_pool import DecodePool
-from app.core.engine import ImageResult, InferenceEngine, default_decode_workers, load_engine
+from app.core.engine import Assessment, ImageResult, InferenceEngine, default_decode_workers, load_engine
 from app.core.heatmap import Heatmap
+from app.core.input_guard import NotChestXrayError
 from app.core.overlay import heatmap_scale, overlay_size, png_bytes, render_overlay
 from app.core.preprocessing import ImageError, ModelInput, SourceInfo
 from app.settings import Settings
@@ -72,7 +74,9 @@ class Service:
     async def start(self) -> None:
         """Load, verify, place and warm up the model without blocking the event loop."""
         settings = self.settings
-        engine = await asyncio.to_thread(load_engine, settings.weights, settings.device, settings.precision)
+        engine = await asyncio.to_thread(
+            load_engine, settings.weights, settings.device, settings.precision, settings.input_guard
+        )
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
@@ -141,13 +145,13 @@ class Service:
 
     def model_card(self) -> ModelCard:
         engine = self._loaded()
-        meta = engine.metadata.model_dump(exclude={"golden"})
-        return ModelCard(**meta, device=str(engine.device), precision=engine.precision)
+        meta = engine.metadata.model_dump(exclude={"golden": True, "guard": {"golden_scores"}})
+        return ModelCard(**meta, input_guard=engine.guard_mode, device=str(engine.device), precision=engine.precision)
 
     async def predict(self, data: bytes, explain: bool = False) -> Prediction:
         async with self._deadline():
             scored = await self._score(data, explain)
-        return self._prediction(scored.result, scored.input.source)
+        return self._prediction(scored.result, scored.input.source)  # NotChestXrayError (422) if the guard refuses
 
     async def explain(self, data: bytes, opacity: float) -> Explanation:
         """The prediction with its heatmap drawn over the input at the upload's aspect ratio, as a PNG."""
@@ -248,23 +252,54 @@ class Service:
                 tasks = [group.create_task(batcher.submit(image)) for image in pixels]
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed
             raise failed.exceptions[0] from None
-        return [self._prediction(task.result(), source) for task, source in zip(tasks, sources, strict=True)]
+        assessments = []
+        for index, task in enumerate(tasks):
+            try:
+                assessments.append(self._assess(task.result()))
+            except NotChestXrayError as exc:  # all or nothing: the request fails, naming the image
+                raise NotChestXrayError(f"item {index} of {len(tasks)}: {exc.message}") from exc
+        return [
+            self._answer(assessment, task.result(), source)
+            for assessment, task, source in zip(assessments, tasks, sources, strict=True)
+        ]
 
     async def _score_item(self, filename: str | None, data: bytes, explain: bool) -> BatchPrediction | BatchItemError:
         try:
             scored = await self._score(data, explain)
-        except ImageError as exc:
+            prediction = self._prediction(scored.result, scored.input.source)
+        except ImageError as exc:  # unusable upload, or refused by the input guard: this file only
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
-        prediction = self._prediction(scored.result, scored.input.source)
         return BatchPrediction(filename=filename, **prediction.model_dump(exclude_unset=True))
 
     def _prediction(self, result: ImageResult, source: SourceInfo | None) -> Prediction:
+        return self._answer(self._assess(result), result, source)
+
+    def _assess(self, result: ImageResult) -> Assessment:
+        """The engine's guard verdict and decision; raises NotChestXrayError (counted) in reject mode."""
+        try:
+            return self._loaded().assess(result)
+        except NotChestXrayError:
+            self.metrics.guard_failures.labels("refused").inc()
+            raise
+
+    def _answer(self, assessment: Assessment, result: ImageResult, source: SourceInfo | None) -> Prediction:
         """The response body: ``source`` is None only for client-preprocessed pixels, where nothing was
         decoded; ``heatmap`` is set only when one was computed, so it is absent otherwise."""
-        decision = self._loaded().decide(result.probability)
+        if assessment.warning is not None:
+            self.metrics.guard_failures.labels("flagged").inc()
+        decision = assessment.decision
         self.metrics.predictions.labels(decision.label).inc()
         described = ImageSource(**asdict(source)) if source is not None else None
-        prediction = Prediction(**asdict(decision), model=self.identity(), source=described)
+        guard = assessment.guard
+        prediction = Prediction(
+            **asdict(decision),
+            input_guard=InputGuard(score=guard.score, threshold=guard.threshold, passed=guard.passed)
+            if guard
+            else None,
+            warning=assessment.warning,
+            model=self.identity(),
+            source=described,
+        )
         if result.heatmap is not None:
             heatmap = result.heatmap
             prediction.heatmap = HeatmapBody(

@@ -55,6 +55,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.guard_failures = Counter(
+            "cxr_input_guard_failures",
+            "Images the input guard failed, by what was done: refused (reject mode) or flagged (flag mode).",
+            ["action"],
+            registry=self.registry,
+        )
         self.decoder_replacements = Counter(
             "cxr_decoder_replacements",
             "Decoder worker processes replaced, by reason (crash, timeout, out_of_memory, large_decode, start_failed).",

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.core.coded_error import first_validation_error
+from app.core.input_guard import GuardSpec, GuardStats, features_and_maps, guard_scores
 from app.core.network import ModelSpec, PneumoniaNet, build_model
 
 FORMAT_VERSION = 1
@@ -54,6 +55,7 @@ class ModelMetadata(BaseModel):
     temperature: float = Field(1.0, gt=0.0, description="Calibration temperature for the logits.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     golden: Golden | None = None
+    guard: GuardSpec | None = Field(None, description="The input guard; its tensors are in the weights file.")
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
 
@@ -65,6 +67,7 @@ class LoadedModel:
     network: PneumoniaNet
     metadata: ModelMetadata
     golden_inputs: torch.Tensor | None
+    guard: GuardStats | None = None
 
 
 def file_sha256(path: Path) -> str:
@@ -89,6 +92,17 @@ def compute_logits(network: PneumoniaNet, pixels: torch.Tensor) -> torch.Tensor:
         return network(pixels).float().cpu()
 
 
+def compute_guard_scores(
+    network: PneumoniaNet, pixels: torch.Tensor, spec: GuardSpec, stats: GuardStats
+) -> torch.Tensor:
+    """Input-guard scores in float32 on the CPU, computed exactly as the engine does."""
+    device = next(network.parameters()).device
+    with torch.inference_mode():
+        x = network.normalize(pixels.to(device))
+        _, vector = features_and_maps(network.features, x, spec.mean_blocks, spec.std_blocks)
+        return guard_scores(vector, stats.to(device)).cpu()
+
+
 def export_model(
     network: PneumoniaNet,
     out_dir: Path,
@@ -101,8 +115,9 @@ def export_model(
     temperature: float = 1.0,
     metrics: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    guard: tuple[GuardSpec, GuardStats] | None = None,
 ) -> ModelMetadata:
-    """Write both files; golden logits are computed from the weights as stored (after rounding)."""
+    """Write both files; golden logits (and guard scores) are computed from the weights as stored (after rounding)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path, metadata_path = out_dir / WEIGHTS_FILENAME, out_dir / METADATA_FILENAME
     state = {key: value.detach().to("cpu", _DTYPES[dtype]).contiguous() for key, value in network.state_dict().items()}
@@ -110,7 +125,16 @@ def export_model(
     reference.load_state_dict({key: value.float() for key, value in state.items()})
     golden_pixels = golden_inputs.to(torch.uint8).cpu().contiguous()
     logits = compute_logits(reference, golden_pixels)
-    save_file({**state, GOLDEN_KEY: golden_pixels}, str(weights_path), metadata={"format": "pt"})
+    tensors = {**state, GOLDEN_KEY: golden_pixels}
+    guard_spec = None
+    if guard is not None:
+        spec, stats = guard
+        if stats.mean.numel() != spec.dim or tuple(stats.whitener.shape) != (spec.dim, spec.dim):
+            raise ValueError(f"guard statistics do not match the declared dimension {spec.dim}")
+        scores = compute_guard_scores(reference, golden_pixels, spec, stats)
+        guard_spec = spec.model_copy(update={"golden_scores": scores.tolist()})
+        tensors.update(stats.tensors())
+    save_file(tensors, str(weights_path), metadata={"format": "pt"})
     weights_path.chmod(0o644)  # safetensors writes 0600; a non-root container user must be able to read it
     metadata = ModelMetadata(
         version=version,
@@ -121,6 +145,7 @@ def export_model(
         temperature=temperature,
         sha256=file_sha256(weights_path),
         golden=Golden(logits=logits.tolist()),
+        guard=guard_spec,
         metrics=metrics or {},
         provenance=provenance or {},
     )
@@ -155,6 +180,7 @@ def load_model(path: Path, *, verify_golden: bool = True) -> LoadedModel:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {weights_path}: {exc}") from exc
     golden_inputs = tensors.pop(GOLDEN_KEY, None)
+    guard = _guard_stats(tensors, metadata, weights_path)
     network = build_model(metadata.spec)
     try:
         network.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True)
@@ -164,16 +190,40 @@ def load_model(path: Path, *, verify_golden: bool = True) -> LoadedModel:
             f"weights in {weights_path} do not fit {metadata.spec.architecture}/{metadata.spec.head}: {reason[:300]}"
         ) from exc
     network.eval()
-    loaded = LoadedModel(network=network, metadata=metadata, golden_inputs=golden_inputs)
+    loaded = LoadedModel(network=network, metadata=metadata, golden_inputs=golden_inputs, guard=guard)
     if verify_golden:
         check_golden(loaded, network)
     return loaded
 
 
-def check_golden(loaded: LoadedModel, network: torch.nn.Module, atol: float | None = None) -> float:
+def _guard_stats(tensors: dict[str, torch.Tensor], metadata: ModelMetadata, weights_path: Path) -> GuardStats | None:
+    """The guard's tensors, which must be present exactly when model.json describes a guard, at its size."""
+    try:
+        stats = GuardStats.pop_from(tensors)
+    except ValueError as exc:
+        raise ModelLoadError(f"{weights_path}: {exc}") from exc
+    spec = metadata.guard
+    if stats is None or spec is None:
+        if stats is not None or spec is not None:
+            where = "the weights file" if stats is not None else "model.json"
+            raise ModelLoadError(f"{weights_path}: only {where} has an input guard; re-export the model")
+        return None
+    if stats.mean.numel() != spec.dim or tuple(stats.whitener.shape) != (spec.dim, spec.dim):
+        raise ModelLoadError(
+            f"{weights_path}: input-guard tensors {tuple(stats.mean.shape)}/{tuple(stats.whitener.shape)} "
+            f"do not fit the declared dimension {spec.dim}"
+        )
+    return stats
+
+
+def check_golden(
+    loaded: LoadedModel, network: PneumoniaNet, atol: float | None = None, guard_rtol: float = 1e-3
+) -> float:
     """Run the stored golden inputs through ``network`` (on any device/dtype) and compare.
 
-    Returns the largest absolute logit difference; raises when it exceeds the tolerance.
+    Checks the logits and, for a model with an input guard, the guard scores (relative
+    tolerance ``guard_rtol``), so tampered guard statistics are refused like tampered weights.
+    Returns the largest absolute logit difference; raises when either exceeds its tolerance.
     """
     golden = loaded.metadata.golden
     if golden is None or loaded.golden_inputs is None:
@@ -192,4 +242,16 @@ def check_golden(loaded: LoadedModel, network: torch.nn.Module, atol: float | No
             f"golden check failed: logits differ from the exported ones by {diff:.4g} "
             f"(tolerance {tolerance * scale:.4g})"
         )
+    spec, stats = loaded.metadata.guard, loaded.guard
+    if spec is not None and stats is not None:
+        scores = compute_guard_scores(network, loaded.golden_inputs, spec, stats)
+        reference = torch.tensor(spec.golden_scores, dtype=torch.float32)
+        if scores.shape != reference.shape:
+            raise ModelLoadError(f"golden check: {len(spec.golden_scores)} guard scores stored, {len(scores)} computed")
+        relative = float(((scores - reference).abs() / reference.abs().clamp_min(1e-6)).max())
+        if not relative <= guard_rtol:
+            raise ModelLoadError(
+                f"golden check failed: input-guard scores differ from the exported ones by {relative:.3g} "
+                f"(relative tolerance {guard_rtol:g})"
+            )
     return diff

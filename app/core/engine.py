@@ -23,6 +23,15 @@ import torch
 from app.core.artifacts import LoadedModel, ModelMetadata, check_golden, load_model
 from app.core.decision import Decision, decide, pneumonia_probability
 from app.core.heatmap import CamHead, ExplainUnsupportedError, Heatmap, cam_head
+from app.core.input_guard import (
+    GuardMode,
+    GuardSpec,
+    GuardVerdict,
+    NotChestXrayError,
+    features_and_maps,
+    guard_scores,
+    judge,
+)
 from app.core.network import PneumoniaNet
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
@@ -32,6 +41,9 @@ _DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16
 # Golden logits are fp32 CPU results; 13 reduced-precision conv layers drift by roughly this much
 # (relative to the largest logit), while wrong or corrupted weights miss by far more.
 GOLDEN_ATOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1.5e-1}
+# Relative drift of the golden inputs' input-guard scores in reduced precision (measured in
+# benchmarks/NOTES.md); tampered statistics move them by far more.
+GUARD_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +103,37 @@ class ImageResult:
     """What one forward pass says about one image."""
 
     probability: float  # calibrated P(pneumonia)
+    guard_score: float | None = None  # input-guard score; None when the guard is off
     heatmap: Heatmap | None = None  # only for images whose request asked to explain
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Everything a client is told about one scored image."""
+
+    decision: Decision
+    guard: GuardVerdict | None  # None: the guard is off, the image was not checked
+    warning: str | None = None  # flag mode: the guard failed, the label must not be trusted
 
 
 class InferenceEngine:
     """A loaded network pinned to one device and dtype, turning uint8 batches into P(pneumonia)."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, guard_mode: GuardMode = "reject"
+    ) -> None:
         self.metadata: ModelMetadata = loaded.metadata
         self.device = device
         self.dtype = dtype
         self.input_size: int = loaded.metadata.spec.input_size
+        self.guard_mode: GuardMode = guard_mode
+        if guard_mode != "off" and (loaded.guard is None or loaded.metadata.guard is None):
+            raise EngineError(
+                f"model {loaded.metadata.version} has no input guard: re-export it with the training package, "
+                "or set CXR_INPUT_GUARD=off to serve it without one"
+            )
+        self.guard_spec: GuardSpec | None = loaded.metadata.guard if guard_mode != "off" else None
+        self._guard = loaded.guard.to(device) if self.guard_spec is not None and loaded.guard is not None else None
         self._cuda = device.type == "cuda"
         # channels_last is faster for cuDNN and for oneDNN's bf16 kernels; CPU fp32 stays contiguous
         # because there its results are bitwise independent of batch composition.
@@ -142,7 +174,14 @@ class InferenceEngine:
             if self._cuda and not pixels.is_pinned():
                 pixels = pixels.pin_memory()
             x = self.network.normalize(pixels.to(self.device, non_blocking=True))
-            maps = self.network.feature_maps(x.contiguous(memory_format=self._memory_format))
+            x = x.contiguous(memory_format=self._memory_format)
+            scores: list[float | None] = [None] * len(pixels)
+            if self.guard_spec is not None and self._guard is not None:
+                spec = self.guard_spec
+                maps, vectors = features_and_maps(self.network.features, x, spec.mean_blocks, spec.std_blocks)
+                scores = list(guard_scores(vectors, self._guard).cpu().tolist())
+            else:
+                maps = self.network.feature_maps(x)
             logits = self.network.head(maps)
             probabilities = pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
             heatmaps: list[Heatmap | None] = [None] * len(probabilities)
@@ -152,11 +191,30 @@ class InferenceEngine:
                 assert self._cam is not None
                 for index, heatmap in zip(wanted, self._cam.heatmaps(maps[wanted]), strict=True):
                     heatmaps[index] = heatmap
-        return [ImageResult(probability=p, heatmap=h) for p, h in zip(probabilities, heatmaps, strict=True)]
+        return [
+            ImageResult(probability=p, guard_score=s, heatmap=h)
+            for p, s, h in zip(probabilities, scores, heatmaps, strict=True)
+        ]
 
     def decide(self, probability: float) -> Decision:
         """The decision at this model's threshold: what the service, the scorer and the reports all say."""
         return decide(probability, self.metadata.threshold, self.metadata.spec.class_names)
+
+    def assess(self, result: ImageResult) -> Assessment:
+        """The input guard's verdict and the decision: the one path from a result to an answer.
+
+        Raises :class:`NotChestXrayError` when the guard fails in ``reject`` mode; in ``flag``
+        mode the answer carries a warning instead; in ``off`` mode there is no verdict.
+        """
+        decision = self.decide(result.probability)
+        if self.guard_spec is None or result.guard_score is None:
+            return Assessment(decision, None)
+        verdict = judge(self.guard_spec, result.guard_score)
+        if verdict.passed:
+            return Assessment(decision, verdict)
+        if self.guard_mode == "reject":
+            raise NotChestXrayError(f"refused: {verdict.reason}")
+        return Assessment(decision, verdict, f"unreliable: {verdict.reason}")
 
     def warmup(self, batch_sizes: Iterable[int]) -> None:
         """Run each batch size once so cuDNN autotuning and allocations happen before traffic does."""
@@ -167,8 +225,14 @@ class InferenceEngine:
             torch.cuda.synchronize(self.device)
 
 
-def load_engine(weights: Path, device: str = "auto", precision: str = "auto") -> InferenceEngine:
-    """Load, verify and place the model; raises ``ModelLoadError`` or ``EngineError`` with one-line reasons."""
+def load_engine(
+    weights: Path, device: str = "auto", precision: str = "auto", input_guard: GuardMode = "reject"
+) -> InferenceEngine:
+    """Load, verify and place the model; raises ``ModelLoadError`` or ``EngineError`` with one-line reasons.
+
+    A model without an input guard only loads with ``input_guard="off"``: serving one
+    silently would label anything it is given.
+    """
     target = resolve_device(device)
     dtype = resolve_dtype(target, precision)
     loaded = load_model(Path(weights))  # verifies sha256, tensor fit and golden outputs on the CPU in fp32
@@ -177,11 +241,11 @@ def load_engine(weights: Path, device: str = "auto", precision: str = "auto") ->
     else:
         # Subnormal activations are many times slower on x86 CPUs; flushing them moves logits by ~1e-38.
         torch.set_flush_denormal(True)
-    engine = InferenceEngine(loaded, target, dtype)
+    engine = InferenceEngine(loaded, target, dtype, input_guard)
     if target.type == "cpu":
         reason = "no CUDA GPU found" if device == "auto" else "device=cpu was requested"
         log.warning("%s: running inference on the CPU in %s, expect high latency", reason, engine.precision)
     if target.type == "cuda" or dtype != torch.float32:
-        diff = check_golden(loaded, engine.network, atol=GOLDEN_ATOL[dtype])
+        diff = check_golden(loaded, engine.network, atol=GOLDEN_ATOL[dtype], guard_rtol=GUARD_RTOL[dtype])
         log.info("golden check passed on %s in %s (max logit difference %.3g)", target, engine.precision, diff)
     return engine

@@ -26,6 +26,10 @@ PREDICTION_HEADERS = (
     "X-Model-Version",
     "X-Model-Sha256",
     "X-Heatmap-Scale",
+    "X-Input-Guard-Score",
+    "X-Input-Guard-Threshold",
+    "X-Input-Guard-Passed",
+    "X-Warning",
 )
 _HEADER_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"%"}))
 _PNG_DOC: dict[str, Any] = {
@@ -83,4 +87,11 @@ async def explain(
         "X-Heatmap-Scale": repr(explanation.scale),
         "Cache-Control": "no-store",
     }
+    if prediction.input_guard is not None:  # absent with CXR_INPUT_GUARD=off, as input_guard is null in JSON
+        guard = prediction.input_guard
+        headers["X-Input-Guard-Score"] = repr(guard.score)
+        headers["X-Input-Guard-Threshold"] = repr(guard.threshold)
+        headers["X-Input-Guard-Passed"] = "true" if guard.passed else "false"
+    if prediction.warning is not None:
+        headers["X-Warning"] = quote(prediction.warning, safe=_HEADER_SAFE)
     return Response(explanation.png, media_type="image/png", headers=headers)

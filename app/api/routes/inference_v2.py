@@ -86,6 +86,7 @@ _INFER_ERRORS = (
     "too_many_files",
     "unsupported_media_type",
     "corrupt_image",
+    "not_chest_xray",
     "unsupported_modality",
     "not_frontal_view",
     "not_for_presentation",
@@ -295,6 +296,25 @@ def _requested(outputs: list[RequestedOutput] | None, binary_default: bool) -> l
     return chosen
 
 
+def _guard_parameters(predictions: list[Prediction]) -> dict[str, Any]:
+    """The input guard's verdict on the request (V2 parameters are scalars): the worst score and any warning.
+
+    Absent when the server runs with ``CXR_INPUT_GUARD=off``; in ``reject`` mode a failing
+    image has already failed the whole request with ``not_chest_xray``.
+    """
+    guards = [p.input_guard for p in predictions if p.input_guard is not None]
+    if not guards:
+        return {}
+    out: dict[str, Any] = {
+        "input_guard_max_score": max(g.score for g in guards),
+        "input_guard_threshold": guards[0].threshold,
+    }
+    warnings = [f"item {i}: {p.warning}" for i, p in enumerate(predictions) if p.warning]
+    if warnings:
+        out["warning"] = "; ".join(warnings)
+    return out
+
+
 def _check_batch(count: int, settings: Settings) -> None:
     if count == 0:
         raise InvalidInferenceRequestError("the request holds no image")
@@ -353,7 +373,7 @@ async def _infer(identity: ModelIdentity, http: Request, service: Service, setti
         model_name=identity.name,
         model_version=identity.version,
         id=request.id,
-        parameters={"threshold": predictions[0].threshold, "sha256": identity.sha256},
+        parameters={"threshold": predictions[0].threshold, "sha256": identity.sha256, **_guard_parameters(predictions)},
         outputs=[output for output, _ in encoded],
     )
     return inference_response(response, [raw for _, raw in encoded])

@@ -47,6 +47,7 @@ IMAGE_ERRORS = (
     "not_for_presentation",
     "multi_frame",
     "not_monochrome",
+    "not_chest_xray",
 )
 
 
@@ -68,7 +69,8 @@ async def predict(
     ],
     explain: Explain = False,
 ) -> Prediction:
-    """P(pneumonia), calibrated with the model's temperature, and the label at its decision threshold."""
+    """P(pneumonia), calibrated with the model's temperature, the label at its decision threshold, and the input
+    guard's verdict; an image that does not resemble a frontal chest X-ray is refused (422 not_chest_xray)."""
     return await service.predict(await file.read(), explain)
 
 

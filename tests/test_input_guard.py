@@ -1,0 +1,284 @@
+"""The input guard: refuses non-chest-X-rays on every path, is part of the verified model, and its math is right."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from sklearn.covariance import LedoitWolf
+
+from app import score
+from app.core.artifacts import ModelLoadError, compute_guard_scores, file_sha256, load_model
+from app.core.engine import EngineError, load_engine
+from app.core.input_guard import (
+    GUARD_MEAN_KEY,
+    GuardStats,
+    features_and_maps,
+    fit_threshold,
+    guard_scores,
+    ledoit_wolf,
+)
+from app.core.network import ModelSpec, build_model
+from app.core.preprocessing import preprocess
+from tests.conftest import GUARD_MARGIN, TEST_INPUT_SIZE, encode, export_tiny_model, synthetic_xray
+from tests.live_server import live_server, metric_samples, serving_settings
+
+
+def not_chest_xrays() -> dict[str, bytes]:
+    """Uploads a pneumonia classifier must not label: blank, noise and colour images."""
+    rng = np.random.default_rng(0)
+    photo = np.zeros((120, 160, 3), dtype=np.uint8)
+    photo[:60] = (40, 120, 220)  # sky
+    photo[60:] = (60, 160, 40)  # grass
+    photo[40:100, 60:100] = (200, 30, 30)  # a red house
+    return {
+        "white.jpg": encode(Image.new("L", (300, 300), 255)),
+        "black.jpg": encode(Image.new("L", (300, 300), 0)),
+        "gray.png": encode(Image.new("L", (200, 150), 128), "PNG"),
+        "gray-noise.png": encode(Image.fromarray(rng.integers(0, 256, (200, 200), dtype=np.uint8)), "PNG"),
+        "colour-noise.jpg": encode(Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8), "RGB")),
+        "red.jpg": encode(Image.new("RGB", (200, 200), (230, 20, 20))),
+        "photo.png": encode(Image.fromarray(photo, "RGB"), "PNG"),
+    }
+
+
+def chest_like() -> dict[str, bytes]:
+    """Synthetic chest images the tiny model's guard was not fitted on, at several sizes and encodings."""
+    return {
+        "a.jpg": encode(synthetic_xray(96, 80, seed=3)),
+        "b.png": encode(synthetic_xray(320, 256, seed=11), "PNG"),
+        "c.jpg": encode(synthetic_xray(64, 64, seed=5, mode="RGB")),
+        "d.jpg": encode(synthetic_xray(400, 380, seed=8), quality=60),
+    }
+
+
+def test_guard_refuses_blank_noise_and_colour_through_a_real_server(tiny_weights: Path) -> None:
+    threshold = load_model(tiny_weights).metadata.guard.threshold  # type: ignore[union-attr]
+    with live_server(serving_settings(tiny_weights)) as server, server.client() as client:
+        for name, data in not_chest_xrays().items():
+            response = client.post("/predict", files={"file": (name, data)})
+            assert response.status_code == 422, name
+            error = response.json()["error"]
+            assert error["code"] == "not_chest_xray", name
+            numbers = [float(word) for word in error["message"].replace(":", " ").split() if word[0].isdigit()]
+            assert numbers[0] > GUARD_MARGIN * threshold and numbers[1] == pytest.approx(threshold, abs=1e-3), error
+        for name, data in chest_like().items():
+            response = client.post("/predict", files={"file": (name, data)})
+            assert response.status_code == 200, (name, response.text)
+            body = response.json()
+            assert body["input_guard"]["passed"] is True and body["warning"] is None
+            assert 0 < body["input_guard"]["score"] <= body["input_guard"]["threshold"] == pytest.approx(threshold)
+        refused = metric_samples(client.get("/metrics").text, "cxr_input_guard_failures_total")
+    assert refused == {'{action="refused"}': len(not_chest_xrays())}
+
+
+def test_batch_isolates_a_refused_item(tiny_weights: Path) -> None:
+    uploads = [
+        ("files", ("good1.jpg", chest_like()["a.jpg"])),
+        ("files", ("blank.jpg", not_chest_xrays()["white.jpg"])),
+        ("files", ("good2.png", chest_like()["b.png"])),
+    ]
+    with live_server(serving_settings(tiny_weights)) as server, server.client() as client:
+        response = client.post("/predict/batch", files=uploads)
+    assert response.status_code == 200
+    first, refused, last = response.json()["results"]
+    assert refused["filename"] == "blank.jpg" and refused["error"]["code"] == "not_chest_xray"
+    assert "threshold" in refused["error"]["message"]
+    for item in (first, last):
+        assert item["label"] in ("NORMAL", "PNEUMONIA") and item["input_guard"]["passed"] is True
+
+
+def test_flag_mode_answers_with_a_warning(tiny_weights: Path) -> None:
+    with live_server(serving_settings(tiny_weights, input_guard="flag")) as server, server.client() as client:
+        flagged = client.post("/predict", files={"file": ("w.jpg", not_chest_xrays()["white.jpg"])})
+        fine = client.post("/predict", files={"file": ("a.jpg", chest_like()["a.jpg"])})
+        counted = metric_samples(client.get("/metrics").text, "cxr_input_guard_failures_total")
+    assert flagged.status_code == 200
+    body = flagged.json()
+    assert body["input_guard"]["passed"] is False and body["input_guard"]["score"] > body["input_guard"]["threshold"]
+    assert body["warning"].startswith("unreliable: input guard score") and body["label"] in ("NORMAL", "PNEUMONIA")
+    assert fine.json()["warning"] is None and fine.json()["input_guard"]["passed"] is True
+    assert counted == {'{action="flagged"}': 1.0}
+
+
+def test_off_mode_labels_without_checking(tiny_weights: Path) -> None:
+    with live_server(serving_settings(tiny_weights, input_guard="off")) as server, server.client() as client:
+        response = client.post("/predict", files={"file": ("w.jpg", not_chest_xrays()["white.jpg"])})
+        card = client.get("/model").json()
+    assert response.status_code == 200
+    assert response.json()["input_guard"] is None and response.json()["warning"] is None
+    assert card["input_guard"] == "off" and card["guard"]["method"] == "mahalanobis-block-stats"
+
+
+def test_a_model_without_a_guard_only_serves_with_the_guard_off(tmp_path: Path) -> None:
+    weights = export_tiny_model(tmp_path / "bare", guard=False)
+    with pytest.raises(EngineError, match=r"has no input guard.*CXR_INPUT_GUARD=off"):
+        load_engine(weights, device="cpu")
+    with pytest.raises(EngineError, match="has no input guard"):
+        load_engine(weights, device="cpu", input_guard="flag")
+    engine = load_engine(weights, device="cpu", input_guard="off")
+    (result,) = engine.infer(engine.collate([preprocess(chest_like()["a.jpg"], TEST_INPUT_SIZE)]))
+    assert result.guard_score is None and engine.assess(result).guard is None
+
+
+def _rewrite(weights: Path, edit_tensors: object = None, edit_meta: object = None) -> None:
+    """Change the model files the way an attacker or a bad copy would, keeping the sha256 consistent."""
+    tensors_path, meta_path = weights / "model.safetensors", weights / "model.json"
+    if edit_tensors is not None:
+        tensors = load_file(str(tensors_path))
+        edit_tensors(tensors)  # type: ignore[operator]
+        save_file(tensors, str(tensors_path))
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = file_sha256(tensors_path)
+    if edit_meta is not None:
+        edit_meta(meta)  # type: ignore[operator]
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_guard_statistics_are_verified_on_load(tiny_weights: Path, tmp_path: Path) -> None:
+    unchanged = shutil.copytree(tiny_weights, tmp_path / "unchanged")
+    (unchanged / "model.safetensors").write_bytes((tiny_weights / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        load_model(unchanged)
+
+    shifted = shutil.copytree(tiny_weights, tmp_path / "shifted")
+    _rewrite(shifted, lambda t: t.__setitem__(GUARD_MEAN_KEY, t[GUARD_MEAN_KEY] * 1.05))
+    with pytest.raises(ModelLoadError, match="input-guard scores differ"):
+        load_model(shifted)
+
+    stripped = shutil.copytree(tiny_weights, tmp_path / "stripped")
+    _rewrite(stripped, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("__guard__")]])
+    with pytest.raises(ModelLoadError, match=r"only model\.json has an input guard"):
+        load_model(stripped)
+
+    resized = shutil.copytree(tiny_weights, tmp_path / "resized")
+    _rewrite(resized, edit_meta=lambda m: m["guard"].__setitem__("dim", m["guard"]["dim"] - 1))
+    with pytest.raises(ModelLoadError, match="do not fit the declared dimension"):
+        load_model(resized)
+
+
+def test_golden_guard_scores_are_reproduced_independently(tiny_weights: Path) -> None:
+    """The engine's batched scores equal the exporter's, and a from-scratch numpy Mahalanobis distance."""
+    loaded = load_model(tiny_weights)
+    spec, stats = loaded.metadata.guard, loaded.guard
+    assert spec is not None and stats is not None and loaded.golden_inputs is not None
+    engine = load_engine(tiny_weights, device="cpu")
+    results = engine.infer(loaded.golden_inputs)
+    assert [r.guard_score for r in results] == pytest.approx(spec.golden_scores, rel=1e-4)
+    # numpy, from the definition: sqrt((f - mu)^T Sigma^-1 (f - mu) / D) with Sigma^-1 = W W^T.
+    with torch.inference_mode():
+        x = loaded.network.normalize(loaded.golden_inputs)
+        _, vectors = features_and_maps(loaded.network.features, x, spec.mean_blocks, spec.std_blocks)
+    f, mu, w = vectors.double().numpy(), stats.mean.double().numpy(), stats.whitener.double().numpy()
+    precision = w @ w.T
+    expected = [np.sqrt((row - mu) @ precision @ (row - mu) / len(mu)) for row in f]
+    assert spec.golden_scores == pytest.approx(expected, rel=1e-3)
+    assert compute_guard_scores(loaded.network, loaded.golden_inputs, spec, stats).tolist() == pytest.approx(expected)
+
+
+def test_tapped_forward_pass_equals_the_plain_one() -> None:
+    torch.manual_seed(0)
+    network = build_model(ModelSpec(architecture="vgg16_bn", head="compact", input_size=64)).eval()
+    x = network.normalize(torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8))
+    with torch.inference_mode():
+        maps, vector = features_and_maps(network.features, x, (1, 2, 3, 4, 5), (1, 2, 3, 4))
+        assert torch.equal(maps, network.feature_maps(x))
+        first = network.features[:7](x)  # conv-bn-relu, conv-bn-relu, max-pool: block 1
+    assert vector.shape == (3, 64 + 128 + 256 + 512 + 512 + 64 + 128 + 256 + 512)
+    assert torch.allclose(vector[:, :64], first.mean((2, 3)))
+    assert torch.allclose(vector[:, 1472 : 1472 + 64], first.std((2, 3), correction=0), atol=1e-6)
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(80, 30)) @ rng.normal(size=(30, 30))
+    mean, covariance, shrinkage = ledoit_wolf(torch.from_numpy(data))
+    reference = LedoitWolf().fit(data)
+    assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-9)
+    assert np.allclose(covariance.numpy(), reference.covariance_) and np.allclose(mean.numpy(), data.mean(0))
+
+
+def test_mahalanobis_score_matches_scipy_definition() -> None:
+    from scipy.spatial.distance import mahalanobis
+
+    from app.core.input_guard import fit_stats
+
+    rng = np.random.default_rng(1)
+    train = torch.from_numpy(rng.normal(size=(200, 6)) * [1, 2, 3, 4, 5, 6])
+    stats, _ = fit_stats(train)
+    _, covariance, _ = ledoit_wolf(train)
+    inverse = np.linalg.inv(covariance.numpy())
+    probe = rng.normal(size=(5, 6)) * 4
+    expected = [mahalanobis(row, stats.mean.double().numpy(), inverse) / np.sqrt(6) for row in probe]
+    assert guard_scores(torch.from_numpy(probe).float(), stats).tolist() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize(("fraction", "refused"), [(0.01, 1), (0.05, 5), (0.0, 0), (0.5, 50)])
+def test_threshold_refuses_at_most_the_target_fraction(fraction: float, refused: int) -> None:
+    scores = torch.arange(100, dtype=torch.float64).flip(0)
+    threshold = fit_threshold(scores, fraction)
+    assert int((scores > threshold).sum()) == refused
+
+
+def test_scorer_writes_an_error_row_for_refused_files(
+    tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [name for name in os.environ if name.startswith("CXR_")]:
+        monkeypatch.delenv(name)
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "chest.jpg").write_bytes(chest_like()["a.jpg"])
+    (root / "white.jpg").write_bytes(not_chest_xrays()["white.jpg"])
+    rows = {}
+    for mode in ("reject", "flag"):
+        out = tmp_path / f"{mode}.csv"
+        argv = [str(root), "--out", str(out), "--weights", str(tiny_weights), "--device", "cpu", "--input-guard", mode]
+        assert score.main(argv) == 0
+        with out.open(newline="") as handle:
+            rows[mode] = {row["path"]: row for row in csv.DictReader(handle)}
+    refused, chest = rows["reject"]["white.jpg"], rows["reject"]["chest.jpg"]
+    assert refused["error_code"] == "not_chest_xray" and refused["label"] == ""
+    assert float(refused["guard_score"]) > float(refused["guard_threshold"])
+    assert chest["label"] in ("NORMAL", "PNEUMONIA") and chest["error_code"] == "" and chest["warning"] == ""
+    assert float(chest["guard_score"]) <= float(chest["guard_threshold"])
+    flagged = rows["flag"]["white.jpg"]
+    assert flagged["error_code"] == "" and flagged["label"] and flagged["warning"].startswith("unreliable:")
+
+
+def test_scores_are_finite_and_do_not_depend_on_the_batch(tiny_weights: Path) -> None:
+    """Extreme inputs give finite scores, and an image scores the same alone as in any batch."""
+    engine = load_engine(tiny_weights, device="cpu")
+    size = TEST_INPUT_SIZE
+    checker = (torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2 * 255
+    extremes = [torch.zeros(1, size, size), torch.full((1, size, size), 255), checker[None]]
+    rng = torch.Generator().manual_seed(0)
+    images = [t.to(torch.uint8) for t in extremes] + [
+        torch.randint(0, 256, (1, size, size), dtype=torch.uint8, generator=rng) for _ in range(5)
+    ]
+    together = [r.guard_score for r in engine.infer(engine.collate(images))]
+    alone = [engine.infer(engine.collate([image]))[0].guard_score for image in images]
+    assert all(score is not None and np.isfinite(score) and score > 0 for score in together)
+    assert together == pytest.approx(alone, rel=1e-5)
+    spec = engine.guard_spec
+    assert spec is not None and all(score > spec.threshold for score in together[:3])  # type: ignore[operator]
+
+
+def test_whitener_is_stored_as_its_packed_lower_triangle_and_read_back_exactly() -> None:
+    whitener = torch.tril(torch.randn(5, 5))
+    stats = GuardStats(torch.randn(5), whitener)
+    tensors = stats.tensors()
+    assert tensors["__guard__.whitener_tril"].shape == (15,)  # 5 * 6 / 2 values, not 25
+    restored = GuardStats.pop_from(dict(tensors))
+    assert restored is not None and torch.equal(restored.whitener, whitener) and torch.equal(restored.mean, stats.mean)
+    with pytest.raises(ValueError, match="lower triangular"):
+        GuardStats(torch.randn(5), torch.randn(5, 5) + 1.0).tensors()
+    with pytest.raises(ValueError, match="packed whitening matrix has 14 values"):
+        GuardStats.pop_from({"__guard__.mean": torch.zeros(5), "__guard__.whitener_tril": torch.zeros(14)})
