@@ -51,6 +51,10 @@ def test_ece_hand_computed() -> None:
     # Bin [0, 1/15): mean p 0.05, positive rate 0.5 -> 0.45; top bin: 0.95 vs 1.0 -> 0.05.
     assert m.expected_calibration_error(labels, probs) == pytest.approx((2 * 0.45 + 2 * 0.05) / 4)
     assert m.expected_calibration_error(np.array([0, 1]), np.array([0.0, 1.0])) == 0.0
+    # The bin count is honoured: 0.1 (-) and 0.4 (+) share the lower of 2 bins (mean 0.25 vs rate 0.5),
+    # but sit in different bins of 15 (|0.1 - 0| and |0.4 - 1|, averaged).
+    assert m.expected_calibration_error(np.array([0, 1]), np.array([0.1, 0.4]), n_bins=2) == pytest.approx(0.25)
+    assert m.expected_calibration_error(np.array([0, 1]), np.array([0.1, 0.4])) == pytest.approx(0.35)
 
 
 def test_reliability_bins_put_certainty_in_the_end_bins() -> None:
