@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench train clean fuzz
+.PHONY: install serve test lint bench train clean fuzz mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ FUZZ_MUTATIONS ?= 20000
 FUZZ_SEED ?= 1
 fuzz: $(STAMP)
 	$(PY) -m tests.fuzz_decoders --mutations $(FUZZ_MUTATIONS) --seed $(FUZZ_SEED) --out fuzz-findings
+
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml; README, Development), then the
+# per-module scores. Slow: outside CI. MUTANTS='app.core.decision*' reruns only those mutants (and,
+# named, reruns them even where a result is stored); results stay in mutants/ between runs.
+MUTATION_CHILDREN ?= 2
+MUTANTS ?=
+mutation: $(STAMP)
+	nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	$(PY) -m benchmarks.mutation_report
 
 # Default training recipe: DATA=path/to/chest_xray OUT=runs/NAME
 DATA ?= ../shared/data/chest_xray

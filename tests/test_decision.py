@@ -17,6 +17,14 @@ def test_temperature_divides_the_logit_gap() -> None:
     assert float(pneumonia_probability(logits, 0.5)) == pytest.approx(0.9820137900379085, abs=1e-7)
 
 
+def test_the_class_axis_is_the_last_whatever_the_leading_shape() -> None:
+    # One image's logits (shape (2,)) and a (2, 1, 2) stack: each P(pneumonia) is 1 / (1 + e^-(gap / T)).
+    assert float(pneumonia_probability(torch.tensor([0.0, 2.0]))) == pytest.approx(0.8807970779778823, abs=1e-7)
+    stacked = pneumonia_probability(torch.tensor([[[1.0, 1.0]], [[3.0, 1.0]]]), 2.0)
+    assert stacked.shape == (2, 1)
+    assert stacked.flatten().tolist() == pytest.approx([0.5, 0.2689414213699951], abs=1e-7)
+
+
 def test_probability_is_float32_whatever_the_logit_dtype() -> None:
     assert pneumonia_probability(torch.tensor([[0.0, 2.0]], dtype=torch.bfloat16)).dtype == torch.float32
 

@@ -71,6 +71,43 @@ def test_split_needs_two_patients_per_class() -> None:
         grouped_stratified_split(paths, np.array([0, 0, 0, 1, 1, 1, 1]), 0.3, 0)
 
 
+def _one_image_patients(counts: dict[int, int]) -> tuple[list[str], np.ndarray]:
+    """``counts[label]`` patients of each label with one image each (file names no patient pattern knows)."""
+    paths = [f"class{label}-{p}.png" for label, n in counts.items() for p in range(n)]
+    return paths, np.array([label for label, n in counts.items() for _ in range(n)])
+
+
+@pytest.mark.parametrize(
+    ("counts", "fraction", "expected"),
+    [
+        # round(0.3 * 10) = 3 and round(0.3 * 20) = 6 patients: exactly the target, never one more
+        ({0: 10, 1: 20}, 0.3, {0: 3, 1: 6}),
+        # round(0.1 * 4) = 0: still one patient per class, and only one
+        ({0: 4, 1: 4}, 0.1, {0: 1, 1: 1}),
+        # two patients is enough; 0.9 asks for both, but one always stays in training
+        ({0: 2, 1: 2}, 0.9, {0: 1, 1: 1}),
+        # any number of classes, each split on its own
+        ({0: 5, 1: 5, 2: 5}, 0.4, {0: 2, 1: 2, 2: 2}),
+    ],
+)
+def test_validation_takes_the_rounded_target_of_each_class(
+    counts: dict[int, int], fraction: float, expected: dict[int, int]
+) -> None:
+    paths, labels = _one_image_patients(counts)
+    for seed in range(3):
+        train, val = grouped_stratified_split(paths, labels, fraction, seed)
+        assert Counter(labels[val].tolist()) == expected
+        assert Counter(labels[train].tolist()) == {label: counts[label] - n for label, n in expected.items()}
+        assert val.dtype == np.int64 and len(set(val.tolist())) == len(val)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.2])
+def test_val_fraction_outside_the_open_unit_interval_is_refused(fraction: float) -> None:
+    paths, labels = _one_image_patients({0: 4, 1: 4})
+    with pytest.raises(DataError, match=r"--val-fraction must be in \(0, 1\)"):
+        grouped_stratified_split(paths, labels, fraction, 0)
+
+
 def test_discover_layouts(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "nested", normal_patients=2, pneumonia_patients=2, per_patient=1)
     assert list(discover(root)) == ["train"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -24,6 +25,17 @@ def test_hand_computed_example() -> None:
     assert m.brier_score(LABELS, SCORES) == pytest.approx((0.01 + 0.36 + 0.4225 + 0.04 + 0.01) / 5)
     assert m.confusion(LABELS, SCORES, 0.5) == {"tp": 2, "fp": 1, "tn": 1, "fn": 1}
     report = m.binary_metrics(LABELS, SCORES, 0.5)
+    # The report's keys are what metrics.json and the model card carry: all present, under these names.
+    assert set(report) == {
+        *("n", "n_positive", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1"),
+        *("roc_auc", "pr_auc", "brier", "ece", "tp", "fp", "tn", "fn"),
+    }
+    assert (report["n"], report["n_positive"], report["threshold"]) == (5, 3, 0.5)
+    assert (report["roc_auc"], report["pr_auc"]) == (pytest.approx(5 / 6), pytest.approx((1 + 1 + 0.75) / 3))
+    assert (report["tp"], report["fp"], report["tn"], report["fn"]) == (2, 1, 1, 1)
+    assert report["brier"] == pytest.approx((0.01 + 0.36 + 0.4225 + 0.04 + 0.01) / 5)
+    # Each score alone in its 1/15-wide bin: the ECE is the mean |p - y| = (0.1 + 0.6 + 0.65 + 0.2 + 0.1) / 5.
+    assert report["ece"] == pytest.approx(0.33)
     assert report["accuracy"] == pytest.approx(3 / 5)
     assert report["sensitivity"] == pytest.approx(2 / 3)
     assert report["specificity"] == pytest.approx(1 / 2)
@@ -39,6 +51,23 @@ def test_ece_hand_computed() -> None:
     # Bin [0, 1/15): mean p 0.05, positive rate 0.5 -> 0.45; top bin: 0.95 vs 1.0 -> 0.05.
     assert m.expected_calibration_error(labels, probs) == pytest.approx((2 * 0.45 + 2 * 0.05) / 4)
     assert m.expected_calibration_error(np.array([0, 1]), np.array([0.0, 1.0])) == 0.0
+    # The bin count is honoured: 0.1 (-) and 0.4 (+) share the lower of 2 bins (mean 0.25 vs rate 0.5),
+    # but sit in different bins of 15 (|0.1 - 0| and |0.4 - 1|, averaged).
+    assert m.expected_calibration_error(np.array([0, 1]), np.array([0.1, 0.4]), n_bins=2) == pytest.approx(0.25)
+    assert m.expected_calibration_error(np.array([0, 1]), np.array([0.1, 0.4])) == pytest.approx(0.35)
+
+
+def test_reliability_bins_put_certainty_in_the_end_bins() -> None:
+    # p = 1.0 belongs to the top bin [14/15, 1], not to a 16th one; p = 0.0 to the first; empty bins are NaN,
+    # quietly (no 0/0 RuntimeWarning in every training report).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        confidence, observed, counts = m.reliability_bins(np.array([1, 1, 0]), np.array([1.0, 0.95, 0.0]))
+    assert counts.shape == confidence.shape == observed.shape == (15,)
+    assert (counts[0], counts[14], counts.sum()) == (1.0, 2.0, 3.0)
+    assert (confidence[0], observed[0]) == (0.0, 0.0)
+    assert (confidence[14], observed[14]) == (pytest.approx(0.975), 1.0)
+    assert np.isnan(confidence[1:14]).all() and np.isnan(observed[1:14]).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -71,6 +100,40 @@ def test_one_class_auc_is_nan_not_an_error() -> None:
     assert math.isnan(m.roc_auc(np.ones(4), np.linspace(0, 1, 4)))
 
 
+def test_roc_curve_of_one_class_is_nan_on_the_missing_axis_and_warns_nothing() -> None:
+    # All negative: the false-positive rate climbs 0, 1/3, 2/3, 1 while the true-positive rate is undefined;
+    # all positive: the mirror image. No 0/0 RuntimeWarning either way.
+    scores = np.array([0.2, 0.5, 0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        negatives = m.roc_curve(np.zeros(3), scores)
+        positives = m.roc_curve(np.ones(3), scores)
+    for fpr_or_tpr, nan_axis in ((negatives[0], negatives[1]), (positives[1], positives[0])):
+        np.testing.assert_allclose(fpr_or_tpr, [0.0, 1 / 3, 2 / 3, 1.0])
+        assert np.isnan(nan_axis).all() and nan_axis.shape == (4,)
+    np.testing.assert_array_equal(negatives[2], [np.inf, 0.9, 0.5, 0.2])
+
+
+def test_pr_curve_without_positives_has_nan_recall_and_warns_nothing() -> None:
+    # A validation fold with no pneumonia case: recall is undefined (NaN), computed without numpy's 0/0
+    # RuntimeWarning (a report run must not print warnings for a case it handles on purpose).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precision, recall, thresholds = m.pr_curve(np.zeros(3), np.array([0.2, 0.5, 0.9]))
+    np.testing.assert_array_equal(precision, [0.0, 0.0, 0.0, 1.0])
+    assert np.isnan(recall[:-1]).all() and recall[-1] == 0.0
+    np.testing.assert_array_equal(thresholds, [0.2, 0.5, 0.9])
+
+
+def test_pr_curve_with_the_only_positive_ranked_last() -> None:
+    # Scores descending 0.9(-) 0.5(-) 0.2(+): at thresholds 0.9, 0.5 nothing is found (precision 0, recall 0);
+    # at 0.2 everything is positive (precision 1/3, recall 1). Thresholds ascending, then the (1, 0) end point.
+    precision, recall, thresholds = m.pr_curve(np.array([0, 0, 1]), np.array([0.9, 0.5, 0.2]))
+    np.testing.assert_allclose(precision, [1 / 3, 0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(recall, [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(thresholds, [0.2, 0.5, 0.9])
+
+
 def test_bootstrap_interval_contains_estimate_and_narrows_with_data() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 2000)
@@ -81,6 +144,14 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_data() -> None:
         estimate = m.roc_auc(labels, scores) if key == "roc_auc" else m.threshold_metrics(labels, scores, 0.5)[key]
         assert lo <= estimate <= hi, key
         assert hi - lo < wide[key][1] - wide[key][0], key
+
+
+def test_bootstrap_is_reproducible_from_its_seed() -> None:
+    labels = np.array([0, 1] * 10)
+    scores = np.linspace(0.05, 0.95, 20)
+    first = m.bootstrap_ci(labels, scores, 0.5, n_boot=40, seed=7)
+    assert first == m.bootstrap_ci(labels, scores, 0.5, n_boot=40, seed=7)
+    assert first != m.bootstrap_ci(labels, scores, 0.5, n_boot=40, seed=8)
 
 
 def test_temperature_recovers_the_generating_temperature() -> None:
@@ -120,3 +191,29 @@ def test_youden_threshold_maximises_j() -> None:
         return r["sensitivity"] + r["specificity"] - 1
 
     assert j(chosen) == pytest.approx(max(j(t) for t in np.unique(probs)))
+
+
+def test_sensitivity_threshold_defaults_to_95_percent_and_needs_at_least_one_case() -> None:
+    # 20 positives scored 0.05, 0.10, ..., 1.00 and one negative: catching 95% = 19 of them means the
+    # threshold is the 19th highest score, 0.10; a 25% target over 4 positives needs just the top one.
+    positives = np.arange(1, 21) / 20
+    labels = np.r_[np.ones(20, dtype=int), 0]
+    probs = np.r_[positives, 0.5]
+    assert select_threshold(labels, probs, "sensitivity") == pytest.approx(0.10)
+    assert select_threshold(labels[16:], probs[16:], "sensitivity", 0.25) == pytest.approx(1.0)
+    assert select_threshold(labels[16:], probs[16:], "sensitivity", 0.01) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["sensitivity", "youden"])
+def test_threshold_selection_refuses_one_class(method: str) -> None:
+    with pytest.raises(ValueError, match=r"^threshold selection needs both classes in the validation data$"):
+        select_threshold(np.ones(5), np.linspace(0, 1, 5), method)  # type: ignore[arg-type]
+
+
+def test_temperature_stays_inside_its_search_bounds() -> None:
+    # Separable logits: the NLL keeps falling as 1/T grows, so the fit stops at the bound 1/T = 50 (T = 0.02).
+    # Logits that point the wrong way: the best positive 1/T is the smallest allowed, 0.02 (T = 50).
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0]] * 50)
+    labels = torch.tensor([1, 0] * 50)
+    assert fit_temperature(logits, labels) == pytest.approx(0.02, rel=1e-6)
+    assert fit_temperature(logits, 1 - labels) == pytest.approx(50.0, rel=1e-6)

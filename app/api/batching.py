@@ -141,4 +141,8 @@ class DynamicBatcher:
                 job.future.set_result(result)
 
     def _forward(self, images: Sequence[torch.Tensor], explain: Sequence[bool]) -> list[ImageResult]:
-        return self._engine.infer(self._engine.collate(images), explain)
+        results = self._engine.infer(self._engine.collate(images), explain)
+        # Checked here, inside _execute's try: a wrong count fails this batch; found later, it would kill the worker.
+        if len(results) != len(images):
+            raise RuntimeError(f"the engine returned {len(results)} results for {len(images)} images")
+        return results
