@@ -6,6 +6,7 @@ event and observe queueing, timeouts and draining deterministically, without sle
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -119,3 +120,21 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             samples[key[len(name) :]] = float(value)
     return samples
+
+
+def connect(server: LiveServer) -> socket.socket:
+    """A raw TCP connection to the server, for tests that speak HTTP/1.1 byte by byte."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read until the server closes the connection; parse status, headers and body."""
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 from app.logs import TextFormatter
 from tests.conftest import encode, synthetic_xray
 from tests.hostile_inputs import png_with_bad_ihdr_crc
-from tests.live_server import ForwardGate, LiveServer, live_server, serving_settings, wait_for
+from tests.live_server import ForwardGate, LiveServer, connect, live_server, read_response, serving_settings, wait_for
 
 BOUNDARY = "cxr-protocol-test"
 
@@ -34,23 +33,6 @@ def server(tiny_weights: Path) -> Iterator[LiveServer]:
     )
     with live_server(settings) as running:
         yield running
-
-
-def connect(server: LiveServer) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    return sock
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Read until the server closes the connection; parse status, headers and body."""
-    raw = b""
-    while chunk := sock.recv(65536):
-        raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
 
 
 def assert_json_error(status: int, headers: dict[str, str], body: bytes, expected: int, code: str) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
-import socket
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from app.core.artifacts import ModelLoadError
 from app.core.engine import load_engine
 from app.logs import JsonFormatter
 from tests.conftest import encode, synthetic_xray
-from tests.live_server import live_server, metric_samples, serving_settings
+from tests.live_server import connect, live_server, metric_samples, read_response, serving_settings
 
 
 def _predictions_total(text: str) -> float:
@@ -36,37 +34,14 @@ def test_prediction_counter_rises_by_exactly_the_number_of_answers(tiny_weights:
         assert _predictions_total(client.get("/metrics").text) - before == 3  # two refusals are not predictions
 
 
-def _read_response(connection: socket.socket) -> bytes:
-    """One whole HTTP/1.1 response (headers and Content-Length body): they may come in several segments."""
-    data = b""
-
-    def more() -> bytes:
-        chunk = connection.recv(4096)
-        assert chunk, f"connection closed mid-response after {data!r}"
-        return chunk
-
-    while b"\r\n\r\n" not in data:
-        data += more()
-    head, _, body = data.partition(b"\r\n\r\n")
-    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    assert match, head
-    while len(body) < int(match.group(1)):
-        chunk = more()
-        body += chunk
-        data += chunk
-    return data
-
-
 def test_idle_keep_alive_connections_close_after_the_configured_time(tiny_weights: Path) -> None:
-    with live_server(serving_settings(tiny_weights, keep_alive_s=1)) as server:
-        host, port = server.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as connection:
-            connection.sendall(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
-            assert _read_response(connection).startswith(b"HTTP/1.1 200")
-            started = time.monotonic()
-            assert connection.recv(4096) == b""  # the server closed the idle connection
-            # uvicorn's own default is 5 s: closing well before it proves the setting reached the server.
-            assert time.monotonic() - started < 4.0
+    with live_server(serving_settings(tiny_weights, keep_alive_s=1)) as server, connect(server) as connection:
+        started = time.monotonic()
+        connection.sendall(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
+        status, _, body = read_response(connection)  # returns once the server closes the idle connection
+        assert (status, body) == (200, b'{"status":"alive"}')
+        # uvicorn's own default is 5 s: closing well before it proves the setting reached the server.
+        assert time.monotonic() - started < 4.0
 
 
 def test_access_log_line_carries_the_request_id(tiny_weights: Path) -> None:
