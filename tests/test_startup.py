@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -12,12 +13,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
 from app.__main__ import main
+from app.api import service as service_module
+from app.core.decode_pool import DecodePool
 from tests.conftest import export_tiny_model
 from tests.live_server import LiveServer, serving_settings, wait_for
 
@@ -135,17 +139,36 @@ def test_failed_lifespan_logs_one_line_and_never_serves(
     tiny_weights: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     make_weights: Callable[[Path, Path], Path],
     overrides: dict[str, str],
     reason: str,
 ) -> None:
-    """The same lifespan path as the subprocess cases, in-process so each costs no interpreter start."""
+    """The same lifespan path as the subprocess cases, in-process so each costs no interpreter start.
+
+    The decoder workers start while the model loads; a model that then fails must not leave them running.
+    """
     if overrides.get("device", "").startswith("cuda") and torch.cuda.is_available():
         pytest.skip("a GPU is present")
+    # Kept referenced here, so only an explicit close (not garbage collection closing its pipes) ends the workers.
+    pools: list[tuple[DecodePool, list[multiprocessing.process.BaseProcess]]] = []
+
+    class RecordedPool(DecodePool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            pools.append((self, [worker.process for worker in self._all]))
+
+    monkeypatch.setattr(service_module, "DecodePool", RecordedPool)
     server = LiveServer(serving_settings(make_weights(tiny_weights, tmp_path / "w"), **overrides))
     with pytest.raises(RuntimeError, match="did not start"):
         server.start()
     assert server.exit_code == 3
+    # A bad device is refused before anything starts; a bad weights file after the workers have started.
+    assert len(pools) == (0 if "device" in overrides else 1)
+    for _, processes in pools:
+        for process in processes:
+            process.join(timeout=5)
+            assert process.exitcode is not None
     failures = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error" and r.levelno == logging.ERROR]
     assert failures[0] == f"startup failed: {failures[0].removeprefix('startup failed: ')}"
     assert reason in failures[0] and "\n" not in failures[0]

@@ -34,9 +34,17 @@ from app.api.schemas import (
     Prediction,
 )
 from app.api.telemetry import Metrics
+from app.core.artifacts import read_metadata
 from app.core.batch_policy import BatchPolicy, plan
 from app.core.decode_pool import DecodePool
-from app.core.engine import Assessment, ImageResult, InferenceEngine, default_decode_workers, load_engine
+from app.core.engine import (
+    Assessment,
+    ImageResult,
+    InferenceEngine,
+    default_decode_workers,
+    load_engine,
+    target_device,
+)
 from app.core.heatmap import Heatmap
 from app.core.input_guard import NotChestXrayError
 from app.core.overlay import heatmap_scale, overlay_size, png_bytes, render_overlay
@@ -76,17 +84,33 @@ class Service:
         self.draining = False
 
     async def start(self) -> None:
-        """Load, verify, place and warm up the model without blocking the event loop."""
+        """Load, verify, place and warm up the model without blocking the event loop.
+
+        The decoder workers start while the model loads: each takes seconds (imports, the
+        weights' checks), the workers in processes of their own, so a start costs the longer of
+        the two rather than their sum. The batch-size probe runs after both, on an otherwise idle CPU.
+        """
         settings = self.settings
-        engine = await asyncio.to_thread(
-            load_engine,
-            settings.weights,
-            settings.device,
-            settings.precision,
-            settings.input_guard,
-            settings.backend,
-            settings.cache_dir,
-        )
+        # Both read cheaply what load_engine will use, and raise its errors for a bad device or model.json.
+        device = target_device(settings.device, settings.backend)
+        input_size = read_metadata(settings.weights).spec.input_size
+        decoder = asyncio.create_task(asyncio.to_thread(self._decode_pool, device, input_size))
+        try:
+            engine = await asyncio.to_thread(
+                load_engine,
+                settings.weights,
+                settings.device,
+                settings.precision,
+                settings.input_guard,
+                settings.backend,
+                settings.cache_dir,
+            )
+        except BaseException:
+            started = (await asyncio.gather(decoder, return_exceptions=True))[0]
+            if isinstance(started, DecodePool):
+                await asyncio.to_thread(started.close)
+            raise
+        self.decoder = await decoder
         # cuDNN autotunes per input shape, so every batch size the batcher can form is warmed on the GPU.
         sizes = range(1, settings.max_batch_size + 1) if engine.device.type == "cuda" else [1]
         await asyncio.to_thread(engine.warmup, sizes)
@@ -95,19 +119,6 @@ class Service:
         self.batching = policy
         self.metrics.batch_size_limit.set(policy.batch_size)
         self.metrics.backend.labels(engine.backend.name, engine.precision).set(1)
-        # The one preprocessing function, with the DICOM checks the settings ask for, in worker processes.
-        self.decoder = await asyncio.to_thread(
-            DecodePool,
-            settings.decode_workers or default_decode_workers(engine.device),
-            engine.input_size,
-            max_pixels=settings.max_pixels,
-            max_decode_bytes=settings.max_decode_bytes,
-            large_decode_bytes=settings.large_decode_bytes,
-            large_slots=settings.large_decodes,
-            timeout_s=settings.decode_timeout_s,
-            dicom=settings.dicom_policy(),
-            on_replace=self.metrics.record_decoder_replacement,
-        )
         self._batcher = DynamicBatcher(
             engine,
             max_batch_size=policy.batch_size,
@@ -130,6 +141,21 @@ class Service:
                 "batch_size": policy.batch_size,
                 "max_wait_ms": 1000 * policy.max_wait_s,
             },
+        )
+
+    def _decode_pool(self, device: torch.device, input_size: int) -> DecodePool:
+        """The one preprocessing function, with the DICOM checks the settings ask for, in worker processes."""
+        settings = self.settings
+        return DecodePool(
+            settings.decode_workers or default_decode_workers(device),
+            input_size,
+            max_pixels=settings.max_pixels,
+            max_decode_bytes=settings.max_decode_bytes,
+            large_decode_bytes=settings.large_decode_bytes,
+            large_slots=settings.large_decodes,
+            timeout_s=settings.decode_timeout_s,
+            dicom=settings.dicom_policy(),
+            on_replace=self.metrics.record_decoder_replacement,
         )
 
     def begin_drain(self) -> None:

@@ -87,6 +87,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def target_device(device: str, backend: Backend | str) -> torch.device:
+    """The device :func:`load_engine` will place the model on, known before loading it."""
+    # The OpenVINO backend is the CPU's: with CXR_DEVICE=auto it runs there even on a GPU host.
+    return torch.device("cpu") if backend == "openvino" and device == "auto" else resolve_device(device)
+
+
 def default_decode_workers(device: torch.device) -> int:
     """Decoder worker processes (``app.core.decode_pool``) when none are configured.
 
@@ -281,8 +287,7 @@ def load_engine(
     """
     if precision not in ("auto", "int8", *_DTYPES):
         raise EngineError(f"invalid precision {precision!r}: use auto, fp16, bf16, fp32 or int8")
-    # The OpenVINO backend is the CPU's: with CXR_DEVICE=auto it runs there even on a GPU host.
-    target = torch.device("cpu") if backend == "openvino" and device == "auto" else resolve_device(device)
+    target = target_device(device, backend)
     sha256 = read_metadata(Path(weights)).sha256
     try:
         choice = choose(backend, target, precision, weights=Path(weights), sha256=sha256, guard_on=input_guard != "off")

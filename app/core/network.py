@@ -12,7 +12,6 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torchvision.models import vgg16, vgg16_bn
 
 Architecture = Literal["vgg16", "vgg16_bn"]
 Head = Literal["classic", "compact"]
@@ -20,6 +19,9 @@ Head = Literal["classic", "compact"]
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+# VGG16 ("configuration D" of Simonyan & Zisserman 2015): the output channels of each block's 3x3
+# convolutions; every block ends with a 2x2 max-pool.
+VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 # Constrained types shared with the training configuration, so a limit is written once.
 InputSize = Annotated[int, Field(ge=32, le=1024, description="Square input side in pixels.")]
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -52,6 +54,45 @@ class ModelSpec(BaseModel):
     dropout: Dropout = 0.5
 
 
+def vgg16_features(batch_norm: bool) -> nn.Sequential:
+    """torchvision's ``vgg16(_bn)().features``: the same modules at the same indices, initialised alike.
+
+    Written out here rather than imported because the layout is all we take from torchvision:
+    importing it costs the service 1-3 s at every start (``torchvision.ops`` pulls in
+    ``torch._dynamo``), and building its model allocates and initialises the 120M-parameter
+    classic classifier that the compact head throws away. The state-dict keys and shapes are
+    torchvision's, so its ImageNet weights load unchanged (``training.imagenet``); a test checks
+    the equivalence against torchvision itself.
+    """
+    layers: list[nn.Module] = []
+    channels = 3
+    for block in VGG16_BLOCKS:
+        for width in block:
+            layers.append(nn.Conv2d(channels, width, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=True))
+            channels = width
+        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    features = nn.Sequential(*layers)
+    init_like_torchvision(features)
+    return features
+
+
+def init_like_torchvision(modules: nn.Module) -> None:
+    """torchvision's VGG initialisation: He-normal convolutions (fan out), unit batch norms, N(0, 0.01) linears."""
+    for module in modules.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+
+
 class PneumoniaNet(nn.Module):
     """VGG16 features with a 2-class head, taking raw uint8 grayscale batches.
 
@@ -63,15 +104,19 @@ class PneumoniaNet(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        backbone = (vgg16_bn if spec.architecture == "vgg16_bn" else vgg16)(weights=None)
-        self.features: nn.Module = backbone.features
+        self.features: nn.Module = vgg16_features(batch_norm=spec.architecture == "vgg16_bn")
         if spec.head == "classic":
-            self.avgpool: nn.Module = backbone.avgpool
-            classifier = backbone.classifier
-            for index in (2, 5):
-                classifier[index] = nn.Dropout(spec.dropout)
-            classifier[6] = nn.Linear(4096, len(spec.class_names))
-            self.classifier: nn.Module = classifier
+            self.avgpool: nn.Module = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier: nn.Module = nn.Sequential(
+                nn.Linear(512 * 7 * 7, 4096),
+                nn.ReLU(True),
+                nn.Dropout(spec.dropout),
+                nn.Linear(4096, 4096),
+                nn.ReLU(True),
+                nn.Dropout(spec.dropout),
+                nn.Linear(4096, len(spec.class_names)),
+            )
+            init_like_torchvision(self.classifier[:6])
         else:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Sequential(
