@@ -60,8 +60,8 @@ class Settings(BaseSettings):
         3.0,
         ge=0,
         le=60,
-        description="CPU only: seconds at startup for timing batch sizes up to CXR_MAX_BATCH_SIZE and keeping the "
-        "largest that does not lower throughput; 0: use CXR_MAX_BATCH_SIZE as is.",
+        description="CPU only: at most this many seconds at startup for timing batch sizes up to CXR_MAX_BATCH_SIZE "
+        "and keeping the largest that does not lower throughput; 0: use CXR_MAX_BATCH_SIZE as is.",
     )
     queue_size: int = Field(512, ge=1, description="Images waiting for the GPU before requests get 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Decode + queue + inference budget per request.")

@@ -67,7 +67,37 @@ def test_measure_keeps_the_fastest_run_and_stops_within_budget() -> None:
 def test_measure_stops_repeating_when_the_clock_does_not_move() -> None:
     calls: list[int] = []
     assert measure(calls.append, max_batch_size=2, budget_s=1.0, clock=lambda: 0.0) == {1: 0.0, 2: 0.0}
-    assert len(calls) == 4 + 2 * batch_policy.MAX_EXTRA_ROUNDS  # bounded even with free passes
+    assert len(calls) == 4 + 2 * batch_policy.SETTLED_ROUNDS  # bounded even with free passes
+
+
+def test_measure_ends_early_once_the_choice_has_settled() -> None:
+    """A fast model: batch 4 wins from the first pass on, so 5 confirming rounds end the probe, not the budget."""
+    clock = FakeClock()
+    per_image = {1: 0.010, 2: 0.006, 4: 0.004}
+    calls: list[int] = []
+
+    def run(size: int) -> None:
+        calls.append(size)
+        clock.now += per_image[size] * size
+
+    assert measure(run, max_batch_size=4, budget_s=3.0, clock=clock) == pytest.approx(per_image)
+    assert len(calls) == 2 * 3 + 3 * batch_policy.SETTLED_ROUNDS
+    assert clock.now < 0.3  # of a 3 s budget
+
+
+def test_measure_keeps_going_while_the_choice_moves() -> None:
+    """Batch 2 looks best only after batch 1's first runs were preempted: the count restarts when the choice moves."""
+    clock = FakeClock()
+    batch_one = iter([0.050, 0.050, 0.050, 0.050, 0.050, 0.050, 0.010])  # preempted until its 5th extra round
+    calls: list[int] = []
+
+    def run(size: int) -> None:
+        calls.append(size)
+        clock.now += next(batch_one, 0.010) if size == 1 else 0.020 * size
+
+    assert measure(run, max_batch_size=2, budget_s=10.0, clock=clock) == pytest.approx({1: 0.010, 2: 0.020})
+    # Choice 2 for 4 extra rounds, then 1 at the 5th (a change), then 5 unchanged rounds: 10 extra rounds.
+    assert calls.count(1) == 2 + 10
 
 
 def test_measure_always_measures_batch_one_even_over_budget() -> None:

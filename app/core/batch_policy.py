@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 TOLERANCE = 0.05
 PolicySource = Literal["configured", "measured"]
 MAX_EXTRA_ROUNDS = 20  # repeated rounds after the first pass, budget permitting
+# The extra rounds stop early once this many in a row have left the choice unchanged: a fast model
+# would otherwise spend the whole budget confirming an answer it had after a fraction of it.
+SETTLED_ROUNDS = 5
 GPU_MAX_WAIT_S = 0.005  # a GPU batch of 32 costs little more than 1: worth a few milliseconds of waiting
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ def measure(
     slow CPU measures fewer sizes instead of starting late. The rest of the budget goes to more
     rounds over the measured sizes, interleaved, each keeping its fastest time: on a loaded host
     a single preempted pass would otherwise decide the batch size (benchmarks/NOTES.md, section 10).
+    The rounds end early when :data:`SETTLED_ROUNDS` in a row have not changed the size
+    :func:`choose_batch_size` would pick.
     """
     started = clock()
     results: dict[int, float] = {}
@@ -83,13 +88,18 @@ def measure(
             run(size)
             timings.append((clock() - begun) / size)
         results[size] = min(timings)
+    choice, unchanged = choose_batch_size(results), 0
     for _ in range(MAX_EXTRA_ROUNDS):
+        if unchanged >= SETTLED_ROUNDS:
+            break
         if clock() - started + sum(seconds * size for size, seconds in results.items()) > budget_s:
             break
         for size in list(results):
             begun = clock()
             run(size)
             results[size] = min(results[size], (clock() - begun) / size)
+        previous, choice = choice, choose_batch_size(results)
+        unchanged = unchanged + 1 if choice == previous else 0
     return results
 
 
