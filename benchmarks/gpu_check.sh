@@ -13,7 +13,7 @@
 # On a GPU host without a package index: first, on a machine with PyPI, `bash benchmarks/fetch_wheels.sh`
 # (benchmarks/wheels/), and copy a few real X-rays into IMAGES (default .data/xrays). Then, from the
 # repo root on the GPU host: `bash benchmarks/gpu_check.sh`. With this workplace's device tool, name
-# benchmarks/wheels and the image folder in `carry`: tracked tree (~44 MB) + wheels (~11 MB, imagecodecs
+# benchmarks/wheels and the image folder in `carry`: tracked tree (~50 MB) + wheels (~11 MB, imagecodecs
 # slimmed by fetch_wheels.sh) + images must stay under its 64 MiB limit, so bring a few MB of X-rays.
 # On a machine without a GPU the CUDA steps fail at once with a clear "no CUDA GPU" line, and
 # `DEVICE=cpu PRECISION=bf16 SIZE=32 SERVE_LEVELS="1 4" REQUESTS=16 bash benchmarks/gpu_check.sh` dry-runs

@@ -18,7 +18,7 @@ from app.core.heatmap import ExplainUnsupportedError
 from tests.conftest import encode, export_tiny_model, synthetic_xray
 from tests.live_server import LiveServer, live_server, serving_settings
 
-SIZE = 64  # a 2x2 map, like the shipped model
+SIZE = 64  # a 2x2 map: the smallest grid with more than one cell
 
 
 @pytest.fixture(scope="module")

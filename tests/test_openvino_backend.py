@@ -26,7 +26,7 @@ from app.core.openvino_backend import cpu_capabilities
 from tests.conftest import encode, export_tiny_model, synthetic_chest_pixels, synthetic_xray
 from tests.live_server import live_server, serving_settings
 
-SIZE = 64  # a 2x2 heatmap, like the shipped model
+SIZE = 64  # a 2x2 heatmap: the smallest grid with more than one cell
 
 
 @pytest.fixture(scope="module")

@@ -33,22 +33,22 @@ def test_shipped_model_card_is_complete(shipped) -> None:
     assert validation["roc_auc"] >= 0.95
     assert meta.provenance["data_hash"] and meta.provenance["input_size"] == meta.spec.input_size
     guard = meta.guard
-    assert guard is not None and meta.version.endswith("-guard")
+    assert guard is not None
     assert guard.calibration["train_images"] == meta.provenance["train_images"]
     assert guard.calibration["val_images"] == validation["n"]
     assert float(guard.calibration["val_refusal_rate"]) <= 0.01
 
 
-def test_guard_was_added_without_touching_the_network(shipped) -> None:
-    """1.1.0 is 1.0.0 plus its guard: same golden logits (same weights), guard scores of the golden inputs pass."""
-    assert (
-        shipped.metadata.provenance["guard_added_to"]
-        == "05d16aa41ea18463b5760199d3b680ad839ac9beb4f6fbe4017813459c0609dd"
+def test_shipped_model_is_the_recorded_run(shipped) -> None:
+    """1.2.0-gpu-128-base as trained on the GPU: its sha256 and golden logits are pinned here, outside the
+    artifact, so a swapped or re-exported file fails even when it is self-consistent."""
+    meta = shipped.metadata
+    assert meta.version == "1.2.0-gpu-128-base" and meta.spec.input_size == 128 and not meta.spec.normalization.equalize
+    assert meta.sha256 == "2f7f6997d8cd82c8ae1c6a253c04e5f997db6538e6baffec237700a77bfd8ec7"
+    assert meta.golden is not None and meta.golden.logits[0] == pytest.approx(
+        [9.08582878112793, -6.889071941375732], abs=1e-6
     )
-    assert shipped.metadata.golden is not None and shipped.metadata.golden.logits[0] == pytest.approx(
-        [6.153524398803711, -5.620335578918457], abs=1e-6
-    )
-    guard = shipped.metadata.guard
+    guard = meta.guard
     assert guard is not None and all(score <= guard.threshold for score in guard.golden_scores)
 
 
@@ -71,11 +71,11 @@ def test_service_returns_golden_probabilities(shipped) -> None:
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["pneumonia_probability"] == pytest.approx(want, abs=1e-4)
-            # The 64-px model's map is 2 x 2 (input / 32), and it decomposes the golden log-odds exactly.
+            # The 128-px model's map is 4 x 4 (input / 32), and it decomposes the golden log-odds exactly.
             heatmap = body["heatmap"]
-            assert heatmap["grid"] == [2, 2] and heatmap["layer"] == "features.43"
+            assert heatmap["grid"] == [4, 4] and heatmap["layer"] == "features.43"
             log_odds = (pneumonia - normal) / shipped.metadata.temperature  # from the exported golden logits
-            assert sum(heatmap["values"]) / 4 + heatmap["bias"] == pytest.approx(log_odds, abs=1e-3)
+            assert sum(heatmap["values"]) / 16 + heatmap["bias"] == pytest.approx(log_odds, abs=1e-3)
             assert body["label"] == ("PNEUMONIA" if body["pneumonia_probability"] >= body["threshold"] else "NORMAL")
             assert body["model"]["sha256"] == shipped.metadata.sha256
             assert body["input_guard"]["passed"] is True

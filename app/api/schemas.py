@@ -97,7 +97,9 @@ class HeatmapBody(BaseModel):
 
     method: str = Field(description="`cam`: class activation map of the compact head, exact, no gradients.")
     layer: str = Field(description="The network layer whose feature maps the cells are (the last conv block).")
-    grid: tuple[int, int] = Field(description="[rows, cols]: the input size / 32 on each side (2x2 at 64 px).")
+    grid: tuple[int, int] = Field(
+        description="[rows, cols]: the input size / 32 on each side (4x4 for the shipped 128-px model)."
+    )
     values: list[float] = Field(
         description="rows x cols cells, row-major from the top-left of the image as the model saw it, in calibrated "
         "log-odds: positive pushed towards PNEUMONIA, negative towards NORMAL. Raw and signed, never rescaled."
