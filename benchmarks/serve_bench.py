@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.core.artifacts import export_model
+from app.core.artifacts import export_model, read_metadata
 from app.core.input_guard import fit_guard
 from app.core.network import ModelSpec, build_model
 from app.core.preprocessing import preprocess
@@ -28,7 +28,13 @@ from benchmarks.server_proc import REPO_ROOT, free_port, serve
 from benchmarks.uploads import DEFAULT_REAL_DIR, Upload, real_uploads, synthetic_uploads
 
 CPU_CONCURRENCY = (1, 4, 16)
+SHIPPED_WEIGHTS = REPO_ROOT / "weights"
 GPU_CONCURRENCY = (1, 16, 64, 256)
+
+
+def shipped_input_size() -> int:
+    """The shipped model's input size, from its metadata: the sweep follows the model rather than a constant."""
+    return read_metadata(SHIPPED_WEIGHTS).spec.input_size
 
 
 def export_random_model(out_dir: Path, input_size: int, uploads: Sequence[Upload] = ()) -> Path:
@@ -81,7 +87,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the CPU has it, openvino:fp32, openvino:int8; none on a GPU; give the flag alone for none)",
     )
     parser.add_argument(
-        "--config-sizes", type=int, nargs="+", help="input sizes of the cpu_configs sweep (default 224 64)"
+        "--config-sizes",
+        type=int,
+        nargs="+",
+        help="input sizes of the cpu_configs sweep (default 224 and the shipped model's, read from weights/model.json)",
     )
     parser.add_argument(
         "--config-seconds", type=float, help="cpu_configs: seconds per server per level (default 8, 3 with --quick)"
@@ -100,7 +109,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.configs is None:
         args.configs = [] if on_gpu else cpu_sweep.default_configs()
     if args.config_sizes is None:
-        args.config_sizes = [args.input_size] if args.quick else [224, 64]
+        args.config_sizes = [args.input_size] if args.quick else sorted({224, shipped_input_size()}, reverse=True)
     if args.config_seconds is None:
         args.config_seconds = 3.0 if args.quick else 8.0
     if args.quick:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,20 @@ def test_explain_bench_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None
     for name in ("none", "one", "all"):
         assert f"explain {name}" in out
     assert "ratio to none: 1.000" in out and "map step alone" in out
+
+
+def test_full_sweep_sizes_follow_the_shipped_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --config-sizes a full run measures 224 px and the shipped model's own size, read from its metadata."""
+    from benchmarks import serve_bench
+
+    metadata = json.loads((serve_bench.SHIPPED_WEIGHTS / "model.json").read_text())
+    for size, expected in ((96, [224, 96]), (224, [224])):
+        folder = tmp_path / str(size)
+        folder.mkdir()
+        metadata["spec"]["input_size"] = size
+        (folder / "model.json").write_text(json.dumps(metadata))
+        monkeypatch.setattr(serve_bench, "SHIPPED_WEIGHTS", folder)
+        assert serve_bench.parse_args([]).config_sizes == expected
 
 
 @pytest.mark.timeout(400)
