@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.loadgen import percentile, run_level, scored_images, summarize
 from benchmarks.server_proc import free_port, serve
@@ -83,6 +84,25 @@ def test_explain_bench_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None
     for name in ("none", "one", "all"):
         assert f"explain {name}" in out
     assert "ratio to none: 1.000" in out and "map step alone" in out
+
+
+def test_bench_model_guard_leaves_headroom_over_every_upload(tmp_path: Path) -> None:
+    """Regression: the bench model's guard threshold was the top upload's own score, so CPU fp32 jitter
+    between batch sizes refused that upload now and then (422 not_chest_xray in a quiet `make bench`)."""
+    from app.core.artifacts import load_model
+    from app.core.input_guard import guard_scores, guard_vectors
+    from app.core.preprocessing import preprocess
+    from benchmarks import serve_bench
+
+    uploads = [Upload(f"u{seed}.jpeg", encode(synthetic_xray(120, 100, seed), "JPEG"), 120, 100) for seed in range(4)]
+    model = load_model(serve_bench.export_random_model(tmp_path / "w", 32, uploads))
+    guard = model.metadata.guard
+    assert guard is not None and model.guard is not None
+    pixels = torch.stack([preprocess(upload.data, 32) for upload in uploads])
+    blocks = (guard.mean_blocks, guard.std_blocks)
+    for batch_size in (1, len(uploads)):
+        scores = guard_scores(guard_vectors(model.network, pixels, blocks, batch_size), model.guard)
+        assert float(scores.max()) < 0.9 * guard.threshold
 
 
 def test_full_sweep_sizes_follow_the_shipped_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
