@@ -97,18 +97,33 @@ async def _level(
     return result.as_dict()
 
 
+def ceiling(model_ips: float, decode_ips: float) -> float:
+    """Images/s when every image costs its decode plus its forward pass on the same cores."""
+    return 1.0 / (1.0 / model_ips + 1.0 / decode_ips)
+
+
 def run(
     args: argparse.Namespace,
     uploads: Sequence[Upload],
     tmp: Path,
     export: Callable[[Path, int], Path],
     service_env: Callable[[Path, int, Config], dict[str, str]],
+    decode_ips: Callable[[int], float],
 ) -> list[dict[str, Any]]:
-    """The ``cpu_configs`` entries: one per (configuration, input size, concurrency)."""
+    """The ``cpu_configs`` entries: one per (configuration, input size, concurrency).
+
+    Each entry also carries the decode throughput of the uploads at that input size (all decode
+    threads) and the ``ceiling`` it implies with the model-only rate: ``1 / (1/model + 1/decode)``,
+    the images/s of a server that did nothing but decode and infer, one after the other, on the
+    same cores. Model-only leaves decoding out, so where decoding costs as much as the forward pass
+    (int8, small inputs) no server can come near model-only; ours/ceiling says how much of the
+    reachable rate the service's own overhead (HTTP, queues, process hops) takes.
+    """
     entries: list[dict[str, Any]] = []
     model_seconds = 1.0 if args.quick else 3.0
     cache = tmp / "model-only-converted"
     for size in args.config_sizes:
+        decode = decode_ips(size)
         weights = export(tmp / f"sweep-{size}", size)
         calibrate_on_uploads(weights, uploads, tmp)
         with contextlib.ExitStack() as stack:
@@ -144,6 +159,8 @@ def run(
                             "ours": pick(mine),
                             "naive": pick(theirs),
                             "model_only": {"throughput_ips": model["throughput_ips"]},
+                            "decode": {"throughput_ips": decode},
+                            "ceiling": {"throughput_ips": ceiling(model["throughput_ips"], decode)},
                         }
                         entries.append(entry)
                         print(

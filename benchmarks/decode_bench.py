@@ -39,16 +39,23 @@ def images_per_second(fn: Callable[[bytes], object], uploads: Sequence[Upload], 
     return len(work) / (time.perf_counter() - started)
 
 
+def service_preprocess(input_size: int) -> Callable[[bytes], torch.Tensor]:
+    """The service's input path (DCT-scaled decode, grayscale, squash) at one input size."""
+    return lambda data: preprocess(data, input_size)
+
+
+def preprocess_ips(uploads: Sequence[Upload], input_size: int, threads: int, passes: int = 1) -> float:
+    """Images/s of the service's input path on ``threads`` threads, after a warm-up (libjpeg, allocators)."""
+    ours = service_preprocess(input_size)
+    images_per_second(ours, uploads[:2], 1, 1)
+    return images_per_second(ours, uploads, threads, passes)
+
+
 def run(uploads: Sequence[Upload], input_size: int, threads: int, passes: int = 1) -> dict[str, float | int]:
     """Images/s for the service's preprocess (1 and ``threads`` threads) and the naive path (1 thread)."""
-
-    def ours(data: bytes) -> torch.Tensor:
-        return preprocess(data, input_size)
-
-    images_per_second(ours, uploads[:2], 1, 1)  # warm up libjpeg/allocators
     return {
-        "preprocess_1_thread_ips": images_per_second(ours, uploads, 1, passes),
-        "preprocess_n_threads_ips": images_per_second(ours, uploads, threads, passes),
+        "preprocess_1_thread_ips": preprocess_ips(uploads, input_size, 1, passes),
+        "preprocess_n_threads_ips": preprocess_ips(uploads, input_size, threads, passes),
         "naive_1_thread_ips": images_per_second(naive_preprocess(input_size), uploads, 1, passes),
         "threads": threads,
     }

@@ -97,15 +97,17 @@ def markdown(doc: dict[str, Any]) -> str:
             "## CPU configurations (naive and ours driven back to back at each level)",
             "",
             "| backend | precision | guard | input px | concurrency | ours img/s | naive img/s | model only | "
-            "ours/naive | ours/model only | errors ours/naive |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "decode | ceiling | ours/naive | ours/model only | ours/ceiling | errors ours/naive |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for entry in doc["cpu_configs"]:
-            ours, naive, model = (entry[key]["throughput_ips"] for key in ("ours", "naive", "model_only"))
+            keys = ("ours", "naive", "model_only", "decode", "ceiling")
+            ours, naive, model, decode, ceiling = (entry[key]["throughput_ips"] for key in keys)
             lines.append(
                 f"| {entry['backend']} | {entry['precision']} | {entry['input_guard']} | {entry['input_size']} "
                 f"| {entry['concurrency']} | {fmt(ours, 2)} | {fmt(naive, 2)} | {fmt(model, 2)} "
-                f"| {fmt(ratio(ours, naive), 2)} | {fmt(ratio(ours, model), 2)} "
+                f"| {fmt(decode, 1)} | {fmt(ceiling, 2)} "
+                f"| {fmt(ratio(ours, naive), 2)} | {fmt(ratio(ours, model), 2)} | {fmt(ratio(ours, ceiling), 2)} "
                 f"| {entry['ours']['errors']}/{entry['naive']['errors']} |"
             )
     return "\n".join(lines) + "\n"

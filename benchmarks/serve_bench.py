@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             Path(tmp),
             lambda out, size: export_random_model(out, size, uploads),
             lambda weights, port, config: sweep_env(args, weights, port, config, Path(tmp) / "converted"),
+            lambda size: decode_bench.preprocess_ips(uploads, size, threads),
         )
 
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}

@@ -122,7 +122,7 @@ def test_full_sweep_sizes_follow_the_shipped_model(tmp_path: Path, monkeypatch: 
 @pytest.mark.timeout(400)
 def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: Path) -> None:
     """The ``cpu_configs`` part of ``make bench --quick`` on a 32 px model: torch fp32 and OpenVINO int8."""
-    from benchmarks import cpu_sweep, results_table, serve_bench
+    from benchmarks import cpu_sweep, decode_bench, results_table, serve_bench
 
     uploads = [Upload(f"u{seed}.jpeg", encode(synthetic_xray(120, 100, seed), "JPEG"), 120, 100) for seed in range(3)]
     out = tmp_path / "out"
@@ -139,6 +139,7 @@ def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: 
         tmp_path,
         lambda folder, size: serve_bench.export_random_model(folder, size, uploads),
         lambda weights, port, config: serve_bench.sweep_env(args, weights, port, config, tmp_path / "converted"),
+        lambda size: decode_bench.preprocess_ips(uploads, size, 2),
     )
     assert [(e["backend"], e["precision"], e["input_guard"], e["input_size"], e["concurrency"]) for e in entries] == [
         ("torch", "fp32", "flag", 32, 2),
@@ -146,7 +147,10 @@ def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: 
     ]
     for entry in entries:
         assert entry["ours"]["errors"] == 0 and entry["naive"]["errors"] == 0, entry
-        assert min(entry[key]["throughput_ips"] for key in ("ours", "naive", "model_only")) > 0
+        assert min(entry[key]["throughput_ips"] for key in ("ours", "naive", "model_only", "decode")) > 0
+        # The ceiling is the harmonic combination of the two rates: below each, and exact.
+        model, decode = entry["model_only"]["throughput_ips"], entry["decode"]["throughput_ips"]
+        assert entry["ceiling"]["throughput_ips"] == pytest.approx(model * decode / (model + decode))
     # The int8 service really served OpenVINO int8 (its startup log says so), not a fallback.
     assert "CPU inference in OpenVINO int8" in (out / "ours-openvino-int8-32.log").read_text()
     table = results_table.markdown(
