@@ -115,6 +115,19 @@ def test_randomising_the_weights_changes_the_map(network: PneumoniaNet, pixels: 
         assert not torch.allclose(original, randomised)
 
 
+def test_grid_is_rows_by_cols_row_major_for_a_non_square_map() -> None:
+    """Hand-made features on a 2 x 3 grid: rows and cols come from the map's own height and width (a
+    square model input hides a swap), and the values run along the top row first."""
+    head = CamHead(weight=torch.tensor([1.0, -2.0]), bias=0.5, layer="features.43")
+    features = torch.zeros(1, 2, 2, 3)
+    features[0, 0] = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # weight +1
+    features[0, 1, 1, 2] = 1.0  # weight -2: the bottom-right cell only
+    (heatmap,) = head.heatmaps(features)
+    assert (heatmap.rows, heatmap.cols) == (2, 3)
+    assert heatmap.values == (1.0, 2.0, 3.0, 4.0, 5.0, 4.0)
+    assert heatmap.log_odds() == pytest.approx(19.0 / 6.0 + 0.5)
+
+
 def test_classic_head_is_refused() -> None:
     network = PneumoniaNet(ModelSpec(architecture="vgg16", head="classic", input_size=32))
     with pytest.raises(ExplainUnsupportedError) as refused:
