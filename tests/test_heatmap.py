@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from app.core.artifacts import load_model
+from app.core.decision import PNEUMONIA_INDEX
 from app.core.engine import InferenceEngine, load_engine
 from app.core.heatmap import CamHead, ExplainUnsupportedError, Heatmap, cam_head
 from app.core.network import ModelSpec, PneumoniaNet
@@ -126,6 +127,22 @@ def test_grid_is_rows_by_cols_row_major_for_a_non_square_map() -> None:
     assert (heatmap.rows, heatmap.cols) == (2, 3)
     assert heatmap.values == (1.0, 2.0, 3.0, 4.0, 5.0, 4.0)
     assert heatmap.log_odds() == pytest.approx(19.0 / 6.0 + 0.5)
+
+
+def test_a_head_without_bias_decomposes_with_zero_bias() -> None:
+    """A bias-free linear head (not what training builds, but a valid compact head): bias 0, and the
+    cells' mean alone is the calibrated log-odds of the pooled features."""
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2, bias=False)
+    temperature = 1.7
+    head = CamHead.from_linear(linear, temperature, "features.43")
+    assert head.bias == 0.0
+    features = torch.rand(1, 3, 2, 2)
+    with torch.no_grad():
+        logits = linear(features.mean(dim=(2, 3)))[0]
+    (heatmap,) = head.heatmaps(features)
+    log_odds = float(logits[PNEUMONIA_INDEX] - logits[1 - PNEUMONIA_INDEX]) / temperature
+    assert heatmap.log_odds() == pytest.approx(log_odds, abs=1e-6)
 
 
 def test_classic_head_is_refused() -> None:
