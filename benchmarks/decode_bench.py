@@ -39,14 +39,12 @@ def images_per_second(fn: Callable[[bytes], object], uploads: Sequence[Upload], 
     return len(work) / (time.perf_counter() - started)
 
 
-def service_preprocess(input_size: int) -> Callable[[bytes], torch.Tensor]:
-    """The service's input path (DCT-scaled decode, grayscale, squash) at one input size."""
-    return lambda data: preprocess(data, input_size)
-
-
 def preprocess_ips(uploads: Sequence[Upload], input_size: int, threads: int, passes: int = 1) -> float:
     """Images/s of the service's input path on ``threads`` threads, after a warm-up (libjpeg, allocators)."""
-    ours = service_preprocess(input_size)
+
+    def ours(data: bytes) -> torch.Tensor:
+        return preprocess(data, input_size)
+
     images_per_second(ours, uploads[:2], 1, 1)
     return images_per_second(ours, uploads, threads, passes)
 
