@@ -163,8 +163,9 @@ def dicom_bytes(spec: Spec, stored: np.ndarray | None = None, frame: bytes | Non
 
     syntax = uid.UID(spec.syntax)
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian if syntax == uid.RLELossless else syntax
-    if syntax == uid.RLELossless:
+    pydicom_rle = syntax == uid.RLELossless and frame is None
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian if pydicom_rle else syntax
+    if pydicom_rle:
         ds.PixelData = stored.tobytes()
         ds["PixelData"].VR = "OW"
         ds.compress(uid.RLELossless, encoding_plugin="pydicom")  # pydicom's own encoder, not imagecodecs

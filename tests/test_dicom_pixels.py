@@ -1,0 +1,78 @@
+"""The VOI window and LUT lookup of ``app.core.dicom_pixels`` at their edges, with numbers from the standard.
+
+``tests/test_dicom.py`` checks whole files against an independent implementation; these check the
+two formulas where files rarely go: below and above the window, a window one unit wide, widths
+just under the limits, LUT indices outside the table. Every expected value is worked out by hand
+from PS3.3 C.11.2.1.2 (LINEAR), C.11.2.1.3.2 (LINEAR_EXACT, SIGMOID) and C.11.1 (LUTs).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from app.core.dicom_pixels import Display, Lut, Window, _lookup, _window, to_display
+from app.core.image_errors import CorruptImageError
+
+
+def _levels(center: float, width: float, function: str, values: list[float]) -> list[float]:
+    return _window(np.array(values, dtype=np.float64), Window(center, width, function)).tolist()  # type: ignore[arg-type]
+
+
+def test_linear_window_follows_the_standard_and_stays_in_0_1() -> None:
+    # c = 100, w = 11: black at or below 94.5, white above 104.5, ((x - 99.5) / 10 + 0.5) between.
+    got = _levels(100, 11, "LINEAR", [-5000, 94, 95, 99.5, 104, 105, 70000])
+    assert got == pytest.approx([0.0, 0.0, 0.05, 0.5, 0.95, 1.0, 1.0])
+
+
+def test_linear_window_one_unit_wide_is_a_threshold_at_center_minus_half() -> None:
+    assert _levels(100, 1, "LINEAR", [98.5, 99, 99.5, 99.6, 100, 101]) == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_linear_window_between_one_and_two_units_is_a_steep_ramp() -> None:
+    # w = 1.5: (x - 99.5) / 0.5 + 0.5
+    assert _levels(100, 1.5, "LINEAR", [99, 99.5, 99.7, 100]) == pytest.approx([0.0, 0.5, 0.9, 1.0])
+
+
+def test_linear_exact_window_follows_the_standard_and_allows_widths_under_one() -> None:
+    # c = 10, w = 0.5: (x - 10) / 0.5 + 0.5
+    assert _levels(10, 0.5, "LINEAR_EXACT", [-100, 9.75, 9.9, 10, 10.2, 100]) == pytest.approx(
+        [0.0, 0.0, 0.3, 0.5, 0.9, 1.0]
+    )
+
+
+def test_sigmoid_window_saturates_far_from_the_centre_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exp overflows far below the centre: that must stay silent
+        got = _levels(0, 10, "SIGMOID", [-1e5, -10, 0, 10, 1e5])
+    assert got == pytest.approx([0.0, 1 / (1 + np.exp(4)), 0.5, 1 / (1 + np.exp(-4)), 1.0])
+
+
+@pytest.mark.parametrize(
+    ("width", "function", "message"),
+    [
+        (0.5, "LINEAR", "the DICOM Window Width is below 1, which LINEAR windowing does not allow"),
+        (0.0, "LINEAR_EXACT", "the DICOM Window Width must be positive"),
+        (-3.0, "SIGMOID", "the DICOM Window Width must be positive"),
+    ],
+)
+def test_impossible_window_widths_are_refused_with_their_reason(width: float, function: str, message: str) -> None:
+    with pytest.raises(CorruptImageError) as caught:
+        _levels(100, width, function, [100])
+    assert caught.value.message == message
+
+
+def test_lut_lookup_clamps_below_and_above_the_table() -> None:
+    lut = Lut(first_mapped=100, bits=8, data=np.array([10, 20, 30, 40]))
+    got = _lookup(np.array([-7.0, 99.0, 100.0, 101.5, 103.0, 104.0, 5000.0]), lut)
+    assert got.dtype == np.float64
+    assert got.tolist() == [10.0, 10.0, 10.0, 20.0, 40.0, 40.0, 40.0]
+
+
+def test_a_one_unit_window_on_stored_values_gives_black_and_white_only() -> None:
+    stored = np.array([[98, 99, 100, 101]], dtype=np.uint16)
+    pixels, details = to_display(stored, Display(None, None, None, Window(100, 1, "LINEAR"), inverted=False))
+    assert pixels.tolist() == [[0, 0, 255, 255]]
+    assert details["voi"] == "window"
