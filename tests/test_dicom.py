@@ -422,6 +422,18 @@ def test_sop_instance_uid_is_read_only_when_valid() -> None:
     assert read_sop_instance_uid((PYDICOM_FILES / "image_dfl.dcm").read_bytes()) == ""  # never inflated
 
 
+def test_sop_instance_uid_padding_length_limit_and_damaged_files() -> None:
+    """PS3.5 9.1: a UID is at most 64 characters, padded with NUL; it is read even where the rest is damaged."""
+    longest = "1." + "2" * 62
+    cases = {"1.2.3\0": "1.2.3", "1.2.3 ": "1.2.3", longest: longest, longest + "3": ""}
+    for value, expected in cases.items():
+        assert read_sop_instance_uid(dicom_bytes(Spec(extra={"SOPInstanceUID": value}))) == expected
+    # only the UID is parsed: a malformed Rows element or truncated pixel data elsewhere does not hide it
+    data = dicom_bytes(Spec(extra={"SOPInstanceUID": "1.2.3.4"}))
+    assert read_sop_instance_uid(data.replace(b"\x28\x00\x10\x00US", b"\x28\x00\x10\x00U@", 1)) == "1.2.3.4"
+    assert read_sop_instance_uid(data[:-3000]) == "1.2.3.4"
+
+
 def _hostile_files() -> list[bytes]:
     """The patient name planted where a careless decoder would echo it: in the tags it reads and reports."""
     return [

@@ -107,19 +107,21 @@ def test_jpeg_ls_samples_over_bits_stored_are_clamped_to_its_top() -> None:
     assert out.tolist() == [0, 1, 4094, 4095, 4095, 4095, 4095, 4095]
 
 
-def _siz(width: int, height: int, x_offset: int = 0, y_offset: int = 0, ssiz: int = 11) -> bytes:
-    """SOC, then a SIZ segment for one component (ISO 15444-1 A.5.1), byte by byte; 45 bytes in all."""
+def _siz(width: int, height: int, x_offset: int = 0, y_offset: int = 0, ssiz: int = 11, components: int = 1) -> bytes:
+    """SOC, then a SIZ segment (ISO 15444-1 A.5.1) with the first component's record, byte by byte; 45 bytes."""
     sizes = (width, height, x_offset, y_offset, width, height, 0, 0)  # one tile covering the image
-    segment = struct.pack(">HH8IH", 38 + 3, 0, *sizes, 1) + bytes([ssiz, 1, 1])
+    segment = struct.pack(">HH8IH", 38 + 3 * components, 0, *sizes, components) + bytes([ssiz, 1, 1])
     return b"\xff\x4f\xff\x51" + segment
 
 
 def test_j2k_header_reads_the_siz_segment_field_by_field() -> None:
     assert _j2k_header(_siz(96, 80)) == (80, 96, 1, 12)
     assert _j2k_header(_siz(106, 100, x_offset=10, y_offset=20)) == (80, 96, 1, 12)  # the image area
+    assert _j2k_header(_siz(70000, 1000, x_offset=69904, y_offset=920)) == (80, 96, 1, 12)  # multi-byte offsets
     assert _j2k_header(_siz(96, 80, ssiz=0x80 | 15)) == (80, 96, 1, 16)  # the top bit of Ssiz is the sign
     # all four bytes of a size count: a width whose low three bytes say 96 is not 96 wide
     assert _j2k_header(_siz((1 << 24) + 96, 80)) == (80, (1 << 24) + 96, 1, 12)
+    assert _j2k_header(_siz(96, 80, components=257)) == (80, 96, 257, 12)  # Csiz is two bytes
 
 
 def test_j2k_header_is_found_in_the_first_4096_bytes_only_and_the_first_one_counts() -> None:
@@ -129,6 +131,20 @@ def test_j2k_header_is_found_in_the_first_4096_bytes_only_and_the_first_one_coun
         with pytest.raises(FrameError) as caught:
             _j2k_header(src)
         assert str(caught.value) == "no JPEG 2000 image header in the frame"
+
+
+def test_frame_headers_are_checked_against_the_dicom_header_each_for_its_reason() -> None:
+    runner = _runner(uid.JPEG2000Lossless, 80, 96, 16, 12)
+    refusals = {
+        "the compressed frame's size differs from the DICOM Rows and Columns": _siz(96, 81),
+        "the compressed frame is not single-channel": _siz(96, 80, components=3),
+        "the compressed frame's sample precision is not 1 to 16 bits": _siz(96, 80, ssiz=16),  # 17 bits
+    }
+    for reason, frame in refusals.items():
+        assert _refusal(frame, runner) == reason
+    for ssiz in (0, 15):  # 1 and 16 bits pass the check: the bare header then fails in the codec itself
+        with pytest.raises(imagecodecs.Jpeg2kError):
+            decode_frame(_siz(96, 80, ssiz=ssiz), runner)
 
 
 def test_is_available_names_exactly_the_plugins_syntaxes() -> None:

@@ -146,6 +146,14 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_data() -> None:
         assert hi - lo < wide[key][1] - wide[key][0], key
 
 
+def test_bootstrap_draws_every_case_including_the_first() -> None:
+    """The only normal case is case 0 and it is correctly called: resamples that hold it give specificity 1."""
+    labels = np.array([0] + [1] * 9)
+    scores = np.array([0.1] + [0.9] * 9)
+    interval = m.bootstrap_ci(labels, scores, 0.5, n_boot=200, seed=0)
+    assert interval["specificity"] == [1.0, 1.0]  # never NaN: case 0 is drawn in about 65% of resamples
+
+
 def test_bootstrap_is_reproducible_from_its_seed() -> None:
     labels = np.array([0, 1] * 10)
     scores = np.linspace(0.05, 0.95, 20)
