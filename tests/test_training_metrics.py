@@ -146,6 +146,24 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_data() -> None:
         assert hi - lo < wide[key][1] - wide[key][0], key
 
 
+def test_scores_of_any_numeric_type_are_ranked_as_numbers() -> None:
+    """uint8 scores (an 8-bit quantised output) must not wrap around when negated for the descending sort."""
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([10, 200, 180, 250, 0, 90], dtype=np.uint8)
+    assert m.roc_auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores.astype(np.float64)))
+    assert m.roc_auc(labels, scores) == pytest.approx(7 / 9)  # 7 of the 9 (positive, negative) pairs ordered
+    # descending: 250 (pos), 200 (neg), 180 (pos), 90 (pos), 10 (neg), 0 (neg)
+    fpr, tpr, thresholds = m.roc_curve(labels, scores)
+    assert fpr.tolist() == pytest.approx([0, 0, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 1])
+    assert tpr.tolist() == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 1, 1, 1])
+    assert thresholds.tolist() == [np.inf, 250, 200, 180, 90, 10, 0]
+
+
+def test_labels_and_scores_of_different_lengths_are_refused_with_both_shapes() -> None:
+    with pytest.raises(ValueError, match=r"^labels and scores differ in length: \(3,\) vs \(2,\)$"):
+        m.roc_auc(np.array([0, 1, 1]), np.array([0.2, 0.9]))
+
+
 def test_bootstrap_draws_every_case_including_the_first() -> None:
     """The only normal case is case 0 and it is correctly called: resamples that hold it give specificity 1."""
     labels = np.array([0] + [1] * 9)
