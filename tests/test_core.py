@@ -10,11 +10,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from app.core import preprocessing as imaging
 from app.core.artifacts import ModelLoadError, check_golden, load_model
 from app.core.decision import pneumonia_probability
-from app.core.network import ModelSpec, Normalization, build_model, equalize_histogram
+from app.core.network import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    Normalization,
+    build_model,
+    equalize_histogram,
+    init_like_torchvision,
+)
 from tests.conftest import encode, export_tiny_model, synthetic_xray
 
 
@@ -163,3 +172,134 @@ def test_equalizing_network_ignores_exposure_changes_that_keep_grey_levels_apart
         assert torch.allclose(network(dark), network(brighter))
         plain = build_model(spec.model_copy(update={"normalization": Normalization()})).eval()
         assert not torch.allclose(plain(dark), plain(brighter))
+
+
+def test_histogram_equalisation_rounds_and_clamps_float_levels() -> None:
+    """Augmented float batches leave 0..255: each value is rounded to the nearest level and clamped first."""
+    pixels = torch.tensor([[[[-3.0, 0.4], [254.6, 300.0]]]])
+    # Levels [[0, 0], [255, 255]]: cdf(0) = 2 = cdf_min, cdf(255) = 4, so 255 -> (4 - 2) / (4 - 2) * 255.
+    expected = torch.tensor([[[[0.0, 0.0], [255.0, 255.0]]]])
+    got = equalize_histogram(pixels)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_histogram_equalisation_of_a_nearly_constant_channel_is_per_channel() -> None:
+    """One bright pixel over three dark ones: n - cdf_min = 1, the smallest denominator that is not clamped."""
+    pixels = torch.tensor([[[[0, 0], [0, 5]], [[7, 7], [7, 7]]]], dtype=torch.uint8)
+    # Channel 0: cdf(0) = 3 = cdf_min, cdf(5) = 4, so 5 -> (4 - 3) / (4 - 3) * 255; channel 1 is constant -> 0.
+    expected = torch.tensor([[[[0.0, 0.0], [0.0, 255.0]], [[0.0, 0.0], [0.0, 0.0]]]])
+    assert torch.equal(equalize_histogram(pixels), expected)
+
+
+def test_bf16_equalizing_network_normalises_in_its_own_dtype() -> None:
+    """Equalisation returns float32; a bf16 network must still get bf16 input (its convolutions need one dtype)."""
+    spec = ModelSpec(architecture="vgg16", input_size=32, normalization=Normalization(equalize=True))
+    network = build_model(spec).to(torch.bfloat16)
+    pixels = torch.tensor([[[[0, 0], [0, 5]]]], dtype=torch.uint8)  # equalised to [[0, 0], [0, 255]]
+    normed = network.normalize(pixels)
+    assert normed.dtype == torch.bfloat16 and normed.shape == (1, 3, 2, 2)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    black, white = -mean / std, (1.0 - mean) / std
+    expected = torch.stack([black, black, black, white], dim=1).reshape(1, 3, 2, 2)
+    torch.testing.assert_close(normed.float(), expected, atol=0.05, rtol=0.0)  # bf16: 8 significant bits
+
+
+def _layer(module: nn.Module) -> tuple[object, ...]:
+    """The hyperparameters that define a layer (a torch-version-independent stand-in for its repr)."""
+    if isinstance(module, nn.Conv2d):
+        return ("conv", module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding)
+    if isinstance(module, nn.BatchNorm2d):
+        return ("bn", module.num_features)
+    if isinstance(module, nn.ReLU):
+        return ("relu", module.inplace)
+    if isinstance(module, nn.MaxPool2d):
+        return ("maxpool", module.kernel_size, module.stride)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return ("avgpool", module.output_size)
+    if isinstance(module, nn.Flatten):
+        return ("flatten", module.start_dim)
+    if isinstance(module, nn.Dropout):
+        return ("dropout", module.p)
+    if isinstance(module, nn.Linear):
+        return ("linear", module.in_features, module.out_features)
+    return (type(module).__name__,)
+
+
+def _vgg16_d(batch_norm: bool) -> list[tuple[object, ...]]:
+    """torchvision's cfgs["D"] (Simonyan & Zisserman's configuration D) expanded by hand, as make_layers does."""
+    config = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    layers: list[tuple[object, ...]] = []
+    channels = 3
+    for item in config:
+        if item == "M":
+            layers.append(("maxpool", 2, 2))
+            continue
+        layers.append(("conv", channels, item, (3, 3), (1, 1), (1, 1)))
+        layers += [("bn", item)] if batch_norm else []
+        layers.append(("relu", True))
+        channels = item
+    return layers
+
+
+def test_compact_vgg16_bn_has_torchvisions_feature_layout() -> None:
+    """torchvision's VGG16-BN features and the compact head: what the ImageNet weights and exported models load into."""
+    network = build_model(ModelSpec(architecture="vgg16_bn", head="compact", input_size=32, dropout=0.25))
+    assert [_layer(m) for m in network.features] == _vgg16_d(batch_norm=True)
+    assert _layer(network.avgpool) == ("avgpool", 1)
+    assert [_layer(m) for m in network.classifier] == [("flatten", 1), ("dropout", 0.25), ("linear", 512, 2)]
+    # The normalisation constants are derived from the spec, not weights: they must stay out of the file.
+    assert {name.split(".")[0] for name in network.state_dict()} == {"features", "classifier"}
+    assert {name for name, _ in network.named_buffers()} >= {"scale", "shift"}
+
+
+def test_classic_vgg16_has_torchvisions_layout_and_computes_its_head() -> None:
+    """The classic head is torchvision's: 7x7 average pool, fc6/fc7 with ReLU and dropout, a fresh 2-class fc8."""
+    torch.manual_seed(0)
+    network = build_model(ModelSpec(architecture="vgg16", head="classic", input_size=32, dropout=0.25)).eval()
+    assert [_layer(m) for m in network.features] == _vgg16_d(batch_norm=False)
+    assert _layer(network.avgpool) == ("avgpool", (7, 7))
+    assert [_layer(m) for m in network.classifier] == [
+        ("linear", 25088, 4096),
+        ("relu", True),
+        ("dropout", 0.25),
+        ("linear", 4096, 4096),
+        ("relu", True),
+        ("dropout", 0.25),
+        ("linear", 4096, 2),
+    ]
+    assert {name.split(".")[0] for name in network.state_dict()} == {"features", "classifier"}
+    fc6, fc7, fc8 = (m for m in network.classifier if isinstance(m, nn.Linear))
+    # fc6 and fc7 get torchvision's N(0, 0.01); fc8 is a fresh nn.Linear, uniform within 1/sqrt(fan_in) = 1/64,
+    # as when torchvision's fc8 was replaced by a 2-class layer.
+    for layer in (fc6, fc7):
+        assert float(layer.weight.detach().std()) == pytest.approx(0.01, rel=0.02) and not layer.bias.any()
+    assert float(fc8.weight.detach().abs().max()) <= 1 / 64
+    # A 32 px input leaves 1x1 maps, which the 7x7 pool repeats 49 times per channel before fc6.
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        maps = network.feature_maps(x)
+        assert maps.shape == (2, 512, 1, 1)
+        flat = maps.reshape(2, 512).repeat_interleave(49, dim=1)
+        hidden = torch.relu(flat @ fc6.weight.T + fc6.bias)
+        hidden = torch.relu(hidden @ fc7.weight.T + fc7.bias)
+        expected = hidden @ fc8.weight.T + fc8.bias
+        torch.testing.assert_close(network.head(maps), expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(network.forward_normalized(x), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_initialisation_is_torchvisions_scheme() -> None:
+    """He-normal convolutions with fan out, unit batch norms, N(0, 0.01) linears, zero biases (stds by hand)."""
+    torch.manual_seed(0)
+    modules = nn.Sequential(nn.Conv2d(16, 64, 3), nn.BatchNorm2d(64), nn.Linear(600, 200))
+    with torch.no_grad():
+        for parameter in modules.parameters():
+            parameter.uniform_(0.5, 1.5)  # so every value the scheme sets is visibly set
+    init_like_torchvision(modules)
+    conv, batch_norm, linear = modules
+    # fan_out = 64 * 3 * 3 = 576: std = sqrt(2 / 576) (fan_in would give sqrt(2 / 144), twice as large).
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / 576) ** 0.5, rel=0.05)
+    assert abs(float(conv.weight.detach().mean())) < 0.005 and not conv.bias.any()
+    assert bool((batch_norm.weight == 1).all()) and not batch_norm.bias.any()
+    assert float(linear.weight.detach().std()) == pytest.approx(0.01, rel=0.02)
+    assert abs(float(linear.weight.detach().mean())) < 1e-3 and not linear.bias.any()

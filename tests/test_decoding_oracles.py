@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import imagecodecs
 import numpy as np
 import pytest
 from PIL import Image
 
-from app.core.preprocessing import preprocess
+from app.core.preprocessing import _to_grayscale, decode_grayscale, preprocess
 from tests.conftest import encode
 
 SIDE = 32
@@ -61,3 +63,161 @@ def test_sixteen_bit_png_ramp_becomes_the_hand_computed_eight_bit_ramp() -> None
     data = encode(Image.fromarray(ramp), "PNG")
     expected = [[int(v * 255 / 65535 + 0.5) for v in row] for row in ramp.tolist()]  # never a tie: 510v != 65535(2k+1)
     assert preprocess(data, SIDE)[0].tolist() == expected
+
+
+def twelve_bit_ramp() -> np.ndarray:
+    """0 .. 4092 in steps of 4: every v = 16k + 8 (an exact tie after dividing by 16) is in it."""
+    return (np.arange(SIDE * SIDE, dtype=np.uint16) * 4).reshape(SIDE, SIDE)
+
+
+def lossless_twelve_bit(pixels: np.ndarray) -> bytes:
+    data = imagecodecs.jpeg8_encode(pixels, lossless=True, bitspersample=12)
+    assert imagecodecs.jpeg8_decode(data).tolist() == pixels.tolist()  # the fixture itself is lossless
+    return data
+
+
+@pytest.mark.parametrize("alpha", [4095, 2048, 0])
+def test_twelve_bit_grey_plus_alpha_is_the_hand_computed_grey_over_black(alpha: int) -> None:
+    """Grey v under alpha a (of 4095) becomes round(v * a / 4095 / 16): opaque is exactly round(v / 16), ties to even.
+
+    A divisor off by one (4094 or 4096 for 2**12 - 1) moves every tie v = 16k + 8 to the other side.
+    """
+    ramp = twelve_bit_ramp()
+    data = lossless_twelve_bit(np.stack([ramp, np.full_like(ramp, alpha)], -1))
+    expected = [[min(255, round(v * alpha / 4095 / 16)) for v in row] for row in ramp.tolist()]
+    assert preprocess(data, SIDE)[0].tolist() == expected
+
+
+def test_twelve_bit_rgb_becomes_the_hand_computed_luma() -> None:
+    """Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601), then / 16: 3-component 12-bit JPEGs are decoded, not refused."""
+    rgb = np.zeros((SIDE, SIDE, 3), dtype=np.uint16)
+    half = SIDE // 2
+    rgb[:half, :half, 0] = 4095  # red: 0.299 * 4095 / 16 = 76.53
+    rgb[:half, half:, 1] = 4095  # green: 0.587 * 4095 / 16 = 150.23
+    rgb[half:, :half, 2] = 4095  # blue: 0.114 * 4095 / 16 = 29.18
+    rgb[half:, half:] = 2000  # grey: 2000 / 16 = 125
+    pixels = preprocess(lossless_twelve_bit(rgb), SIDE)[0].numpy()
+    assert {int(v) for v in np.unique(pixels[:half, :half])} == {77}
+    assert {int(v) for v in np.unique(pixels[:half, half:])} == {150}
+    assert {int(v) for v in np.unique(pixels[half:, :half])} == {29}
+    assert {int(v) for v in np.unique(pixels[half:, half:])} == {125}
+
+
+def test_eight_bit_lossless_jpeg_keeps_every_value() -> None:
+    """8-bit lossless JPEGs take the high-precision path (Pillow cannot read them) but must not be shifted at all."""
+    ramp = (np.arange(SIDE * SIDE) % 256).astype(np.uint8).reshape(SIDE, SIDE)
+    data = imagecodecs.jpeg8_encode(ramp, lossless=True)
+    assert imagecodecs.jpeg8_decode(data).tolist() == ramp.tolist()
+    assert preprocess(data, SIDE)[0].tolist() == ramp.tolist()
+
+
+def grey_palette_png(greys: list[int], transparency: bytes | None = None) -> bytes:
+    """A one-row palette PNG whose pixel i uses palette entry i = (greys[i], greys[i], greys[i])."""
+    img = Image.new("P", (len(greys), 1))
+    img.putpalette([channel for grey in greys for channel in (grey, grey, grey)])
+    img.putdata(list(range(len(greys))))
+    return encode(img, "PNG") if transparency is None else encode(img, "PNG", transparency=transparency)
+
+
+def decoded_row(data: bytes) -> list[int]:
+    image, _ = decode_grayscale(data, 1)
+    return np.asarray(image)[0].tolist()
+
+
+def test_palette_png_becomes_its_palette_greys() -> None:
+    """Indices are not pixel values: index i shows palette entry i's grey."""
+    assert decoded_row(grey_palette_png([250, 10, 128])) == [250, 10, 128]
+
+
+def test_palette_png_transparency_is_composited_over_black() -> None:
+    """tRNS gives palette entries alpha 255, 0 and 128: grey 255 over black becomes 255, 0 and 255 * 128 / 255."""
+    assert decoded_row(grey_palette_png([255, 255, 255], transparency=b"\xff\x00\x80")) == [255, 0, 128]
+
+
+def test_grey_plus_alpha_png_is_composited_over_black() -> None:
+    """LA pixels (v, a) become v * a / 255, picked to be exact: 255 * 128, 100 * 51, 250 * 102, alpha 0 and 255."""
+    pairs = [(255, 128), (100, 51), (250, 102), (200, 0), (77, 255)]
+    data = encode(Image.fromarray(np.array([pairs], dtype=np.uint8), "LA"), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "LA"
+    assert decoded_row(data) == [128, 20, 100, 0, 77]
+
+
+def test_rgb_colour_key_is_not_alpha() -> None:
+    """A tRNS colour key on an RGB PNG is ignored, as on a greyscale one: the keyed pixel keeps its luma.
+
+    (10, 200, 30): 0.299 * 10 + 0.587 * 200 + 0.114 * 30 = 123.81, rounded to 124.
+    """
+    img = Image.fromarray(np.array([[[10, 200, 30], [255, 255, 255]]], dtype=np.uint8), "RGB")
+    data = encode(img, "PNG", transparency=(10, 200, 30))
+    assert "transparency" in Image.open(io.BytesIO(data)).info
+    assert decoded_row(data) == [124, 255]
+
+
+# Modes no PNG opens as under Pillow 13 but older Pillows did (16-bit grey as "I"): called directly.
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param([-1000, 0, 500, 1000, 1500, 2000], [0, 0, 64, 128, 191, 255], id="scaled-by-peak-2000"),
+        pytest.param([0, 1], [0, 255], id="peak-1"),
+        pytest.param([0, 0], [0, 0], id="all-zero"),
+    ],
+)
+def test_32_bit_integer_image_is_scaled_by_its_peak(values: list[int], expected: list[int]) -> None:
+    """Mode I: floor(v * 255 / max(peak, 1) + 0.5), negatives clipped to 0 (500 -> 64.25 -> 64, 1500 -> 191.75)."""
+    img = Image.fromarray(np.array([values], dtype=np.int32))
+    assert img.mode == "I"
+    assert np.asarray(_to_grayscale(img))[0].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param([-1.0, float("nan"), 1.0, 2.0, 3.0], [0, 64, 128, 191, 255], id="min-max-stretched"),
+        pytest.param([7.5, 7.5], [0, 0], id="constant"),
+    ],
+)
+def test_float_image_is_stretched_from_its_minimum_to_its_maximum(values: list[float], expected: list[int]) -> None:
+    """Mode F: (v - lo) * 255 / (hi - lo) + 0.5, NaN read as 0 (-1..3: 0 -> 64.25, 2 -> 191.75); a constant is black."""
+    img = Image.fromarray(np.array([values], dtype=np.float32))
+    assert img.mode == "F"
+    assert np.asarray(_to_grayscale(img))[0].tolist() == expected
+
+
+def test_palette_plus_alpha_image_is_composited_over_black() -> None:
+    """Mode PA (no PNG opens as it, but Pillow makes it): white at alpha 255, 128 and 0."""
+    img = Image.new("PA", (3, 1))
+    img.putpalette([255, 255, 255] * 256)
+    img.putdata([(0, 255), (0, 128), (0, 0)])
+    assert np.asarray(_to_grayscale(img))[0].tolist() == [255, 128, 0]
+
+
+def test_colour_jpeg_becomes_its_luma_not_one_channel() -> None:
+    """Red, green, blue, white blocks (4:4:4, quality 100) become Y = 0.299 R + 0.587 G + 0.114 B: 76, 150, 29, 255."""
+    rgb = np.zeros((SIDE, SIDE, 3), dtype=np.uint8)
+    half = SIDE // 2
+    rgb[:half, :half] = (255, 0, 0)
+    rgb[:half, half:] = (0, 255, 0)
+    rgb[half:, :half] = (0, 0, 255)
+    rgb[half:, half:] = (255, 255, 255)
+    data = encode(Image.fromarray(rgb, "RGB"), "JPEG", quality=100, subsampling=0)
+    pixels = preprocess(data, SIDE)[0].numpy().astype(int)
+    for block, luma in [((0, 0), 76), ((0, half), 150), ((half, 0), 29), ((half, half), 255)]:
+        row, col = block
+        assert np.abs(pixels[row + 2 : row + half - 2, col + 2 : col + half - 2] - luma).max() <= 2, block
+
+
+def test_cmyk_jpeg_inks_become_the_hand_computed_grey() -> None:
+    """Ink 200 of one colour on white paper: 255 - 200 in the channels it covers, then Y = 0.299 R + 0.587 G + 0.114 B.
+
+    K: 55 everywhere. C: (55, 255, 255) -> 195. M: (255, 55, 255) -> 138. Y: (255, 255, 55) -> 232.
+    """
+    cmyk = np.zeros((SIDE, SIDE, 4), dtype=np.uint8)
+    half = SIDE // 2
+    cmyk[:half, :half, 3] = 200
+    cmyk[:half, half:, 0] = 200
+    cmyk[half:, :half, 1] = 200
+    cmyk[half:, half:, 2] = 200
+    data = encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=100)
+    pixels = preprocess(data, SIDE)[0].numpy().astype(int)
+    for (row, col), grey in [((0, 0), 55), ((0, half), 195), ((half, 0), 138), ((half, half), 232)]:
+        assert np.abs(pixels[row + 2 : row + half - 2, col + 2 : col + half - 2] - grey).max() <= 2, (row, col)
