@@ -147,6 +147,47 @@ def test_frame_headers_are_checked_against_the_dicom_header_each_for_its_reason(
             decode_frame(_siz(96, 80, ssiz=ssiz), runner)
 
 
+def test_a_jpeg_frame_must_start_with_its_start_of_image_marker() -> None:
+    frame = imagecodecs.jpeg8_encode(np.zeros((2, 2), np.uint16), lossless=True, bitspersample=12)
+    assert _refusal(frame[2:], _runner(uid.JPEGLosslessSV1, 2, 2, 16, 12)) == "no JPEG frame header in the frame"
+
+
+@pytest.mark.parametrize(
+    "decoded",
+    [
+        np.zeros((2, 3), np.uint16),  # rows and columns swapped
+        np.zeros((3, 2, 2), np.uint16),  # two channels
+        np.zeros((3, 2), np.uint32),  # wider than 16 bits
+        np.zeros((3, 2), np.float32),  # not integers
+    ],
+    ids=["transposed", "two-channels", "32-bit", "float"],
+)
+def test_whatever_a_codec_returns_must_match_the_dicom_header(
+    decoded: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth behind the header checks: a codec's surprising output is refused, never reinterpreted."""
+    monkeypatch.setattr(dicom_codecs, "_decode", lambda _src, _runner: decoded)
+    refusal = _refusal(b"", _runner(uid.JPEGLosslessSV1, 3, 2, 16, 12))
+    assert refusal == "the decoded frame does not match the DICOM header"
+
+
+def test_a_single_channel_axis_from_a_codec_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded = np.arange(6, dtype=np.uint16).reshape(3, 2, 1)
+    monkeypatch.setattr(dicom_codecs, "_decode", lambda _src, _runner: decoded)
+    out = np.frombuffer(decode_frame(b"", _runner(uid.JPEGLosslessSV1, 3, 2, 16, 12)), dtype="<u2")
+    assert out.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_an_8_bit_jpeg_in_16_bit_bits_allocated_is_read_as_8_bit_samples() -> None:
+    """Common in the wild: pydicom must read the decoded bytes at the codec's width, not the header's."""
+    stored = (np.arange(64 * 48) % 251).astype(np.uint8).reshape(48, 64)
+    frame = imagecodecs.jpeg8_encode(stored, level=95)
+    spec = Spec(bits_stored=8, bits_allocated=16, syntax=uid.JPEGBaseline8Bit)
+    data = dicom_bytes(spec, stored=stored.astype(np.uint16), frame=frame)
+    pixels = pixel_array(io.BytesIO(data), decoding_plugin=dicom_codecs.PLUGIN)
+    assert pixels.tolist() == imagecodecs.jpeg8_decode(frame).tolist()
+
+
 def test_is_available_names_exactly_the_plugins_syntaxes() -> None:
     assert all(dicom_codecs.is_available(syntax) for syntax in dicom_codecs.SYNTAXES)
     assert not dicom_codecs.is_available(uid.ExplicitVRLittleEndian)

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
-from app.core.dicom_pixels import Display, Lut, Window, _lookup, _window, to_display
+from app.core.dicom_pixels import Display, Lut, Window, _lookup, _weighted_percentiles, _window, to_display
 from app.core.image_errors import CorruptImageError
 
 
@@ -76,3 +76,16 @@ def test_a_one_unit_window_on_stored_values_gives_black_and_white_only() -> None
     pixels, details = to_display(stored, Display(None, None, None, Window(100, 1, "LINEAR"), inverted=False))
     assert pixels.tolist() == [[0, 0, 255, 255]]
     assert details["voi"] == "window"
+
+
+@pytest.mark.parametrize(
+    ("values", "counts", "q"),
+    [
+        ([3401, 25557, 53076, 65947], [3, 1, 3, 3], 37.3),  # t < 0.5: low + diff * t and high - diff * (1 - t) differ
+        ([1119, 6389, 10453, 21715, 35893, 53056, 62909], [4, 2, 1, 2, 4, 3, 1], 99.5),  # t >= 0.5: the other way
+    ],
+)
+def test_weighted_percentile_equals_numpys_to_the_last_bit(values: list[int], counts: list[int], q: float) -> None:
+    """The histogram percentile must be np.percentile of the expanded values exactly, rounding included."""
+    expected = float(np.percentile(np.repeat(np.array(values, dtype=np.float64), counts), q))
+    assert _weighted_percentiles(np.array(values, dtype=np.float64), np.array(counts), (q,)) == [expected]
