@@ -13,8 +13,10 @@ import warnings
 import numpy as np
 import pytest
 
+from app.core import dicom_pixels
 from app.core.dicom_pixels import Display, Lut, Window, _lookup, _weighted_percentiles, _window, to_display
 from app.core.image_errors import CorruptImageError
+from tests.dicom_files import Spec, chest_stored, expected_display
 
 
 def _levels(center: float, width: float, function: str, values: list[float]) -> list[float]:
@@ -89,3 +91,35 @@ def test_weighted_percentile_equals_numpys_to_the_last_bit(values: list[int], co
     """The histogram percentile must be np.percentile of the expanded values exactly, rounding included."""
     expected = float(np.percentile(np.repeat(np.array(values, dtype=np.float64), counts), q))
     assert _weighted_percentiles(np.array(values, dtype=np.float64), np.array(counts), (q,)) == [expected]
+
+
+NO_TRANSFORMS = Display(None, None, None, None, inverted=False)
+
+
+def test_chunked_lookup_and_histogram_cover_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Radiographs are processed in row chunks: with chunks of a few rows, every row is still counted and mapped."""
+    stored = chest_stored(Spec(), width=7, height=23)  # more rows than columns, so rows and columns cannot swap
+    whole, _ = to_display(stored, NO_TRANSFORMS)
+    monkeypatch.setattr(dicom_pixels, "_CHUNK_PIXELS", 20)  # 20 // 7 = 2 rows per chunk, 12 chunks
+    chunked, _ = to_display(stored, NO_TRANSFORMS)
+    assert chunked.tolist() == whole.tolist() == expected_display(stored, Spec()).tolist()
+
+
+def test_percentile_window_of_a_tiny_image_is_numpys() -> None:
+    """Four values: the 99.5th percentile lies between the two largest (985.3), not at the third."""
+    stored = np.array([[0, 10], [20, 1000]], dtype=np.uint16)
+    _, details = to_display(stored, NO_TRANSFORMS)
+    expected = np.percentile(stored.astype(np.float64), [0.5, 99.5])
+    assert [details["window_low"], details["window_high"]] == pytest.approx(expected.tolist(), rel=1e-12)
+
+
+def test_a_single_pixel_image_is_black_not_an_error() -> None:
+    pixels, details = to_display(np.array([[1234]], dtype=np.uint16), NO_TRANSFORMS)
+    assert pixels.tolist() == [[0]]
+    assert details["window_low"] == details["window_high"] == 1234.0
+
+
+def test_a_modality_lut_is_reported_as_applied() -> None:
+    lut = Lut(first_mapped=0, bits=8, data=np.array([0, 100, 200]))
+    _, details = to_display(np.array([[0, 1, 2]], dtype=np.uint16), Display(None, lut, None, None, inverted=False))
+    assert details["modality_lut"] == "lut"
