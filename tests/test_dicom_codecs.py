@@ -149,7 +149,9 @@ def test_frame_headers_are_checked_against_the_dicom_header_each_for_its_reason(
 
 def test_a_jpeg_frame_must_start_with_its_start_of_image_marker() -> None:
     frame = imagecodecs.jpeg8_encode(np.zeros((2, 2), np.uint16), lossless=True, bitspersample=12)
-    assert _refusal(frame[2:], _runner(uid.JPEGLosslessSV1, 2, 2, 16, 12)) == "no JPEG frame header in the frame"
+    runner = _runner(uid.JPEGLosslessSV1, 2, 2, 16, 12)
+    for damaged in (frame[2:], b"\0\0" + frame[2:]):  # SOI missing, or overwritten before intact segments
+        assert _refusal(damaged, runner) == "no JPEG frame header in the frame"
 
 
 @pytest.mark.parametrize(

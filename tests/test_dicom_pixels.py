@@ -85,9 +85,10 @@ def test_a_one_unit_window_on_stored_values_gives_black_and_white_only() -> None
     [
         ([3401, 25557, 53076, 65947], [3, 1, 3, 3], 37.3),  # t < 0.5: low + diff * t and high - diff * (1 - t) differ
         ([1119, 6389, 10453, 21715, 35893, 53056, 62909], [4, 2, 1, 2, 4, 3, 1], 99.5),  # t >= 0.5: the other way
+        ([70.93, 2702.782], [1, 1], 50.0),  # t exactly 0.5 (rescaled values): numpy takes the t >= 0.5 branch
     ],
 )
-def test_weighted_percentile_equals_numpys_to_the_last_bit(values: list[int], counts: list[int], q: float) -> None:
+def test_weighted_percentile_equals_numpys_to_the_last_bit(values: list[float], counts: list[int], q: float) -> None:
     """The histogram percentile must be np.percentile of the expanded values exactly, rounding included."""
     expected = float(np.percentile(np.repeat(np.array(values, dtype=np.float64), counts), q))
     assert _weighted_percentiles(np.array(values, dtype=np.float64), np.array(counts), (q,)) == [expected]
@@ -123,3 +124,26 @@ def test_a_modality_lut_is_reported_as_applied() -> None:
     lut = Lut(first_mapped=0, bits=8, data=np.array([0, 100, 200]))
     _, details = to_display(np.array([[0, 1, 2]], dtype=np.uint16), Display(None, lut, None, None, inverted=False))
     assert details["modality_lut"] == "lut"
+
+
+@pytest.mark.parametrize(
+    ("bits", "data", "top"),
+    [
+        (12, [0, 2047], 127),  # the descriptor's 12 bits set the range: 2047 / 4095 * 255 = 127.47
+        (8, [0, 1000], 249),  # data beyond the declared 8 bits widen it to 10: 1000 / 1023 * 255 = 249.3
+    ],
+)
+def test_voi_lut_output_range_is_the_wider_of_its_descriptor_and_its_data(bits: int, data: list[int], top: int) -> None:
+    lut = Lut(first_mapped=0, bits=bits, data=np.array(data))
+    pixels, details = to_display(np.array([[0, 1]], dtype=np.uint16), Display(None, None, lut, None, inverted=False))
+    assert pixels.tolist() == [[0, top]]
+    assert details["voi"] == "voi_lut"
+
+
+def test_rescale_is_reported_with_its_slope_and_intercept() -> None:
+    _, details = to_display(np.array([[0, 1]], dtype=np.uint16), Display((2.5, -1024.0), None, None, None, False))
+    assert (details["modality_lut"], details["rescale_slope"], details["rescale_intercept"]) == (
+        "rescale",
+        2.5,
+        -1024.0,
+    )
