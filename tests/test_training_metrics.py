@@ -243,3 +243,8 @@ def test_temperature_stays_inside_its_search_bounds() -> None:
     labels = torch.tensor([1, 0] * 50)
     assert fit_temperature(logits, labels) == pytest.approx(0.02, rel=1e-6)
     assert fit_temperature(logits, 1 - labels) == pytest.approx(50.0, rel=1e-6)
+
+
+def test_an_unknown_threshold_method_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^unknown threshold method 'f1': sensitivity or youden$"):
+        select_threshold(np.array([0, 1]), np.array([0.2, 0.8]), "f1")  # type: ignore[arg-type]
