@@ -73,12 +73,17 @@ def one_colour_rgba_png(width: int, height: int) -> bytes:
     return png_from_rows(width, height, 8, 6, zlib.compress(row * height, 9))
 
 
-def png_from_rows(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk (PNG spec 5.3): length, type, body, then the CRC of type and body."""
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def png_from_rows(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes) -> bytes:
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bit_depth, colour_type, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def png_with_bad_ihdr_crc() -> bytes:

@@ -23,12 +23,14 @@ from app.core.jpeg_header import JPEG_LS_SOF_MARKERS, JpegFrame, jpeg_has_exif, 
 from tests.conftest import encode, synthetic_xray
 from tests.dicom_files import Spec, chest_stored, dicom_bytes, encode_frame
 from tests.hostile_inputs import (
+    PNG_SIGNATURE,
     cut_with_eoi,
     gradient16,
     jpeg8,
     lossless_without_huffman_table,
     one_colour_rgba_png,
     patch_frame_size,
+    png_chunk,
     png_from_rows,
     png_with_bad_ihdr_crc,
     two_channel_jpeg,
@@ -326,13 +328,10 @@ def test_exif_is_seen_only_in_an_app1_exif_segment_before_the_scan(data: bytes, 
     assert jpeg_has_exif(data) is expected
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def png_head(colour_type: int = 6, bit_depth: int = 16, chunk: bytes = b"IHDR") -> bytes:
     """Signature and IHDR (PNG spec 11.2.2): width 0x01020304, height 0x05060708, no byte of either repeated."""
     body = (0x01020304).to_bytes(4, "big") + (0x05060708).to_bytes(4, "big") + bytes([bit_depth, colour_type, 0, 0, 0])
-    return PNG_SIGNATURE + len(body).to_bytes(4, "big") + chunk + body + zlib.crc32(chunk + body).to_bytes(4, "big")
+    return PNG_SIGNATURE + png_chunk(chunk, body)
 
 
 def test_png_header_is_read_from_ihdr() -> None:
