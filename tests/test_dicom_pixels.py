@@ -140,6 +140,15 @@ def test_voi_lut_output_range_is_the_wider_of_its_descriptor_and_its_data(bits: 
     assert details["voi"] == "voi_lut"
 
 
+def test_a_voi_lut_of_zeros_declaring_no_bits_is_black_without_dividing_by_zero() -> None:
+    """Files cannot declare 0 bits (dicom.py refuses them), but the transform must not divide 0 by 0 for a caller."""
+    lut = Lut(first_mapped=0, bits=0, data=np.array([0, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels, _ = to_display(np.array([[0, 1]], dtype=np.uint16), Display(None, None, lut, None, inverted=True))
+    assert pixels.tolist() == [[255, 255]]
+
+
 def test_rescale_is_reported_with_its_slope_and_intercept() -> None:
     _, details = to_display(np.array([[0, 1]], dtype=np.uint16), Display((2.5, -1024.0), None, None, None, False))
     assert (details["modality_lut"], details["rescale_slope"], details["rescale_intercept"]) == (

@@ -114,6 +114,19 @@ def test_exif_orientation_is_applied() -> None:
     assert np.abs(rotated.pixels[0].numpy().astype(int) - upright).mean() < 4
 
 
+def test_a_jpeg_whose_exif_pillow_cannot_read_is_refused_naming_the_exif() -> None:
+    """Pillow reads the orientation before libjpeg decodes: a file it cannot parse is corrupt, never guessed upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    payload = exif.tobytes()
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    reserved = b"\xff\x02\x00\x04ab"  # a reserved marker Pillow's JPEG parser rejects
+    clean = encode(synthetic_xray(), "JPEG")
+    assert imaging.preprocess(clean[:2] + app1 + clean[2:], 32).shape == (1, 32, 32)
+    with pytest.raises(imaging.CorruptImageError, match=r"^the JPEG's EXIF header is invalid: cannot identify"):
+        imaging.preprocess(clean[:2] + app1 + reserved + clean[2:], 32)
+
+
 @pytest.mark.parametrize("lossless", [False, True])
 def test_two_channel_high_precision_jpeg_is_grey_over_black(lossless: bool) -> None:
     """Finding 3: was a 500 (2 channels x 3 colour weights); opaque grey + alpha equals the grey alone."""
