@@ -5,7 +5,11 @@ per-file results (``mutants/<path>.meta``) for every file that ``[tool.mutmut] o
 pyproject.toml selects and prints the table. A mutant counts as killed when a test failed or timed
 out (an infinite loop is a detected bug); the score is killed / checked. ``--names survived`` lists
 mutant names instead, for rerunning them (``make mutation`` does, so that tests added since the last
-run get their chance) or for ``mutmut show NAME``.
+run get their chance) or for ``mutmut show NAME``; with ``--sample N`` it picks N of them per module
+uniformly at random (seeded), so that a module too slow to check in full can be scored on a sample.
+For a partially checked module the report adds the 95% Wilson interval of its score, which bounds
+the full score only when the checked mutants are such a random sample (mutmut's own order is
+cheapest first, which is not).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import math
+import random
 import subprocess
 import sys
 import tomllib
@@ -46,6 +52,14 @@ class ModuleScore:
     @property
     def score(self) -> float | None:
         return self.killed / self.checked if self.checked else None
+
+
+def wilson_interval(killed: int, checked: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for a proportion: sound for small samples and scores near 100%."""
+    share = killed / checked
+    centre = (share + z * z / (2 * checked)) / (1 + z * z / checked)
+    half = z * math.sqrt(share * (1 - share) / checked + z * z / (4 * checked * checked)) / (1 + z * z / checked)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mutated_files(root: Path) -> list[str]:
@@ -105,6 +119,8 @@ def table(rows: list[ModuleScore], stamp: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--names", metavar="STATUS", help="print the names of the mutants with this status")
+    parser.add_argument("--sample", type=int, metavar="N", help="with --names: at most N per module, chosen at random")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's choice (default 0)")
     parser.add_argument("--min-score", type=float, default=0.9, help="the goal per module (default 0.9)")
     args = parser.parse_args(argv)
     root = Path.cwd()
@@ -112,16 +128,26 @@ def main(argv: list[str] | None = None) -> int:
         print("no mutants/ folder here: run `make mutation` (mutmut run) from the repository root first")
         return 2
     if args.names:
+        chooser = random.Random(args.seed)
         for path in mutated_files(root):
-            for name, status in sorted(load(path).items()):
-                if status == args.names:
-                    print(name)
+            names = sorted(name for name, status in load(path).items() if status == args.names)
+            if args.sample is not None and len(names) > args.sample:
+                names = sorted(chooser.sample(names, args.sample))
+            for name in names:
+                print(name)
         return 0
     rows = scores(root)
     print(table(rows, f"{datetime.date.today().isoformat()} / {commit(root)}"))
     other = sorted({status for row in rows for status in row.statuses} - {*KILLED, "survived", "not checked"})
     for status in other:
         print(f"{status}: " + ", ".join(f"{row.path} {row.statuses[status]}" for row in rows if row.statuses[status]))
+    for row in rows:
+        if row.checked and row.statuses["not checked"]:
+            low, high = wilson_interval(row.killed, row.checked)
+            print(
+                f"partial: {row.path} {row.checked} of {row.total} checked, {percent(row.score)}; "
+                f"95% interval {percent(low)} to {percent(high)} if those are a random sample"
+            )
     below = [row.path for row in rows if row.score is not None and row.score < args.min_score]
     if below:
         print(f"below {percent(args.min_score)}: {', '.join(below)}")
