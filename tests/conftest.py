@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``make mutation``, run each mutant's tests fastest first.
+    """Under ``make mutation``, run each mutant's tests fastest first, timing only their bodies.
 
     mutmut runs a mutant's tests with ``-x`` in whatever order its set yields them, so a mutant that a
     0.1 s test kills could first wait for a 6 s one. The durations are mutmut's own, recorded in the
@@ -44,6 +44,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return
     durations: dict[str, float] = json.loads(stats.read_text()).get("duration_by_test", {})
     items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
+    # A timeout counts as a kill. Session fixtures (a tiny model export) take seconds on a busy
+    # machine, so time only the test body; mutmut's own limit still ends a mutant that hangs a fixture.
+    for item in items:
+        item.add_marker(pytest.mark.timeout(func_only=True))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
