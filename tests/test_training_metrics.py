@@ -172,6 +172,17 @@ def test_bootstrap_draws_every_case_including_the_first() -> None:
     assert interval["specificity"] == [1.0, 1.0]  # never NaN: case 0 is drawn in about 65% of resamples
 
 
+def test_bootstrap_of_a_metric_no_resample_can_define_is_nan_without_a_warning() -> None:
+    """No positives: AUC and sensitivity are undefined in every resample, so the interval is NaN, quietly."""
+    labels = np.zeros(5, dtype=int)
+    scores = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nanpercentile of all-NaN warns "All-NaN slice"
+        interval = m.bootstrap_ci(labels, scores, 0.6, n_boot=50, seed=0)
+    assert all(math.isnan(v) for v in interval["roc_auc"] + interval["sensitivity"])
+    assert 0.0 <= interval["specificity"][0] <= interval["specificity"][1] <= 1.0  # 3 of 5 below 0.6
+
+
 def test_bootstrap_is_reproducible_from_its_seed() -> None:
     labels = np.array([0, 1] * 10)
     scores = np.linspace(0.05, 0.95, 20)
