@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import imagecodecs
 import numpy as np
@@ -86,6 +87,42 @@ def test_twelve_bit_grey_plus_alpha_is_the_hand_computed_grey_over_black(alpha: 
     data = lossless_twelve_bit(np.stack([ramp, np.full_like(ramp, alpha)], -1))
     expected = [[min(255, round(v * alpha / 4095 / 16)) for v in row] for row in ramp.tolist()]
     assert preprocess(data, SIDE)[0].tolist() == expected
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_white_under_every_alpha_level_shows_that_alpha(bits: int) -> None:
+    """White (2**bits - 1) under alpha a is exactly a, so it must become round(a / 2**(bits - 8)), ties to even.
+
+    Every alpha level is a pixel, so every tie a = 2**(bits - 8) * (k + 1/2) is in the image (8 -> 0, 24 -> 2
+    for 12 bits): the alpha fraction a / (2**bits - 1) times white must give back a, not a level beside it.
+    """
+    top = (1 << bits) - 1
+    side = 1 << (bits // 2)  # 64 x 64 = 4096 or 256 x 256 = 65536 pixels: one per alpha level
+    alpha = np.arange(top + 1, dtype=np.uint16).reshape(side, side)
+    pixels = np.stack([np.full_like(alpha, top), alpha], -1)
+    data = imagecodecs.jpeg8_encode(pixels, lossless=True, bitspersample=bits)
+    assert imagecodecs.jpeg8_decode(data).tolist() == pixels.tolist()  # the fixture itself is lossless
+    image, _ = decode_grayscale(data, 1)
+    expected = [[min(255, round(a / (1 << (bits - 8)))) for a in row] for row in alpha.tolist()]
+    assert np.asarray(image).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("channel", "weight"),
+    [pytest.param(0, 299, id="red"), pytest.param(1, 587, id="green"), pytest.param(2, 114, id="blue")],
+)
+def test_every_twelve_bit_level_of_one_primary_becomes_its_hand_computed_luma(channel: int, weight: int) -> None:
+    """Level v of one primary (the others 0) becomes round(weight * v / 1000 / 16), ties to even (BT.601 weights).
+
+    All 4096 levels are pixels; blue 4000 is the one exact tie, 114 * 4000 / 16000 = 28.5, which must give 28:
+    the weights are 0.299, 0.587 and 0.114, not their nearest float32 values taken exactly (0.114000000059...).
+    """
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    rgb = np.zeros((64, 64, 3), dtype=np.uint16)
+    rgb[:, :, channel] = ramp
+    image, _ = decode_grayscale(lossless_twelve_bit(rgb), 1)
+    expected = [[round(Fraction(weight * v, 16000)) for v in row] for row in ramp.tolist()]
+    assert np.asarray(image).tolist() == expected
 
 
 def test_twelve_bit_rgb_becomes_the_hand_computed_luma() -> None:
@@ -221,3 +258,27 @@ def test_cmyk_jpeg_inks_become_the_hand_computed_grey() -> None:
     pixels = preprocess(data, SIDE)[0].numpy().astype(int)
     for (row, col), grey in [((0, 0), 55), ((0, half), 195), ((half, 0), 138), ((half, half), 232)]:
         assert np.abs(pixels[row + 2 : row + half - 2, col + 2 : col + half - 2] - grey).max() <= 2, (row, col)
+
+
+# Inks (C, M, Y, K) on white paper, no black: R, G, B are exactly 255 - C, 255 - M, 255 - Y.
+FLAT_INKS = [(40, 40, 40, 0), (90, 90, 90, 0), (160, 160, 160, 0), (0, 0, 0, 90), (0, 90, 0, 0), (160, 40, 0, 0)]
+
+
+def test_flat_cmyk_inks_become_their_exact_luma() -> None:
+    """Flat 16 x 16 blocks (exact at quality 100) of one ink mix each become round(Y), Y = 0.299 R + 0.587 G + 0.114 B.
+
+    Equal C, M and Y inks are a neutral grey: 40, 90, 160 -> 215, 165, 95 exactly, as K 90 alone -> 165.
+    M 90: (255, 165, 255) -> 202.17 -> 202. C 160, M 40: (95, 215, 255) -> 183.68 -> 184.
+    """
+    cmyk = np.zeros((16, 16 * len(FLAT_INKS), 4), dtype=np.uint8)
+    for block, inks in enumerate(FLAT_INKS):
+        cmyk[:, 16 * block : 16 * block + 16] = inks
+    data = encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=100)
+    assert np.asarray(Image.open(io.BytesIO(data))).tolist() == cmyk.tolist()  # the fixture itself is exact
+    image, _ = decode_grayscale(data, cmyk.shape[1])
+    pixels = np.asarray(image)
+    for block, (c, m, y, k) in enumerate(FLAT_INKS):
+        assert k == 0 or (c, m, y) == (0, 0, 0)  # channels stay whole numbers: no ink under black
+        luma = Fraction(299 * (255 - c) + 587 * (255 - m) + 114 * (255 - y), 1000) * (255 - k) / 255
+        expected = round(luma)
+        assert {int(v) for v in np.unique(pixels[:, 16 * block : 16 * block + 16])} == {expected}, (c, m, y, k)

@@ -481,6 +481,30 @@ def test_decode_budget_is_inclusive_and_names_the_numbers(entry: str) -> None:
     assert caught.value.message == expected
 
 
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_dicom_policy_reaches_every_entry_point(entry: str) -> None:
+    """A lateral view is refused by the default policy and decoded once the view check is off, wherever it enters."""
+    decode = ENTRY_POINTS[entry]
+    lateral = dicom_bytes(Spec(view="LAT"))
+    with pytest.raises(imaging.ImageError):
+        decode(lateral, 4)
+    decode(lateral, 4, dicom=DicomPolicy(check_view_position=False))
+
+
+def test_image_of_another_format_is_unsupported_by_its_name() -> None:
+    """Pillow reads a GIF, but only JPEG, PNG and DICOM are accepted: the message names what was sent."""
+    with pytest.raises(imaging.UnsupportedImageError) as caught:
+        imaging.preprocess(encode(Image.new("L", (4, 4)), "GIF"), 4)
+    assert caught.value.message == "GIF images are not supported; upload a JPEG, PNG or DICOM"
+
+
+def test_png_whose_first_chunk_is_not_ihdr_is_corrupt_by_name() -> None:
+    """Signature and an intact IEND chunk, but no IHDR: a damaged PNG (corrupt), not an unknown format."""
+    with pytest.raises(imaging.CorruptImageError) as caught:
+        imaging.preprocess(PNG_SIGNATURE + png_chunk(b"IEND", b""), 4)
+    assert caught.value.message == "the file starts like a PNG but its header is invalid"
+
+
 def test_two_component_8bit_jpeg_is_refused_by_name() -> None:
     data = imagecodecs.jpeg8_encode(np.zeros((16, 16, 2), dtype=np.uint8))
     with pytest.raises(imaging.UnsupportedImageError) as caught:
@@ -513,10 +537,36 @@ def test_file_that_is_no_image_is_unsupported_by_name() -> None:
     [
         pytest.param(JPEG8["baseline"], imaging.SourceInfo("JPEG", 400, 300), id="jpeg"),
         pytest.param(grey_png(40, 30), imaging.SourceInfo("PNG", 40, 30), id="png"),
+        pytest.param(HIGH["12-bit"], imaging.SourceInfo("JPEG", 400, 300, {"bits": 12}), id="12-bit"),
+        pytest.param(HIGH["lossless-12"], imaging.SourceInfo("JPEG", 400, 300, {"bits": 12}), id="lossless-12"),
+        pytest.param(HIGH["lossless-16"], imaging.SourceInfo("JPEG", 400, 300, {"bits": 16}), id="lossless-16"),
     ],
 )
 def test_source_names_the_format_and_full_size(data: bytes, source: imaging.SourceInfo) -> None:
+    """12/16-bit and lossless JPEGs (400 wide, 300 tall) also name their sample precision."""
     assert imaging.prepare_input(data, 32).source == source
+
+
+def test_dicom_source_names_the_format_full_size_and_encoding() -> None:
+    """A 96 x 80 DICOM file (wider than tall, so the sides cannot swap) reports its transfer syntax and photometry."""
+    source = imaging.prepare_input(dicom_bytes(Spec()), 32).source
+    assert (source.format, source.width, source.height) == ("DICOM", 96, 80)
+    assert source.details["transfer_syntax"] == uid.UID(uid.ExplicitVRLittleEndian).name
+    assert source.details["photometric_interpretation"] == "MONOCHROME2"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\xff\xd8\xff\xd9", id="SOI-then-EOI"),
+        pytest.param(b"\xff\xd8\xff\xda\x00\x08" + bytes(6) + b"\xff\xd9", id="scan-without-a-frame"),
+    ],
+)
+def test_jpeg_without_a_frame_header_is_corrupt_by_name(data: bytes) -> None:
+    """Starting with SOI and a marker makes it a JPEG (not "unsupported"), but one with no frame to decode."""
+    with pytest.raises(imaging.CorruptImageError) as caught:
+        imaging.preprocess(data, 4)
+    assert caught.value.message == "the file starts like a JPEG but has no valid frame header"
 
 
 def test_regular_file_is_read_and_prepared_with_its_digest(tmp_path: Path) -> None:
