@@ -85,7 +85,7 @@ def test_twelve_bit_grey_plus_alpha_is_the_hand_computed_grey_over_black(alpha: 
     """
     ramp = twelve_bit_ramp()
     data = lossless_twelve_bit(np.stack([ramp, np.full_like(ramp, alpha)], -1))
-    expected = [[min(255, round(v * alpha / 4095 / 16)) for v in row] for row in ramp.tolist()]
+    expected = [[min(255, round(Fraction(v * alpha, 4095 * 16))) for v in row] for row in ramp.tolist()]
     assert preprocess(data, SIDE)[0].tolist() == expected
 
 
@@ -123,6 +123,37 @@ def test_every_twelve_bit_level_of_one_primary_becomes_its_hand_computed_luma(ch
     image, _ = decode_grayscale(lossless_twelve_bit(rgb), 1)
     expected = [[round(Fraction(weight * v, 16000)) for v in row] for row in ramp.tolist()]
     assert np.asarray(image).tolist() == expected
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_every_neutral_grey_level_keeps_its_value_scaled_with_ties_to_even(bits: int) -> None:
+    """R = G = B = v has luma exactly v (the weights sum to 1), so it must become round(v / 2**(bits - 8)).
+
+    Every level is a pixel, so every tie v = 2**(bits - 8) * (k + 1/2) is there: float32 weights summing to
+    1.0000000x pushed some ties up (10 of the 256 at 12 bits) before levels were computed in integers.
+    """
+    side = 1 << (bits // 2)
+    grey = np.arange(1 << bits, dtype=np.uint16).reshape(side, side)
+    image, _ = decode_grayscale(
+        imagecodecs.jpeg8_encode(np.stack([grey] * 3, -1), lossless=True, bitspersample=bits), 1
+    )
+    expected = [[min(255, round(Fraction(v, 1 << (bits - 8)))) for v in row] for row in grey.tolist()]
+    assert np.asarray(image).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("pixel", "level"),
+    [
+        pytest.param((0, 56477, 0), 129, id="green-129.49999609"),  # 587 * 56477 / 256000
+        pytest.param((54529, 41074), 133, id="grey-under-alpha-133.49999917"),  # 54529 * 41074 / (65535 * 256)
+        pytest.param((59199, 47186), 167, id="grey-under-alpha-166.50001037"),
+    ],
+)
+def test_sixteen_bit_near_ties_round_to_the_nearest_level(pixel: tuple[int, ...], level: int) -> None:
+    """Within a millionth of a half, float32 arithmetic rounded these 16-bit samples the wrong way."""
+    pixels = np.tile(np.array(pixel, dtype=np.uint16), (8, 8, 1))
+    image, _ = decode_grayscale(imagecodecs.jpeg8_encode(pixels, lossless=True, bitspersample=16), 1)
+    assert np.asarray(image).tolist() == [[level] * 8] * 8
 
 
 def test_twelve_bit_rgb_becomes_the_hand_computed_luma() -> None:

@@ -149,17 +149,28 @@ def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
         raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    if arr.ndim == 3 and arr.shape[2] == 2:  # grey + alpha: over black, as 8-bit PNGs with alpha are
-        alpha = arr[:, :, 1].astype(np.float32) / float((1 << frame.precision) - 1)
-        gray = arr[:, :, 0].astype(np.float32) * alpha
-    elif arr.ndim == 3:
-        gray = arr[:, :, :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    else:
-        gray = arr.astype(np.float32)
-    if gray.ndim != 2 or gray.shape != (frame.height, frame.width):
-        raise CorruptImageError(f"the JPEG decoded to {arr.shape}, not the {frame.width}x{frame.height} of its header")
+    # Every output level is an exact ratio of integers, rounded half to even: float32 arithmetic
+    # misrounds some exact ties (a neutral grey's weights sum to 1.0000000x) and 16-bit near-ties.
     shift = max(frame.precision - 8, 0)
-    return Image.fromarray(np.clip(np.rint(gray / float(1 << shift)), 0, 255).astype(np.uint8), "L")
+    if arr.ndim == 3 and arr.shape[2] == 2:  # grey + alpha: over black, as 8-bit PNGs with alpha are
+        numerator = arr[:, :, 0].astype(np.uint32) * arr[:, :, 1]
+        denominator = ((1 << frame.precision) - 1) << shift
+    elif arr.ndim == 3:  # ITU-R BT.601 luma, in thousandths
+        red, green, blue = (arr[:, :, channel].astype(np.uint32) for channel in range(3))
+        numerator = 299 * red + 587 * green + 114 * blue
+        denominator = 1000 << shift
+    else:
+        numerator = arr.astype(np.uint32)
+        denominator = 1 << shift
+    if numerator.ndim != 2 or numerator.shape != (frame.height, frame.width):
+        raise CorruptImageError(f"the JPEG decoded to {arr.shape}, not the {frame.width}x{frame.height} of its header")
+    return Image.fromarray(np.minimum(_round_half_even(numerator, denominator), 255).astype(np.uint8), "L")
+
+
+def _round_half_even(numerator: np.ndarray, denominator: int) -> np.ndarray:
+    """``numerator / denominator`` rounded to the nearest integer, ties to even, in integers (uint32 holds 65535²)."""
+    quotient, remainder = np.divmod(numerator, denominator)
+    return quotient + ((2 * remainder > denominator) | ((2 * remainder == denominator) & (quotient % 2 == 1)))
 
 
 def _decode_jpeg(data: bytes, frame: JpegFrame, target_size: int) -> tuple[Image.Image, SourceInfo]:
