@@ -23,7 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom import uid
+from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
+from pydicom.sequence import Sequence
 
 from app.core import dicom
 from app.core.artifacts import LoadedModel, load_model
@@ -71,6 +73,10 @@ VARIANTS: dict[str, Spec] = {
     "voi_lut_signed_first_value": Spec(signed=True, voi_lut=SIGNED_LUT),
     "mono1_voi_lut": Spec(photometric="MONOCHROME1", voi_lut=GAMMA_LUT),
     "modality_lut": Spec(modality_lut=LutSpec(0, 16, tuple((i * 7919) % 65536 for i in range(4096)))),
+    "modality_lut_ow": Spec(
+        lut_words=True, modality_lut=LutSpec(0, 16, tuple((i * 7919) % 65536 for i in range(4096)))
+    ),
+    "voi_lut_one_bit": Spec(voi_lut=LutSpec(0, 1, tuple(int(i >= 2048) for i in range(4096)))),  # black or white
     "presentation_lut_inverse": Spec(presentation_shape="INVERSE"),
     "mono1_with_inverse_shape": Spec(photometric="MONOCHROME1", presentation_shape="INVERSE"),
     "implicit_vr": Spec(syntax=uid.ImplicitVRLittleEndian),
@@ -465,3 +471,459 @@ def test_patient_data_never_reaches_errors_warnings_or_logs(caplog: pytest.LogCa
         for secret in (PATIENT_NAME[:12], PATIENT_ID, "19470312"):
             assert secret.lower() not in text.lower()
     assert not logging.getLogger("pydicom").isEnabledFor(logging.CRITICAL)
+
+
+def _with_element(data: bytes, keyword: str, vr: str, value: object) -> bytes:
+    """``data`` saved again with ``keyword`` set to ``value`` in ``vr``, maybe a VR the standard does not give it."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.add_new(keyword, vr, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            lambda: dicom_bytes(Spec(modality="XYZZY")),
+            "the DICOM modality is an unrecognised modality, not a plain radiograph (CR, DX or DR)",
+        ),
+        (
+            lambda: dicom_bytes(Spec(rescale=(0.0, 5.0))),
+            "the DICOM Rescale Slope is 0, which maps every pixel to one value",
+        ),
+        (
+            lambda: dicom_bytes(Spec(window=(2000, 1000), voi_function="CUBIC")),
+            "the DICOM VOI LUT Function is not LINEAR, LINEAR_EXACT or SIGMOID",
+        ),
+        (
+            lambda: replace_value(dicom_bytes(Spec(window=(1234567, 10))), "1234567", b"abcdefg"),
+            "the DICOM element WindowCenter is not a number",
+        ),
+        (
+            lambda: dicom_bytes(Spec(voi_lut=LutSpec(0, 17, (1, 2)))),
+            "the LUT Data of the DICOM VOILUTSequence does not match its LUT Descriptor",
+        ),
+        (
+            lambda: dicom_bytes(Spec(modality_lut=LutSpec(0, 12, (1, 2, 3), entries=16))),
+            "the LUT Data of the DICOM ModalityLUTSequence does not match its LUT Descriptor",
+        ),
+    ],
+    ids=["unknown_modality", "slope_zero", "unknown_voi_function", "window_not_a_number", "lut_17_bits", "lut_short"],
+)
+def test_refusals_say_exactly_which_attribute_is_wrong(data: Callable[[], bytes], message: str) -> None:
+    """The message is the response's detail: it names the attribute (never its value), word for word."""
+    with pytest.raises(ImageError) as caught:
+        decode_dicom(data(), 10**6)
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("extra", "rescale", "window"),
+    [
+        ({"RescaleSlope": 2.0}, (2.0, 0.0), (4096.0, 8192.0)),
+        ({"RescaleIntercept": -1000.0}, (1.0, -1000.0), (1000.0, 3000.0)),
+    ],
+    ids=["slope_only", "intercept_only"],
+)
+def test_a_lone_rescale_slope_or_intercept_takes_the_identity_for_the_other(
+    extra: dict[str, object], rescale: tuple[float, float], window: tuple[float, float]
+) -> None:
+    """PS3.3 C.11.1 requires both; a header with one of them still means slope 1 or intercept 0 for the other."""
+    stored = chest_stored(Spec())
+    decoded = decode_dicom(dicom_bytes(Spec(window=window, extra=extra), stored), 10**6)
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec(rescale=rescale, window=window)))
+    assert (decoded.details["rescale_slope"], decoded.details["rescale_intercept"]) == rescale
+
+
+@pytest.mark.parametrize("vr", ["DS", "LO"])
+def test_an_empty_rescale_slope_counts_as_absent(vr: str) -> None:
+    """An element without a value is no rescale; pydicom reads it as None (DS) or "" (a text VR some writers use)."""
+    stored = chest_stored(Spec())
+    data = _with_element(dicom_bytes(Spec(window=(1800, 2500)), stored), "RescaleSlope", vr, "")
+    decoded = decode_dicom(data, 10**6)
+    assert decoded.details["modality_lut"] == "none"
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec(window=(1800, 2500))))
+
+
+@pytest.mark.parametrize("extra", [{"WindowCenter": 2000}, {"WindowWidth": 1000}], ids=["center_only", "width_only"])
+def test_half_a_window_is_ignored_for_the_percentile_window(extra: dict[str, object]) -> None:
+    """A window needs its center and its width (PS3.3 C.11.2.1.2); with one of them the file declares no window."""
+    stored = chest_stored(Spec())
+    decoded = decode_dicom(dicom_bytes(Spec(extra=extra), stored), 10**6)
+    assert decoded.details["voi"] == "percentile"
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec()))
+
+
+def test_of_several_windows_the_first_is_applied() -> None:
+    """PS3.3 C.11.2.1.2: multiple Window Center/Width values are alternative views, the first being the default."""
+    stored = chest_stored(Spec())
+    spec = Spec(extra={"WindowCenter": [1800, 3000], "WindowWidth": [2500, 100]})
+    decoded = decode_dicom(dicom_bytes(spec, stored), 10**6)
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec(window=(1800, 2500))))
+    assert (decoded.details["window_center"], decoded.details["window_width"]) == (1800.0, 2500.0)
+
+
+@pytest.mark.parametrize("lut", ["modality_lut", "voi_lut"])
+def test_signed_pixels_read_a_first_mapped_value_written_as_us_as_signed(lut: str) -> None:
+    """PS3.3 C.11.1.1.1: the first value mapped follows the pixels' sign; written as US 63488 (0xF800) it is -2048."""
+    entries = tuple(65535 - 16 * i for i in range(4096))
+    written = Spec(signed=True, **{lut: LutSpec(0xF800, 16, entries)})  # type: ignore[arg-type]
+    stored = chest_stored(written)
+    decoded = decode_dicom(dicom_bytes(written, stored), 10**6)
+    meant = Spec(signed=True, **{lut: LutSpec(-2048, 16, entries)})  # type: ignore[arg-type]
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, meant))
+
+
+def _lut_dataset(descriptor: list[int] | None, data: object = None, vr: str = "US") -> Dataset:
+    """A data set whose VOI LUT Sequence holds one item with these LUT Descriptor and LUT Data (None: left out)."""
+    item = Dataset()
+    if descriptor is not None:
+        item.add_new("LUTDescriptor", "US", descriptor)
+    if data is not None:
+        item.add_new("LUTData", vr, data)
+    ds = Dataset()
+    ds.VOILUTSequence = Sequence([item])
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("written", "signed", "first"),
+    [
+        (0xF800, True, -2048),
+        (0x8000, True, -32768),
+        (0xFFFF, True, -1),
+        (0x7FFF, True, 32767),  # the largest positive 16-bit value stays as it is
+        (0xF800, False, 63488),
+    ],
+    ids=["minus_2048", "most_negative", "minus_1", "most_positive", "unsigned_pixels"],
+)
+def test_lut_first_mapped_value_is_a_16_bit_twos_complement_for_signed_pixels(
+    written: int, signed: bool, first: int
+) -> None:
+    lut = dicom._lut(_lut_dataset([2, written, 16], [7, 9]), "VOILUTSequence", True, signed)
+    assert lut is not None
+    assert (lut.first_mapped, lut.bits, lut.data.tolist(), lut.data.dtype) == (first, 16, [7, 9], np.int64)
+
+
+@pytest.mark.parametrize(
+    ("little_endian", "data", "expected"),
+    [
+        (True, b"\x01\x02\x03\x04", [0x0201, 0x0403]),
+        (False, b"\x01\x02\x03\x04", [0x0102, 0x0304]),
+        (True, b"\x01\x02\x03\x04\x05", [0x0201, 0x0403]),  # a stray odd byte is no whole word
+    ],
+    ids=["little_endian", "big_endian", "odd_length"],
+)
+def test_ow_lut_data_is_16_bit_words_in_the_data_sets_byte_order(
+    little_endian: bool, data: bytes, expected: list[int]
+) -> None:
+    """PS3.5 7.3: OW values are swapped with the transfer syntax's byte order, unlike OB."""
+    lut = dicom._lut(_lut_dataset([2, 0, 16], data, "OW"), "VOILUTSequence", little_endian, False)
+    assert lut is not None and lut.data.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "entries", "bits"),
+    [([0, 0, 16], list(range(65536)), 16), ([2, 0, 1], [0, 1], 1), ([2, 0, 16], [0, 65535], 16)],
+    ids=["zero_means_65536_entries", "one_bit", "sixteen_bits"],
+)
+def test_lut_descriptors_at_the_limits_are_accepted(descriptor: list[int], entries: list[int], bits: int) -> None:
+    """PS3.3 C.11.1.1.1: 0 entries means 2^16, and the output depth is 1 to 16 bits."""
+    lut = dicom._lut(_lut_dataset(descriptor, entries), "VOILUTSequence", True, False)
+    assert lut is not None and (lut.bits, lut.data.tolist()) == (bits, entries)
+
+
+BAD_DESCRIPTOR = "the LUT Descriptor of the DICOM VOILUTSequence is invalid"
+BAD_DATA = "the LUT Data of the DICOM VOILUTSequence does not match its LUT Descriptor"
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "data", "message"),
+    [
+        (None, [1, 2], BAD_DESCRIPTOR),
+        ([2, 0], [1, 2], BAD_DESCRIPTOR),
+        ([2, 0, 8, 8], [1, 2], BAD_DESCRIPTOR),
+        ([1, 0, 8], None, BAD_DATA),
+        ([2, 0, 0], [1, 2], BAD_DATA),
+        ([2, 0, 17], [1, 2], BAD_DATA),
+        ([3, 0, 8], [1, 2], BAD_DATA),
+    ],
+    ids=["no_descriptor", "two_values", "four_values", "no_data", "zero_bits", "17_bits", "fewer_entries"],
+)
+def test_malformed_luts_are_refused_with_their_reason(
+    descriptor: list[int] | None, data: list[int] | None, message: str
+) -> None:
+    with pytest.raises(CorruptImageError) as caught:
+        dicom._lut(_lut_dataset(descriptor, data), "VOILUTSequence", True, False)
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("vr", "data"),
+    [pytest.param("LO", "abc", id="text"), pytest.param("UV", [2**63, 1], id="over-int64")],
+)
+def test_lut_data_of_a_vr_the_standard_does_not_allow_is_corrupt_not_a_crash(vr: str, data: object) -> None:
+    """PS3.3 C.11.2.1.1 allows US or SS (or OW); anything else was a ValueError/OverflowError, a 500 at the API."""
+    lut = _lut_dataset([2, 0, 8], data, vr=vr).VOILUTSequence
+    uploaded = _edited(dicom_bytes(Spec()), add=(("VOILUTSequence", "SQ", lut),))
+    with pytest.raises(CorruptImageError) as caught:
+        preprocess(uploaded, 8)
+    assert caught.value.message == "the LUT Data of the DICOM VOILUTSequence is not a list of integers"
+
+
+@pytest.mark.parametrize(("length", "named"), [(64, True), (65, False)])
+def test_an_unknown_transfer_syntax_is_named_only_when_its_uid_fits_64_characters(length: int, named: bool) -> None:
+    """PS3.5 9.1: a UID is at most 64 characters; anything longer is not a UID and is not echoed."""
+    text = "1." + "2" * (length - 2)
+    assert dicom._syntax_name(uid.UID(text)) == (text if named else "an invalid UID")
+
+
+def _edited(data: bytes, drop: tuple[str, ...] = (), add: tuple[tuple[str, str, object], ...] = ()) -> bytes:
+    """``data`` saved again without the ``drop`` elements and with ``add`` (keyword, VR, value) elements."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword in drop:
+        delattr(ds, keyword)
+    for keyword, vr, value in add:
+        ds.add_new(keyword, vr, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+NOT_MONOCHROME = "with 1 samples per pixel; only grayscale (MONOCHROME1/MONOCHROME2) radiographs are accepted"
+FLOATS = bytes(4 * 96 * 80)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        (
+            lambda: dicom_bytes(Spec(view="LL")),
+            dicom.NotFrontalViewError,
+            "the DICOM view position is LL; only frontal (PA/AP) views are accepted",
+        ),
+        (
+            lambda: dicom_bytes(Spec(photometric="XYZZY")),
+            dicom.NotMonochromeError,
+            f"the DICOM image is an unrecognised photometric interpretation {NOT_MONOCHROME}",
+        ),
+        (
+            lambda: dicom_bytes(Spec(photometric="YBR_FULL")),
+            dicom.NotMonochromeError,
+            f"the DICOM image is YBR_FULL {NOT_MONOCHROME}",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), drop=("PhotometricInterpretation",)),
+            CorruptImageError,
+            "the DICOM header lacks PhotometricInterpretation",
+        ),
+        (
+            lambda: dicom_bytes(Spec(extra={"Rows": 0})),
+            CorruptImageError,
+            "the DICOM header declares zero Rows or Columns",
+        ),
+        (
+            lambda: dicom_bytes(Spec(extra={"Columns": 0})),
+            CorruptImageError,
+            "the DICOM header declares zero Rows or Columns",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), drop=("PixelData",), add=(("FloatPixelData", "OF", FLOATS),)),
+            UnsupportedImageError,
+            "DICOM images with floating-point pixel data are not supported",
+        ),
+        (
+            lambda: _edited(
+                dicom_bytes(Spec()), drop=("PixelData",), add=(("DoubleFloatPixelData", "OD", FLOATS * 2),)
+            ),
+            UnsupportedImageError,
+            "DICOM images with floating-point pixel data are not supported",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), drop=("PixelData", "Columns")),
+            CorruptImageError,
+            "the DICOM file ends before its pixel data: it is truncated or corrupt",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), drop=("PixelData", "Rows")),
+            CorruptImageError,
+            "the DICOM file ends before its pixel data: it is truncated or corrupt",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), drop=("PixelData", "Rows", "Columns", "SOPClassUID")),
+            CorruptImageError,
+            "the DICOM file ends before its pixel data: it is truncated or corrupt",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), drop=("PixelData", "Rows", "Columns")),
+            UnsupportedImageError,
+            "the DICOM file has no image pixel data (a report or other non-image object)",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), drop=("Rows",)),
+            CorruptImageError,
+            "the DICOM header lacks Rows",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), add=(("NumberOfFrames", "DS", "1.5"),)),
+            CorruptImageError,
+            "the DICOM element NumberOfFrames is not an integer",
+        ),
+        (
+            lambda: dicom_bytes(Spec(frames=2), np.zeros((2, 3, 4))),
+            dicom.MultiFrameError,
+            "the DICOM file holds 2 frames; send a single-frame radiograph",
+        ),
+        (
+            lambda: dicom_bytes(Spec(extra={"Rows": 2000, "Columns": 1000})),
+            ImageTooLargeError,
+            "image is 1000x2000 = 2000000 pixels, over the limit of 1000000",
+        ),
+        (
+            lambda: dicom_bytes(Spec(extra={"BitsAllocated": 12})),
+            UnsupportedImageError,
+            "DICOM images with 12 bits allocated are not supported (8 or 16)",
+        ),
+        (
+            lambda: dicom_bytes(Spec(extra={"BitsStored": 17})),
+            CorruptImageError,
+            "the DICOM Bits Stored or Pixel Representation is invalid",
+        ),
+        (
+            lambda: dicom_bytes(Spec(extra={"BitsStored": 0})),
+            CorruptImageError,
+            "the DICOM Bits Stored or Pixel Representation is invalid",
+        ),
+        (
+            lambda: dicom_bytes(Spec(extra={"PixelRepresentation": 2})),
+            CorruptImageError,
+            "the DICOM Bits Stored or Pixel Representation is invalid",
+        ),
+        (
+            lambda: _edited(dicom_bytes(Spec()), add=(("PixelData", "OW", bytes(2 * 96 * 80 - 2)),)),
+            CorruptImageError,
+            "the DICOM pixel data is shorter than Rows x Columns: the file is truncated",
+        ),
+        (
+            lambda: dicom_bytes(Spec(syntax=uid.JPEGLosslessSV1), frame=b"\xff\xd8" + bytes(200)),
+            CorruptImageError,
+            "the DICOM pixel data cannot be decoded: it is corrupt or truncated",
+        ),
+    ],
+    ids=[
+        "lateral",
+        "unknown_photometric",
+        "colour_photometric",
+        "no_photometric",
+        "zero_rows",
+        "zero_columns",
+        "float_pixels",
+        "double_float_pixels",
+        "no_pixels_rows_left",
+        "no_pixels_columns_left",
+        "no_pixels_no_sop_class",
+        "no_image_at_all",
+        "no_rows",
+        "fractional_frames",
+        "two_frames",
+        "too_many_pixels",
+        "12_bits_allocated",
+        "bits_stored_over_allocated",
+        "zero_bits_stored",
+        "pixel_representation_2",
+        "one_pixel_short",
+        "undecodable_frame",
+    ],
+)
+def test_each_refusal_has_its_own_error_and_exact_message(
+    data: Callable[[], bytes], error: type[ImageError], message: str
+) -> None:
+    """No pixels but Rows, Columns or no SOP Class: the file was cut short; none of them: a report, not an image."""
+    with pytest.raises(ImageError) as caught:
+        decode_dicom(data(), 10**6)
+    assert type(caught.value) is error
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 5), (5, 1), (1, 1)], ids=["one_column", "one_row", "one_pixel"])
+def test_a_single_row_or_column_is_an_image(width: int, height: int) -> None:
+    """Rows and Columns are refused only at 0; one line of pixels is a (tiny) image: by construction, all black here."""
+    stored = np.full((height, width), 1000, dtype=np.uint16)
+    decoded = decode_dicom(dicom_bytes(Spec(), stored), 10**6)
+    assert decoded.pixels.shape == (height, width) and not decoded.pixels.any()
+
+
+@pytest.mark.parametrize(
+    ("keyword", "bits_stored"), [("SamplesPerPixel", 12), ("PixelRepresentation", 12), ("BitsStored", 16)]
+)
+def test_absent_pixel_description_elements_take_their_only_sensible_value(keyword: str, bits_stored: int) -> None:
+    """All are type 1; without them a grayscale image has 1 sample, unsigned pixels, and all its allocated bits."""
+    stored = chest_stored(Spec())
+    decoded = decode_dicom(_edited(dicom_bytes(Spec(), stored), drop=(keyword,)), 10**6)
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec()))  # percentile: same at 12 or 16
+    assert decoded.details["bits_stored"] == bits_stored
+
+
+def test_an_element_the_decoder_does_not_read_is_never_parsed() -> None:
+    """Only the listed tags are parsed: an unknown VR in High Bit (0028,0102), which nothing reads, refuses nothing."""
+    stored = chest_stored(Spec())
+    data = dicom_bytes(Spec(), stored)
+    assert data.count(b"\x28\x00\x02\x01US") == 1
+    decoded = decode_dicom(data.replace(b"\x28\x00\x02\x01US", b"\x28\x00\x02\x01U@"), 10**6)
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec()))
+
+
+def test_one_bit_stored_is_the_smallest_depth_accepted() -> None:
+    """Bits Stored 1 in 8 allocated: window c = 1, w = 2 gives (x - 0.5) / 1 + 0.5, so 0 is black and 1 white."""
+    stored = np.array([[0, 1, 1, 0], [1, 0, 0, 1], [0, 0, 1, 1]], dtype=np.uint8)
+    decoded = decode_dicom(dicom_bytes(Spec(bits_stored=1, window=(1, 2)), stored), 10**6)
+    assert decoded.pixels.tolist() == (stored * 255).tolist()
+    assert decoded.details["bits_stored"] == 1
+
+
+@pytest.mark.parametrize(
+    "output",
+    [np.zeros(shape, dtype) for shape, dtype in [((80, 95), np.uint16), ((79, 96), np.uint16)]]
+    + [np.zeros((80, 96), dtype) for dtype in (np.float16, np.int32)],
+    ids=["one_column_short", "one_row_short", "float16", "int32"],
+)
+def test_decoder_output_that_does_not_fit_the_header_is_refused(
+    output: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in decoder returning the wrong shape or a non-16-bit-integer type: refused, never displayed."""
+    monkeypatch.setattr(dicom, "pixel_array", lambda *args, **kwargs: output)
+    with pytest.raises(CorruptImageError) as caught:
+        decode_dicom(dicom_bytes(Spec()), 10**6)  # 96 columns x 80 rows
+    assert caught.value.message == "the decoded DICOM pixel data does not match Rows and Columns"
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEG2000Lossless],
+    ids=["jpeg_lossless", "jpeg_ls", "jpeg_2000"],
+)
+def test_compressed_frames_reach_only_the_hardened_codec_plugin(syntax: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hostile frames must meet the plugin that checks their header first, never another codec pydicom might pick."""
+    calls: list[dict[str, object]] = []
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(kwargs)
+        return pixel_array(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dicom, "pixel_array", spy)
+    stored = chest_stored(Spec())
+    decoded = decode_dicom(dicom_bytes(Spec(syntax=syntax), stored), 10**6)
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec()))
+    assert [call["decoding_plugin"] for call in calls] == [PLUGIN]
+
+
+@pytest.mark.parametrize("written", ["monochrome2", " MONOCHROME2", "monochrome1"])
+def test_photometric_interpretation_is_read_as_its_code_whatever_the_case_and_padding(written: str) -> None:
+    """Like the view and modality codes, a lower-case or space-padded CS value means its code, down to the decoder."""
+    code = written.strip().upper()
+    stored = chest_stored(Spec(photometric=code))  # MONOCHROME1 is stored inverted
+    decoded = decode_dicom(dicom_bytes(Spec(photometric=written), stored), 10**6)
+    np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec(photometric=code)))
+    assert decoded.details["photometric_interpretation"] == code

@@ -131,6 +131,7 @@ def test_a_modality_lut_is_reported_as_applied() -> None:
     [
         (12, [0, 2047], 127),  # the descriptor's 12 bits set the range: 2047 / 4095 * 255 = 127.47
         (8, [0, 1000], 249),  # data beyond the declared 8 bits widen it to 10: 1000 / 1023 * 255 = 249.3
+        (1, [0, 1], 255),  # the smallest depth dicom.py accepts: 1 / (2^1 - 1) = white
     ],
 )
 def test_voi_lut_output_range_is_the_wider_of_its_descriptor_and_its_data(bits: int, data: list[int], top: int) -> None:
@@ -156,3 +157,26 @@ def test_rescale_is_reported_with_its_slope_and_intercept() -> None:
         2.5,
         -1024.0,
     )
+
+
+def test_a_percentile_window_of_zero_width_is_black_without_dividing_by_zero() -> None:
+    """A flat image with one outlier: both percentiles are the flat value, so nothing has contrast, the outlier too."""
+    stored = np.full((4, 250), 500, dtype=np.uint16)
+    stored[2, 7] = 900  # 1 pixel in 1000: beyond the 99.5th percentile, which stays 500
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels, details = to_display(stored, NO_TRANSFORMS)
+    assert details["window_low"] == details["window_high"] == 500.0
+    assert not pixels.any()
+
+
+@pytest.mark.parametrize(
+    ("inverted", "expected"), [(False, [0, 0, 255]), (True, [255, 255, 0])], ids=["plain", "inverted"]
+)
+def test_voi_lut_entries_below_zero_are_clamped_not_wrapped_around(inverted: bool, expected: list[int]) -> None:
+    """dicom.py refuses negative LUT entries, but a caller's -10 must show as black (white inverted), not 246 or 9."""
+    lut = Lut(first_mapped=0, bits=8, data=np.array([-10, 0, 255]))  # -10 / 255 * 255 = -10, below black
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels, _ = to_display(np.array([[0, 1, 2]], dtype=np.uint16), Display(None, None, lut, None, inverted))
+    assert pixels.tolist() == [expected]

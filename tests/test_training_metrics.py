@@ -183,6 +183,19 @@ def test_bootstrap_of_a_metric_no_resample_can_define_is_nan_without_a_warning()
     assert 0.0 <= interval["specificity"][0] <= interval["specificity"][1] <= 1.0  # 3 of 5 below 0.6
 
 
+@pytest.mark.parametrize(
+    ("labels", "auc"),
+    [
+        pytest.param([0, 0, 1], 1.0, id="one-positive-ranked-first"),
+        pytest.param([0, 1, 0], 0.5, id="one-positive-between"),  # above one of the two negatives
+        pytest.param([1, 1, 0], 0.0, id="one-negative-ranked-first"),
+    ],
+)
+def test_auc_with_a_single_case_of_one_class_is_defined(labels: list[int], auc: float) -> None:
+    """One positive (or negative) is enough for the Mann-Whitney AUC: the share of pairs it orders right."""
+    assert m.roc_auc(np.array(labels), np.array([0.1, 0.2, 0.9])) == auc
+
+
 def test_bootstrap_is_reproducible_from_its_seed() -> None:
     labels = np.array([0, 1] * 10)
     scores = np.linspace(0.05, 0.95, 20)

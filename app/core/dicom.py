@@ -366,7 +366,10 @@ def _lut(ds: Dataset, keyword: str, little_endian: bool, signed_input: bool) -> 
     if isinstance(data, bytes | bytearray):  # OW: 16-bit words in the data set's byte order
         table = np.frombuffer(bytes(data[: len(data) // 2 * 2]), dtype="<u2" if little_endian else ">u2")
     elif data is not None:
-        table = np.atleast_1d(np.asarray(data, dtype=np.int64))
+        try:  # US/SS give ints; a VR the standard does not allow can give text or 64-bit values
+            table = np.atleast_1d(np.asarray(data, dtype=np.int64))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise CorruptImageError(f"the LUT Data of the DICOM {keyword} is not a list of integers") from exc
     else:
         table = np.empty(0)
     if not 1 <= bits <= 16 or table.size != entries or table.min() < 0:
