@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from torch import nn
 
 from app.core import preprocessing as imaging
-from app.core.artifacts import ModelLoadError, check_golden, load_model
+from app.core.artifacts import ModelLoadError, check_golden, export_model, load_model
 from app.core.decision import pneumonia_probability
+from app.core.input_guard import GuardStats
 from app.core.network import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -89,6 +92,44 @@ def test_export_load_roundtrip_reproduces_logits(tiny_weights: Path) -> None:
 def test_fp16_export_verifies(tmp_path: Path) -> None:
     loaded = load_model(export_tiny_model(tmp_path, dtype="float16"))
     assert loaded.metadata.dtype == "float16"
+
+
+def test_fp16_export_stores_half_precision_weights_in_a_new_nested_folder(tmp_path: Path) -> None:
+    """The weights file itself holds F16 tensors (read with safetensors, not our loader); the folders are created."""
+    out = export_tiny_model(tmp_path / "runs" / "fp16" / "weights", dtype="float16", guard=False)
+    with safe_open(out / "model.safetensors", framework="pt") as stored:
+        dtypes = {key: stored.get_slice(key).get_dtype() for key in stored.keys()}  # noqa: SIM118
+    assert dtypes.pop("__golden__.inputs") == "U8"
+    assert set(dtypes.values()) == {"F16"}
+
+
+@pytest.mark.parametrize("wrong", ["mean", "whitener"])
+def test_guard_statistics_of_another_dimension_are_refused_at_export(
+    tiny_weights: Path, tmp_path: Path, wrong: str
+) -> None:
+    """Either tensor off by one feature is refused before anything is written: a guard must score what it declares."""
+    loaded = load_model(tiny_weights)
+    assert loaded.metadata.guard is not None and loaded.guard is not None
+    mean, whitener = loaded.guard.mean, loaded.guard.whitener
+    stats = GuardStats(mean[:-1], whitener) if wrong == "mean" else GuardStats(mean, whitener[:-1, :-1])
+    dim = loaded.metadata.guard.dim
+    with pytest.raises(ValueError, match=rf"^guard statistics do not match the declared dimension {dim}$"):
+        export_model(
+            loaded.network,
+            tmp_path,
+            version="x",
+            golden_inputs=loaded.golden_inputs,
+            guard=(loaded.metadata.guard, stats),
+        )
+    assert not (tmp_path / "model.json").exists()
+
+
+def test_a_model_without_golden_outputs_cannot_be_verified(tiny_weights: Path) -> None:
+    loaded = load_model(tiny_weights)
+    bare = dataclasses.replace(loaded, metadata=loaded.metadata.model_copy(update={"golden": None}))
+    with pytest.raises(ModelLoadError) as caught:
+        check_golden(bare, bare.network)
+    assert str(caught.value) == "model has no golden reference outputs; re-export it with the training package"
 
 
 def test_sha256_mismatch_refuses(tiny_weights: Path, tmp_path: Path) -> None:

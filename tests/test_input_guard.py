@@ -22,6 +22,7 @@ from app.core.input_guard import (
     GUARD_MEAN_KEY,
     GuardStats,
     features_and_maps,
+    fit_guard,
     fit_threshold,
     guard_scores,
     ledoit_wolf,
@@ -271,6 +272,26 @@ def test_scores_are_finite_and_do_not_depend_on_the_batch(tiny_weights: Path) ->
     assert spec is not None and all(score > spec.threshold for score in together[:3])  # type: ignore[operator]
 
 
+def test_three_training_images_are_the_fewest_a_guard_is_fitted_on_and_its_card_counts_them() -> None:
+    """With two, Ledoit-Wolf's shrinkage is exactly 0 and the covariance singular; identical images have no spread.
+
+    Both were a LinAlgError from deep inside torch; the card records the counts and names a source only when given.
+    """
+    torch.manual_seed(0)
+    network = build_model(ModelSpec(architecture="vgg16", head="compact", input_size=TEST_INPUT_SIZE))
+    pixels = torch.randint(0, 256, (6, 1, TEST_INPUT_SIZE, TEST_INPUT_SIZE), dtype=torch.uint8)
+    spec, _ = fit_guard(network, pixels[:3], pixels[3:5], input_size=TEST_INPUT_SIZE)
+    assert (spec.calibration["train_images"], spec.calibration["val_images"]) == (3, 2)
+    assert "source" not in spec.calibration
+    named, _ = fit_guard(network, pixels[:3], pixels[3:5], input_size=TEST_INPUT_SIZE, source="kermany train split")
+    assert named.calibration["source"] == "kermany train split"
+    with pytest.raises(ValueError, match=r"^the input guard needs at least 3 training images$"):
+        fit_guard(network, pixels[:2], pixels[3:5], input_size=TEST_INPUT_SIZE)
+    same = torch.zeros((3, 1, TEST_INPUT_SIZE, TEST_INPUT_SIZE), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"^the input guard's training features have a singular covariance"):
+        fit_guard(network, same, pixels[3:5], input_size=TEST_INPUT_SIZE)
+
+
 def test_whitener_is_stored_as_its_packed_lower_triangle_and_read_back_exactly() -> None:
     whitener = torch.tril(torch.randn(5, 5))
     stats = GuardStats(torch.randn(5), whitener)
@@ -278,7 +299,9 @@ def test_whitener_is_stored_as_its_packed_lower_triangle_and_read_back_exactly()
     assert tensors["__guard__.whitener_tril"].shape == (15,)  # 5 * 6 / 2 values, not 25
     restored = GuardStats.pop_from(dict(tensors))
     assert restored is not None and torch.equal(restored.whitener, whitener) and torch.equal(restored.mean, stats.mean)
-    with pytest.raises(ValueError, match="lower triangular"):
+    with pytest.raises(
+        ValueError, match=r"^the guard's whitening matrix must be lower triangular \(a Cholesky factor\)$"
+    ):
         GuardStats(torch.randn(5), torch.randn(5, 5) + 1.0).tensors()
     with pytest.raises(ValueError, match="packed whitening matrix has 14 values"):
         GuardStats.pop_from({"__guard__.mean": torch.zeros(5), "__guard__.whitener_tril": torch.zeros(14)})

@@ -174,8 +174,11 @@ def ledoit_wolf(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, flo
 def fit_stats(features: torch.Tensor) -> tuple[GuardStats, float]:
     """Fit the guard's Gaussian to training features; returns the stats and the shrinkage used."""
     mean, covariance, shrinkage = ledoit_wolf(features)
-    precision = torch.linalg.inv(covariance)
-    whitener = torch.linalg.cholesky((precision + precision.T) / 2)  # L with L @ L.T = precision
+    try:
+        precision = torch.linalg.inv(covariance)
+        whitener = torch.linalg.cholesky((precision + precision.T) / 2)  # L with L @ L.T = precision
+    except torch.linalg.LinAlgError as exc:  # e.g. identical images: no spread to shrink towards
+        raise ValueError(f"the input guard's training features have a singular covariance: {exc}") from exc
     return GuardStats(mean.float(), whitener.float()), shrinkage
 
 
@@ -229,8 +232,8 @@ def fit_guard(
     """Statistics from the training images, threshold from the validation images (never test data)."""
     blocks = default_blocks(network.features, input_size)  # type: ignore[arg-type]
     train = guard_vectors(network, train_pixels, blocks, batch_size)
-    if len(train) < 2:
-        raise ValueError("the input guard needs at least 2 training images")
+    if len(train) < 3:  # with two, the centred rows are +-one vector and Ledoit-Wolf's shrinkage is exactly 0
+        raise ValueError("the input guard needs at least 3 training images")
     stats, shrinkage = fit_stats(train)
     val_scores = guard_scores(guard_vectors(network, val_pixels, blocks, batch_size), stats)
     threshold = fit_threshold(val_scores, max_false_refusal)
