@@ -927,3 +927,43 @@ def test_photometric_interpretation_is_read_as_its_code_whatever_the_case_and_pa
     decoded = decode_dicom(dicom_bytes(Spec(photometric=written), stored), 10**6)
     np.testing.assert_array_equal(decoded.pixels, expected_display(stored, Spec(photometric=code)))
     assert decoded.details["photometric_interpretation"] == code
+
+
+@pytest.mark.parametrize(
+    ("module", "silenced"),
+    [
+        pytest.param("pydicom", True, id="pydicom"),
+        pytest.param("pydicom.pixels.decoders", True, id="pydicom-submodule"),
+        pytest.param("app.core.dicom", True, id="this-module"),
+        pytest.param("pydicomx", False, id="name-that-only-starts-like-pydicom"),
+        pytest.param("tests.test_dicom", False, id="any-other-module"),
+    ],
+)
+def test_only_warnings_from_pydicom_and_the_dicom_reader_are_silenced(module: str, silenced: bool) -> None:
+    """From an empty filter list, one call ignores warnings raised in pydicom or app.core.dicom, and no others."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        dicom._silence_pydicom_warnings()
+        warnings.warn_explicit("value quoted here", UserWarning, "somewhere.py", 1, module=module)
+    assert [str(w.message) for w in caught] == ([] if silenced else ["value quoted here"])
+
+
+def test_silencing_again_leaves_the_filter_list_untouched() -> None:
+    """Filters already installed are not added again (or moved ahead of filters installed since)."""
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        dicom._silence_pydicom_warnings()
+        warnings.filterwarnings("error", message="installed after the DICOM reader's filters")
+        before = list(warnings.filters)
+        dicom._silence_pydicom_warnings()
+        assert warnings.filters == before
+
+
+def test_file_meta_without_a_preamble_is_read_for_its_transfer_syntax() -> None:
+    """A Part 10 file stripped of its 128-byte preamble and DICM (starts at group 0002): its syntax still counts."""
+    data = dicom_bytes(Spec(syntax=uid.MPEG2MPML), frame=b"\x00\x00\x01\xb3" + bytes(60))
+    assert data[128:132] == b"DICM" and data[132:134] == b"\x02\x00"
+    with pytest.raises(UnsupportedImageError) as caught:
+        preprocess(data[132:], TEST_INPUT_SIZE, dicom=CHECKS_OFF)
+    assert caught.value.message == "the DICOM transfer syntax MPEG2 Main Profile / Main Level is not supported"

@@ -651,3 +651,38 @@ def test_dicom_uid_is_read_only_when_asked_even_for_a_refused_file(tmp_path: Pat
     assert (prepared.error is None) is (view == "PA")
     relaxed = imaging.preprocess_file(path, 4, dicom=DicomPolicy(check_view_position=False))
     assert relaxed.error is None and relaxed.pixels is not None
+
+
+# Hand-built chunks (PNG spec 5.3: length, type, data, CRC-32 of type and data; IHDR first, IEND last).
+GREY_4X4_IHDR = png_chunk(b"IHDR", (4).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+GREY_4X4_IDAT = png_chunk(b"IDAT", zlib.compress((b"\x00" + b"\x80" * 4) * 4))
+ENDS_BEFORE_IEND = "the PNG is truncated: it ends before its IEND chunk"
+RUNS_PAST_THE_END = "the PNG is truncated: a chunk runs past the end of the file"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(PNG_SIGNATURE + GREY_4X4_IHDR, ENDS_BEFORE_IEND, id="ends-right-after-a-chunk"),
+        pytest.param(PNG_SIGNATURE + GREY_4X4_IHDR + GREY_4X4_IDAT[:11], ENDS_BEFORE_IEND, id="ends-in-a-chunk-header"),
+        pytest.param(PNG_SIGNATURE + GREY_4X4_IHDR + GREY_4X4_IDAT[:12], RUNS_PAST_THE_END, id="ends-in-chunk-data"),
+        pytest.param(PNG_SIGNATURE + GREY_4X4_IHDR + GREY_4X4_IDAT[:-4], RUNS_PAST_THE_END, id="crc-missing"),
+        pytest.param(PNG_SIGNATURE + GREY_4X4_IHDR + GREY_4X4_IDAT[:-2], RUNS_PAST_THE_END, id="crc-cut-in-half"),
+        pytest.param(
+            PNG_SIGNATURE + GREY_4X4_IHDR + GREY_4X4_IDAT[:-1] + b"\x00" + png_chunk(b"IEND", b""),
+            "the PNG's 'IDAT' chunk fails its CRC check",
+            id="crc-wrong",
+        ),
+    ],
+)
+def test_truncated_or_damaged_png_chunk_is_refused_with_its_exact_reason(data: bytes, message: str) -> None:
+    """Each way a chunk can be cut short names where the file ends; a cut CRC is truncation, not a CRC mismatch."""
+    with pytest.raises(imaging.CorruptImageError) as caught:
+        imaging.preprocess(data, 4)
+    assert caught.value.message == message
+
+
+def test_hand_built_png_with_every_chunk_intact_decodes() -> None:
+    """The control for the damaged files above: the same chunks, whole and ended by IEND, decode to mid-grey."""
+    data = PNG_SIGNATURE + GREY_4X4_IHDR + GREY_4X4_IDAT + png_chunk(b"IEND", b"")
+    assert imaging.preprocess(data, 4).tolist() == [[[128] * 4] * 4]

@@ -51,8 +51,8 @@ def _silence_pydicom_warnings() -> None:
     """Ignore warnings from pydicom, checked on every call rather than set once at import.
 
     Code that wraps the import in ``warnings.catch_warnings()`` (test runners do) would otherwise
-    drop the filters again. A filter is added only when missing, so the list stays bounded even
-    when decode threads race here.
+    drop the filters again. A filter is added only when missing: ``filterwarnings`` re-inserts an
+    existing one at the front, which would move ours ahead of filters a caller added since.
     """
     installed = {(action, getattr(module, "pattern", module)) for action, _, _, module, _ in warnings.filters}
     for module in _QUIET_MODULES:
