@@ -283,6 +283,10 @@ def test_three_training_images_are_the_fewest_a_guard_is_fitted_on_and_its_card_
     spec, _ = fit_guard(network, pixels[:3], pixels[3:5], input_size=TEST_INPUT_SIZE)
     assert (spec.calibration["train_images"], spec.calibration["val_images"]) == (3, 2)
     assert "source" not in spec.calibration
+    # By default at most 1% of validation is refused: of two scores, none, so the threshold is the larger
+    # one (a refusal counts scores above it, not at it) and the median, torch's lower middle, the smaller.
+    assert spec.calibration["val_refusal_rate"] == 0.0
+    assert 0.0 < float(spec.calibration["val_score_median"]) < spec.threshold
     named, _ = fit_guard(network, pixels[:3], pixels[3:5], input_size=TEST_INPUT_SIZE, source="kermany train split")
     assert named.calibration["source"] == "kermany train split"
     with pytest.raises(ValueError, match=r"^the input guard needs at least 3 training images$"):
