@@ -31,7 +31,7 @@ import torch
 from app.core import openvino_backend
 from app.core.artifacts import ModelLoadError, load_model, read_metadata
 from app.core.backend_choice import BackendChoice
-from app.core.engine import InferenceEngine, load_engine, load_openvino
+from app.core.engine import InferenceEngine, int8_guard_noise, load_engine, load_openvino
 from app.core.fastpath_record import (
     MAX_AUC_DROP,
     MAX_FLIP_RATE,
@@ -39,9 +39,11 @@ from app.core.fastpath_record import (
     GateRecord,
     GateResult,
     Int8Ranges,
+    RecordError,
     read_record,
     write_record,
 )
+from app.core.input_guard import noise_energy
 from app.core.int8_calibration import measure_ranges
 from app.core.onnx_export import export_features
 from benchmarks import eval_sets
@@ -98,16 +100,18 @@ def openvino_candidate(weights: Path, precision: str, cache: Path) -> InferenceE
     except ModelLoadError as exc:
         print(f"openvino {precision} with the input guard does not start: {exc}", flush=True)
     loaded = load_model(weights)
+    ranges = record.int8 if record is not None else None
     runtime = openvino_backend.compile_features(
         loaded,
         precision,  # type: ignore[arg-type]
         guard=loaded.metadata.guard,
         cache_dir=None,
         threads=torch.get_num_threads(),
-        calibration=record.int8 if record is not None else None,
+        calibration=ranges,
         verify=lambda features: 0.0,  # measurement only: this engine never serves
     )
-    return InferenceEngine(loaded, torch.device("cpu"), torch.float32, "flag", features=runtime, precision=precision)
+    cpu, noise = torch.device("cpu"), int8_guard_noise(precision, ranges)
+    return InferenceEngine(loaded, cpu, torch.float32, "flag", features=runtime, precision=precision, guard_noise=noise)
 
 
 def calibrate(weights: Path, data: Path, count: int) -> Int8Ranges:
@@ -132,6 +136,33 @@ def calibrate(weights: Path, data: Path, count: int) -> Int8Ranges:
     kept = [gate for gate in record.gate if gate.precision != "int8"]
     path = write_record(record.model_copy(update={"int8": int8, "gate": kept}), weights)
     print(f"calibrated on {where} in {time.perf_counter() - started:.0f} s: {len(ranges)} ranges -> {path}")
+    if loaded.metadata.guard is not None:
+        int8 = measure_guard_noise(weights, pixels)
+    return int8
+
+
+def measure_guard_noise(weights: Path, pixels: torch.Tensor) -> Int8Ranges:
+    """Store how much int8 raises the guard's squared scores, measured on the calibration images.
+
+    The int8 graph built from the stored ranges and fp32 PyTorch score the same images; the median
+    difference of squared scores goes into ``model.cpu.json`` and the served int8 engine takes it
+    off (``app.core.input_guard.guard_scores``). Any earlier value is ignored while measuring.
+    """
+    sha256 = read_metadata(weights).sha256
+    record = read_record(weights, sha256)
+    if record is None or record.int8 is None:
+        raise RecordError(f"no int8 ranges next to {weights}: calibrate first")
+    raw = record.model_copy(update={"int8": record.int8.model_copy(update={"guard_noise": None})})
+    with tempfile.TemporaryDirectory(prefix="cxr-noise-") as cache:
+        write_record(raw, weights)
+        reference = load_engine(weights, "cpu", "fp32", input_guard="flag", backend="torch")
+        quantized = openvino_candidate(weights, "int8", Path(cache))
+        exact, noisy = score(reference, pixels)[1], score(quantized, pixels)[1]
+    assert exact is not None and noisy is not None  # both engines run the guard ("flag")
+    noise = noise_energy(torch.from_numpy(exact), torch.from_numpy(noisy))
+    int8 = raw.int8.model_copy(update={"guard_noise": noise})  # type: ignore[union-attr]
+    write_record(raw.model_copy(update={"int8": int8}), weights)
+    print(f"int8 adds {noise:.4f} to squared guard scores (median of {len(pixels)} calibration images)")
     return int8
 
 

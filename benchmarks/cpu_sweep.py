@@ -10,7 +10,8 @@ stops taking new requests after ``--config-seconds``, which bounds the whole swe
 
 int8 runs with the input guard off: ``CXR_BACKEND=openvino CXR_PRECISION=int8`` is refused with
 the guard on unless the accuracy gate approved it, and a random benchmark model has no labelled
-images to gate on (the shipped model's gate results: benchmarks/NOTES.md). Every other
+images to gate on (the shipped model passes it with the guard; what the guard costs in int8 is
+measured on that model instead: benchmarks/NOTES.md, "int8 and the input guard"). Every other
 configuration computes the guard in ``flag`` mode: the same work as ``reject``, but the random
 model's guard is fitted with no margin on the uploads' fp32 scores, so bf16 drift would refuse
 some of them and turn them into errors (a first run refused 24 of 34 in torch bf16). Each entry

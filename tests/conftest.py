@@ -117,13 +117,22 @@ def tiny_guard(network: PneumoniaNet, input_size: int, seed: int) -> tuple[Guard
 
 
 def export_tiny_model(
-    out_dir: Path, seed: int = 0, input_size: int = TEST_INPUT_SIZE, guard: bool = True, **kwargs: object
+    out_dir: Path,
+    seed: int = 0,
+    input_size: int = TEST_INPUT_SIZE,
+    guard: bool = True,
+    golden: torch.Tensor | None = None,
+    **kwargs: object,
 ) -> Path:
-    """Export a random-init compact VGG16 at a small input size, with an input guard, exactly as training exports."""
+    """Export a random-init compact VGG16 at a small input size, with an input guard, exactly as training exports.
+
+    The golden inputs default to two noise images; training uses validation images instead.
+    """
     torch.manual_seed(seed)
     spec = ModelSpec(architecture="vgg16", head="compact", input_size=input_size)
     network = build_model(spec)
-    golden = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
+    drawn = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
+    golden = drawn if golden is None else golden
     fitted = tiny_guard(network, input_size, seed) if guard else None
     export_model(network, out_dir, version=f"test-{seed}", golden_inputs=golden, guard=fitted, **kwargs)  # type: ignore[arg-type]
     return out_dir

@@ -496,6 +496,31 @@ def test_load_openvino_int8_without_the_guard_uses_the_recorded_ranges(
     assert engine.backend.conversion == {"cache": "hit", "seconds": 1.235, "threads": 3}
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_load_openvino_takes_int8_guard_noise_off_the_scores(
+    tiny_weights: Path, fake_openvino: dict[str, object], precision: str
+) -> None:
+    """int8 subtracts the recorded noise from squared guard scores, in serving and in the golden check; fp32 never."""
+    golden = _model_card(tiny_weights)["guard"]["golden_scores"]
+    small = 0.01 * min(golden) ** 2  # moves the golden scores by under 1 %: within int8's 10 % check
+    ranges = Int8Ranges(images=1, source="test", exporter="test", ranges={"x": (0.0, 1.0)}, guard_noise=small)
+    record = FastPathRecord(weights_sha256=_model_card(tiny_weights)["sha256"], input_size=32, int8=ranges)
+    engine = load_openvino(tiny_weights, BackendChoice("openvino", precision, "chosen", record), "flag", None)
+    loaded = load_model(tiny_weights)
+    assert loaded.golden_inputs is not None
+    scores = [result.guard_score for result in engine.infer(loaded.golden_inputs)]
+    expected = [(score**2 - small) ** 0.5 for score in golden] if precision == "int8" else golden
+    assert scores == pytest.approx(expected, rel=1e-4)
+    assert fake_openvino["exact"] == pytest.approx(0.0, abs=1e-5)  # the logits are exact either way
+    big = ranges.model_copy(update={"guard_noise": 0.5 * min(golden) ** 2})  # lowers a golden score by > 10 %
+    record = record.model_copy(update={"int8": big})
+    load_openvino(tiny_weights, BackendChoice("openvino", precision, "chosen", record), "flag", None)
+    if precision == "int8":
+        assert str(fake_openvino["exact"]).startswith("golden check failed: input-guard scores differ")
+    else:
+        assert fake_openvino["exact"] == pytest.approx(0.0, abs=1e-5)
+
+
 @pytest.mark.parametrize(
     ("failure", "message"),
     [

@@ -26,6 +26,7 @@ from app.core.input_guard import (
     fit_threshold,
     guard_scores,
     ledoit_wolf,
+    noise_energy,
 )
 from app.core.network import ModelSpec, build_model
 from app.core.preprocessing import preprocess
@@ -220,6 +221,25 @@ def test_mahalanobis_score_matches_scipy_definition() -> None:
     probe = rng.normal(size=(5, 6)) * 4
     expected = [mahalanobis(row, stats.mean.double().numpy(), inverse) / np.sqrt(6) for row in probe]
     assert guard_scores(torch.from_numpy(probe).float(), stats).tolist() == pytest.approx(expected, rel=1e-4)
+
+
+def test_runtime_noise_is_taken_off_the_squared_score() -> None:
+    """Distance 2 in 4 dimensions is score 1.0; noise 0.19 leaves sqrt(1 - 0.19) = 0.9; more noise than score, 0."""
+    identity = GuardStats(mean=torch.zeros(4), whitener=torch.eye(4))
+    probe = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.8, 0.0]])
+    assert guard_scores(probe, identity).tolist() == pytest.approx([1.0, 0.4])
+    assert guard_scores(probe, identity, 0.19).tolist() == pytest.approx([0.9, 0.0])
+
+
+def test_noise_energy_is_the_median_rise_of_squared_scores() -> None:
+    exact = torch.tensor([1.0, 2.0, 3.0])
+    noisy = torch.tensor([1.1, 2.0, 3.5])  # rises 0.21, 0, 3.25 in squares: median 0.21
+    assert noise_energy(exact, noisy) == pytest.approx(0.21)
+    assert noise_energy(noisy, exact) == 0.0  # a runtime that lowers scores is not corrected upwards
+    with pytest.raises(ValueError, match="the same images scored twice"):
+        noise_energy(exact, noisy[:2])
+    with pytest.raises(ValueError, match="the same images scored twice"):
+        noise_energy(torch.zeros(0), torch.zeros(0))
 
 
 @pytest.mark.parametrize(("fraction", "refused"), [(0.01, 1), (0.05, 5), (0.0, 0), (0.5, 50)])

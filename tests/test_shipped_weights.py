@@ -87,3 +87,25 @@ def test_service_refuses_a_blank_upload(shipped) -> None:
     with live_server(serving_settings(SHIPPED)) as server, server.client() as client:
         response = client.post("/predict", files={"file": ("white.jpg", white, "image/jpeg")})
     assert response.status_code == 422 and response.json()["error"]["code"] == "not_chest_xray"
+
+
+def test_auto_serves_int8_with_the_guard_on_an_int8_cpu(shipped, tmp_path: Path) -> None:
+    """The shipped model.cpu.json approves int8 with the guard; the converted engine passes the golden check.
+
+    On a CPU without int8 units ``auto`` must say so and fall back, never silently skip.
+    """
+    from app.core.engine import load_engine
+    from app.core.fastpath_record import read_record
+    from app.core.openvino_backend import cpu_capabilities
+
+    record = read_record(SHIPPED, shipped.metadata.sha256)
+    assert record is not None and record.int8 is not None and record.approves("int8", with_guard=True)
+    assert record.int8.guard_noise is not None and 0.0 < record.int8.guard_noise < 0.1
+    engine = load_engine(SHIPPED, "cpu", "auto", input_guard="reject", backend="auto", cache_dir=tmp_path)
+    if "INT8" not in cpu_capabilities():
+        assert engine.precision != "int8" and "int8" not in engine.backend.reason
+        return
+    assert (engine.backend.name, engine.precision, engine.guard_spec is not None) == ("openvino", "int8", True)
+    assert shipped.golden_inputs is not None and shipped.metadata.guard is not None
+    scores = [result.guard_score for result in engine.infer(shipped.golden_inputs)]
+    assert scores == pytest.approx(shipped.metadata.guard.golden_scores, rel=0.02)  # measured: under 1 %

@@ -9,8 +9,8 @@
 
 A combination that cannot be honoured is refused with a one-line reason, never quietly replaced:
 int8 on PyTorch or a GPU, OpenVINO on a GPU, a precision the CPU lacks, int8 without measured
-ranges, and int8 the gate did not approve (in particular with the input guard on, whose scores
-int8 moves far past its threshold: benchmarks/NOTES.md).
+ranges, and int8 the gate did not approve for the input-guard mode being served (the gate
+judges the guard's verdicts too: benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

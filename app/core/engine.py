@@ -33,6 +33,7 @@ from app.core.artifacts import (
 )
 from app.core.backend_choice import Backend, BackendChoice, BackendChoiceError, choose
 from app.core.decision import Decision, decide, pneumonia_probability
+from app.core.fastpath_record import Int8Ranges
 from app.core.heatmap import CamHead, ExplainUnsupportedError, Heatmap, cam_head
 from app.core.input_guard import (
     GuardMode,
@@ -166,6 +167,7 @@ class InferenceEngine:
         features: Features | None = None,
         precision: str | None = None,
         backend: BackendInfo | None = None,
+        guard_noise: float = 0.0,
     ) -> None:
         self.metadata: ModelMetadata = loaded.metadata
         self.device = device
@@ -179,6 +181,7 @@ class InferenceEngine:
             )
         self.guard_spec: GuardSpec | None = loaded.metadata.guard if guard_mode != "off" else None
         self._guard = loaded.guard.to(device) if self.guard_spec is not None and loaded.guard is not None else None
+        self._guard_noise = guard_noise  # what the runtime's rounding adds to squared guard scores (int8)
         self._cuda = device.type == "cuda"
         # channels_last is faster for cuDNN and for oneDNN's bf16 kernels; CPU fp32 stays contiguous
         # because there its results are bitwise independent of batch composition.
@@ -227,7 +230,7 @@ class InferenceEngine:
             maps, vectors = self._features(x)
             scores: list[float | None] = [None] * len(pixels)
             if vectors is not None and self._guard is not None:
-                scores = list(guard_scores(vectors, self._guard).cpu().tolist())
+                scores = list(guard_scores(vectors, self._guard, self._guard_noise).cpu().tolist())
             logits = self.network.head(maps)
             probabilities = pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
             heatmaps: list[Heatmap | None] = [None] * len(probabilities)
@@ -312,6 +315,13 @@ def load_engine(
     return engine
 
 
+def int8_guard_noise(precision: str, ranges: Int8Ranges | None) -> float:
+    """The squared guard score int8 rounding adds, as measured with the ranges; 0 in other precisions."""
+    if precision != "int8" or ranges is None or ranges.guard_noise is None:
+        return 0.0
+    return ranges.guard_noise
+
+
 def load_openvino(
     weights: Path, choice: BackendChoice, guard_mode: GuardMode, cache_dir: Path | None
 ) -> InferenceEngine:
@@ -327,6 +337,7 @@ def load_openvino(
     guard = loaded.metadata.guard if guard_mode != "off" else None
     precision = choice.precision
     ranges = choice.record.int8 if choice.record is not None else None
+    noise = int8_guard_noise(precision, ranges)
 
     def verify(features: Features) -> float:
         """The golden inputs through the whole engine path: PyTorch normalisation, runtime features, head."""
@@ -334,7 +345,9 @@ def load_openvino(
         with torch.inference_mode():
             maps, vectors = features(loaded.network.normalize(loaded.golden_inputs))
             logits = loaded.network.head(maps)
-            scores = guard_scores(vectors, loaded.guard) if vectors is not None and loaded.guard is not None else None
+            scores = None
+            if vectors is not None and loaded.guard is not None:
+                scores = guard_scores(vectors, loaded.guard, noise)
         return compare_golden(
             loaded, logits, scores, OPENVINO_GOLDEN_ATOL[precision], guard_rtol=OPENVINO_GUARD_RTOL[precision]
         )
@@ -363,7 +376,14 @@ def load_openvino(
     }
     info = BackendInfo("openvino", choice.reason, conversion)
     engine = InferenceEngine(
-        loaded, torch.device("cpu"), torch.float32, guard_mode, features=runtime, precision=precision, backend=info
+        loaded,
+        torch.device("cpu"),
+        torch.float32,
+        guard_mode,
+        features=runtime,
+        precision=precision,
+        backend=info,
+        guard_noise=noise,
     )
     log.info("CPU inference in OpenVINO %s (%s)", precision, choice.reason)
     return engine

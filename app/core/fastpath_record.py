@@ -45,6 +45,11 @@ class Int8Ranges(BaseModel):
     source: str = Field(description="Where the calibration images came from.")
     exporter: str = Field(description="torch version whose ONNX export the tensor names belong to.")
     ranges: dict[str, tuple[float, float]] = Field(description="ONNX tensor name -> (lowest, highest) value seen.")
+    guard_noise: float | None = Field(
+        None,
+        ge=0.0,
+        description="Squared input-guard score int8 adds, measured on the same images (None: no guard).",
+    )
 
 
 class GateResult(BaseModel):

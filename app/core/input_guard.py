@@ -138,10 +138,30 @@ def features_and_maps(
     return x, torch.cat(vector, dim=1)
 
 
-def guard_scores(features: torch.Tensor, stats: GuardStats) -> torch.Tensor:
-    """Mahalanobis distance / sqrt(dim) of each row of ``features``, in float32 on their device."""
+def guard_scores(features: torch.Tensor, stats: GuardStats, noise: float = 0.0) -> torch.Tensor:
+    """Mahalanobis distance / sqrt(dim) of each row of ``features``, in float32 on their device.
+
+    ``noise`` is the squared score a runtime's own rounding adds to every image (int8:
+    :func:`noise_energy`). Noise independent of the image adds to the squared distance, so it is
+    taken off in quadrature; without it the scores are the plain distance, bit for bit.
+    """
     centred = features.float() - stats.mean
-    return torch.linalg.vector_norm(centred @ stats.whitener, dim=1) / math.sqrt(stats.mean.numel())
+    scores = torch.linalg.vector_norm(centred @ stats.whitener, dim=1) / math.sqrt(stats.mean.numel())
+    if noise:
+        scores = (scores.square() - noise).clamp_min(0.0).sqrt()
+    return scores
+
+
+def noise_energy(exact: torch.Tensor, noisy: torch.Tensor) -> float:
+    """Median of ``noisy**2 - exact**2`` over the same images (never below 0): the ``noise`` of :func:`guard_scores`.
+
+    Measured on training-side images only. Why squared: whitening spreads a runtime's small
+    per-feature errors over all 2,944 directions, and their energy adds to each image's squared
+    distance, so int8 scores run a near-constant amount high in squares (benchmarks/NOTES.md).
+    """
+    if exact.shape != noisy.shape or exact.numel() == 0:
+        raise ValueError(f"need the same images scored twice, got {tuple(exact.shape)} and {tuple(noisy.shape)}")
+    return max(0.0, float((noisy.double().square() - exact.double().square()).median()))
 
 
 def judge(spec: GuardSpec, score: float) -> GuardVerdict:
