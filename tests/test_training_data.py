@@ -12,7 +12,14 @@ import torch
 
 from app.core.network import ModelSpec
 from tests.dicom_files import Spec, chest_stored, dicom_bytes
-from tests.training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, write_split
+from tests.training_support import (
+    INPUT_SIZE,
+    make_dataset,
+    normal_names,
+    pneumonia_names,
+    train_args,
+    write_split,
+)
 from training.cli import build_parser, main
 from training.config import TrainConfig, flag
 from training.data import discover, load_images
@@ -163,6 +170,18 @@ def test_missing_or_empty_class_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (tmp_path / "d" / "train" / "PNEUMONIA" / "notes.txt").write_text("no images here")
     err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     assert "PNEUMONIA has no images" in err
+
+
+def test_too_few_training_images_for_the_guard_fail_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two training images cannot fit the guard; the run says so at once and writes no checkpoint."""
+    write_split(tmp_path / "d" / "train", normal_names(range(1, 2), 1), pneumonia_names(range(1, 2), 1))
+    write_split(tmp_path / "d" / "val", normal_names(range(5, 7), 1), pneumonia_names(range(5, 7), 1), seed=1)
+    out = tmp_path / "o"
+    err = _error_line(capsys, [*train_args(tmp_path / "d", out), "--min-val-images", "4"])
+    assert err == "error: 2 training image(s) after the validation split; the input guard needs at least 3"
+    assert not list(out.glob("*.safetensors")) and not (out / "checkpoint").exists()  # only the decode cache
 
 
 def test_evaluate_wrong_layout_and_missing_model(

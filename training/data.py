@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.core.input_guard import MIN_TRAIN_IMAGES
 from app.core.network import CLASS_NAMES
 from app.core.preprocessing import preprocess_file
 from training.config import TrainConfig
@@ -234,6 +235,11 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
             train.paths, train.labels.numpy(), config.val_fraction, config.seed
         )
         train, val = train.subset(train_index), train.subset(val_index)
+    if len(train) < MIN_TRAIN_IMAGES:  # found now, not after hours of training when the guard is fitted
+        raise DataError(
+            f"{len(train)} training image(s) after the validation split; "
+            f"the input guard needs at least {MIN_TRAIN_IMAGES}"
+        )
     skipped = [item for result in decoded.values() for item in result.skipped]
     data_hash = hashlib.sha256(
         "".join(f"{k}:{v.content_hash}\n" for k, v in sorted(decoded.items())).encode()

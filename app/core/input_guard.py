@@ -34,6 +34,8 @@ GUARD_MEAN_KEY = "__guard__.mean"
 # which halves the guard's share of the weights file without losing a bit.
 GUARD_WHITENER_KEY = "__guard__.whitener_tril"
 GuardMode = Literal["reject", "flag", "off"]
+# With two images the centred rows are +-one vector and Ledoit-Wolf's shrinkage is exactly 0 (singular).
+MIN_TRAIN_IMAGES = 3
 Block = int  # 1-based index of a VGG block, i.e. of the max-pool that ends it
 
 
@@ -252,8 +254,8 @@ def fit_guard(
     """Statistics from the training images, threshold from the validation images (never test data)."""
     blocks = default_blocks(network.features, input_size)  # type: ignore[arg-type]
     train = guard_vectors(network, train_pixels, blocks, batch_size)
-    if len(train) < 3:  # with two, the centred rows are +-one vector and Ledoit-Wolf's shrinkage is exactly 0
-        raise ValueError("the input guard needs at least 3 training images")
+    if len(train) < MIN_TRAIN_IMAGES:
+        raise ValueError(f"the input guard needs at least {MIN_TRAIN_IMAGES} training images")
     stats, shrinkage = fit_stats(train)
     val_scores = guard_scores(guard_vectors(network, val_pixels, blocks, batch_size), stats)
     threshold = fit_threshold(val_scores, max_false_refusal)
