@@ -28,6 +28,7 @@ from app.core.engine import (
     ImageResult,
     InferenceEngine,
     default_decode_workers,
+    int8_guard_noise,
     load_engine,
     load_openvino,
     resolve_device,
@@ -494,6 +495,16 @@ def test_load_openvino_int8_without_the_guard_uses_the_recorded_ranges(
     assert seen["drifted"] == pytest.approx(seen["drift"], rel=1e-3)  # 1 % of the logits' scale passes int8
     assert engine.precision == "int8" and engine.guard_spec is None
     assert engine.backend.conversion == {"cache": "hit", "seconds": 1.235, "threads": 3}
+
+
+def test_int8_guard_noise_is_the_recorded_value_for_int8_only() -> None:
+    def ranges(noise: float | None) -> Int8Ranges:
+        return Int8Ranges(images=1, source="test", exporter="test", ranges={"x": (0.0, 1.0)}, guard_noise=noise)
+
+    assert int8_guard_noise("int8", ranges(0.03)) == 0.03
+    for precision, recorded in [("int8", None), ("int8", ranges(None)), ("fp32", ranges(0.03)), ("bf16", ranges(0.03))]:
+        noise = int8_guard_noise(precision, recorded)
+        assert noise == 0.0 and isinstance(noise, float), (precision, recorded)
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
