@@ -31,9 +31,13 @@ import jsonschema
 import pytest
 import torch
 import yaml
+from PIL import Image
 
+from app.core.artifacts import load_model
+from app.core.decision import pneumonia_probability
 from app.settings import Settings
 from tests.conftest import encode, find_tool, synthetic_xray
+from tests.live_server import live_server
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
@@ -271,11 +275,36 @@ def test_cpu_override_really_removes_the_gpu_reservation() -> None:
     api = compose_config(STACKS["cpu"])["services"]["api"]
     assert "devices" not in api.get("deploy", {}).get("resources", {}).get("reservations", {})
     settings = settings_from(api["environment"])
-    assert (settings.device, settings.precision) == ("cpu", "fp32")
+    assert (settings.device, settings.backend, settings.precision) == ("cpu", "auto", "auto")
     gpu = compose_config(STACKS["gpu"])["services"]["api"]
     assert {key: value for key, value in api.items() if key not in ("deploy", "environment")} == {
         key: value for key, value in gpu.items() if key not in ("deploy", "environment")
     }
+
+
+def test_cpu_stack_serves_the_shipped_model_on_the_fast_path_with_the_guard(tmp_path: Path) -> None:
+    """The CPU stack's environment, on the shipped weights: OpenVINO int8 with the guard refusing a blank page."""
+    from app.core.openvino_backend import cpu_capabilities
+
+    api = compose_config(STACKS["cpu"])["services"]["api"]
+    settings = settings_from(api["environment"]).model_copy(
+        update={"weights": ROOT / "weights", "cache_dir": tmp_path, "decode_workers": 1}
+    )
+    assert settings.input_guard == "reject"
+    shipped = load_model(ROOT / "weights")
+    assert shipped.golden_inputs is not None and shipped.metadata.golden is not None
+    golden = encode(Image.fromarray(shipped.golden_inputs[0, 0].numpy(), "L"), "PNG")  # a real validation image
+    want = pneumonia_probability(torch.tensor(shipped.metadata.golden.logits[0]), shipped.metadata.temperature)
+    with live_server(settings) as server:
+        health = httpx.get(f"{server.url}/health", timeout=30).json()
+        blank = httpx.post(f"{server.url}/predict", files={"file": ("b.png", encode(Image.new("L", (300, 300))))})
+        chest = httpx.post(f"{server.url}/predict", files={"file": ("golden.png", golden)})
+    expected = "int8" if "INT8" in cpu_capabilities() else "fp32"  # a CPU without int8 units: OpenVINO fp32
+    assert (health["status"], health["backend"], health["precision"]) == ("ok", "openvino", expected)
+    assert blank.status_code == 422 and blank.json()["error"]["code"] == "not_chest_xray", blank.text
+    assert chest.status_code == 200, chest.text
+    assert chest.json()["input_guard"]["passed"] is True
+    assert chest.json()["pneumonia_probability"] == pytest.approx(float(want), abs=0.03)  # the gate's max |dp|: 0.023
 
 
 def test_environment_overrides_reach_the_service() -> None:
@@ -302,7 +331,7 @@ def test_compose_defaults_are_the_service_defaults(stack: str) -> None:
     services = compose_config(STACKS[stack])["services"]
     # The image's writable /tmp holds OpenVINO conversions (read-only root filesystem, no home).
     intended = {"weights": Path("/srv/weights"), "cache_dir": Path("/tmp/cxr-cache")} | (
-        {"device": "cpu", "precision": "fp32"} if stack == "cpu" else {}
+        {"device": "cpu", "backend": "auto"} if stack == "cpu" else {}
     )
     defaults = settings_from({}).model_dump() | intended
     for name, service in services.items():
