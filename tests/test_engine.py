@@ -497,6 +497,16 @@ def test_load_openvino_int8_without_the_guard_uses_the_recorded_ranges(
     assert engine.backend.conversion == {"cache": "hit", "seconds": 1.235, "threads": 3}
 
 
+def test_openvino_with_device_auto_loads_on_the_cpu_of_a_gpu_host(
+    tiny_weights: Path, fake_openvino: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CXR_DEVICE=auto with CXR_BACKEND=openvino on a GPU host serves on its CPU instead of refusing the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only answers the query: nothing runs on it
+    engine = load_engine(tiny_weights, "auto", "fp32", input_guard="flag", backend="openvino")
+    assert (engine.backend.name, engine.device, engine.precision) == ("openvino", torch.device("cpu"), "fp32")
+    assert fake_openvino["precision"] == "fp32"
+
+
 def test_int8_guard_noise_is_the_recorded_value_for_int8_only() -> None:
     def ranges(noise: float | None) -> Int8Ranges:
         return Int8Ranges(images=1, source="test", exporter="test", ranges={"x": (0.0, 1.0)}, guard_noise=noise)
