@@ -174,10 +174,11 @@ def test_explain_flags_reach_the_engine_with_their_images() -> None:
     assert asyncio.run(scenario()) == [[False, True, False]]
 
 
-def test_a_late_request_joins_the_waiting_batch_until_max_wait() -> None:
+@pytest.mark.parametrize("max_wait_s", [2.0, 0.5])  # sub-second waits too: the GPU default is 5 ms
+def test_a_late_request_joins_the_waiting_batch_until_max_wait(max_wait_s: float) -> None:
     async def scenario() -> list[int]:
         engine = FakeEngine()
-        batcher = make_batcher(engine, max_batch_size=4, max_wait_s=2.0)
+        batcher = make_batcher(engine, max_batch_size=4, max_wait_s=max_wait_s)
         first = asyncio.create_task(probability(batcher.submit(image(1))))
         await asyncio.sleep(0.05)  # well inside max_wait: the first image must still be waiting
         assert not first.done()
