@@ -131,8 +131,8 @@ def export_tiny_model(
     torch.manual_seed(seed)
     spec = ModelSpec(architecture="vgg16", head="compact", input_size=input_size)
     network = build_model(spec)
-    drawn = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
-    golden = drawn if golden is None else golden
+    if golden is None:
+        golden = torch.randint(0, 256, (2, 1, input_size, input_size), dtype=torch.uint8)
     fitted = tiny_guard(network, input_size, seed) if guard else None
     export_model(network, out_dir, version=f"test-{seed}", golden_inputs=golden, guard=fitted, **kwargs)  # type: ignore[arg-type]
     return out_dir

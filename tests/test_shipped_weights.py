@@ -10,6 +10,9 @@ from PIL import Image
 
 from app.core.artifacts import WEIGHTS_FILENAME, check_golden, load_model
 from app.core.decision import pneumonia_probability
+from app.core.engine import load_engine
+from app.core.fastpath_record import read_record
+from app.core.openvino_backend import cpu_capabilities
 from tests.conftest import encode
 from tests.live_server import live_server, serving_settings
 
@@ -94,10 +97,6 @@ def test_auto_serves_int8_with_the_guard_on_an_int8_cpu(shipped, tmp_path: Path)
 
     On a CPU without int8 units ``auto`` must say so and fall back, never silently skip.
     """
-    from app.core.engine import load_engine
-    from app.core.fastpath_record import read_record
-    from app.core.openvino_backend import cpu_capabilities
-
     record = read_record(SHIPPED, shipped.metadata.sha256)
     assert record is not None and record.int8 is not None and record.approves("int8", with_guard=True)
     assert record.int8.guard_noise is not None and 0.0 < record.int8.guard_noise < 0.1
