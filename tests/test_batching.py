@@ -96,6 +96,30 @@ def test_cancelled_request_is_left_out_without_breaking_its_batch() -> None:
     assert sizes == [2] and cancelled
 
 
+def test_without_a_wait_the_queue_is_taken_as_it_stands() -> None:
+    """max_wait 0 (the CPU policy): what queued up during a forward pass goes together, nothing waits for more."""
+
+    async def scenario() -> tuple[list[int], float]:
+        engine = FakeEngine()
+        engine.hold.clear()
+        batcher = make_batcher(engine, max_batch_size=4, max_wait_s=0)
+        first = asyncio.create_task(batcher.submit(image(1)))
+        await asyncio.to_thread(engine.entered.wait, 5)  # the first image is in its forward pass, alone
+        queued = [asyncio.create_task(batcher.submit(image(v))) for v in (2, 3)]
+        await asyncio.sleep(0.05)
+        engine.hold.set()
+        await asyncio.gather(first, *queued)
+        started = time.perf_counter()
+        await batcher.submit(image(4))  # nothing else is queued: it leaves at once, alone
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return engine.batch_sizes, elapsed
+
+    sizes, elapsed = asyncio.run(scenario())
+    assert sizes == [1, 2, 1]
+    assert elapsed < 1.0
+
+
 def test_forward_pass_never_blocks_the_event_loop() -> None:
     async def scenario() -> float:
         engine = FakeEngine()

@@ -96,24 +96,21 @@ class DynamicBatcher:
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                return
+        while (first := await self._queue.get()) is not None:
             batch = [first]
+            # With max_wait 0 (the CPU) the deadline has passed already: the timeout fires on the loop's
+            # next turn, so only what is already queued is taken and nothing waits for more.
             deadline = asyncio.get_running_loop().time() + self._max_wait_s
             while len(batch) < self._max_batch_size:
                 try:
-                    if self._max_wait_s <= 0:  # take what is already queued, never wait for more (CPU)
-                        job = self._queue.get_nowait()
-                    else:
-                        async with asyncio.timeout_at(deadline):
-                            job = await self._queue.get()
-                except (TimeoutError, asyncio.QueueEmpty):
+                    async with asyncio.timeout_at(deadline):
+                        job = await self._queue.get()
+                except TimeoutError:
                     break
                 if job is None:
-                    stopping = True
+                    # Run this batch first; the sentinel goes back (the queue has room: it was just taken
+                    # and close() refuses new jobs before sending it), so the loop's next get ends the worker.
+                    self._queue.put_nowait(None)
                     break
                 batch.append(job)
             await self._execute([job for job in batch if not job.future.done()])
