@@ -21,6 +21,7 @@ from app.core.engine import EngineError, load_engine
 from app.core.input_guard import (
     GUARD_MEAN_KEY,
     GuardStats,
+    default_blocks,
     features_and_maps,
     fit_guard,
     fit_threshold,
@@ -197,15 +198,32 @@ def test_tapped_forward_pass_equals_the_plain_one() -> None:
     assert vector.shape == (3, 64 + 128 + 256 + 512 + 512 + 64 + 128 + 256 + 512)
     assert torch.allclose(vector[:, :64], first.mean((2, 3)))
     assert torch.allclose(vector[:, 1472 : 1472 + 64], first.std((2, 3), correction=0), atol=1e-6)
+    # A stored spec need not take deviations from a subset of the mean blocks: block 2's only here.
+    with torch.inference_mode():
+        _, apart = features_and_maps(network.features, x, (1,), (2,))
+        second = network.features[:14](x)  # block 2: two more conv-bn-relu and a max-pool
+    assert apart.shape == (3, 64 + 128)
+    assert torch.allclose(apart[:, :64], first.mean((2, 3)))
+    assert torch.allclose(apart[:, 64:], second.std((2, 3), correction=0), atol=1e-6)
 
 
-def test_ledoit_wolf_matches_scikit_learn() -> None:
+@pytest.mark.parametrize("scale", [1.0, 0.01])  # 0.01: a target distance (delta) below 1, as small features have
+def test_ledoit_wolf_matches_scikit_learn(scale: float) -> None:
     rng = np.random.default_rng(0)
-    data = rng.normal(size=(80, 30)) @ rng.normal(size=(30, 30))
+    data = rng.normal(size=(80, 30)) @ rng.normal(size=(30, 30)) * scale
     mean, covariance, shrinkage = ledoit_wolf(torch.from_numpy(data))
     reference = LedoitWolf().fit(data)
     assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-9)
     assert np.allclose(covariance.numpy(), reference.covariance_) and np.allclose(mean.numpy(), data.mean(0))
+
+
+def test_ledoit_wolf_of_an_isotropic_sample_is_that_sample() -> None:
+    """Sample covariance exactly 0.5 I: nothing to shrink (the target distance is 0, no 0/0)."""
+    data = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    _, covariance, shrinkage = ledoit_wolf(torch.from_numpy(data))
+    assert np.array_equal(covariance.numpy(), [[0.5, 0.0], [0.0, 0.5]])
+    assert np.allclose(covariance.numpy(), LedoitWolf().fit(data).covariance_)
+    assert shrinkage == 1.0  # all weight on the identity target, which here equals the sample
 
 
 def test_mahalanobis_score_matches_scipy_definition() -> None:
@@ -242,7 +260,7 @@ def test_noise_energy_is_the_median_rise_of_squared_scores() -> None:
         noise_energy(torch.zeros(0), torch.zeros(0))
 
 
-@pytest.mark.parametrize(("fraction", "refused"), [(0.01, 1), (0.05, 5), (0.0, 0), (0.5, 50)])
+@pytest.mark.parametrize(("fraction", "refused"), [(0.01, 1), (0.05, 5), (0.0, 0), (0.5, 50), (1.0, 99)])
 def test_threshold_refuses_at_most_the_target_fraction(fraction: float, refused: int) -> None:
     scores = torch.arange(100, dtype=torch.float64).flip(0)
     threshold = fit_threshold(scores, fraction)
@@ -316,6 +334,23 @@ def test_three_training_images_are_the_fewest_a_guard_is_fitted_on_and_its_card_
         fit_guard(network, same, pixels[3:5], input_size=TEST_INPUT_SIZE)
 
 
+@pytest.mark.parametrize("input_size", [64, 80, 96])
+def test_default_blocks_take_deviations_only_where_the_measured_map_is_bigger_than_2x2(input_size: int) -> None:
+    """The oracle is the real VGG16 stack's own output sizes, measured after each max-pool."""
+    features = build_model(ModelSpec(architecture="vgg16", head="compact", input_size=input_size)).features.eval()
+    sides: list[int] = []
+    for layer in features:
+        if isinstance(layer, torch.nn.MaxPool2d):
+            layer.register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1]))
+    with torch.inference_mode():
+        features(torch.zeros(1, 3, input_size, input_size))
+    means, stds = default_blocks(features, input_size)
+    assert means == (1, 2, 3, 4, 5) and len(sides) == 5
+    assert stds == tuple(block for block, side in enumerate(sides, start=1) if side > 2)
+    # 80 and 96 px end on a 2 x 2 and a 3 x 3 map: the boundary on each side of "bigger than 2 x 2".
+    assert stds == {64: (1, 2, 3, 4), 80: (1, 2, 3, 4), 96: (1, 2, 3, 4, 5)}[input_size]
+
+
 def test_whitener_is_stored_as_its_packed_lower_triangle_and_read_back_exactly() -> None:
     whitener = torch.tril(torch.randn(5, 5))
     stats = GuardStats(torch.randn(5), whitener)
@@ -327,5 +362,14 @@ def test_whitener_is_stored_as_its_packed_lower_triangle_and_read_back_exactly()
         ValueError, match=r"^the guard's whitening matrix must be lower triangular \(a Cholesky factor\)$"
     ):
         GuardStats(torch.randn(5), torch.randn(5, 5) + 1.0).tensors()
+    just_above = torch.tril(torch.randn(5, 5))
+    just_above[2, 3] = 0.5  # one value on the first superdiagonal would be lost by the packing
+    with pytest.raises(ValueError, match="must be lower triangular"):
+        GuardStats(torch.randn(5), just_above).tensors()
+    # Half a guard is a damaged file, never a model without a guard.
+    for half in ({"__guard__.mean": torch.zeros(5)}, {"__guard__.whitener_tril": torch.zeros(15)}):
+        with pytest.raises(ValueError, match=r"^the tensor file holds only one of the guard's two tensors$"):
+            GuardStats.pop_from(dict(half))
+    assert GuardStats.pop_from({"features.0.weight": torch.zeros(1)}) is None
     with pytest.raises(ValueError, match="packed whitening matrix has 14 values"):
         GuardStats.pop_from({"__guard__.mean": torch.zeros(5), "__guard__.whitener_tril": torch.zeros(14)})
