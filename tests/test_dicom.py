@@ -7,6 +7,7 @@ the standard independently of ``app.core.dicom_pixels``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import pickle
@@ -306,6 +307,10 @@ def test_unsupported_transfer_syntaxes_are_415_with_their_name() -> None:
             preprocess(data, TEST_INPUT_SIZE, dicom=CHECKS_OFF)
         assert caught.value.code == "unsupported_media_type"
         assert f"transfer syntax {name} is not supported" in caught.value.message
+    # Letters make a UID invalid, even where what is left without them is a supported syntax.
+    lettered = _with_syntax_text(mpeg, uid.MPEG2MPML, b"1.2.840.10008.1.2.1XXXX")
+    with pytest.raises(UnsupportedImageError, match="transfer syntax an invalid UID is not supported"):
+        preprocess(lettered, TEST_INPUT_SIZE, dicom=CHECKS_OFF)
 
 
 def _truncated(spec: Spec, keep: int) -> bytes:
@@ -330,15 +335,58 @@ CORRUPTIONS: dict[str, Callable[[], bytes]] = {
     "missing_rows": lambda: dicom_bytes(Spec(extra={"Rows": None})),
     "zero_columns": lambda: dicom_bytes(Spec(extra={"Columns": 0})),
     "bits_stored_over_allocated": lambda: dicom_bytes(Spec(extra={"BitsStored": 20})),
+    # the same after the pixel data: the file meta is read on its own, so this is the data set's damage
+    "trailing_sequence_left_open": lambda: (
+        dicom_bytes(Spec()) + b"\xe1\x7f\x10\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00xxxx"
+    ),
+    # a sequence of undefined length opened in the file meta, its item cut short
+    "meta_sequence_left_open": lambda: (
+        bytes(128) + b"DICM\x02\x00\x10\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00xxxx"
+    ),
+}
+ENDS_EARLY = "the DICOM file ends before its pixel data: it is truncated or corrupt"
+SHORT_PIXELS = "the DICOM pixel data is shorter than Rows x Columns: the file is truncated"
+CORRUPTION_MESSAGES = {
+    "truncated_in_header": ENDS_EARLY,
+    "truncated_in_pixels": SHORT_PIXELS,
+    "truncated_compressed": ENDS_EARLY,
+    "compressed_frame_garbage": "the DICOM pixel data cannot be decoded: it is corrupt or truncated",
+    "only_preamble": ENDS_EARLY,
+    "garbage_after_marker": ENDS_EARLY,
+    "pydicom_truncated_file": SHORT_PIXELS,
+    "unknown_vr_in_rows": "the DICOM data set cannot be parsed; it is corrupt or truncated",
+    "window_width_zero": "the DICOM Window Width is below 1, which LINEAR windowing does not allow",
+    "window_not_a_number": "the DICOM element WindowCenter is not a number",
+    "unknown_voi_function": "the DICOM VOI LUT Function is not LINEAR, LINEAR_EXACT or SIGMOID",
+    "lut_shorter_than_descriptor": "the LUT Data of the DICOM VOILUTSequence does not match its LUT Descriptor",
+    "rescale_slope_zero": "the DICOM Rescale Slope is 0, which maps every pixel to one value",
+    "missing_rows": "the DICOM header lacks Rows",
+    "zero_columns": "the DICOM header declares zero Rows or Columns",
+    "bits_stored_over_allocated": "the DICOM Bits Stored or Pixel Representation is invalid",
+    "meta_sequence_left_open": "the DICOM file meta information cannot be parsed",
+    "trailing_sequence_left_open": "the DICOM data set cannot be parsed; it is corrupt or truncated",
 }
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_malformed_files_are_corrupt_image_never_a_crash(case: str) -> None:
+    """Each damage gets the message that says what is wrong with the file, word for word."""
     data = CORRUPTIONS[case]()
     assert is_dicom(data)
-    with pytest.raises(CorruptImageError):
+    with pytest.raises(CorruptImageError) as caught:
         preprocess(data, TEST_INPUT_SIZE, dicom=CHECKS_OFF)  # pydicom's truncated file is an MR
+    assert caught.value.message == CORRUPTION_MESSAGES[case]
+
+
+@pytest.mark.parametrize("syntax", [uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.ExplicitVRBigEndian])
+def test_a_bare_data_set_is_read_in_the_encoding_it_was_written_in(syntax: uid.UID) -> None:
+    """No file meta: the encoding pydicom detects is the syntax reported, and 16-bit pixels read in its byte order."""
+    spec = Spec(preamble=False, syntax=syntax, bits_stored=16)
+    bare = decode_dicom(dicom_bytes(spec), 10**6)
+    with_meta = decode_dicom(dicom_bytes(dataclasses.replace(spec, preamble=True)), 10**6)
+    assert bare.details["transfer_syntax"] == syntax.name
+    assert np.array_equal(bare.pixels, with_meta.pixels)
+    assert len(np.unique(bare.pixels)) > 10  # a real image, not one grey level either way
 
 
 def test_fuzzed_files_only_ever_raise_image_errors() -> None:
@@ -369,6 +417,26 @@ def test_fuzzed_files_only_ever_raise_image_errors() -> None:
         except ImageError:
             outcomes["refused"] += 1
     assert outcomes["decoded"] and outcomes["refused"]  # both paths were exercised
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"\x08\x00\x05\x00\x00\x00\x00\x00", True),  # 8 bytes: implicit (0008,0005), empty: the shortest
+        (b"\x08\x00\x05\x00\x00\x00\x00", False),  # 7 bytes: no whole element header
+        (b"\x08\x00\xff\x00UI\x00\x00", True),  # element 00FF: the last an identifying group starts with
+        (b"\x08\x00\x00\x01UI\x00\x00", False),  # element 0100
+        (b"\x08\x00\x00\x80UI\x00\x00", False),  # element 8000, read unsigned
+        (b"\x10\x00\x10\x00PN\x04\x00", False),  # (0010,0010) Patient's Name: not where a data set starts
+        (b"\x02\x00\x10\x00\x00\x00\x00\x00", False),  # file meta is never implicit VR
+        (b"\x08\x00\x05\x00\xff\xff\xff\xff", False),  # a length of 4 GiB, read unsigned, does not fit
+        (b"\x08\x00\x05\x00\x04\x00\x00\x00ISO_", True),  # a length that fits exactly
+        (b"\x08\x00\x05\x00\x05\x00\x00\x00ISO_", False),  # one byte more than the file holds
+    ],
+)
+def test_a_bare_data_set_is_recognised_by_its_first_element_header(head: bytes, expected: bool) -> None:
+    """Hand-built element headers (PS3.5 7.1) at each boundary of the sniffing rule."""
+    assert is_dicom(head) is expected
 
 
 def test_detection_is_by_content() -> None:
@@ -502,6 +570,11 @@ def _with_element(data: bytes, keyword: str, vr: str, value: object) -> bytes:
             "the DICOM element WindowCenter is not a number",
         ),
         (
+            # pydicom refuses "inf" as a decimal string; a binary float (FD) carries it.
+            lambda: _with_element(dicom_bytes(Spec(window=(100, 10))), "WindowCenter", "FD", float("-inf")),
+            "the DICOM element WindowCenter is not finite",
+        ),
+        (
             lambda: dicom_bytes(Spec(voi_lut=LutSpec(0, 17, (1, 2)))),
             "the LUT Data of the DICOM VOILUTSequence does not match its LUT Descriptor",
         ),
@@ -510,7 +583,15 @@ def _with_element(data: bytes, keyword: str, vr: str, value: object) -> bytes:
             "the LUT Data of the DICOM ModalityLUTSequence does not match its LUT Descriptor",
         ),
     ],
-    ids=["unknown_modality", "slope_zero", "unknown_voi_function", "window_not_a_number", "lut_17_bits", "lut_short"],
+    ids=[
+        "unknown_modality",
+        "slope_zero",
+        "unknown_voi_function",
+        "window_not_a_number",
+        "window_infinite",
+        "lut_17_bits",
+        "lut_short",
+    ],
 )
 def test_refusals_say_exactly_which_attribute_is_wrong(data: Callable[[], bytes], message: str) -> None:
     """The message is the response's detail: it names the attribute (never its value), word for word."""
