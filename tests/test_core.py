@@ -89,6 +89,12 @@ def test_export_load_roundtrip_reproduces_logits(tiny_weights: Path) -> None:
     assert probs.shape == (2,) and bool(((probs >= 0) & (probs <= 1)).all())
 
 
+def test_an_uncalibrated_export_says_so_and_scales_nothing(tmp_path: Path) -> None:
+    """Without a fitted temperature and threshold the export stores the identity: T = 1, 0.5, "default"."""
+    stored = json.loads((export_tiny_model(tmp_path, guard=False) / "model.json").read_text())
+    assert (stored["temperature"], stored["threshold"], stored["threshold_method"]) == (1.0, 0.5, "default")
+
+
 def test_fp16_export_verifies(tmp_path: Path) -> None:
     loaded = load_model(export_tiny_model(tmp_path, dtype="float16"))
     assert loaded.metadata.dtype == "float16"
