@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,27 @@ def test_export_load_roundtrip_reproduces_logits(tiny_weights: Path) -> None:
     assert probs.shape == (2,) and bool(((probs >= 0) & (probs <= 1)).all())
 
 
+def test_golden_inputs_are_stored_as_uint8_whatever_dtype_they_come_in(tmp_path: Path) -> None:
+    wide = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.int64)
+    loaded = load_model(export_tiny_model(tmp_path, guard=False, golden=wide))
+    assert loaded.golden_inputs is not None and loaded.golden_inputs.dtype == torch.uint8
+    assert torch.equal(loaded.golden_inputs, wide.to(torch.uint8))
+
+
+def test_export_writes_what_it_was_given_readable_by_any_user(tmp_path: Path) -> None:
+    given = {
+        "threshold": 0.37,
+        "threshold_method": "sensitivity>=0.95",
+        "temperature": 1.7,
+        "metrics": {"val_auc": 0.99},
+        "provenance": {"recipe": "cpu64"},
+    }
+    out = export_tiny_model(tmp_path, guard=False, **given)
+    stored = json.loads((out / "model.json").read_text())
+    assert {key: stored[key] for key in given} == given
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644  # safetensors itself writes 0600
+
+
 def test_an_uncalibrated_export_says_so_and_scales_nothing(tmp_path: Path) -> None:
     """Without a fitted temperature and threshold the export stores the identity: T = 1, 0.5, "default"."""
     stored = json.loads((export_tiny_model(tmp_path, guard=False) / "model.json").read_text())
@@ -105,6 +127,8 @@ def test_fp16_export_stores_half_precision_weights_in_a_new_nested_folder(tmp_pa
     out = export_tiny_model(tmp_path / "runs" / "fp16" / "weights", dtype="float16", guard=False)
     with safe_open(out / "model.safetensors", framework="pt") as stored:
         dtypes = {key: stored.get_slice(key).get_dtype() for key in stored.keys()}  # noqa: SIM118
+        header = stored.metadata()
+    assert header == {"format": "pt"}  # what other safetensors tools (e.g. transformers) look for
     assert dtypes.pop("__golden__.inputs") == "U8"
     assert set(dtypes.values()) == {"F16"}
 
