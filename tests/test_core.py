@@ -154,9 +154,14 @@ def test_guard_statistics_of_another_dimension_are_refused_at_export(
     assert not (tmp_path / "model.json").exists()
 
 
-def test_a_model_without_golden_outputs_cannot_be_verified(tiny_weights: Path) -> None:
+@pytest.mark.parametrize("missing", ["logits", "inputs"])
+def test_a_model_without_golden_outputs_cannot_be_verified(tiny_weights: Path, missing: str) -> None:
+    """Either half of the golden pair missing (the JSON's logits or the tensor file's inputs) is refused."""
     loaded = load_model(tiny_weights)
-    bare = dataclasses.replace(loaded, metadata=loaded.metadata.model_copy(update={"golden": None}))
+    if missing == "logits":
+        bare = dataclasses.replace(loaded, metadata=loaded.metadata.model_copy(update={"golden": None}))
+    else:
+        bare = dataclasses.replace(loaded, golden_inputs=None)
     with pytest.raises(ModelLoadError) as caught:
         check_golden(bare, bare.network)
     assert str(caught.value) == "model has no golden reference outputs; re-export it with the training package"
