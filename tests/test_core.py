@@ -28,7 +28,7 @@ from app.core.network import (
     equalize_histogram,
     init_like_torchvision,
 )
-from tests.conftest import encode, export_tiny_model, synthetic_xray
+from tests.conftest import TEST_INPUT_SIZE, encode, export_tiny_model, synthetic_xray
 
 
 def test_preprocess_squashes_to_square_grayscale(make_jpeg) -> None:
@@ -91,7 +91,7 @@ def test_export_load_roundtrip_reproduces_logits(tiny_weights: Path) -> None:
 
 
 def test_golden_inputs_are_stored_as_uint8_whatever_dtype_they_come_in(tmp_path: Path) -> None:
-    wide = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.int64)
+    wide = torch.randint(0, 256, (2, 1, TEST_INPUT_SIZE, TEST_INPUT_SIZE), dtype=torch.int64)
     loaded = load_model(export_tiny_model(tmp_path, guard=False, golden=wide))
     assert loaded.golden_inputs is not None and loaded.golden_inputs.dtype == torch.uint8
     assert torch.equal(loaded.golden_inputs, wide.to(torch.uint8))

@@ -317,65 +317,78 @@ def _truncated(spec: Spec, keep: int) -> bytes:
     return dicom_bytes(spec)[:keep]
 
 
-CORRUPTIONS: dict[str, Callable[[], bytes]] = {
-    "truncated_in_header": lambda: _truncated(Spec(), 200),
-    "truncated_in_pixels": lambda: _truncated(Spec(), -3000),
-    "truncated_compressed": lambda: _truncated(Spec(syntax=uid.JPEGLosslessSV1), -500),
-    "compressed_frame_garbage": lambda: dicom_bytes(Spec(syntax=uid.JPEGLosslessSV1), frame=b"\xff\xd8" + bytes(200)),
-    "only_preamble": lambda: bytes(128) + b"DICM",
-    "garbage_after_marker": lambda: bytes(128) + b"DICM" + b"\xff" * 300,
-    "pydicom_truncated_file": lambda: (PYDICOM_FILES / "MR_truncated.dcm").read_bytes(),
-    # found by fuzzing: an unknown VR raised NotImplementedError on first access, not at parse time
-    "unknown_vr_in_rows": lambda: dicom_bytes(Spec()).replace(b"\x28\x00\x10\x00US", b"\x28\x00\x10\x00U@", 1),
-    "window_width_zero": lambda: dicom_bytes(Spec(window=(2000, 0))),
-    "window_not_a_number": lambda: replace_value(dicom_bytes(Spec(window=(1234567, 10))), "1234567", b"abcdefg"),
-    "unknown_voi_function": lambda: dicom_bytes(Spec(window=(2000, 1000), voi_function="CUBIC")),
-    "lut_shorter_than_descriptor": lambda: dicom_bytes(Spec(voi_lut=LutSpec(0, 12, (1, 2, 3), entries=16))),
-    "rescale_slope_zero": lambda: dicom_bytes(Spec(rescale=(0.0, 5.0))),
-    "missing_rows": lambda: dicom_bytes(Spec(extra={"Rows": None})),
-    "zero_columns": lambda: dicom_bytes(Spec(extra={"Columns": 0})),
-    "bits_stored_over_allocated": lambda: dicom_bytes(Spec(extra={"BitsStored": 20})),
-    # the same after the pixel data: the file meta is read on its own, so this is the data set's damage
-    "trailing_sequence_left_open": lambda: (
-        dicom_bytes(Spec()) + b"\xe1\x7f\x10\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00xxxx"
-    ),
-    # a sequence of undefined length opened in the file meta, its item cut short
-    "meta_sequence_left_open": lambda: (
-        bytes(128) + b"DICM\x02\x00\x10\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00xxxx"
-    ),
-}
 ENDS_EARLY = "the DICOM file ends before its pixel data: it is truncated or corrupt"
 SHORT_PIXELS = "the DICOM pixel data is shorter than Rows x Columns: the file is truncated"
-CORRUPTION_MESSAGES = {
-    "truncated_in_header": ENDS_EARLY,
-    "truncated_in_pixels": SHORT_PIXELS,
-    "truncated_compressed": ENDS_EARLY,
-    "compressed_frame_garbage": "the DICOM pixel data cannot be decoded: it is corrupt or truncated",
-    "only_preamble": ENDS_EARLY,
-    "garbage_after_marker": ENDS_EARLY,
-    "pydicom_truncated_file": SHORT_PIXELS,
-    "unknown_vr_in_rows": "the DICOM data set cannot be parsed; it is corrupt or truncated",
-    "window_width_zero": "the DICOM Window Width is below 1, which LINEAR windowing does not allow",
-    "window_not_a_number": "the DICOM element WindowCenter is not a number",
-    "unknown_voi_function": "the DICOM VOI LUT Function is not LINEAR, LINEAR_EXACT or SIGMOID",
-    "lut_shorter_than_descriptor": "the LUT Data of the DICOM VOILUTSequence does not match its LUT Descriptor",
-    "rescale_slope_zero": "the DICOM Rescale Slope is 0, which maps every pixel to one value",
-    "missing_rows": "the DICOM header lacks Rows",
-    "zero_columns": "the DICOM header declares zero Rows or Columns",
-    "bits_stored_over_allocated": "the DICOM Bits Stored or Pixel Representation is invalid",
-    "meta_sequence_left_open": "the DICOM file meta information cannot be parsed",
-    "trailing_sequence_left_open": "the DICOM data set cannot be parsed; it is corrupt or truncated",
+# An explicit-VR sequence of undefined length whose first item claims 16 bytes and holds 4 (after its tag).
+OPEN_SEQUENCE = b"SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00xxxx"
+# Each damaged file with the message that says what is wrong with it.
+CORRUPTIONS: dict[str, tuple[Callable[[], bytes], str]] = {
+    "truncated_in_header": (lambda: _truncated(Spec(), 200), ENDS_EARLY),
+    "truncated_in_pixels": (lambda: _truncated(Spec(), -3000), SHORT_PIXELS),
+    "truncated_compressed": (lambda: _truncated(Spec(syntax=uid.JPEGLosslessSV1), -500), ENDS_EARLY),
+    "compressed_frame_garbage": (
+        lambda: dicom_bytes(Spec(syntax=uid.JPEGLosslessSV1), frame=b"\xff\xd8" + bytes(200)),
+        "the DICOM pixel data cannot be decoded: it is corrupt or truncated",
+    ),
+    "only_preamble": (lambda: bytes(128) + b"DICM", ENDS_EARLY),
+    "garbage_after_marker": (lambda: bytes(128) + b"DICM" + b"\xff" * 300, ENDS_EARLY),
+    "pydicom_truncated_file": (lambda: (PYDICOM_FILES / "MR_truncated.dcm").read_bytes(), SHORT_PIXELS),
+    # found by fuzzing: an unknown VR raised NotImplementedError on first access, not at parse time
+    "unknown_vr_in_rows": (
+        lambda: dicom_bytes(Spec()).replace(b"\x28\x00\x10\x00US", b"\x28\x00\x10\x00U@", 1),
+        "the DICOM data set cannot be parsed; it is corrupt or truncated",
+    ),
+    "window_width_zero": (
+        lambda: dicom_bytes(Spec(window=(2000, 0))),
+        "the DICOM Window Width is below 1, which LINEAR windowing does not allow",
+    ),
+    "window_not_a_number": (
+        lambda: replace_value(dicom_bytes(Spec(window=(1234567, 10))), "1234567", b"abcdefg"),
+        "the DICOM element WindowCenter is not a number",
+    ),
+    "unknown_voi_function": (
+        lambda: dicom_bytes(Spec(window=(2000, 1000), voi_function="CUBIC")),
+        "the DICOM VOI LUT Function is not LINEAR, LINEAR_EXACT or SIGMOID",
+    ),
+    "lut_shorter_than_descriptor": (
+        lambda: dicom_bytes(Spec(voi_lut=LutSpec(0, 12, (1, 2, 3), entries=16))),
+        "the LUT Data of the DICOM VOILUTSequence does not match its LUT Descriptor",
+    ),
+    "rescale_slope_zero": (
+        lambda: dicom_bytes(Spec(rescale=(0.0, 5.0))),
+        "the DICOM Rescale Slope is 0, which maps every pixel to one value",
+    ),
+    "missing_rows": (lambda: dicom_bytes(Spec(extra={"Rows": None})), "the DICOM header lacks Rows"),
+    "zero_columns": (
+        lambda: dicom_bytes(Spec(extra={"Columns": 0})),
+        "the DICOM header declares zero Rows or Columns",
+    ),
+    "bits_stored_over_allocated": (
+        lambda: dicom_bytes(Spec(extra={"BitsStored": 20})),
+        "the DICOM Bits Stored or Pixel Representation is invalid",
+    ),
+    # a sequence left open in the file meta, as (0002,0010)
+    "meta_sequence_left_open": (
+        lambda: bytes(128) + b"DICM\x02\x00\x10\x00" + OPEN_SEQUENCE,
+        "the DICOM file meta information cannot be parsed",
+    ),
+    # the same after the pixel data, as (7FE1,0010): the file meta is read on its own, so this is the data set's damage
+    "trailing_sequence_left_open": (
+        lambda: dicom_bytes(Spec()) + b"\xe1\x7f\x10\x00" + OPEN_SEQUENCE,
+        "the DICOM data set cannot be parsed; it is corrupt or truncated",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_malformed_files_are_corrupt_image_never_a_crash(case: str) -> None:
     """Each damage gets the message that says what is wrong with the file, word for word."""
-    data = CORRUPTIONS[case]()
+    make, message = CORRUPTIONS[case]
+    data = make()
     assert is_dicom(data)
     with pytest.raises(CorruptImageError) as caught:
         preprocess(data, TEST_INPUT_SIZE, dicom=CHECKS_OFF)  # pydicom's truncated file is an MR
-    assert caught.value.message == CORRUPTION_MESSAGES[case]
+    assert caught.value.message == message
 
 
 @pytest.mark.parametrize("syntax", [uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.ExplicitVRBigEndian])
