@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from app.core.artifacts import export_model
 from app.core.input_guard import GuardSpec, GuardStats, fit_guard
@@ -136,6 +139,24 @@ def export_tiny_model(
     fitted = tiny_guard(network, input_size, seed) if guard else None
     export_model(network, out_dir, version=f"test-{seed}", golden_inputs=golden, guard=fitted, **kwargs)  # type: ignore[arg-type]
     return out_dir
+
+
+def rewrite_model(
+    weights: Path,
+    edit_tensors: Callable[[dict[str, torch.Tensor]], object] | None = None,
+    edit_meta: Callable[[dict[str, Any]], object] | None = None,
+) -> None:
+    """Change exported model files the way an attacker or a bad copy would, keeping the recorded sha256 consistent."""
+    tensors_path, meta_path = weights / "model.safetensors", weights / "model.json"
+    if edit_tensors is not None:
+        tensors = load_file(str(tensors_path))
+        edit_tensors(tensors)
+        save_file(tensors, str(tensors_path))
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = hashlib.sha256(tensors_path.read_bytes()).hexdigest()
+    if edit_meta is not None:
+        edit_meta(meta)
+    meta_path.write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="session")
