@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from app.core.artifacts import Golden, LoadedModel, ModelLoadError, compare_golden, file_sha256, load_model
+from app.core.artifacts import GOLDEN_KEY, Golden, LoadedModel, ModelLoadError, compare_golden, file_sha256, load_model
 from app.core.input_guard import GUARD_MEAN_KEY, GUARD_WHITENER_KEY
 from tests.conftest import rewrite_model
 
@@ -63,6 +63,13 @@ def _extra_tensor(weights: Path) -> str:
     return f"weights in {weights / 'model.safetensors'} do not fit vgg16/compact: {reason}"
 
 
+def _no_golden_inputs(weights: Path) -> str:
+    """A tensor file without its golden inputs cannot be verified (it still loads with verify_golden=False)."""
+    rewrite_model(weights, lambda tensors: tensors.pop(GOLDEN_KEY))
+    assert load_model(weights, verify_golden=False).golden_inputs is None
+    return "model has no golden reference outputs; re-export it with the training package"
+
+
 def _guard_only_in_weights(weights: Path) -> str:
     rewrite_model(weights, edit_meta=lambda meta: meta.__setitem__("guard", None))
     return f"{weights / 'model.safetensors'}: only the weights file has an input guard; re-export the model"
@@ -94,6 +101,7 @@ REFUSALS: dict[str, Callable[[Path], str]] = {
     "sha256_mismatch": _sha256_mismatch,
     "not_a_tensor_file": _not_a_tensor_file,
     "extra_tensor": _extra_tensor,
+    "no_golden_inputs": _no_golden_inputs,
     "guard_only_in_weights": _guard_only_in_weights,
     "guard_only_in_metadata": _guard_only_in_metadata,
     "half_a_guard": _half_a_guard,
