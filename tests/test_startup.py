@@ -22,7 +22,7 @@ import torch
 from app.__main__ import main
 from app.api import service as service_module
 from app.core.decode_pool import DecodePool
-from tests.conftest import export_tiny_model
+from tests.conftest import export_tiny_model, rewrite_model
 from tests.live_server import LiveServer, serving_settings, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +52,7 @@ def copy_with(tiny_weights: Path, dest: Path, edit: Callable[[dict], None] | Non
     """A copy of the tiny model whose model.json went through ``edit``."""
     shutil.copytree(tiny_weights, dest)
     if edit is not None:
-        meta = json.loads((dest / "model.json").read_text())
-        edit(meta)
-        (dest / "model.json").write_text(json.dumps(meta))
+        rewrite_model(dest, edit_meta=edit)
     return dest
 
 
