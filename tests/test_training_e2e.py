@@ -10,11 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-import training.trainer
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
 from app.core.network import ModelSpec, build_model
-from tests.training_support import INPUT_SIZE, make_dataset, normal_names, pneumonia_names, train_args, write_split
+from tests.training_support import (
+    INPUT_SIZE,
+    InterruptedRunError,
+    crash_in_epoch,
+    make_dataset,
+    normal_names,
+    pneumonia_names,
+    train_args,
+    write_split,
+)
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.loops import predict_logits
@@ -192,29 +200,16 @@ def test_evaluate_reports_guard_refusals_per_ood_folder(run_dir: Path, tmp_path:
     assert main([*argv, "--bootstrap", "0", "--ood", str(tmp_path / "missing")]) == 2
 
 
-class _InterruptedError(Exception):
-    pass
-
-
 def test_resume_continues_from_the_right_epoch(
     dataset: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Crash in epoch 2, resume: same history and weights as the uninterrupted run."""
-    original = training.trainer.train_one_epoch
-    calls: list[str] = []
-
-    def crash_in_second_epoch(*args: object, **kwargs: object) -> object:
-        calls.append(str(kwargs["description"]))
-        if len(calls) == 2:
-            raise _InterruptedError
-        return original(*args, **kwargs)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(training.trainer, "train_one_epoch", crash_in_second_epoch)
-    with pytest.raises(_InterruptedError):
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(InterruptedRunError):
         main(train_args(dataset, out, "--epochs", "2"))
     assert [row["epoch"] for row in _history(out)] == [1]
-    monkeypatch.setattr(training.trainer, "train_one_epoch", original)
+    monkeypatch.undo()
     assert main(train_args(dataset, out, "--epochs", "2")) == 2  # refuses to overwrite without --resume
     assert main(["train", "--resume", str(out)]) == 0
     assert "resumed after epoch 1" in (out / "train.log").read_text()

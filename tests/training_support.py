@@ -1,12 +1,14 @@
-"""Synthetic Kermany-style datasets for the training tests (no test functions here)."""
+"""Synthetic Kermany-style datasets and a simulated crash for the training tests (no test functions here)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+import training.trainer
 from tests.conftest import encode, synthetic_xray
 
 IMAGE_SIDE = 48
@@ -87,3 +89,21 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
         "1e-3",
         *extra,
     ]
+
+
+class InterruptedRunError(Exception):
+    """What :func:`crash_in_epoch` raises in place of a real crash."""
+
+
+def crash_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Make the trainer die at the start of its ``epoch``-th epoch (1-based) of this process, as a kill would."""
+    original = training.trainer.train_one_epoch
+    calls: list[object] = []
+
+    def crashing(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs["description"])
+        if len(calls) == epoch:
+            raise InterruptedRunError
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training.trainer, "train_one_epoch", crashing)

@@ -1,7 +1,8 @@
 """Per-epoch training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
-``checkpoint/last.*`` holds model + optimizer state to resume exactly; ``checkpoint/best.*``
-holds the model weights with the best validation ROC AUC, which is what gets exported.
+``checkpoint/last.*`` holds model + optimizer state (and the weight average, when the run keeps one)
+to resume exactly; ``checkpoint/best.*`` holds the weights with the best validation ROC AUC (the
+average's, when there is one), which is what gets exported.
 Files are written to a temporary name and renamed, so an interrupted write never leaves a
 truncated checkpoint behind.
 """
@@ -18,11 +19,13 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from training.user_errors import UsageError
+from training.weight_average import WeightAverage
 
 CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 1
 _MODEL = "model."
 _OPTIM = "optim."
+_AVERAGE = "average."
 
 
 class TrainState(BaseModel):
@@ -100,7 +103,12 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, name: str, model: torch.nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None
+    run_dir: Path,
+    name: str,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None,
+    average: WeightAverage | None = None,
 ) -> None:
     """Write ``name`` (``last`` or ``best``); ``meta`` is the JSON training state (epoch, history, ...)."""
     tensors = model_tensors(model)
@@ -108,13 +116,19 @@ def save_checkpoint(
         optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(optim_tensors)
         meta = {**meta, "optimizer": optim_meta}
+    if average is not None:
+        tensors.update({_AVERAGE + k: v for k, v in average.state_tensors().items()})
     _write(run_dir, name, tensors, meta)
 
 
 def load_checkpoint(
-    run_dir: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    run_dir: Path,
+    name: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    average: WeightAverage | None = None,
 ) -> dict[str, Any]:
-    """Load weights (and optimizer state when given) in place; return the JSON training state."""
+    """Load weights (and optimizer state and weight average when given) in place; return the JSON training state."""
     weights, info = checkpoint_paths(run_dir, name)
     if not (weights.is_file() and info.is_file()):
         raise UsageError(f"no '{name}' checkpoint in {run_dir / CHECKPOINT_DIR}")
@@ -124,6 +138,11 @@ def load_checkpoint(
     if optimizer is not None:
         optim = {k: v for k, v in tensors.items() if k.startswith(_OPTIM)}
         optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+    if average is not None:
+        averaged = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
+        if not averaged:
+            raise UsageError(f"the '{name}' checkpoint in {run_dir / CHECKPOINT_DIR} holds no weight average")
+        average.load_state_tensors(averaged)
     return meta
 
 
@@ -132,15 +151,26 @@ def has_checkpoint(run_dir: Path, name: str = "last") -> bool:
 
 
 def save_epoch(
-    run_dir: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *, best: bool
+    run_dir: Path,
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    *,
+    best: bool,
+    average: WeightAverage | None = None,
 ) -> None:
-    """``last`` after every epoch (with the optimizer, to resume); ``best`` too when the epoch improved."""
+    """``last`` after every epoch (with the optimizer and average, to resume); ``best`` when the epoch improved.
+
+    With a weight average, ``best`` holds the averaged weights: they are the ones validation scored.
+    """
     meta = {"state": state.model_dump(mode="json")}
     if best:
-        save_checkpoint(run_dir, "best", network, meta, None)
-    save_checkpoint(run_dir, "last", network, meta, optimizer)
+        save_checkpoint(run_dir, "best", average.network if average is not None else network, meta, None)
+    save_checkpoint(run_dir, "last", network, meta, optimizer, average)
 
 
-def load_last(run_dir: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore weights and optimizer from ``last`` in place; returns the training state saved with them."""
-    return TrainState(**load_checkpoint(run_dir, "last", network, optimizer)["state"])
+def load_last(
+    run_dir: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None = None
+) -> TrainState:
+    """Restore weights, optimizer and average from ``last`` in place; returns the training state saved with them."""
+    return TrainState(**load_checkpoint(run_dir, "last", network, optimizer, average)["state"])

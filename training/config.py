@@ -63,6 +63,14 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="probability of filling one image corner (side markers) with the mean"
     )
     seed: int = Field(0, description="seed for the split, init, shuffling and augmentation")
+    split_seed: int | None = Field(
+        None, description="seed of the validation split alone (default: --seed), so seed replicates share one"
+    )
+    ema_epochs: float = Field(
+        0.0,
+        ge=0.0,
+        description="validate and export a moving average of the weights over about this many epochs; 0 = off",
+    )
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of train split off as validation (by patient)")
     min_val_images: int = Field(100, ge=1, description="a provided val split smaller than this is replaced")
     patience: int = Field(5, ge=0, description="early stop after this many epochs without val AUC gain; 0 = never")
@@ -90,6 +98,10 @@ class TrainConfig(BaseModel):
             dropout=self.dropout,
             normalization=Normalization(equalize=self.equalize),
         )
+
+    def resolved_split_seed(self) -> int:
+        """The seed that picks the validation split (and the --limit-per-class subset)."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def eval_batch_size(self) -> int:
         """Batch size for validation and test predictions."""

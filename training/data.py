@@ -220,7 +220,8 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
     if "train" not in samples:
         raise DataError(f"{config.data}: no train split (expected {config.data}/train/{{NORMAL,PNEUMONIA}})")
     if config.limit_per_class is not None:
-        samples = {name: limit_per_class(files, config.limit_per_class, config.seed) for name, files in samples.items()}
+        seed = config.resolved_split_seed()
+        samples = {name: limit_per_class(files, config.limit_per_class, seed) for name, files in samples.items()}
     decoded = _decode_all(config, samples, dist)
     train = decoded["train"].images
     val = decoded["val"].images if "val" in decoded else None
@@ -229,10 +230,11 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
     else:
         why = "missing" if val is None else f"too small ({len(val)} images) or one-class"
         val_source = (
-            f"patient-grouped split of train (val split {why}; fraction {config.val_fraction}, seed {config.seed})"
+            f"patient-grouped split of train (val split {why}; "
+            f"fraction {config.val_fraction}, seed {config.resolved_split_seed()})"
         )
         train_index, val_index = grouped_stratified_split(
-            train.paths, train.labels.numpy(), config.val_fraction, config.seed
+            train.paths, train.labels.numpy(), config.val_fraction, config.resolved_split_seed()
         )
         train, val = train.subset(train_index), train.subset(val_index)
     if len(train) < MIN_TRAIN_IMAGES:  # found now, not after hours of training when the guard is fitted

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,8 +90,12 @@ def train_one_epoch(
     amp: bool,
     dist: DistInfo,
     description: str,
+    on_step: Callable[[int], None] | None = None,
 ) -> EpochResult:
-    """Train over this rank's shard; ``pixels`` stay uint8 on the host until each batch is moved."""
+    """Train over this rank's shard; ``pixels`` stay uint8 on the host until each batch is moved.
+
+    ``on_step`` is called with the run-wide step number after each optimizer step (the weight average).
+    """
     model.train()
     generator = torch.Generator().manual_seed(epoch_seed + 1)
     batches = epoch_batches(len(labels), batch_size, epoch_seed, dist)
@@ -113,6 +117,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if on_step is not None:
+            on_step(first_step + offset)
         totals += torch.tensor([loss.item() * len(index), len(index)], dtype=torch.float64)
         progress.set_postfix(loss=f"{totals[0] / totals[1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     totals = all_reduce_sum(totals, dist)

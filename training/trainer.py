@@ -32,6 +32,7 @@ from training.loops import Schedule, steps_per_epoch, train_one_epoch, validate
 from training.report import json_safe
 from training.rundir import append_metrics, setup_logging, write_run_files
 from training.user_errors import DataError
+from training.weight_average import WeightAverage
 
 log = logging.getLogger("training")
 # Epoch e of a run seeded s shuffles, augments and drops out with seed s * EPOCH_SEED_STRIDE + e: a function
@@ -71,7 +72,14 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     if device.type == "cuda":
         network.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(network, config)
-    state = _resume(config, network, optimizer, data) if resuming else TrainState(split_hash=split_hash(data))
+    per_epoch = steps_per_epoch(len(data.train), config.batch_size, dist)
+    schedule = Schedule(config.resolved_lr(), round(config.warmup_epochs * per_epoch), config.epochs * per_epoch)
+    average = (
+        WeightAverage(network, epochs=config.ema_epochs, steps_per_epoch=per_epoch, warmup_steps=schedule.warmup_steps)
+        if config.ema_epochs > 0
+        else None
+    )
+    state = _resume(config, network, optimizer, average, data) if resuming else TrainState(split_hash=split_hash(data))
     if dist.is_main:
         write_run_files(config, data, state.history)
     model: nn.Module = network
@@ -79,8 +87,6 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         model = nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None
         )
-    per_epoch = steps_per_epoch(len(data.train), config.batch_size, dist)
-    schedule = Schedule(config.resolved_lr(), round(config.warmup_epochs * per_epoch), config.epochs * per_epoch)
     loss_fn = class_weighted_loss(data.train.labels, device, config.label_smoothing)
 
     for epoch in range(state.epoch, config.epochs):
@@ -108,8 +114,10 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
             amp=device.type == "cuda",
             dist=dist,
             description=f"epoch {epoch + 1}/{config.epochs}",
+            on_step=average.update if average is not None else None,
         )
-        scores = validate(network, data.val, batch_size=config.eval_batch_size(), device=device, dist=dist)
+        scored = average.network if average is not None else network
+        scores = validate(scored, data.val, batch_size=config.eval_batch_size(), device=device, dist=dist)
         row = {
             "epoch": epoch + 1,
             "train_loss": result.loss,
@@ -120,7 +128,7 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         }
         improved = state.end_epoch(json_safe(row), scores["val_auc"], patience=config.patience, epochs=config.epochs)
         if dist.is_main:
-            save_epoch(config.out, network, optimizer, state, best=improved)
+            save_epoch(config.out, network, optimizer, state, best=improved, average=average)
             append_metrics(config.out, state.history[-1])
         barrier(dist)
         log.info(
@@ -166,10 +174,14 @@ def _log_data(data: PreparedData) -> None:
 
 
 def _resume(
-    config: TrainConfig, network: nn.Module, optimizer: torch.optim.Optimizer, data: PreparedData
+    config: TrainConfig,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    average: WeightAverage | None,
+    data: PreparedData,
 ) -> TrainState:
     """The checkpointed state, refused when the data no longer gives the run's train/val split."""
-    state = load_last(config.out, network, optimizer)
+    state = load_last(config.out, network, optimizer, average)
     if state.split_hash != split_hash(data):
         raise DataError(f"the data under {config.data} no longer gives the run's train/val split; refusing to resume")
     log.info("resumed after epoch %d (best val AUC %s at epoch %s)", state.epoch, state.best_auc, state.best_epoch)
