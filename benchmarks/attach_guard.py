@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from app.core.artifacts import GOLDEN_KEY, export_model, load_model, resolve_paths
 from app.core.input_guard import fit_guard
 from training.data import discover, load_images
-from training.split import grouped_stratified_split
+from training.split import grouped_stratified_split, recorded_split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = loaded.metadata
     size = meta.spec.input_size
     run = meta.provenance.get("args", {})
-    fraction, seed = float(run.get("val_fraction", 0.15)), int(run.get("seed", 0))
+    fraction, seed = recorded_split({"val_fraction": 0.15, "seed": 0} | run)
     images = load_images(discover(args.data)["train"], size, workers=2, cache_dir=args.cache).images
     train_index, val_index = grouped_stratified_split(images.paths, images.labels.numpy(), fraction, seed)
     expected = (meta.provenance.get("train_images"), meta.provenance.get("val_images"))

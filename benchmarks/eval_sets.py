@@ -23,7 +23,7 @@ import torch
 from app.core.artifacts import ModelMetadata
 from app.core.preprocessing import preprocess_file
 from training.data import Sample, list_split
-from training.split import grouped_stratified_split
+from training.split import grouped_stratified_split, recorded_split
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
 
@@ -43,7 +43,7 @@ def split_parameters(metadata: ModelMetadata) -> tuple[float, int]:
     args = metadata.provenance.get("args", {})
     if "val_fraction" not in args or "seed" not in args:
         raise SystemExit(f"model {metadata.version}: provenance lacks args.val_fraction/seed; cannot rebuild its split")
-    return float(args["val_fraction"]), int(args["seed"])
+    return recorded_split(args)
 
 
 def train_split(data: Path, metadata: ModelMetadata) -> tuple[list[Sample], list[Sample], str]:

@@ -25,7 +25,7 @@ from app.core.artifacts import LoadedModel, load_model
 from app.core.input_guard import fit_stats, fit_threshold, guard_scores, pixel_contrast, pooled_features
 from app.core.preprocessing import preprocess_file
 from training.data import discover, load_images
-from training.split import grouped_stratified_split
+from training.split import grouped_stratified_split, recorded_split
 
 Features = dict[str, torch.Tensor]
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.weights)
     size = loaded.metadata.spec.input_size
     run_args = loaded.metadata.provenance.get("args", {})
-    fraction, seed = float(run_args.get("val_fraction", 0.15)), int(run_args.get("seed", 0))
+    fraction, seed = recorded_split({"val_fraction": 0.15, "seed": 0} | run_args)
     decoded = load_images(discover(args.data)["train"], size, workers=2, cache_dir=args.cache).images
     train_index, val_index = grouped_stratified_split(decoded.paths, decoded.labels.numpy(), fraction, seed)
     print(f"train {len(train_index)} / val {len(val_index)} images (fraction {fraction}, seed {seed})", file=sys.stderr)

@@ -25,7 +25,7 @@ from training.calibration import fit_temperature, select_threshold
 from training.data import discover, load_images
 from training.loops import predict_logits
 from training.metrics import binary_metrics, roc_auc
-from training.split import grouped_stratified_split
+from training.split import grouped_stratified_split, recorded_split
 
 View = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,9 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     train = load_images(splits["train"], size, workers=2, cache_dir=args.cache).images
     test = load_images(splits["test"], size, workers=2, cache_dir=args.cache).images
     # The model's own validation split (same seed and fraction as its training run).
-    _, val_index = grouped_stratified_split(
-        [str(p) for p in train.paths], train.labels.numpy(), run_args.get("val_fraction", 0.15), run_args.get("seed", 0)
-    )
+    fraction, seed = recorded_split({"val_fraction": 0.15, "seed": 0} | run_args)
+    _, val_index = grouped_stratified_split([str(p) for p in train.paths], train.labels.numpy(), fraction, seed)
     val_x, val_y = train.pixels[val_index], train.labels[val_index]
     # The model's own operating-point rule, as finalize stored it: "youden" or "sensitivity>=T".
     method, _, target_text = meta.threshold_method.partition(">=")

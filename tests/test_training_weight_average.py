@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 from app.core.artifacts import load_model
 from app.core.network import CLASS_NAMES, ModelSpec, build_model
 from app.core.preprocessing import preprocess
+from benchmarks import eval_sets
 from tests.training_support import INPUT_SIZE, InterruptedRunError, crash_in_epoch, make_dataset, train_args
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import main
 from training.loops import predict_logits
+from training.split import recorded_split
 from training.user_errors import UsageError
 from training.weight_average import WeightAverage
 
@@ -164,3 +166,19 @@ def test_seed_replicates_share_the_validation_split_of_their_split_seed(dataset:
     assert replicate == base and replicate_source == base_source
     assert other["val"] != base["val"]
     assert base_source.endswith("seed 0)") and other_source.endswith("seed 1)")
+    # The scripts that rebuild a model's validation split from its model.json find the replicate's.
+    metadata = load_model(tmp_path / "--seed-1---split-seed-0").metadata
+    _, val, _ = eval_sets.train_split(dataset, metadata)
+    assert sorted(str(s.path) for s in val) == sorted(row["path"] for row in base["val"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ({"val_fraction": 0.2, "seed": 3}, (0.2, 3)),  # a run from before --split-seed
+        ({"val_fraction": 0.2, "seed": 3, "split_seed": None}, (0.2, 3)),
+        ({"val_fraction": 0.2, "seed": 3, "split_seed": 0}, (0.2, 0)),
+    ],
+)
+def test_recorded_split_reads_the_split_seed_first(args: dict[str, object], expected: tuple[float, int]) -> None:
+    assert recorded_split(args) == expected

@@ -99,10 +99,6 @@ class TrainConfig(BaseModel):
             normalization=Normalization(equalize=self.equalize),
         )
 
-    def resolved_split_seed(self) -> int:
-        """The seed that picks the validation split (and the --limit-per-class subset)."""
-        return self.seed if self.split_seed is None else self.split_seed
-
     def eval_batch_size(self) -> int:
         """Batch size for validation and test predictions."""
         return self.batch_size * EVAL_BATCH_FACTOR

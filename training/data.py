@@ -27,7 +27,7 @@ from app.core.network import CLASS_NAMES
 from app.core.preprocessing import preprocess_file
 from training.config import TrainConfig
 from training.distributed import DistInfo, barrier
-from training.split import grouped_stratified_split
+from training.split import grouped_stratified_split, recorded_split
 from training.user_errors import DataError
 
 # DICOM files (by their usual extension) go through the same preprocessing as the service, its checks included.
@@ -219,9 +219,9 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
     samples = {("train" if name == "all" else name): files for name, files in splits.items()}
     if "train" not in samples:
         raise DataError(f"{config.data}: no train split (expected {config.data}/train/{{NORMAL,PNEUMONIA}})")
+    val_fraction, split_seed = recorded_split(config.model_dump())  # as every later rebuild of the split reads it
     if config.limit_per_class is not None:
-        seed = config.resolved_split_seed()
-        samples = {name: limit_per_class(files, config.limit_per_class, seed) for name, files in samples.items()}
+        samples = {name: limit_per_class(files, config.limit_per_class, split_seed) for name, files in samples.items()}
     decoded = _decode_all(config, samples, dist)
     train = decoded["train"].images
     val = decoded["val"].images if "val" in decoded else None
@@ -229,13 +229,8 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
         val_source = "provided val split"
     else:
         why = "missing" if val is None else f"too small ({len(val)} images) or one-class"
-        val_source = (
-            f"patient-grouped split of train (val split {why}; "
-            f"fraction {config.val_fraction}, seed {config.resolved_split_seed()})"
-        )
-        train_index, val_index = grouped_stratified_split(
-            train.paths, train.labels.numpy(), config.val_fraction, config.resolved_split_seed()
-        )
+        val_source = f"patient-grouped split of train (val split {why}; fraction {val_fraction}, seed {split_seed})"
+        train_index, val_index = grouped_stratified_split(train.paths, train.labels.numpy(), val_fraction, split_seed)
         train, val = train.subset(train_index), train.subset(val_index)
     if len(train) < MIN_TRAIN_IMAGES:  # found now, not after hours of training when the guard is fitted
         raise DataError(

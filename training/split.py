@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +61,17 @@ def grouped_stratified_split(
     val_index = np.array(sorted(val), dtype=np.int64)
     train_index = np.setdiff1d(np.arange(len(paths)), val_index)
     return train_index, val_index
+
+
+def recorded_split(args: Mapping[str, Any]) -> tuple[float, int]:
+    """(val_fraction, seed) a run drew its validation split with, from its recorded arguments.
+
+    The arguments are a run's ``config.json`` or the ``provenance.args`` of its ``model.json``.
+    ``split_seed`` wins when the run set one (seed replicates sharing a split), else ``seed``:
+    whoever rebuilds a model's validation split must read it here, or it scores other images.
+    """
+    split_seed = args.get("split_seed")
+    return float(args["val_fraction"]), int(args["seed"] if split_seed is None else split_seed)
 
 
 def _majority(labels: np.ndarray) -> int:

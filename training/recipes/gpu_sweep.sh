@@ -30,9 +30,12 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 RUNS=${RUNS:-/tmp/runs}
 mkdir -p "$OUT" "$RUNS"
-# name | extra flags. All share seed 0, hence the same patient-grouped validation split.
+# name | extra flags. All draw the validation split with seed 0 (--seed, or --split-seed where given), so they
+# share one, except SET=128's -seedN replicates.
 # SET=224: recipes at 224 px; SET=sizes: the base and the shift-fitted recipe at 64, 96 and 128 px;
 # SET=128: seed replicates and variants of the 128-px base recipe, and 160 px.
+# SET=ema: the weight average (--ema-epochs) against the raw weights, with and without aug strength 1.5,
+# each on two seeds; --split-seed 0 keeps every run on the same validation split, so all of them compete.
 case ${SET:-224} in
   224) VARIANTS=(
     "224-base|--lr 1e-3"
@@ -56,7 +59,15 @@ case ${SET:-224} in
     "128-aug15|--lr 1e-3 --input-size 128 --aug-strength 1.5"
     "160-base|--lr 1e-3 --input-size 160"
   ) ;;
-  *) echo "SET must be 224, sizes or 128" >&2; exit 2 ;;
+  ema) VARIANTS=(
+    "128-base-s1|--lr 1e-3 --input-size 128 --seed 1 --split-seed 0"
+    "128-ema2|--lr 1e-3 --input-size 128 --ema-epochs 2"
+    "128-ema2-s1|--lr 1e-3 --input-size 128 --ema-epochs 2 --seed 1 --split-seed 0"
+    "128-aug15-s1|--lr 1e-3 --input-size 128 --aug-strength 1.5 --seed 1 --split-seed 0"
+    "128-aug15-ema2|--lr 1e-3 --input-size 128 --aug-strength 1.5 --ema-epochs 2"
+    "128-aug15-ema2-s1|--lr 1e-3 --input-size 128 --aug-strength 1.5 --ema-epochs 2 --seed 1 --split-seed 0"
+  ) ;;
+  *) echo "SET must be 224, sizes, 128 or ema" >&2; exit 2 ;;
 esac
 WORKERS=${WORKERS:-$(( $(nproc) / ${#VARIANTS[@]} > 0 ? $(nproc) / ${#VARIANTS[@]} : 1 ))}
 common=(--data "${DATA:-.data/chest_xray}" --input-size "${SIZE:-224}" --init scratch --arch vgg16_bn
