@@ -1,0 +1,87 @@
+"""Would an ensemble of exported models rank and calibrate better on the test folder than its members?
+
+The members must share one validation split (same ``val_fraction`` and split seed in their provenance;
+``--split-seed`` lets seed replicates do so). Each member scores the validation and test images at its
+own input size; the ensemble averages the members' raw logits. Every row (each member alone, then the
+ensemble) gets its temperature and threshold fitted on the validation split exactly as training does,
+and is then reported on the test folder with bootstrap intervals. Nothing is fitted on the test folder;
+the last column's threshold comes from it, to show the ranking apart from the threshold's placement,
+and is a diagnostic only.
+
+    python -m benchmarks.ensemble_check runs/a runs/b runs/c --data ../shared/data/chest_xray
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.core.artifacts import load_model
+from app.core.decision import pneumonia_probability
+from benchmarks import eval_sets
+from training.calibration import fit_temperature, select_threshold
+from training.loops import predict_logits
+from training.metrics import binary_metrics, bootstrap_ci
+from training.split import recorded_split
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("members", type=Path, nargs="+", help="exported model directories or files")
+    parser.add_argument("--data", type=Path, default=eval_sets.DEFAULT_DATA)
+    parser.add_argument("--target-sensitivity", type=float, default=0.95)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--limit", type=int, default=None, help="first N images of each set (smoke runs)")
+    args = parser.parse_args(argv)
+
+    logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    splits, labels = set(), None
+    for path in args.members:
+        loaded = load_model(path)
+        splits.add(recorded_split(loaded.metadata.provenance.get("args", {})))
+        val, test = eval_sets.evaluation_sets(args.data, loaded.metadata, limit=args.limit)
+        same = labels is None or (np.array_equal(labels[0], val.labels) and np.array_equal(labels[1], test.labels))
+        if not same:
+            raise SystemExit(f"{path}: its validation or test images differ from the first member's")
+        labels = (val.labels, test.labels)
+        cpu = torch.device("cpu")
+        scored = [predict_logits(loaded.network, s.pixels, batch_size=64, device=cpu).float() for s in (val, test)]
+        logits[f"{loaded.metadata.version} ({path})"] = (scored[0], scored[1])
+    if len(splits) != 1 or labels is None:
+        raise SystemExit(f"the members were validated on different splits (fraction, seed): {sorted(splits)}")
+    val_y, test_y = labels
+    print(f"validation split (fraction, seed) {splits.pop()}: {len(val_y)} images; test: {len(test_y)} images")
+    columns = ["model", "temperature", "threshold", "val AUC", "test AUC (95% CI)", "test sens", "test spec (95% CI)"]
+    columns += ["test ECE", "test Brier", "test spec at test sens 0.95 (diagnostic)"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    rows = dict(logits)
+    if len(logits) > 1:
+        rows[f"mean of the {len(logits)} members' logits"] = (
+            torch.stack([v for v, _ in logits.values()]).mean(0),
+            torch.stack([t for _, t in logits.values()]).mean(0),
+        )
+    for name, (val_logits, test_logits) in rows.items():
+        temperature = fit_temperature(val_logits, torch.from_numpy(val_y))
+        val_p = pneumonia_probability(val_logits, temperature).numpy().astype(np.float64)
+        test_p = pneumonia_probability(test_logits, temperature).numpy().astype(np.float64)
+        threshold = select_threshold(val_y, val_p, "sensitivity", args.target_sensitivity)
+        v, t = binary_metrics(val_y, val_p, threshold), binary_metrics(test_y, test_p, threshold)
+        ci = bootstrap_ci(test_y, test_p, threshold, n_boot=args.bootstrap) if args.bootstrap else {}
+        auc_ci, spec_ci = ci.get("roc_auc", (np.nan, np.nan)), ci.get("specificity", (np.nan, np.nan))
+        # The ranking alone, free of where validation put the threshold: a threshold picked on the test
+        # folder itself, so only a diagnostic, never an operating point.
+        ranking = binary_metrics(test_y, test_p, select_threshold(test_y, test_p, "sensitivity", 0.95))
+        print(
+            f"| {name} | {temperature:.3f} | {threshold:.4f} | {v['roc_auc']:.4f} "
+            f"| {t['roc_auc']:.3f} ({auc_ci[0]:.3f}-{auc_ci[1]:.3f}) | {t['sensitivity']:.3f} "
+            f"| {t['specificity']:.3f} ({spec_ci[0]:.3f}-{spec_ci[1]:.3f}) | {t['ece']:.3f} | {t['brier']:.3f} "
+            f"| {ranking['specificity']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

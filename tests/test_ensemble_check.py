@@ -1,0 +1,44 @@
+"""benchmarks/ensemble_check.py on tiny trained models: each member's row refits exactly what training fitted."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from app.core.artifacts import load_model
+from benchmarks import ensemble_check
+from tests.training_support import make_dataset, normal_names, pneumonia_names, train_args, write_split
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    data = make_dataset(tmp_path_factory.mktemp("data"))
+    write_split(data / "test", normal_names(range(70, 76), 1), pneumonia_names(range(70, 76), 1), seed=5)
+    out = tmp_path_factory.mktemp("runs")
+    seeds = {"a": ("--seed", "0"), "b": ("--seed", "1", "--split-seed", "0"), "other": ("--seed", "1")}
+    for name, extra in seeds.items():
+        args = train_args(data, out / name, "--epochs", "1", "--bootstrap", "0", "--export-dtype", "float32", *extra)
+        assert main(args) == 0
+    return {"data": data, **{name: out / name for name in seeds}}
+
+
+def test_members_reproduce_their_own_calibration_and_the_mean_gets_a_row(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ensemble_check.main([str(runs["a"]), str(runs["b"]), "--data", str(runs["data"]), "--bootstrap", "20"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s*\|\s*", line.strip("| ")) for line in lines[1:])}
+    assert len(rows) == 3 and "mean of the 2 members' logits" in rows
+    for name in ("a", "b"):
+        meta = load_model(runs[name]).metadata
+        temperature, threshold = rows[f"{meta.version} ({runs[name]})"][:2]
+        assert float(temperature) == pytest.approx(meta.temperature, abs=5e-4)
+        assert float(threshold) == pytest.approx(meta.threshold, abs=5e-5)
+
+
+def test_members_validated_on_different_splits_are_refused(runs: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit, match=r"different splits \(fraction, seed\): \[\(0\.3, 0\), \(0\.3, 1\)\]"):
+        ensemble_check.main([str(runs["a"]), str(runs["other"]), "--data", str(runs["data"]), "--bootstrap", "0"])
