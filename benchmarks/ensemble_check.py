@@ -22,7 +22,7 @@ import torch
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
 from benchmarks import eval_sets
-from training.calibration import fit_temperature, select_threshold
+from training.calibration import operating_point, select_threshold
 from training.loops import predict_logits
 from training.metrics import binary_metrics, bootstrap_ci
 from training.split import recorded_split
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set (smoke runs)")
     args = parser.parse_args(argv)
 
+    cpu = torch.device("cpu")
     logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     splits, labels = set(), None
     for path in args.members:
@@ -47,7 +48,6 @@ def main(argv: list[str] | None = None) -> None:
         if not same:
             raise SystemExit(f"{path}: its validation or test images differ from the first member's")
         labels = (val.labels, test.labels)
-        cpu = torch.device("cpu")
         scored = [predict_logits(loaded.network, s.pixels, batch_size=64, device=cpu).float() for s in (val, test)]
         logits[f"{loaded.metadata.version} ({path})"] = (scored[0], scored[1])
     if len(splits) != 1 or labels is None:
@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             torch.stack([t for _, t in logits.values()]).mean(0),
         )
     for name, (val_logits, test_logits) in rows.items():
-        temperature = fit_temperature(val_logits, torch.from_numpy(val_y))
-        val_p = pneumonia_probability(val_logits, temperature).numpy().astype(np.float64)
+        temperature, threshold, val_p = operating_point(
+            val_logits, torch.from_numpy(val_y), "sensitivity", args.target_sensitivity
+        )
         test_p = pneumonia_probability(test_logits, temperature).numpy().astype(np.float64)
-        threshold = select_threshold(val_y, val_p, "sensitivity", args.target_sensitivity)
         v, t = binary_metrics(val_y, val_p, threshold), binary_metrics(test_y, test_p, threshold)
         ci = bootstrap_ci(test_y, test_p, threshold, n_boot=args.bootstrap) if args.bootstrap else {}
         auc_ci, spec_ci = ci.get("roc_auc", (np.nan, np.nan)), ci.get("specificity", (np.nan, np.nan))

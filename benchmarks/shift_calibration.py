@@ -25,7 +25,7 @@ from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
 from benchmarks import eval_sets
 from training.augment import augment_batch
-from training.calibration import fit_temperature, select_threshold
+from training.calibration import fit_temperature, parse_rule, select_threshold
 from training.loops import predict_logits
 from training.metrics import binary_metrics
 
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(args.weights)
     meta = loaded.metadata
     val, test = eval_sets.evaluation_sets(args.data, meta, limit=args.limit)
-    method, _, target_text = meta.threshold_method.partition(">=")
-    if method not in ("sensitivity", "youden"):
-        raise SystemExit(f"unknown threshold rule {meta.threshold_method!r} in {args.weights}")
-    target = float(target_text) if target_text else 0.95
+    try:
+        method, target = parse_rule(meta.threshold_method)
+    except ValueError as error:
+        raise SystemExit(f"{error} in {args.weights}") from None
     cpu = torch.device("cpu")
 
     def logits(pixels: torch.Tensor) -> torch.Tensor:

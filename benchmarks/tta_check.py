@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
-from training.calibration import fit_temperature, select_threshold
+from training.calibration import operating_point, parse_rule
 from training.data import discover, load_images
 from training.loops import predict_logits
 from training.metrics import binary_metrics, roc_auc
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     _, val_index = grouped_stratified_split([str(p) for p in train.paths], train.labels.numpy(), fraction, seed)
     val_x, val_y = train.pixels[val_index], train.labels[val_index]
     # The model's own operating-point rule, as finalize stored it: "youden" or "sensitivity>=T".
-    method, _, target_text = meta.threshold_method.partition(">=")
-    if method not in ("sensitivity", "youden"):
-        raise SystemExit(f"unknown threshold rule {meta.threshold_method!r} in {args.weights}")
-    target = float(target_text) if target_text else 0.95
+    try:
+        method, target = parse_rule(meta.threshold_method)
+    except ValueError as error:
+        raise SystemExit(f"{error} in {args.weights}") from None
     cpu = torch.device("cpu")
 
     def logits(pixels: torch.Tensor, view: View) -> torch.Tensor:
@@ -95,10 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     for combo in [(name,) for name in VIEWS] + COMBOS:
         val_logits = torch.stack([views[n][0] for n in combo]).mean(0)
         test_logits = torch.stack([views[n][1] for n in combo]).mean(0)
-        temperature = fit_temperature(val_logits, val_y)
-        val_p = pneumonia_probability(val_logits, temperature).numpy().astype(np.float64)
+        temperature, threshold, val_p = operating_point(val_logits, val_y, method, target)
         test_p = pneumonia_probability(test_logits, temperature).numpy().astype(np.float64)
-        threshold = select_threshold(val_y.numpy(), val_p, method, target)
         m = binary_metrics(test.labels.numpy(), test_p, threshold)
         print(
             f"| {' + '.join(combo)} | {temperature:.3f} | {threshold:.4f} | {roc_auc(val_y.numpy(), val_p):.4f} "

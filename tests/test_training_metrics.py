@@ -11,7 +11,14 @@ import torch
 from sklearn import metrics as skm
 
 from training import metrics as m
-from training.calibration import fit_temperature, select_threshold
+from training.calibration import (
+    ThresholdMethod,
+    fit_temperature,
+    operating_point,
+    parse_rule,
+    rule_name,
+    select_threshold,
+)
 
 LABELS = np.array([0, 0, 1, 1, 1])
 SCORES = np.array([0.1, 0.6, 0.35, 0.8, 0.9])
@@ -272,3 +279,27 @@ def test_temperature_stays_inside_its_search_bounds() -> None:
 def test_an_unknown_threshold_method_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"^unknown threshold method 'f1': sensitivity or youden$"):
         select_threshold(np.array([0, 1]), np.array([0.2, 0.8]), "f1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "name"), [("sensitivity", 0.95, "sensitivity>=0.95"), ("youden", 0.95, "youden")]
+)
+def test_the_recorded_rule_name_reads_back_as_the_rule(method: ThresholdMethod, target: float, name: str) -> None:
+    assert rule_name(method, target) == name
+    assert parse_rule(name) == (method, target)
+
+
+def test_a_rule_name_training_never_writes_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^unknown threshold rule 'default'$"):
+        parse_rule("default")
+
+
+def test_operating_point_is_the_fitted_temperature_and_the_threshold_on_its_probabilities() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 2
+    logits = torch.stack([-labels * 2.0, labels * 2.0], dim=1) + torch.randn(200, 2, generator=generator) * 2
+    temperature, threshold, probs = operating_point(logits, labels, "sensitivity", 0.9)
+    assert temperature == fit_temperature(logits, labels)
+    expected = torch.softmax(logits.double() / temperature, dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(probs, expected, rtol=1e-6)
+    assert threshold == select_threshold(labels.numpy(), probs, "sensitivity", 0.9)

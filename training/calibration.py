@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
 
+from app.core.decision import pneumonia_probability
 from training.metrics import roc_curve
 
 ThresholdMethod = Literal["sensitivity", "youden"]
@@ -64,3 +65,30 @@ def select_threshold(
     fpr, tpr, thresholds = roc_curve(y, p)
     best = int(np.argmax((tpr - fpr)[1:])) + 1  # skip the +inf start point
     return float(min(thresholds[best], 1.0))
+
+
+def operating_point(
+    logits: torch.Tensor, labels: torch.Tensor, method: ThresholdMethod, target_sensitivity: float = 0.95
+) -> tuple[float, float, np.ndarray]:
+    """(temperature, threshold, calibrated probabilities) fitted on validation ``logits``: what a run exports.
+
+    Training's export and every script that re-fits an operating point on validation call this, so they
+    cannot drift apart.
+    """
+    temperature = fit_temperature(logits, labels)
+    probs = pneumonia_probability(logits, temperature).numpy().astype(np.float64)
+    threshold = select_threshold(labels.numpy(), probs, method, target_sensitivity)
+    return temperature, threshold, probs
+
+
+def rule_name(method: ThresholdMethod, target_sensitivity: float) -> str:
+    """The operating-point rule as ``model.json`` records it: ``youden`` or ``sensitivity>=T``."""
+    return method if method == "youden" else f"sensitivity>={target_sensitivity}"
+
+
+def parse_rule(name: str) -> tuple[ThresholdMethod, float]:
+    """(method, target sensitivity) from a recorded rule name; the inverse of :func:`rule_name`."""
+    method, _, target = name.partition(">=")
+    if method not in ("sensitivity", "youden"):
+        raise ValueError(f"unknown threshold rule {name!r}")
+    return cast(ThresholdMethod, method), float(target) if target else 0.95

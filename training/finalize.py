@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from app.core.artifacts import export_model, load_model
-from app.core.decision import pneumonia_probability
 from app.core.input_guard import fit_guard
 from app.core.network import CLASS_NAMES, PneumoniaNet
-from training.calibration import fit_temperature, select_threshold
+from training.calibration import operating_point, rule_name
 from training.checkpoint import TrainState, load_checkpoint
 from training.config import TrainConfig
 from training.data import ImageSet, PreparedData
@@ -46,10 +45,7 @@ def calibrate(
 ) -> tuple[float, float, np.ndarray]:
     """(temperature, threshold, calibrated validation probabilities): the operating point, chosen on val only."""
     logits = predict_logits(network, val.pixels, batch_size=config.eval_batch_size(), device=device, show=True)
-    temperature = fit_temperature(logits, val.labels)
-    probs = pneumonia_probability(logits, temperature).numpy().astype(np.float64)
-    threshold = select_threshold(val.labels.numpy(), probs, config.threshold_method, config.target_sensitivity)
-    return temperature, threshold, probs
+    return operating_point(logits, val.labels, config.threshold_method, config.target_sensitivity)
 
 
 def golden_inputs(val: ImageSet, count: int) -> torch.Tensor:
@@ -165,9 +161,7 @@ def finalize(
         golden_inputs=golden_inputs(data.val, config.golden_count),
         dtype=config.export_dtype,
         threshold=threshold,
-        threshold_method=config.threshold_method
-        if config.threshold_method == "youden"
-        else f"sensitivity>={config.target_sensitivity}",
+        threshold_method=rule_name(config.threshold_method, config.target_sensitivity),
         temperature=temperature,
         metrics={"validation": val_metrics},
         provenance=made,
