@@ -18,7 +18,15 @@ from app.core.artifacts import load_model
 from app.core.network import CLASS_NAMES, ModelSpec, build_model
 from app.core.preprocessing import preprocess
 from benchmarks import eval_sets
-from tests.training_support import INPUT_SIZE, InterruptedRunError, crash_in_epoch, make_dataset, train_args
+from tests.training_support import (
+    INPUT_SIZE,
+    InterruptedRunError,
+    assert_same_run,
+    crash_in_epoch,
+    history,
+    make_dataset,
+    train_args,
+)
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import main
 from training.loops import predict_logits
@@ -125,8 +133,9 @@ def test_the_run_exports_the_averaged_weights_not_the_raw_ones(dataset: Path, tm
     pixels = torch.stack([preprocess(Path(row["path"]).read_bytes(), INPUT_SIZE) for row in rows])
     labels = torch.tensor([CLASS_NAMES.index(row["label"]) for row in rows])
     logits = predict_logits(load_model(tmp_path).network, pixels, batch_size=16, device=torch.device("cpu"))
-    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert history[0]["val_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert history(tmp_path)[0]["val_loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5
+    )
 
 
 def test_resume_continues_the_average_exactly(
@@ -138,13 +147,7 @@ def test_resume_continues_the_average_exactly(
         main(train_args(dataset, out, *EMA_ARGS))
     monkeypatch.undo()
     assert main(["train", "--resume", str(out)]) == 0
-    ours = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    theirs = [json.loads(line) for line in (ema_run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["val_auc"] for row in ours] == pytest.approx([row["val_auc"] for row in theirs], abs=1e-6)
-    assert [row["val_loss"] for row in ours] == pytest.approx([row["val_loss"] for row in theirs], rel=1e-4)
-    resumed, uninterrupted = load_model(out).network.state_dict(), load_model(ema_run).network.state_dict()
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(resumed[key], value, atol=1e-4, rtol=1e-4)
+    assert_same_run(out, ema_run)
 
 
 def test_resume_refuses_to_switch_the_average_on(ema_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

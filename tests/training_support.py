@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import training.trainer
+from app.core.artifacts import load_model
 from tests.conftest import encode, synthetic_xray
 
 IMAGE_SIDE = 48
@@ -107,3 +110,21 @@ def crash_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(training.trainer, "train_one_epoch", crashing)
+
+
+def history(run: Path) -> list[dict[str, object]]:
+    """The run's metrics.jsonl, one dict per finished epoch."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    """A crashed-and-resumed run replayed the uninterrupted one: same epochs, losses, AUCs and exported weights."""
+    ours, theirs = history(resumed), history(uninterrupted)
+    assert [row["epoch"] for row in ours] == [row["epoch"] for row in theirs]
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-4)
+        assert mine["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-4)
+        assert mine["val_auc"] == pytest.approx(reference["val_auc"], abs=1e-6)
+    resumed_weights = load_model(resumed).network.state_dict()
+    for key, value in load_model(uninterrupted).network.state_dict().items():
+        torch.testing.assert_close(resumed_weights[key], value, atol=1e-4, rtol=1e-4)
