@@ -208,12 +208,13 @@ def test_evaluate_wrong_layout_and_missing_model(
     assert "not found" in err
 
 
-def test_invalid_flag_value_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("flag", "value"), [("--val-fraction", "1.5"), ("--ema-epochs", "-1")])
+def test_invalid_flag_value_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
     make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
-    err = _error_line(
-        capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--val-fraction", "1.5"]
-    )
-    assert "--val-fraction" in err
+    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), flag, value])
+    assert flag in err
 
 
 def test_unusable_device_is_a_clear_error(
