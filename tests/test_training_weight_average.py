@@ -20,9 +20,8 @@ from app.core.preprocessing import preprocess
 from benchmarks import eval_sets
 from tests.training_support import (
     INPUT_SIZE,
-    InterruptedRunError,
     assert_same_run,
-    crash_in_epoch,
+    crash_then_resume,
     history,
     make_dataset,
     train_args,
@@ -142,11 +141,7 @@ def test_resume_continues_the_average_exactly(
     dataset: Path, ema_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
-    crash_in_epoch(monkeypatch, 2)
-    with pytest.raises(InterruptedRunError):
-        main(train_args(dataset, out, *EMA_ARGS))
-    monkeypatch.undo()
-    assert main(["train", "--resume", str(out)]) == 0
+    crash_then_resume(monkeypatch, train_args(dataset, out, *EMA_ARGS), out)
     assert_same_run(out, ema_run)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 import training.trainer
 from app.core.artifacts import load_model
 from tests.conftest import encode, synthetic_xray
+from training.cli import main
 
 IMAGE_SIDE = 48
 INPUT_SIZE = 32
@@ -110,6 +111,15 @@ def crash_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(training.trainer, "train_one_epoch", crashing)
+
+
+def crash_then_resume(monkeypatch: pytest.MonkeyPatch, argv: list[str], out: Path) -> None:
+    """Run ``argv`` (training into ``out``) until it dies at the start of epoch 2, then finish it with --resume."""
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(InterruptedRunError):
+        main(argv)
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out)]) == 0
 
 
 def history(run: Path) -> list[dict[str, object]]:

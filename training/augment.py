@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,3 +89,20 @@ def _erase_corner(x: torch.Tensor, generator: torch.Generator, probability: floa
     in_y = torch.where(top, coords < height.view(n, 1), coords >= size - height.view(n, 1))
     mask = (in_y[:, :, None] & in_x[:, None, :] & chosen.view(n, 1, 1)).unsqueeze(1).to(x.device)
     return torch.where(mask, x.mean(dim=(1, 2, 3), keepdim=True), x)
+
+
+def mix_pairs(
+    x: torch.Tensor, target: torch.Tensor, generator: torch.Generator, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018): blend each image with a random partner of the same batch.
+
+    Returns ``(mixed images, partner labels, lam)``; the loss is ``lam * loss(y) + (1 - lam) * loss(partner)``.
+    One ``lam ~ Beta(alpha, alpha)`` per batch, as torchvision's reference recipe does. The Beta draw
+    goes through numpy seeded from ``generator`` because torch's Beta sampler takes no generator, and
+    a resumed run must draw exactly what the uninterrupted one drew.
+    """
+    order = torch.randperm(x.shape[0], generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    mixed = x * lam + x[order.to(x.device)] * (1.0 - lam)
+    return mixed, target[order.to(target.device)], lam

@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     erase_corners: float = Field(
         0.0, ge=0.0, le=1.0, description="probability of filling one image corner (side markers) with the mean"
     )
+    mixup: float = Field(
+        0.0, ge=0.0, le=10.0, description="mixup: blend image pairs with weight ~ Beta(F, F) per batch; 0 = off"
+    )
     seed: int = Field(0, description="seed for the split, init, shuffling and augmentation")
     split_seed: int | None = Field(
         None, description="seed of the validation split alone (default: --seed), so seed replicates share one"

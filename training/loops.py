@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from app.core.decision import pneumonia_probability
 from app.core.network import PneumoniaNet
-from training.augment import augment_batch
+from training.augment import augment_batch, mix_pairs
 from training.data import ImageSet
 from training.distributed import DistInfo, all_reduce_sum, gather_rows
 from training.metrics import roc_auc
@@ -86,6 +86,7 @@ def train_one_epoch(
     hflip: bool,
     zoom_in: float,
     erase_corners: float,
+    mixup: float,
     device: torch.device,
     amp: bool,
     dist: DistInfo,
@@ -110,10 +111,16 @@ def train_one_epoch(
         inputs = augment_batch(
             batch, generator, strength=aug_strength, hflip=hflip, zoom_in=zoom_in, erase_corners=erase_corners
         )
+        partner, lam = target, 1.0
+        if mixup > 0.0:
+            inputs, partner, lam = mix_pairs(inputs, target, generator, mixup)
         if device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            loss = loss_fn(model(inputs).float(), target)
+            outputs = model(inputs).float()
+            loss = loss_fn(outputs, target)
+            if mixup > 0.0:  # mixup's loss: the same blend of the two images' label losses
+                loss = lam * loss + (1.0 - lam) * loss_fn(outputs, partner)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
