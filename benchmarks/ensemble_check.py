@@ -5,8 +5,10 @@ The members must share one validation split (same ``val_fraction`` and split see
 own input size; the ensemble averages the members' raw logits. Every row (each member alone, then the
 ensemble) gets its temperature and threshold fitted on the validation split exactly as training does,
 and is then reported on the test folder with bootstrap intervals. Nothing is fitted on the test folder;
-the last column's threshold comes from it, to show the ranking apart from the threshold's placement,
-and is a diagnostic only.
+the ranking column's threshold comes from it, to show the ranking apart from the threshold's placement,
+and is a diagnostic only. The last column is the test specificity at both ends of the 95% interval of
+the validation threshold over bootstrap resamples of validation: what the threshold's own uncertainty
+does on test.
 
     python -m benchmarks.ensemble_check runs/a runs/b runs/c --data ../shared/data/chest_xray
 """
@@ -22,7 +24,7 @@ import torch
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
 from benchmarks import eval_sets
-from training.calibration import operating_point, select_threshold
+from training.calibration import operating_point, select_threshold, threshold_interval
 from training.loops import predict_logits
 from training.metrics import binary_metrics, bootstrap_ci
 from training.split import recorded_split
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"validation split (fraction, seed) {splits.pop()}: {len(val_y)} images; test: {len(test_y)} images")
     columns = ["model", "temperature", "threshold", "val AUC", "test AUC (95% CI)", "test sens", "test spec (95% CI)"]
     columns += ["test ECE", "test Brier", "test spec at test sens 0.95 (diagnostic)"]
+    columns += ["test spec over the threshold's val-bootstrap 95% interval"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     rows = dict(logits)
@@ -75,11 +78,18 @@ def main(argv: list[str] | None = None) -> None:
         # The ranking alone, free of where validation put the threshold: a threshold picked on the test
         # folder itself, so only a diagnostic, never an operating point.
         ranking = binary_metrics(test_y, test_p, select_threshold(test_y, test_p, "sensitivity", 0.95))
+        # Where another draw of validation images could have put the threshold, and what that does on test.
+        spread = "-"
+        if args.bootstrap:
+            low, high = threshold_interval(
+                val_y, val_p, "sensitivity", args.target_sensitivity, resamples=args.bootstrap
+            )
+            spread = "-".join(f"{binary_metrics(test_y, test_p, cut)['specificity']:.3f}" for cut in (low, high))
         print(
             f"| {name} | {temperature:.3f} | {threshold:.4f} | {v['roc_auc']:.4f} "
             f"| {t['roc_auc']:.3f} ({auc_ci[0]:.3f}-{auc_ci[1]:.3f}) | {t['sensitivity']:.3f} "
             f"| {t['specificity']:.3f} ({spec_ci[0]:.3f}-{spec_ci[1]:.3f}) | {t['ece']:.3f} | {t['brier']:.3f} "
-            f"| {ranking['specificity']:.3f} |"
+            f"| {ranking['specificity']:.3f} | {spread} |"
         )
 
 

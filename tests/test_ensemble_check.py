@@ -42,3 +42,15 @@ def test_members_reproduce_their_own_calibration_and_the_mean_gets_a_row(
 def test_members_validated_on_different_splits_are_refused(runs: dict[str, Path]) -> None:
     with pytest.raises(SystemExit, match=r"different splits \(fraction, seed\): \[\(0\.3, 0\), \(0\.3, 1\)\]"):
         ensemble_check.main([str(runs["a"]), str(runs["other"]), "--data", str(runs["data"]), "--bootstrap", "0"])
+
+
+def test_the_threshold_interval_brackets_the_test_specificity(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ensemble_check.main([str(runs["a"]), "--data", str(runs["data"]), "--bootstrap", "50"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    header, row = (re.split(r"\s*\|\s*", line.strip("| ")) for line in lines)
+    assert header[-1] == "test spec over the threshold's val-bootstrap 95% interval"
+    low, high = (float(v) for v in row[-1].split("-"))
+    point = float(row[header.index("test spec (95% CI)")].split()[0])
+    assert low <= point <= high  # a higher threshold is never less specific

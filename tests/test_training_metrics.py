@@ -18,6 +18,7 @@ from training.calibration import (
     parse_rule,
     rule_name,
     select_threshold,
+    threshold_interval,
 )
 
 LABELS = np.array([0, 0, 1, 1, 1])
@@ -303,3 +304,30 @@ def test_operating_point_is_the_fitted_temperature_and_the_threshold_on_its_prob
     expected = torch.softmax(logits.double() / temperature, dim=1)[:, 1].numpy()
     np.testing.assert_allclose(probs, expected, rtol=1e-6)
     assert threshold == select_threshold(labels.numpy(), probs, "sensitivity", 0.9)
+
+
+def test_threshold_interval_brackets_the_threshold_and_narrows_with_data() -> None:
+    rng = np.random.default_rng(0)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 2, n)
+        return labels, np.clip(rng.normal(0.3 + 0.4 * labels, 0.15), 0, 1)
+
+    widths = []
+    for n in (200, 5000):
+        labels, probs = sample(n)
+        low, high = threshold_interval(labels, probs, "sensitivity", resamples=300)
+        assert low < select_threshold(labels, probs, "sensitivity") < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 3  # about 1/sqrt(n)
+    assert threshold_interval(labels, probs, "sensitivity", resamples=50, seed=3) == threshold_interval(
+        labels, probs, "sensitivity", resamples=50, seed=3
+    )
+
+
+def test_threshold_interval_of_tied_positives_is_that_score_and_one_class_is_refused() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.8, 0.8, 0.8, 0.8])
+    assert threshold_interval(labels, probs, "sensitivity", resamples=100) == (0.8, 0.8)
+    with pytest.raises(ValueError, match="no bootstrap resample held both classes"):
+        threshold_interval(np.ones(4), np.linspace(0, 1, 4), "sensitivity", resamples=10)

@@ -67,6 +67,35 @@ def select_threshold(
     return float(min(thresholds[best], 1.0))
 
 
+def threshold_interval(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    method: ThresholdMethod,
+    target_sensitivity: float = 0.95,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile 95% interval of :func:`select_threshold` over bootstrap resamples of the validation images.
+
+    The sensitivity rule's threshold is one order statistic (the lowest 5 % of validation positives), so
+    another draw of validation images would put it elsewhere; on a saturated validation split nothing
+    else pins it. This says how far, so a report can show what that uncertainty does to specificity.
+    Resamples holding one class are skipped; the median of the draws equals the threshold (EXPERIMENTS E10).
+    """
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        index = rng.integers(0, y.size, y.size)
+        if y[index].min() != y[index].max():
+            draws.append(select_threshold(y[index], p[index], method, target_sensitivity))
+    if not draws:
+        raise ValueError("no bootstrap resample held both classes")
+    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
 def operating_point(
     logits: torch.Tensor, labels: torch.Tensor, method: ThresholdMethod, target_sensitivity: float = 0.95
 ) -> tuple[float, float, np.ndarray]:
