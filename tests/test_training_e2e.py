@@ -81,6 +81,9 @@ def test_run_writes_checkpoints_metrics_and_export(run_dir: Path) -> None:
     meta = json.loads((run_dir / "model.json").read_text())
     assert meta["provenance"]["input_size"] == INPUT_SIZE and meta["provenance"]["init"] == "scratch"
     assert len(meta["provenance"]["data_hash"]) == 64
+    # One start, by the code the export also records (a git checkout here, or null both).
+    [start] = meta["provenance"]["starts"]
+    assert start["epochs_done"] == 0 and start["git_commit"] == meta["provenance"]["git_commit"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert meta["temperature"] == summary["temperature"] != 1.0
     # The threshold is the highest one that still catches 95% of validation pneumonia (computed here by hand).
@@ -213,6 +216,9 @@ def test_resume_continues_from_the_right_epoch(
     assert "resumed after epoch 1" in (out / "train.log").read_text()
     assert [row["epoch"] for row in history(out)] == [1, 2]
     assert_same_run(out, run_dir)
+    # Both processes that trained it are on record; the refused overwrite started nothing.
+    starts = json.loads((out / "model.json").read_text())["provenance"]["starts"]
+    assert [start["epochs_done"] for start in starts] == [0, 1]
 
 
 def test_resume_of_finished_run_only_reexports(run_dir: Path, tmp_path: Path) -> None:

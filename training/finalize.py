@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +24,7 @@ from training.data import ImageSet, PreparedData
 from training.evaluate import evaluate_images
 from training.loops import predict_logits
 from training.report import compute_report_metrics, json_safe, write_report
-from training.rundir import SUMMARY_FILE
+from training.rundir import SUMMARY_FILE, git_commit, read_starts
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +58,6 @@ def golden_inputs(val: ImageSet, count: int) -> torch.Tensor:
     return val.pixels[sorted(chosen)]
 
 
-def git_commit() -> dict[str, Any]:
-    """The code's commit, and whether app/ or training/ had uncommitted changes; null outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = (
-            subprocess.run(
-                ["git", "status", "--porcelain", "--", "app", "training"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-            ).stdout.strip()
-            != ""
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
-    return {"git_commit": commit, "git_dirty": dirty}
-
-
 def provenance(config: TrainConfig, state: TrainState, data: PreparedData, extra: dict[str, Any]) -> dict[str, Any]:
     """What model.json records about how the model was made: data, run, arguments, code."""
     return json_safe(
@@ -106,6 +81,7 @@ def provenance(config: TrainConfig, state: TrainState, data: PreparedData, extra
             "torch": torch.__version__,
             **extra,
             **git_commit(),
+            "starts": read_starts(config.out),
         }
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+STARTS_FILE = "starts.jsonl"
 LOG_FILE = "train.log"
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,46 @@ def write_run_files(config: TrainConfig, data: PreparedData, history: list[dict[
     (config.out / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     write_split(config.out, data)
     (config.out / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def git_commit() -> dict[str, Any]:
+    """The code's commit, and whether app/ or training/ had uncommitted changes; null outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "app", "training"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            ).stdout.strip()
+            != ""
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def record_start(run_dir: Path, epoch: int) -> None:
+    """Append this process's start to starts.jsonl: when, the epochs already done, and the code's commit.
+
+    A run resumed after a code change was trained by more than one version of the code; the export lists
+    every start, not only the commit present at export time.
+    """
+    row = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "epochs_done": epoch, **git_commit()}
+    with (run_dir / STARTS_FILE).open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def read_starts(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's starts, oldest first; none for a run made before starts were recorded."""
+    path = run_dir / STARTS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from training.distributed import (
 from training.finalize import finalize
 from training.loops import Schedule, steps_per_epoch, train_one_epoch, validate
 from training.report import json_safe
-from training.rundir import append_metrics, setup_logging, write_run_files
+from training.rundir import append_metrics, record_start, setup_logging, write_run_files
 from training.user_errors import DataError
 from training.weight_average import WeightAverage
 
@@ -82,6 +82,7 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     state = _resume(config, network, optimizer, average, data) if resuming else TrainState(split_hash=split_hash(data))
     if dist.is_main:
         write_run_files(config, data, state.history)
+        record_start(config.out, state.epoch)
     model: nn.Module = network
     if dist.enabled:
         model = nn.parallel.DistributedDataParallel(
