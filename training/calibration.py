@@ -81,7 +81,7 @@ def threshold_interval(
     The sensitivity rule's threshold is one order statistic (the lowest 5 % of validation positives), so
     another draw of validation images would put it elsewhere; on a saturated validation split nothing
     else pins it. This says how far, so a report can show what that uncertainty does to specificity.
-    Resamples holding one class are skipped; the median of the draws equals the threshold (EXPERIMENTS E10).
+    Resamples holding one class are skipped.
     """
     y = np.asarray(labels).astype(np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
