@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from app.core.decision import pneumonia_probability
-from training.metrics import roc_curve
+from training.metrics import bootstrap_resamples, roc_curve
 
 ThresholdMethod = Literal["sensitivity", "youden"]
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -85,10 +85,8 @@ def threshold_interval(
     """
     y = np.asarray(labels).astype(np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
-    rng = np.random.default_rng(seed)
     draws = []
-    for _ in range(resamples):
-        index = rng.integers(0, y.size, y.size)
+    for index in bootstrap_resamples(y.size, resamples, seed):
         if y[index].min() != y[index].max():
             draws.append(select_threshold(y[index], p[index], method, target_sensitivity))
     if not draws:

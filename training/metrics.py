@@ -6,6 +6,8 @@ Convention everywhere: label 1 = PNEUMONIA (positive), a case is predicted posit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 ECE_BINS = 15
@@ -143,16 +145,24 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
+def bootstrap_resamples(n: int, count: int, seed: int) -> Iterator[np.ndarray]:
+    """``count`` case-resampling index arrays over ``n`` cases, reproducible from ``seed``.
+
+    The one resampling scheme of every bootstrap here (metric intervals, the threshold's interval).
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield rng.integers(0, n, n)
+
+
 def bootstrap_ci(
     labels: np.ndarray, probabilities: np.ndarray, threshold: float, *, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, list[float]]:
     """Percentile 95% intervals for roc_auc, sensitivity, specificity and accuracy (case resampling)."""
     y, p = _as_arrays(labels, probabilities)
-    rng = np.random.default_rng(seed)
     names = ("roc_auc", "sensitivity", "specificity", "accuracy")
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(n_boot):
-        index = rng.integers(0, y.size, y.size)
+    for index in bootstrap_resamples(y.size, n_boot, seed):
         yb, pb = y[index], p[index]
         values = threshold_metrics(yb, pb, threshold)
         values["roc_auc"] = roc_auc(yb, pb)

@@ -127,8 +127,7 @@ def record_start(run_dir: Path, epoch: int) -> None:
     every start, not only the commit present at export time.
     """
     row = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "epochs_done": epoch, **git_commit()}
-    with (run_dir / STARTS_FILE).open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    _append_line(run_dir / STARTS_FILE, row)
 
 
 def read_starts(run_dir: Path) -> list[dict[str, Any]]:
@@ -138,5 +137,10 @@ def read_starts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with (run_dir / METRICS_FILE).open("a") as handle:
+    _append_line(run_dir / METRICS_FILE, row)
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    """One JSON object per line, appended: the run's logs survive a crash up to the last finished line."""
+    with path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
