@@ -208,7 +208,9 @@ def test_evaluate_wrong_layout_and_missing_model(
     assert "not found" in err
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--val-fraction", "1.5"), ("--ema-epochs", "-1"), ("--mixup", "-0.2")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--val-fraction", "1.5"), ("--ema-epochs", "-1"), ("--mixup", "-0.2"), ("--acquisition", "-1")]
+)
 def test_invalid_flag_value_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
 ) -> None:

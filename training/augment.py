@@ -18,6 +18,10 @@ MAX_SCALE = 0.10
 MAX_BRIGHTNESS = 0.15
 MAX_CONTRAST = 0.15
 ERASE_SIDE = (0.10, 0.25)  # corner patch side, fraction of the image side: about a burnt-in marker's size
+# Another detector, at strength 1: exposure curve, sharpness and dose.
+MAX_LOG_GAMMA = 0.4  # gamma in [0.67, 1.49]: the mid-tones (lung fields) darken or wash out, ends stay put
+MAX_BLUR_SIGMA = 0.015  # Gaussian blur sigma, fraction of the image side (about 1 px at 64 px, 3.4 at 224)
+MAX_NOISE = 0.03  # additive Gaussian noise std, fraction of the 0..255 range
 
 
 def _uniform(n: int, bound: float, generator: torch.Generator) -> torch.Tensor:
@@ -106,3 +110,43 @@ def mix_pairs(
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     mixed = x * lam + x[order.to(x.device)] * (1.0 - lam)
     return mixed, target[order.to(target.device)], lam
+
+
+def acquisition_shift(x: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+    """Make each image look as if another detector took it: a random gamma, blur and noise level.
+
+    The test split's normal films called pneumonia differ in exposure and contrast (the error analysis
+    in ``training/EXPERIMENTS.md``), which the linear brightness/contrast jitter of :func:`augment_batch`
+    cannot produce: a gamma curve moves the lung fields' grey level against bone and air. Per image:
+    ``gamma = exp(U(-g, g))``, a Gaussian blur with ``sigma ~ U(0, s)`` (half the images stay sharp)
+    and noise with ``std ~ U(0, n)``, all three bounds scaled by ``strength``.
+
+    The caller passes a generator of its own, so a run with this shift draws every other random
+    number (batch order, affine, erasing) exactly as the same run without it: the two are paired.
+    Takes and returns float ``[N, C, S, S]`` in the 0..255 range.
+    """
+    n, size = x.shape[0], x.shape[-1]
+    if n == 0 or strength <= 0.0:
+        return x
+    gamma = torch.exp(_uniform(n, MAX_LOG_GAMMA * strength, generator)).view(n, 1, 1, 1).to(x.device)
+    max_sigma = MAX_BLUR_SIGMA * strength * size
+    sigma = torch.rand(n, generator=generator) * max_sigma * (torch.rand(n, generator=generator) < 0.5)
+    noise_std = (torch.rand(n, generator=generator) * MAX_NOISE * strength * 255.0).view(n, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=generator) * noise_std
+    x = 255.0 * (x / 255.0).clamp_(0.0, 1.0).pow(gamma)
+    x = _gaussian_blur(x, sigma.to(x.device), radius=max(1, math.ceil(3.0 * max_sigma)))
+    return (x + noise.to(x.device)).clamp_(0.0, 255.0)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image (sigma 0 leaves the image unchanged)."""
+    n, c, h, w = x.shape
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    safe = sigma.clamp_min(1e-6).view(n, 1)
+    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / safe) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # sigma -> 0 gives a unit impulse
+    kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (image, channel) group
+    flat = x.reshape(1, n * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, h, w)

@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     erase_corners: float = Field(
         0.0, ge=0.0, le=1.0, description="probability of filling one image corner (side markers) with the mean"
     )
+    acquisition: float = Field(
+        0.0, ge=0.0, le=3.0, description="random gamma, blur and noise (another detector), scaled by F; 0 = off"
+    )
     mixup: float = Field(
         0.0, ge=0.0, le=10.0, description="mixup: blend image pairs with weight ~ Beta(F, F) per batch; 0 = off"
     )

@@ -15,10 +15,12 @@ from tqdm import tqdm
 
 from app.core.decision import pneumonia_probability
 from app.core.network import PneumoniaNet
-from training.augment import augment_batch, mix_pairs
+from training.augment import acquisition_shift, augment_batch, mix_pairs
 from training.data import ImageSet
 from training.distributed import DistInfo, all_reduce_sum, gather_rows
 from training.metrics import roc_auc
+
+ACQUISITION_SEED_OFFSET = 2**31  # far from the epoch seeds (seed * stride + epoch) the other generators use
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def train_one_epoch(
     hflip: bool,
     zoom_in: float,
     erase_corners: float,
+    acquisition: float,
     mixup: float,
     device: torch.device,
     amp: bool,
@@ -99,6 +102,9 @@ def train_one_epoch(
     """
     model.train()
     generator = torch.Generator().manual_seed(epoch_seed + 1)
+    # A generator of its own (seeded apart from the batch order's and the augmentation's), so turning
+    # the acquisition shift on changes nothing else the run draws.
+    acquisition_generator = torch.Generator().manual_seed(epoch_seed + ACQUISITION_SEED_OFFSET)
     batches = epoch_batches(len(labels), batch_size, epoch_seed, dist)
     totals = torch.zeros(2, dtype=torch.float64)
     start = time.perf_counter()
@@ -111,6 +117,8 @@ def train_one_epoch(
         inputs = augment_batch(
             batch, generator, strength=aug_strength, hflip=hflip, zoom_in=zoom_in, erase_corners=erase_corners
         )
+        if acquisition > 0.0:
+            inputs = acquisition_shift(inputs, acquisition_generator, acquisition)
         partner, lam = target, 1.0
         if mixup > 0.0:
             inputs, partner, lam = mix_pairs(inputs, target, generator, mixup)
