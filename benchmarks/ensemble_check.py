@@ -8,7 +8,8 @@ and is then reported on the test folder with bootstrap intervals. Nothing is fit
 the ranking column's threshold comes from it, to show the ranking apart from the threshold's placement,
 and is a diagnostic only. The last column is the test specificity at both ends of the 95% interval of
 the validation threshold over bootstrap resamples of validation: what the threshold's own uncertainty
-does on test.
+does on test. With more than one member it then names the normal test films that every member calls
+pneumonia at its own validation threshold: errors no averaging of these members can remove.
 
     python -m benchmarks.ensemble_check runs/a runs/b runs/c --data ../shared/data/chest_xray
 """
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cpu = torch.device("cpu")
     logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    splits, labels = set(), None
+    splits, labels, test_paths = set(), None, []
     for path in args.members:
         loaded = load_model(path)
         splits.add(recorded_split(loaded.metadata.provenance.get("args", {})))
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         same = labels is None or (np.array_equal(labels[0], val.labels) and np.array_equal(labels[1], test.labels))
         if not same:
             raise SystemExit(f"{path}: its validation or test images differ from the first member's")
-        labels = (val.labels, test.labels)
+        labels, test_paths = (val.labels, test.labels), test.paths
         scored = [predict_logits(loaded.network, s.pixels, batch_size=64, device=cpu).float() for s in (val, test)]
         logits[f"{loaded.metadata.version} ({path})"] = (scored[0], scored[1])
     if len(splits) != 1 or labels is None:
@@ -67,12 +68,15 @@ def main(argv: list[str] | None = None) -> None:
             torch.stack([v for v, _ in logits.values()]).mean(0),
             torch.stack([t for _, t in logits.values()]).mean(0),
         )
+    calls: dict[str, np.ndarray] = {}  # each member's test predictions at its own validation threshold
     for name, (val_logits, test_logits) in rows.items():
         temperature, threshold, val_p = operating_point(
             val_logits, torch.from_numpy(val_y), "sensitivity", args.target_sensitivity
         )
         test_p = pneumonia_probability(test_logits, temperature).numpy().astype(np.float64)
         v, t = binary_metrics(val_y, val_p, threshold), binary_metrics(test_y, test_p, threshold)
+        if name in logits:
+            calls[name] = test_p >= threshold
         ci = bootstrap_ci(test_y, test_p, threshold, n_boot=args.bootstrap) if args.bootstrap else {}
         auc_ci, spec_ci = ci.get("roc_auc", (np.nan, np.nan)), ci.get("specificity", (np.nan, np.nan))
         # The ranking alone, free of where validation put the threshold: a threshold picked on the test
@@ -91,6 +95,21 @@ def main(argv: list[str] | None = None) -> None:
             f"| {t['specificity']:.3f} ({spec_ci[0]:.3f}-{spec_ci[1]:.3f}) | {t['ece']:.3f} | {t['brier']:.3f} "
             f"| {ranking['specificity']:.3f} | {spread} |"
         )
+    if len(calls) > 1:
+        print_shared_false_positives(calls, test_y, test_paths)
+
+
+def print_shared_false_positives(calls: dict[str, np.ndarray], labels: np.ndarray, paths: list[Path]) -> None:
+    """The normal films every member calls pneumonia: the floor under any ensemble of them."""
+    normal = labels == 0
+    per_member = ", ".join(str(int((c & normal).sum())) for c in calls.values())
+    shared = normal & np.logical_and.reduce(list(calls.values()))
+    print(
+        f"\nnormal test films called pneumonia at each member's own threshold: {per_member} of {int(normal.sum())}; "
+        f"by every member: {int(shared.sum())}"
+    )
+    for index in np.flatnonzero(shared):
+        print(f"  {paths[index].name}")
 
 
 if __name__ == "__main__":

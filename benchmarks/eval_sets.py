@@ -36,6 +36,7 @@ class EvalSet:
     description: str
     pixels: torch.Tensor  # uint8[N, 1, S, S]
     labels: np.ndarray  # int64[N]
+    paths: list[Path]  # the image files, in the order of ``pixels``
 
 
 def split_parameters(metadata: ModelMetadata) -> tuple[float, int]:
@@ -79,7 +80,7 @@ def evaluation_sets(data: Path, metadata: ModelMetadata, limit: int | None = Non
     for name, description, samples in sets:
         chosen = samples if limit is None else _spread(samples, limit)
         pixels, labels = load(chosen, size)
-        out.append(EvalSet(name, description, pixels, labels))
+        out.append(EvalSet(name, description, pixels, labels, [s.path for s in chosen]))
     return out
 
 

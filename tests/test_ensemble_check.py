@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,32 @@ def test_the_threshold_interval_brackets_the_test_specificity(
     low, high = (float(v) for v in row[-1].split("-"))
     point = float(row[header.index("test spec (95% CI)")].split()[0])
     assert low <= point <= high  # a higher threshold is never less specific
+
+
+@pytest.mark.parametrize("second", ["b", "copy of a"])
+def test_the_false_positives_every_member_makes_are_named(
+    runs: dict[str, Path], second: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shared list is the intersection of each member's own `training evaluate` false positives.
+
+    The fixture's tiny models are extreme (one calls every normal test film pneumonia, the other none),
+    so the pair with ``b`` must list nothing and the pair with a copy of ``a`` everything ``a`` gets wrong.
+    """
+    members = [runs["a"], runs["b"]]
+    if second == "copy of a":
+        members[1] = Path(shutil.copytree(runs["a"], tmp_path / "a-copy"))
+    own: list[set[str]] = []
+    for index, member in enumerate(members):
+        report = tmp_path / f"report{index}"
+        assert main(["evaluate", "--weights", str(member), "--data", str(runs["data"]), "--report", str(report)]) == 0
+        rows = list(csv.DictReader((report / "predictions.csv").open()))
+        own.append({Path(r["path"]).name for r in rows if r["label"] == "NORMAL" and r["prediction"] == "PNEUMONIA"})
+    capsys.readouterr()
+    ensemble_check.main([*map(str, members), "--data", str(runs["data"]), "--bootstrap", "0"])
+    out = capsys.readouterr().out
+    summary = re.search(r"own threshold: (\d+), (\d+) of (\d+); by every member: (\d+)", out)
+    assert summary is not None
+    assert [int(v) for v in summary.groups()] == [len(own[0]), len(own[1]), 6, len(own[0] & own[1])]
+    listed = {line.strip() for line in out.split("by every member:")[1].splitlines()[1:] if line.strip()}
+    assert listed == own[0] & own[1]
+    assert bool(listed) == (second == "copy of a")  # both branches of the intersection are exercised
