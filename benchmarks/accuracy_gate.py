@@ -31,6 +31,7 @@ import torch
 from app.core import openvino_backend
 from app.core.artifacts import ModelLoadError, load_model, read_metadata
 from app.core.backend_choice import BackendChoice
+from app.core.decision import is_pneumonia
 from app.core.engine import InferenceEngine, int8_guard_noise, load_engine, load_openvino
 from app.core.fastpath_record import (
     MAX_AUC_DROP,
@@ -69,7 +70,7 @@ def compare(images: eval_sets.EvalSet, reference: InferenceEngine, candidate: In
     p_ref, g_ref = score(reference, pixels)
     p, g = score(candidate, pixels)
     threshold = reference.metadata.threshold
-    flips = int(((p >= threshold) != (p_ref >= threshold)).sum())
+    flips = int((is_pneumonia(p, threshold) != is_pneumonia(p_ref, threshold)).sum())
     guard_flips = None
     if g is not None and g_ref is not None and reference.guard_spec is not None:
         limit = reference.guard_spec.threshold

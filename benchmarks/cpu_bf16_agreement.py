@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.core.decision import is_pneumonia
 from app.core.engine import load_engine
 from app.core.preprocessing import preprocess
 from training.metrics import roc_auc
@@ -32,7 +33,7 @@ def main() -> None:
     p32 = np.array([r.probability for i in range(0, len(rows), 64) for r in exact.infer(pixels[i : i + 64])])
     p16 = np.array([r.probability for i in range(0, len(rows), 64) for r in fast.infer(pixels[i : i + 64])])
     threshold = exact.metadata.threshold
-    flips = int(((p32 >= threshold) != (p16 >= threshold)).sum())
+    flips = int((is_pneumonia(p32, threshold) != is_pneumonia(p16, threshold)).sum())
     print(
         f"n={len(rows)} max|p_bf16 - p_fp32|={np.abs(p16 - p32).max():.4f} "
         f"mean={np.abs(p16 - p32).mean():.5f} label flips at {threshold:.4f}: {flips}"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from app.core.artifacts import load_model
-from app.core.decision import pneumonia_probability
+from app.core.decision import is_pneumonia, pneumonia_probability
 from benchmarks import eval_sets
 from training.calibration import operating_point, select_threshold, threshold_interval
 from training.loops import predict_logits
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         test_p = pneumonia_probability(test_logits, temperature).numpy().astype(np.float64)
         v, t = binary_metrics(val_y, val_p, threshold), binary_metrics(test_y, test_p, threshold)
         if name in logits:
-            calls[name] = test_p >= threshold
+            calls[name] = is_pneumonia(test_p, threshold)
         ci = bootstrap_ci(test_y, test_p, threshold, n_boot=args.bootstrap) if args.bootstrap else {}
         auc_ci, spec_ci = ci.get("roc_auc", (np.nan, np.nan)), ci.get("specificity", (np.nan, np.nan))
         # The ranking alone, free of where validation put the threshold: a threshold picked on the test

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from app.core.decision import is_pneumonia
+
 ECE_BINS = 15
 
 
@@ -101,7 +103,7 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, n_
 
 def confusion(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, int]:
     y, p = _as_arrays(labels, probabilities)
-    predicted = p >= threshold
+    predicted = is_pneumonia(p, threshold)
     positive = y == 1
     return {
         "tp": int(np.sum(predicted & positive)),
