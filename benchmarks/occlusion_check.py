@@ -1,0 +1,156 @@
+"""Which part of a film makes the model call a normal child pneumonia? Occlusion and CAM, cell by cell.
+
+Every test film is cut into a ``g x g`` grid (default: the model's own feature-map grid, 4 x 4 at
+128 px) and each cell in turn is painted over with its own median grey; the change in calibrated
+log-odds says how much that cell pushed the call (occlusion sensitivity, Zeiler and Fergus 2014).
+The cell's own median, not the film's: it wipes out structure (ribs, a burnt-in letter) but keeps
+the cell's brightness, where a film-wide grey on a dark lung field would itself look like an
+opacity and raise the score.
+A false positive that turns NORMAL when one cell is hidden was called on that cell: if the burnt-in
+"R" marker in the top-left corner were the shortcut (the error analysis's suspicion), hiding the
+top-left cell would clear most false positives and leave true positives alone. True negatives that
+turn PNEUMONIA when a cell is hidden measure what occlusion itself does to a film.
+
+Beside it, the class activation map splits each film's log-odds exactly into per-cell contributions
+(``app.core.heatmap``: mean of the cells + bias), without changing the image.
+
+Nothing is fitted: the temperature and threshold are the model's own, and the decision is
+``app.core.decision.is_pneumonia``, as in serving.
+
+    python -m benchmarks.occlusion_check weights --data ../shared/data/chest_xray
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.core.artifacts import load_model
+from app.core.decision import is_pneumonia
+from app.core.heatmap import cam_head
+from app.core.network import PneumoniaNet
+from benchmarks import eval_sets
+
+Scorer = Callable[[torch.Tensor], np.ndarray]  # uint8[N, 1, S, S] -> calibrated log-odds of PNEUMONIA, float64[N]
+GROUPS = {"false positives": (0, True), "true negatives": (0, False), "true positives": (1, True)}
+
+
+def cell_slices(size: int, grid: int) -> list[slice]:
+    """The ``grid`` row (or column) bands of a ``size``-pixel side; they tile it exactly."""
+    edges = [round(i * size / grid) for i in range(grid + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(edges)]
+
+
+def occlude(pixels: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """A copy of the batch with one cell of each image painted over with that cell's own median value."""
+    out = pixels.clone()
+    cell = out[:, :, rows, cols]
+    cell[...] = cell.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+    return out
+
+
+def occlusion_log_odds(score: Scorer, pixels: torch.Tensor, grid: int) -> np.ndarray:
+    """float64[N, grid, grid]: each film's log-odds with each cell hidden in turn."""
+    bands = cell_slices(pixels.shape[-1], grid)
+    out = np.empty((len(pixels), grid, grid))
+    for r, rows in enumerate(bands):
+        for c, cols in enumerate(bands):
+            out[:, r, c] = score(occlude(pixels, rows, cols))
+    return out
+
+
+def network_scorer(network: PneumoniaNet, temperature: float, batch_size: int = 64) -> Scorer:
+    """Calibrated log-odds ``(z_pneumonia - z_normal) / T``: the probability's logit, exactly."""
+
+    def score(pixels: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            logits = torch.cat([network(pixels[i : i + batch_size]).float() for i in range(0, len(pixels), batch_size)])
+        return ((logits[:, 1] - logits[:, 0]) / temperature).double().numpy()
+
+    return score
+
+
+def cam_contributions(network: PneumoniaNet, temperature: float, pixels: torch.Tensor) -> np.ndarray:
+    """float64[N, h, w]: each feature cell's share of the log-odds (the cells sum to log-odds - bias)."""
+    head = cam_head(network, temperature)
+    with torch.inference_mode():
+        cams = head.maps(network.feature_maps(network.normalize(pixels)))
+    return (cams / (cams.shape[1] * cams.shape[2])).double().numpy()
+
+
+def probability(log_odds: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-log_odds))
+
+
+def grid_table(title: str, values: np.ndarray, fmt: str) -> list[str]:
+    """A markdown grid of per-cell values, top row of the film first."""
+    grid = values.shape[1]
+    lines = [f"| {title} | " + " | ".join(f"col {c}" for c in range(grid)) + " |", "|---" * (grid + 1) + "|"]
+    lines += [f"| row {r} | " + " | ".join(format(v, fmt) for v in values[r]) + " |" for r in range(values.shape[0])]
+    return lines
+
+
+def report(
+    base: np.ndarray, occluded: np.ndarray, cam: np.ndarray, labels: np.ndarray, threshold: float, names: list[str]
+) -> list[str]:
+    """The lines printed: per group the mean occlusion effect and CAM per cell, flips, and each false positive."""
+    called = np.asarray(is_pneumonia(probability(base), threshold))
+    flipped = np.asarray(is_pneumonia(probability(occluded), threshold)) != called[:, None, None]
+    change = occluded - base[:, None, None]
+    lines = [f"threshold {threshold:.4f}; {len(base)} films; occlusion grid {occluded.shape[1]} x {occluded.shape[2]}"]
+    for group, (label, call) in GROUPS.items():
+        members = (labels == label) & (called == call)
+        n = int(members.sum())
+        lines += ["", f"## {group}: {n}"]
+        if not n:
+            continue
+        lines += grid_table("mean log-odds change when hidden", change[members].mean(0), "+.2f")
+        lines += ["", *grid_table("films whose call flips when hidden", flipped[members].sum(0), "d")]
+        lines += ["", *grid_table("mean CAM contribution (log-odds)", cam[members].mean(0), "+.2f")]
+        any_cell = flipped[members].reshape(n, -1).any(1)
+        lines += ["", f"flipped by hiding some single cell: {int(any_cell.sum())} of {n}"]
+    false_positive = (labels == 0) & called
+    if false_positive.any():
+        lines += ["", "| false positive | p | most lowering cell (row, col) | its change | cells that flip it |"]
+        lines += ["|---|---|---|---|---|"]
+        for i in np.flatnonzero(false_positive):
+            r, c = np.unravel_index(np.argmin(change[i]), change[i].shape)
+            flips = ", ".join(f"({a}, {b})" for a, b in zip(*np.nonzero(flipped[i]), strict=True)) or "none"
+            lines.append(f"| {names[i]} | {probability(base[i]):.3f} | ({r}, {c}) | {change[i, r, c]:+.2f} | {flips} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="exported model directory or file")
+    parser.add_argument("--data", type=Path, default=eval_sets.DEFAULT_DATA)
+    parser.add_argument("--grid", type=int, default=None, help="cells per side (default: the feature-map grid)")
+    parser.add_argument("--limit", type=int, default=None, help="first N test images (smoke runs)")
+    args = parser.parse_args(argv)
+
+    loaded = load_model(args.model)
+    meta = loaded.metadata
+    test = eval_sets.evaluation_sets(args.data, meta, limit=args.limit)[-1]
+    if test.name != "test":
+        raise SystemExit(f"{args.data}: no test folder")
+    network, temperature = loaded.network, meta.temperature
+    cam = cam_contributions(network, temperature, test.pixels)
+    grid = args.grid or cam.shape[1]
+    if grid < 1 or grid > test.pixels.shape[-1]:
+        raise SystemExit(f"--grid must be 1..{test.pixels.shape[-1]}, got {grid}")
+    score = network_scorer(network, temperature)
+    base = score(test.pixels)
+    occluded = occlusion_log_odds(score, test.pixels, grid)
+    if grid != cam.shape[1]:
+        cam = np.full((len(base), grid, grid), np.nan)  # the CAM exists only on the feature grid
+    print(f"{meta.version} ({args.model}) on {args.data / 'test'}")
+    print("\n".join(report(base, occluded, cam, test.labels, meta.threshold, [p.name for p in test.paths])))
+
+
+if __name__ == "__main__":
+    main()
