@@ -32,7 +32,7 @@ import torch
 
 from app.core.artifacts import load_model
 from app.core.decision import is_pneumonia
-from app.core.heatmap import cam_head
+from app.core.heatmap import ExplainUnsupportedError, cam_head
 from app.core.network import PneumoniaNet
 from benchmarks import eval_sets
 
@@ -96,7 +96,12 @@ def grid_table(title: str, values: np.ndarray, fmt: str) -> list[str]:
 
 
 def report(
-    base: np.ndarray, occluded: np.ndarray, cam: np.ndarray, labels: np.ndarray, threshold: float, names: list[str]
+    base: np.ndarray,
+    occluded: np.ndarray,
+    cam: np.ndarray | None,
+    labels: np.ndarray,
+    threshold: float,
+    names: list[str],
 ) -> list[str]:
     """The lines printed: per group the mean occlusion effect and CAM per cell, flips, and each false positive."""
     called = np.asarray(is_pneumonia(probability(base), threshold))
@@ -111,7 +116,8 @@ def report(
             continue
         lines += grid_table("mean log-odds change when hidden", change[members].mean(0), "+.2f")
         lines += ["", *grid_table("films whose call flips when hidden", flipped[members].sum(0), "d")]
-        lines += ["", *grid_table("mean CAM contribution (log-odds)", cam[members].mean(0), "+.2f")]
+        if cam is not None:
+            lines += ["", *grid_table("mean CAM contribution (log-odds)", cam[members].mean(0), "+.2f")]
         any_cell = flipped[members].reshape(n, -1).any(1)
         lines += ["", f"flipped by hiding some single cell: {int(any_cell.sum())} of {n}"]
     false_positive = (labels == 0) & called
@@ -139,15 +145,20 @@ def main(argv: list[str] | None = None) -> None:
     if test.name != "test":
         raise SystemExit(f"{args.data}: no test folder")
     network, temperature = loaded.network, meta.temperature
-    cam = cam_contributions(network, temperature, test.pixels)
-    grid = args.grid or cam.shape[1]
+    try:
+        cam: np.ndarray | None = cam_contributions(network, temperature, test.pixels)
+    except ExplainUnsupportedError:
+        cam = None  # the classic head has no exact map; occlusion still works on any grid given
+    grid = args.grid if args.grid is not None else (cam.shape[1] if cam is not None else None)
+    if grid is None:
+        raise SystemExit("this model's head has no class activation map: give --grid")
     if grid < 1 or grid > test.pixels.shape[-1]:
         raise SystemExit(f"--grid must be 1..{test.pixels.shape[-1]}, got {grid}")
+    if cam is not None and cam.shape[1:] != (grid, grid):
+        cam = None  # the CAM exists only on the feature grid
     score = network_scorer(network, temperature)
     base = score(test.pixels)
     occluded = occlusion_log_odds(score, test.pixels, grid)
-    if grid != cam.shape[1]:
-        cam = np.full((len(base), grid, grid), np.nan)  # the CAM exists only on the feature grid
     print(f"{meta.version} ({args.model}) on {args.data / 'test'}")
     print("\n".join(report(base, occluded, cam, test.labels, meta.threshold, [p.name for p in test.paths])))
 

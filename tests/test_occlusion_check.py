@@ -99,19 +99,25 @@ def test_cam_cells_sum_to_the_calibrated_log_odds_minus_the_bias() -> None:
     np.testing.assert_allclose(occlusion_check.probability(log_odds), p, atol=1e-5)
 
 
-def test_main_groups_the_films_as_the_model_calls_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = make_dataset(tmp_path / "data")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    data = make_dataset(tmp_path_factory.mktemp("data"))
     write_split(data / "test", normal_names(range(70, 74), 1), pneumonia_names(range(70, 74), 1), seed=5)
-    run = tmp_path / "run"
-    assert training_main(train_args(data, run, "--epochs", "1", "--export-dtype", "float32")) == 0
-    occlusion_check.main([str(run), "--data", str(data), "--grid", "2"])
+    out = tmp_path_factory.mktemp("runs")
+    for head in ("compact", "classic"):
+        assert training_main(train_args(data, out / head, "--epochs", "1", "--head", head)) == 0
+    return {"data": data, "compact": out / "compact", "classic": out / "classic"}
+
+
+def test_main_groups_the_films_as_the_model_calls_them(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    occlusion_check.main([str(runs["compact"]), "--data", str(runs["data"])])
     out = capsys.readouterr().out
-    loaded = load_model(run)
-    test = occlusion_check.eval_sets.evaluation_sets(data, loaded.metadata)[-1]
-    called = is_pneumonia(
-        pneumonia_probability(loaded.network(test.pixels).detach(), loaded.metadata.temperature).numpy(),
-        loaded.metadata.threshold,
-    )
+    loaded = load_model(runs["compact"])
+    test = occlusion_check.eval_sets.evaluation_sets(runs["data"], loaded.metadata)[-1]
+    p = pneumonia_probability(loaded.network(test.pixels).detach(), loaded.metadata.temperature).numpy()
+    called = is_pneumonia(p, loaded.metadata.threshold)
     counts = {
         "false positives": int(((test.labels == 0) & called).sum()),
         "true negatives": int(((test.labels == 0) & ~called).sum()),
@@ -119,13 +125,23 @@ def test_main_groups_the_films_as_the_model_calls_them(tmp_path: Path, capsys: p
     }
     for group, n in counts.items():
         assert f"## {group}: {n}\n" in out
-    assert "occlusion grid 2 x 2" in out and f"{len(test.labels)} films" in out
+    # 32 px: the feature grid, and so the default occlusion grid, is 1 x 1
+    assert "occlusion grid 1 x 1" in out and f"{len(test.labels)} films" in out
+    assert out.count("| mean CAM contribution (log-odds) |") == sum(n > 0 for n in counts.values())
 
 
-def test_a_grid_finer_than_the_image_is_refused(tmp_path: Path) -> None:
-    data = make_dataset(tmp_path / "data")
-    write_split(data / "test", normal_names(range(70, 72), 1), pneumonia_names(range(70, 72), 1), seed=5)
-    run = tmp_path / "run"
-    assert training_main(train_args(data, run, "--epochs", "1", "--bootstrap", "0")) == 0
-    with pytest.raises(SystemExit, match=r"--grid must be 1\.\.32, got 33"):
-        occlusion_check.main([str(run), "--data", str(data), "--grid", "33"])
+def test_a_grid_off_the_feature_grid_or_a_classic_head_gets_no_cam(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    for run in ("compact", "classic"):
+        occlusion_check.main([str(runs[run]), "--data", str(runs["data"]), "--grid", "2"])
+        out = capsys.readouterr().out
+        assert "occlusion grid 2 x 2" in out and "films whose call flips" in out and "CAM" not in out
+
+
+def test_a_classic_head_needs_a_grid_and_a_grid_finer_than_the_image_is_refused(runs: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit, match="no class activation map: give --grid"):
+        occlusion_check.main([str(runs["classic"]), "--data", str(runs["data"])])
+    for grid in ("0", "33"):
+        with pytest.raises(SystemExit, match=rf"--grid must be 1\.\.32, got {grid}"):
+            occlusion_check.main([str(runs["compact"]), "--data", str(runs["data"]), "--grid", grid])
