@@ -15,9 +15,13 @@ Beside it, the class activation map splits each film's log-odds exactly into per
 (``app.core.heatmap``: mean of the cells + bias), without changing the image.
 
 Nothing is fitted: the temperature and threshold are the model's own, and the decision is
-``app.core.decision.is_pneumonia``, as in serving.
+``app.core.decision.is_pneumonia``, as in serving. ``--montage FILE.png`` draws, for a reader,
+each false positive (most confident first) three times: as the model saw it, under its CAM and
+under its occlusion map, both in the service's heatmap colours (red pushed towards PNEUMONIA).
+The montage shows dataset images: keep it out of the repository (``bench-results/`` is ignored).
 
-    python -m benchmarks.occlusion_check weights --data ../shared/data/chest_xray
+    python -m benchmarks.occlusion_check weights --data ../shared/data/chest_xray \
+        --montage bench-results/false_positives_occlusion.png
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from app.core.artifacts import load_model
 from app.core.decision import is_pneumonia
-from app.core.heatmap import ExplainUnsupportedError, cam_head
+from app.core.heatmap import ExplainUnsupportedError, Heatmap, cam_head
 from app.core.network import PneumoniaNet
+from app.core.overlay import render_overlay
 from benchmarks import eval_sets
 
 Scorer = Callable[[torch.Tensor], np.ndarray]  # uint8[N, 1, S, S] -> calibrated log-odds of PNEUMONIA, float64[N]
@@ -131,12 +137,46 @@ def report(
     return lines
 
 
+def montage(
+    pixels: torch.Tensor,
+    base: np.ndarray,
+    occluded: np.ndarray,
+    cam: np.ndarray | None,
+    labels: np.ndarray,
+    threshold: float,
+    names: list[str],
+    tile: int = 256,
+) -> Image.Image | None:
+    """One row per false positive, most confident first: the film, its CAM, its occlusion map; None if none."""
+    false_positive = np.flatnonzero((labels == 0) & np.asarray(is_pneumonia(probability(base), threshold)))
+    if not len(false_positive):
+        return None
+    rows = false_positive[np.argsort(-base[false_positive], kind="stable")]
+    columns = 3 if cam is not None else 2
+    sheet = Image.new("RGB", (columns * tile, len(rows) * tile))
+    draw = ImageDraw.Draw(sheet)
+    for y, i in enumerate(rows):
+        # Occlusion as "how much the cell pushed towards PNEUMONIA": the log-odds it took away when hidden.
+        maps = [None, map_of("occlusion", base[i] - occluded[i])]
+        if cam is not None:
+            maps.insert(1, map_of("cam", cam[i]))
+        for x, heatmap in enumerate(maps):
+            sheet.paste(render_overlay(pixels[i], heatmap, (tile, tile)), (x * tile, y * tile))
+        draw.text((4, y * tile + 4), f"{names[i]}  p={probability(base[i]):.3f}", fill=(255, 255, 0))
+    return sheet
+
+
+def map_of(method: str, cells: np.ndarray) -> Heatmap:
+    return Heatmap(method, "input", cells.shape[0], cells.shape[1], tuple(float(v) for v in cells.flatten()), 0.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="exported model directory or file")
     parser.add_argument("--data", type=Path, default=eval_sets.DEFAULT_DATA)
     parser.add_argument("--grid", type=int, default=None, help="cells per side (default: the feature-map grid)")
     parser.add_argument("--limit", type=int, default=None, help="first N test images (smoke runs)")
+    parser.add_argument("--montage", type=Path, default=None, help="PNG of the false positives, for a reader")
     args = parser.parse_args(argv)
 
     loaded = load_model(args.model)
@@ -160,7 +200,16 @@ def main(argv: list[str] | None = None) -> None:
     base = score(test.pixels)
     occluded = occlusion_log_odds(score, test.pixels, grid)
     print(f"{meta.version} ({args.model}) on {args.data / 'test'}")
-    print("\n".join(report(base, occluded, cam, test.labels, meta.threshold, [p.name for p in test.paths])))
+    names = [p.name for p in test.paths]
+    print("\n".join(report(base, occluded, cam, test.labels, meta.threshold, names)))
+    if args.montage is not None:
+        sheet = montage(test.pixels, base, occluded, cam, test.labels, meta.threshold, names)
+        if sheet is None:
+            print(f"\nno false positives: {args.montage} not written")
+        else:
+            args.montage.parent.mkdir(parents=True, exist_ok=True)
+            sheet.save(args.montage)
+            print(f"\nmontage of the false positives: {args.montage}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app.core.artifacts import load_model
 from app.core.decision import is_pneumonia, pneumonia_probability
@@ -78,6 +79,25 @@ def test_a_planted_marker_is_found_in_its_cell_and_nowhere_else() -> None:
     assert "| f0 | 0.993 | (0, 0) | -10.00 | (0, 0) |" in text
 
 
+def test_the_montage_shows_each_false_positive_with_its_occlusion_map_in_the_service_colours() -> None:
+    pixels, labels = planted_films()
+    base = planted_score(pixels)
+    occluded = occlusion_check.occlusion_log_odds(planted_score, pixels, 4)
+    tile = 128
+    sheet = occlusion_check.montage(pixels, base, occluded, None, labels, 0.5, [f"f{i}" for i in range(10)], tile)
+    assert sheet is not None and sheet.size == (2 * tile, 2 * tile)  # two false positives, film + occlusion
+    image = np.asarray(sheet).astype(int)
+    for row in range(2):
+        red, green, blue = image[row * tile + 24, tile + 16]  # the marker's cell on the occlusion map
+        assert red > green + 60 and red > blue + 60
+        assert len(set(image[row * tile + 100, tile + 100])) == 1  # a cell that did nothing stays grey
+        assert len(set(image[row * tile + 100, 100])) == 1  # the film itself is drawn grey
+    cam = np.zeros((10, 4, 4))
+    with_cam = occlusion_check.montage(pixels, base, occluded, cam, labels, 0.5, [str(i) for i in range(10)], 32)
+    assert with_cam is not None and with_cam.size == (3 * 32, 2 * 32)
+    assert occlusion_check.montage(pixels, base, occluded, None, labels, 0.999, [str(i) for i in range(10)]) is None
+
+
 def section_grid(lines: list[str], group: str, table: str) -> np.ndarray:
     start = next(i for i, line in enumerate(lines) if line.startswith(f"## {group}:"))
     head = next(i for i in range(start, len(lines)) if lines[i].startswith(f"| {table} |"))
@@ -112,7 +132,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_main_groups_the_films_as_the_model_calls_them(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    occlusion_check.main([str(runs["compact"]), "--data", str(runs["data"])])
+    sheet = runs["data"].parent / "sheet.png"
+    occlusion_check.main([str(runs["compact"]), "--data", str(runs["data"]), "--montage", str(sheet)])
     out = capsys.readouterr().out
     loaded = load_model(runs["compact"])
     test = occlusion_check.eval_sets.evaluation_sets(runs["data"], loaded.metadata)[-1]
@@ -128,6 +149,10 @@ def test_main_groups_the_films_as_the_model_calls_them(
     # 32 px: the feature grid, and so the default occlusion grid, is 1 x 1
     assert "occlusion grid 1 x 1" in out and f"{len(test.labels)} films" in out
     assert out.count("| mean CAM contribution (log-odds) |") == sum(n > 0 for n in counts.values())
+    if counts["false positives"]:
+        assert Image.open(sheet).size == (3 * 256, counts["false positives"] * 256)
+    else:
+        assert f"no false positives: {sheet} not written" in out and not sheet.exists()
 
 
 def test_a_grid_off_the_feature_grid_or_a_classic_head_gets_no_cam(
