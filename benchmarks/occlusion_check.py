@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,19 +102,30 @@ def grid_table(title: str, values: np.ndarray, fmt: str) -> list[str]:
     return lines
 
 
-def report(
-    base: np.ndarray,
-    occluded: np.ndarray,
-    cam: np.ndarray | None,
-    labels: np.ndarray,
-    threshold: float,
-    names: list[str],
-) -> list[str]:
+@dataclass(frozen=True)
+class Scored:
+    """One model's log-odds on the test films, as they are and with each cell hidden, and its calls' inputs."""
+
+    base: np.ndarray  # float64[N]
+    occluded: np.ndarray  # float64[N, g, g]
+    cam: np.ndarray | None  # float64[N, g, g] when the model has an exact CAM on this grid
+    labels: np.ndarray  # int64[N], 1 = PNEUMONIA
+    threshold: float
+    names: list[str]
+
+    def false_positives(self) -> np.ndarray:
+        return (self.labels == 0) & np.asarray(is_pneumonia(probability(self.base), self.threshold))
+
+
+def report(scored: Scored) -> list[str]:
     """The lines printed: per group the mean occlusion effect and CAM per cell, flips, and each false positive."""
-    called = np.asarray(is_pneumonia(probability(base), threshold))
-    flipped = np.asarray(is_pneumonia(probability(occluded), threshold)) != called[:, None, None]
+    base, occluded, cam, labels = scored.base, scored.occluded, scored.cam, scored.labels
+    called = np.asarray(is_pneumonia(probability(base), scored.threshold))
+    flipped = np.asarray(is_pneumonia(probability(occluded), scored.threshold)) != called[:, None, None]
     change = occluded - base[:, None, None]
-    lines = [f"threshold {threshold:.4f}; {len(base)} films; occlusion grid {occluded.shape[1]} x {occluded.shape[2]}"]
+    lines = [
+        f"threshold {scored.threshold:.4f}; {len(base)} films; occlusion grid {occluded.shape[1]} x {occluded.shape[2]}"
+    ]
     for group, (label, call) in GROUPS.items():
         members = (labels == label) & (called == call)
         n = int(members.sum())
@@ -126,29 +138,23 @@ def report(
             lines += ["", *grid_table("mean CAM contribution (log-odds)", cam[members].mean(0), "+.2f")]
         any_cell = flipped[members].reshape(n, -1).any(1)
         lines += ["", f"flipped by hiding some single cell: {int(any_cell.sum())} of {n}"]
-    false_positive = (labels == 0) & called
+    false_positive = scored.false_positives()
     if false_positive.any():
         lines += ["", "| false positive | p | most lowering cell (row, col) | its change | cells that flip it |"]
         lines += ["|---|---|---|---|---|"]
         for i in np.flatnonzero(false_positive):
             r, c = np.unravel_index(np.argmin(change[i]), change[i].shape)
             flips = ", ".join(f"({a}, {b})" for a, b in zip(*np.nonzero(flipped[i]), strict=True)) or "none"
-            lines.append(f"| {names[i]} | {probability(base[i]):.3f} | ({r}, {c}) | {change[i, r, c]:+.2f} | {flips} |")
+            lines.append(
+                f"| {scored.names[i]} | {probability(base[i]):.3f} | ({r}, {c}) | {change[i, r, c]:+.2f} | {flips} |"
+            )
     return lines
 
 
-def montage(
-    pixels: torch.Tensor,
-    base: np.ndarray,
-    occluded: np.ndarray,
-    cam: np.ndarray | None,
-    labels: np.ndarray,
-    threshold: float,
-    names: list[str],
-    tile: int = 256,
-) -> Image.Image | None:
+def montage(pixels: torch.Tensor, scored: Scored, tile: int = 256) -> Image.Image | None:
     """One row per false positive, most confident first: the film, its CAM, its occlusion map; None if none."""
-    false_positive = np.flatnonzero((labels == 0) & np.asarray(is_pneumonia(probability(base), threshold)))
+    base, occluded, cam, names = scored.base, scored.occluded, scored.cam, scored.names
+    false_positive = np.flatnonzero(scored.false_positives())
     if not len(false_positive):
         return None
     rows = false_positive[np.argsort(-base[false_positive], kind="stable")]
@@ -200,10 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     base = score(test.pixels)
     occluded = occlusion_log_odds(score, test.pixels, grid)
     print(f"{meta.version} ({args.model}) on {args.data / 'test'}")
-    names = [p.name for p in test.paths]
-    print("\n".join(report(base, occluded, cam, test.labels, meta.threshold, names)))
+    scored = Scored(base, occluded, cam, test.labels, meta.threshold, [p.name for p in test.paths])
+    print("\n".join(report(scored)))
     if args.montage is not None:
-        sheet = montage(test.pixels, base, occluded, cam, test.labels, meta.threshold, names)
+        sheet = montage(test.pixels, scored)
         if sheet is None:
             print(f"\nno false positives: {args.montage} not written")
         else:

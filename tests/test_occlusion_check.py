@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,8 @@ def test_a_planted_marker_is_found_in_its_cell_and_nowhere_else() -> None:
     base = planted_score(pixels)
     occluded = occlusion_check.occlusion_log_odds(planted_score, pixels, 4)
     cam = np.zeros((len(base), 4, 4))
-    lines = occlusion_check.report(base, occluded, cam, labels, 0.5, [f"f{i}" for i in range(10)])
+    names = [f"f{i}" for i in range(10)]
+    lines = occlusion_check.report(occlusion_check.Scored(base, occluded, cam, labels, 0.5, names))
     text = "\n".join(lines)
     assert "## false positives: 2" in text and "## true negatives: 4" in text and "## true positives: 4" in text
     false_positive_flips = section_grid(lines, "false positives", "films whose call flips when hidden")
@@ -84,7 +86,9 @@ def test_the_montage_shows_each_false_positive_with_its_occlusion_map_in_the_ser
     base = planted_score(pixels)
     occluded = occlusion_check.occlusion_log_odds(planted_score, pixels, 4)
     tile = 128
-    sheet = occlusion_check.montage(pixels, base, occluded, None, labels, 0.5, [f"f{i}" for i in range(10)], tile)
+    names = [f"f{i}" for i in range(10)]
+    scored = occlusion_check.Scored(base, occluded, None, labels, 0.5, names)
+    sheet = occlusion_check.montage(pixels, scored, tile)
     assert sheet is not None and sheet.size == (2 * tile, 2 * tile)  # two false positives, film + occlusion
     image = np.asarray(sheet).astype(int)
     for row in range(2):
@@ -92,10 +96,9 @@ def test_the_montage_shows_each_false_positive_with_its_occlusion_map_in_the_ser
         assert red > green + 60 and red > blue + 60
         assert len(set(image[row * tile + 100, tile + 100])) == 1  # a cell that did nothing stays grey
         assert len(set(image[row * tile + 100, 100])) == 1  # the film itself is drawn grey
-    cam = np.zeros((10, 4, 4))
-    with_cam = occlusion_check.montage(pixels, base, occluded, cam, labels, 0.5, [str(i) for i in range(10)], 32)
+    with_cam = occlusion_check.montage(pixels, replace(scored, cam=np.zeros((10, 4, 4))), 32)
     assert with_cam is not None and with_cam.size == (3 * 32, 2 * 32)
-    assert occlusion_check.montage(pixels, base, occluded, None, labels, 0.999, [str(i) for i in range(10)]) is None
+    assert occlusion_check.montage(pixels, replace(scored, threshold=0.999)) is None
 
 
 def section_grid(lines: list[str], group: str, table: str) -> np.ndarray:
