@@ -8,8 +8,11 @@ and is then reported on the test folder with bootstrap intervals. Nothing is fit
 the ranking column's threshold comes from it, to show the ranking apart from the threshold's placement,
 and is a diagnostic only. The last column is the test specificity at both ends of the 95% interval of
 the validation threshold over bootstrap resamples of validation: what the threshold's own uncertainty
-does on test. With more than one member it then names the normal test films that every member calls
-pneumonia at its own validation threshold: errors no averaging of these members can remove.
+does on test. With more than one member it then compares each row with the first member on the same
+test resamples (paired bootstrap: the difference in test AUC and in the ranking column, with 95%
+intervals), so a gain can be told from the luck of one test sample, and names the normal test films
+that every member calls pneumonia at its own validation threshold: errors no averaging of these
+members can remove.
 
     python -m benchmarks.ensemble_check runs/a runs/b runs/c --data ../shared/data/chest_xray
 """
@@ -27,7 +30,7 @@ from app.core.decision import is_pneumonia, pneumonia_probability
 from benchmarks import eval_sets
 from training.calibration import operating_point, select_threshold, threshold_interval
 from training.loops import predict_logits
-from training.metrics import binary_metrics, bootstrap_ci
+from training.metrics import binary_metrics, bootstrap_ci, bootstrap_resamples, roc_auc, threshold_metrics
 from training.split import recorded_split
 
 
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.stack([t for _, t in logits.values()]).mean(0),
         )
     calls: dict[str, np.ndarray] = {}  # each member's test predictions at its own validation threshold
+    test_probabilities: dict[str, np.ndarray] = {}
     for name, (val_logits, test_logits) in rows.items():
         temperature, threshold, val_p = operating_point(
             val_logits, torch.from_numpy(val_y), "sensitivity", args.target_sensitivity
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         auc_ci, spec_ci = ci.get("roc_auc", (np.nan, np.nan)), ci.get("specificity", (np.nan, np.nan))
         # The ranking alone, free of where validation put the threshold: a threshold picked on the test
         # folder itself, so only a diagnostic, never an operating point.
-        ranking = binary_metrics(test_y, test_p, select_threshold(test_y, test_p, "sensitivity", 0.95))
+        test_probabilities[name] = test_p
         # Where another draw of validation images could have put the threshold, and what that does on test.
         spread = "-"
         if args.bootstrap:
@@ -93,10 +97,48 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {temperature:.3f} | {threshold:.4f} | {v['roc_auc']:.4f} "
             f"| {t['roc_auc']:.3f} ({auc_ci[0]:.3f}-{auc_ci[1]:.3f}) | {t['sensitivity']:.3f} "
             f"| {t['specificity']:.3f} ({spec_ci[0]:.3f}-{spec_ci[1]:.3f}) | {t['ece']:.3f} | {t['brier']:.3f} "
-            f"| {ranking['specificity']:.3f} | {spread} |"
+            f"| {ranking_specificity(test_y, test_p):.3f} | {spread} |"
         )
+    if len(rows) > 1 and args.bootstrap:
+        print_paired_gains(test_y, test_probabilities, args.bootstrap)
     if len(calls) > 1:
         print_shared_false_positives(calls, test_y, test_paths)
+
+
+def ranking_specificity(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Specificity at the threshold picked on these very images for sensitivity 0.95: the ranking alone.
+
+    A diagnostic, never an operating point: the threshold comes from the images it is scored on.
+    """
+    threshold = select_threshold(labels, probabilities, "sensitivity", 0.95)
+    return threshold_metrics(labels, probabilities, threshold)["specificity"]
+
+
+PAIRED_MEASURES = {"test AUC": roc_auc, "test spec at test sens 0.95": ranking_specificity}
+
+
+def paired_gains(
+    labels: np.ndarray, first: np.ndarray, other: np.ndarray, resamples: int
+) -> dict[str, tuple[float, float, float]]:
+    """``other`` minus ``first`` on the test images, and its 95% interval over the same resamples for both."""
+    out = {}
+    for name, measure in PAIRED_MEASURES.items():
+        diffs = [
+            measure(labels[i], other[i]) - measure(labels[i], first[i])
+            for i in bootstrap_resamples(labels.size, resamples, 0)
+        ]
+        low, high = np.nanpercentile(diffs, [2.5, 97.5])
+        out[name] = (measure(labels, other) - measure(labels, first), float(low), float(high))
+    return out
+
+
+def print_paired_gains(labels: np.ndarray, probabilities: dict[str, np.ndarray], resamples: int) -> None:
+    """Each row minus the first member, paired over test resamples: is a difference more than one sample's luck?"""
+    (first_name, first), *others = probabilities.items()
+    print(f"\npaired with {first_name} over {resamples} test resamples (row minus it, 95% interval):")
+    for name, values in others:
+        gains = paired_gains(labels, first, values, resamples)
+        print(f"  {name}: " + "; ".join(f"{m} {d:+.3f} ({lo:+.3f} to {hi:+.3f})" for m, (d, lo, hi) in gains.items()))
 
 
 def print_shared_false_positives(calls: dict[str, np.ndarray], labels: np.ndarray, paths: list[Path]) -> None:

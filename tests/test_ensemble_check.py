@@ -85,3 +85,38 @@ def test_the_false_positives_every_member_makes_are_named(
     listed = {line.strip() for line in out.split("by every member:")[1].splitlines()[1:] if line.strip()}
     assert listed == own[0] & own[1]
     assert bool(listed) == (second == "copy of a")  # both branches of the intersection are exercised
+
+
+GAIN = r"([-+.\d]+) \(([-+.\d]+) to ([-+.\d]+)\)"  # a paired difference and its interval
+
+
+@pytest.mark.parametrize("second", ["b", "copy of a"])
+def test_each_row_is_paired_with_the_first_member_on_the_same_resamples(
+    runs: dict[str, Path], second: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A copy differs by exactly 0 on every resample; another member by the table's own column difference."""
+    other = runs["b"] if second == "b" else Path(shutil.copytree(runs["a"], tmp_path / "a-copy"))
+    ensemble_check.main([str(runs["a"]), str(other), "--data", str(runs["data"]), "--bootstrap", "30"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    header = re.split(r"\s*\|\s*", lines[0].strip("| "))
+    rows = [re.split(r"\s*\|\s*", line.strip("| ")) for line in lines[1:3]]
+    auc = [float(r[header.index("test AUC (95% CI)")].split()[0]) for r in rows]
+    ranking = [float(r[header.index("test spec at test sens 0.95 (diagnostic)")]) for r in rows]
+    assert "over 30 test resamples" in out
+    paired = {line.split(": ")[0].strip(): line for line in out.splitlines() if line.startswith("  ") and "AUC" in line}
+    assert len(paired) == 2  # the second member and the mean of both
+    line = next(v for k, v in paired.items() if k.endswith(f"({other})"))
+    found = re.search(
+        rf"test AUC {GAIN}; test spec at test sens 0.95 {GAIN}",
+        line,
+    )
+    assert found is not None
+    d_auc, lo_auc, hi_auc, d_rank, lo_rank, hi_rank = (float(v) for v in found.groups())
+    if second == "copy of a":
+        assert (d_auc, lo_auc, hi_auc, d_rank, lo_rank, hi_rank) == (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    else:
+        assert d_auc == pytest.approx(auc[1] - auc[0], abs=1.5e-3) and d_rank == pytest.approx(
+            ranking[1] - ranking[0], abs=1.5e-3
+        )
+        assert lo_auc <= d_auc <= hi_auc and (lo_auc, hi_auc) != (0.0, 0.0)
