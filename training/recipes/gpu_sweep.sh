@@ -36,6 +36,8 @@ mkdir -p "$OUT" "$RUNS"
 # SET=128: seed replicates and variants of the 128-px base recipe, and 160 px.
 # SET=ema: the weight average (--ema-epochs) against the raw weights, with and without aug strength 1.5,
 # each on two seeds; --split-seed 0 keeps every run on the same validation split, so all of them compete.
+# SET=zoom: zoom-in 0.3 alone at 128 px (E17/E18's 64-px lead), with and without aug strength 1.5, against
+# the base recipe rerun on the current code, each on two seeds, all on validation split seed 0.
 case ${SET:-224} in
   224) VARIANTS=(
     "224-base|--lr 1e-3"
@@ -67,7 +69,15 @@ case ${SET:-224} in
     "128-aug15-ema2|--lr 1e-3 --input-size 128 --aug-strength 1.5 --ema-epochs 2"
     "128-aug15-ema2-s1|--lr 1e-3 --input-size 128 --aug-strength 1.5 --ema-epochs 2 --seed 1 --split-seed 0"
   ) ;;
-  *) echo "SET must be 224, sizes, 128 or ema" >&2; exit 2 ;;
+  zoom) VARIANTS=(
+    "128-base|--lr 1e-3 --input-size 128"
+    "128-base-s1|--lr 1e-3 --input-size 128 --seed 1 --split-seed 0"
+    "128-zoom03|--lr 1e-3 --input-size 128 --zoom-in 0.3"
+    "128-zoom03-s1|--lr 1e-3 --input-size 128 --zoom-in 0.3 --seed 1 --split-seed 0"
+    "128-zoom03-aug15|--lr 1e-3 --input-size 128 --zoom-in 0.3 --aug-strength 1.5"
+    "128-zoom03-aug15-s1|--lr 1e-3 --input-size 128 --zoom-in 0.3 --aug-strength 1.5 --seed 1 --split-seed 0"
+  ) ;;
+  *) echo "SET must be 224, sizes, 128, ema or zoom" >&2; exit 2 ;;
 esac
 WORKERS=${WORKERS:-$(( $(nproc) / ${#VARIANTS[@]} > 0 ? $(nproc) / ${#VARIANTS[@]} : 1 ))}
 common=(--data "${DATA:-.data/chest_xray}" --input-size "${SIZE:-224}" --init scratch --arch vgg16_bn
