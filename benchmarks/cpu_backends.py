@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds = " ".join(f"{v:.2f}" for v in values)
             print(f"{name:40s} {size:5d} {median:8.2f} {median / base:13.2f}  {rounds}")
         if args.agreement and args.weights:
-            val = eval_sets.evaluation_sets(args.data, metadata, limit=args.agreement)[0]
+            val = eval_sets.validation_set(args.data, metadata, limit=args.agreement)
             print(f"\nagreement with torch fp32 on {len(val.labels)} {val.description}")
             agreement(variants, weights, val)
 

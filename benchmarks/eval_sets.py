@@ -71,17 +71,28 @@ def load(samples: list[Sample], input_size: int, workers: int = 2) -> tuple[torc
 
 def evaluation_sets(data: Path, metadata: ModelMetadata, limit: int | None = None) -> list[EvalSet]:
     """Validation and test sets at the model's input size (``limit``: first N of each, for smoke runs)."""
-    size = metadata.spec.input_size
+    sets = [validation_set(data, metadata, limit)]
+    test = held_out_set(data, metadata, limit)
+    return sets if test is None else [*sets, test]
+
+
+def validation_set(data: Path, metadata: ModelMetadata, limit: int | None = None) -> EvalSet:
+    """The model's own validation split, rebuilt from its provenance."""
     _, val, where = train_split(data, metadata)
-    sets = [("validation", f"validation: {where}", val)]
-    if (data / "test").is_dir():
-        sets.append(("test", f"test: {data / 'test'}", list_split(data / "test")))
-    out = []
-    for name, description, samples in sets:
-        chosen = samples if limit is None else _spread(samples, limit)
-        pixels, labels = load(chosen, size)
-        out.append(EvalSet(name, description, pixels, labels, [s.path for s in chosen]))
-    return out
+    return _load_set("validation", f"validation: {where}", val, metadata.spec.input_size, limit)
+
+
+def held_out_set(data: Path, metadata: ModelMetadata, limit: int | None = None) -> EvalSet | None:
+    """The held-out ``data/test`` folder, or None when there is none."""
+    if not (data / "test").is_dir():
+        return None
+    return _load_set("test", f"test: {data / 'test'}", list_split(data / "test"), metadata.spec.input_size, limit)
+
+
+def _load_set(name: str, description: str, samples: list[Sample], size: int, limit: int | None) -> EvalSet:
+    chosen = samples if limit is None else _spread(samples, limit)
+    pixels, labels = load(chosen, size)
+    return EvalSet(name, description, pixels, labels, [s.path for s in chosen])
 
 
 def calibration_images(data: Path, metadata: ModelMetadata, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:

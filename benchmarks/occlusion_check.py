@@ -42,6 +42,7 @@ from app.core.heatmap import ExplainUnsupportedError, Heatmap, cam_head
 from app.core.network import PneumoniaNet
 from app.core.overlay import render_overlay
 from benchmarks import eval_sets
+from training.loops import predict_logits
 
 Scorer = Callable[[torch.Tensor], np.ndarray]  # uint8[N, 1, S, S] -> calibrated log-odds of PNEUMONIA, float64[N]
 GROUPS = {"false positives": (0, True), "true negatives": (0, False), "true positives": (1, True)}
@@ -75,8 +76,7 @@ def network_scorer(network: PneumoniaNet, temperature: float, batch_size: int = 
     """Calibrated log-odds ``(z_pneumonia - z_normal) / T``: the probability's logit, exactly."""
 
     def score(pixels: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            logits = torch.cat([network(pixels[i : i + batch_size]).float() for i in range(0, len(pixels), batch_size)])
+        logits = predict_logits(network, pixels, batch_size=batch_size, device=torch.device("cpu"))
         return ((logits[:, 1] - logits[:, 0]) / temperature).double().numpy()
 
     return score
@@ -138,7 +138,7 @@ def report(scored: Scored) -> list[str]:
             lines += ["", *grid_table("mean CAM contribution (log-odds)", cam[members].mean(0), "+.2f")]
         any_cell = flipped[members].reshape(n, -1).any(1)
         lines += ["", f"flipped by hiding some single cell: {int(any_cell.sum())} of {n}"]
-    false_positive = scored.false_positives()
+    false_positive = (labels == 0) & called
     if false_positive.any():
         lines += ["", "| false positive | p | most lowering cell (row, col) | its change | cells that flip it |"]
         lines += ["|---|---|---|---|---|"]
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     loaded = load_model(args.model)
     meta = loaded.metadata
-    test = eval_sets.evaluation_sets(args.data, meta, limit=args.limit)[-1]
-    if test.name != "test":
+    test = eval_sets.held_out_set(args.data, meta, limit=args.limit)
+    if test is None:
         raise SystemExit(f"{args.data}: no test folder")
     network, temperature = loaded.network, meta.temperature
     try:
