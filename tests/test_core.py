@@ -16,6 +16,7 @@ from torch import nn
 
 from app.core import preprocessing as imaging
 from app.core.artifacts import ModelLoadError, check_golden, export_model, load_model
+from app.core.contrast import equalize_histogram
 from app.core.decision import pneumonia_probability
 from app.core.input_guard import GuardStats
 from app.core.network import (
@@ -24,7 +25,6 @@ from app.core.network import (
     ModelSpec,
     Normalization,
     build_model,
-    equalize_histogram,
     init_like_torchvision,
 )
 from tests.conftest import TEST_INPUT_SIZE, encode, export_tiny_model, synthetic_xray

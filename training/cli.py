@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValidationError as exc:
         where, message, _ = first_validation_error(exc.errors())
-        print(f"error: {flag(where)}: {message}", file=sys.stderr)
+        # A check across several options (a model validator) has no location: the message names them.
+        print(
+            f"error: {flag(where)}: {message}" if where else f"error: {message.removeprefix('Value error, ')}",
+            file=sys.stderr,
+        )
         return 2
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.core.artifacts import StorageDtype
 from app.core.network import Architecture, Dropout, Head, InputSize, ModelSpec, Normalization
@@ -44,6 +44,10 @@ class TrainConfig(BaseModel):
     equalize: bool = Field(
         False, description="per-image histogram equalisation inside the network (served the same way)"
     )
+    clahe_clip: float | None = Field(
+        None, ge=1.0, description="CLAHE with this clip limit inside the network (served the same way); off if absent"
+    )
+    clahe_tiles: int = Field(8, ge=1, le=64, description="CLAHE tiles per side (must divide --input-size)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the training loss")
     freeze_features: bool = Field(False, description="train only the head (convolutions and their BN frozen)")
     opt: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
@@ -102,8 +106,16 @@ class TrainConfig(BaseModel):
             head=self.head,
             input_size=self.input_size,
             dropout=self.dropout,
-            normalization=Normalization(equalize=self.equalize),
+            normalization=Normalization(
+                equalize=self.equalize, clahe_clip=self.clahe_clip, clahe_tiles=self.clahe_tiles
+            ),
         )
+
+    @model_validator(mode="after")
+    def _network_is_buildable(self) -> Self:
+        """Refuse at the command line what the network spec would refuse at export (e.g. tiles that do not divide)."""
+        self.model_spec()
+        return self
 
     def eval_batch_size(self) -> int:
         """Batch size for validation and test predictions."""

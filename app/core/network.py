@@ -7,11 +7,13 @@ training and serving can never disagree about it.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from app.core.contrast import clahe, equalize_histogram
 
 Architecture = Literal["vgg16", "vgg16_bn"]
 Head = Literal["classic", "compact"]
@@ -28,7 +30,7 @@ Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Normalization(BaseModel):
-    """Per-channel mean/std applied after scaling uint8 pixels to [0, 1], optionally after equalisation."""
+    """Per-channel mean/std applied after scaling uint8 pixels to [0, 1], optionally after a contrast step."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -39,6 +41,20 @@ class Normalization(BaseModel):
         description="Per-image histogram equalisation first, so exposure and contrast differences between "
         "sites matter less; part of the network, so training, serving and scoring apply it alike.",
     )
+    clahe_clip: float | None = Field(
+        None,
+        ge=1.0,
+        description="Contrast-limited adaptive histogram equalisation first, with this clip limit (a multiple "
+        "of a tile's mean bin height: lower is gentler); off when absent. Local, so texture in an over- or "
+        "under-exposed region stays visible; part of the network like `equalize`.",
+    )
+    clahe_tiles: int = Field(8, ge=1, le=64, description="CLAHE tiles per side (the input side must divide).")
+
+    @model_validator(mode="after")
+    def _one_contrast_step(self) -> Self:
+        if self.equalize and self.clahe_clip is not None:
+            raise ValueError("equalize and clahe_clip are alternatives: choose one contrast step")
+        return self
 
 
 class ModelSpec(BaseModel):
@@ -52,6 +68,13 @@ class ModelSpec(BaseModel):
     normalization: Normalization = Normalization()
     class_names: tuple[str, str] = CLASS_NAMES
     dropout: Dropout = 0.5
+
+    @model_validator(mode="after")
+    def _whole_clahe_tiles(self) -> Self:
+        tiles = self.normalization.clahe_tiles
+        if self.normalization.clahe_clip is not None and self.input_size % tiles:
+            raise ValueError(f"input_size {self.input_size} does not split into {tiles} CLAHE tiles per side")
+        return self
 
 
 def vgg16_features(batch_norm: bool) -> nn.Sequential:
@@ -130,8 +153,11 @@ class PneumoniaNet(nn.Module):
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map uint8 pixels (1 or 3 channels) to the normalised float input of VGG16."""
-        if self.spec.normalization.equalize:
+        contrast = self.spec.normalization
+        if contrast.equalize:
             pixels = equalize_histogram(pixels)
+        elif contrast.clahe_clip is not None:
+            pixels = clahe(pixels, contrast.clahe_clip, contrast.clahe_tiles)
         x = pixels.to(self.scale.dtype)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -158,24 +184,6 @@ class PneumoniaNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.forward_normalized(self.normalize(pixels))
-
-
-def equalize_histogram(pixels: torch.Tensor) -> torch.Tensor:
-    """Per-image, per-channel histogram equalisation of 0..255 values (uint8 or float), returned as float32.
-
-    The classic mapping ``round((cdf(v) - cdf_min) / (n - cdf_min) * 255)`` on 256 levels, done on
-    whole batches with scatter/gather so it runs on the device. Float inputs (augmented batches)
-    are rounded to the nearest level first. A constant image maps to 0.
-    """
-    n, channels, height, width = pixels.shape
-    levels = pixels.float().round().clamp(0, 255).long().reshape(n * channels, height * width)
-    counts = torch.zeros((n * channels, 256), dtype=torch.float32, device=pixels.device)
-    counts.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))
-    cdf = counts.cumsum(1)
-    cdf_min = cdf.gather(1, levels.min(dim=1, keepdim=True).values)
-    total = float(height * width)
-    mapped = ((cdf - cdf_min) / (total - cdf_min).clamp_min(1.0) * 255.0).round().clamp(0, 255)
-    return mapped.gather(1, levels).reshape(n, channels, height, width)
 
 
 def build_model(spec: ModelSpec) -> PneumoniaNet:
