@@ -16,7 +16,6 @@ from torch import nn
 
 from app.core import preprocessing as imaging
 from app.core.artifacts import ModelLoadError, check_golden, export_model, load_model
-from app.core.contrast import equalize_histogram
 from app.core.decision import pneumonia_probability
 from app.core.input_guard import GuardStats
 from app.core.network import (
@@ -198,22 +197,6 @@ def test_sixteen_bit_jpeg_pixel_limit_checked_before_decoding() -> None:
         imaging.preprocess(data, 32, max_pixels=80 * 96 - 1)
 
 
-def _textbook_equalization(image: np.ndarray) -> np.ndarray:
-    """round((cdf(v) - cdf_min) / (n - cdf_min) * 255), written out in numpy as an independent oracle."""
-    cdf = np.bincount(image.ravel(), minlength=256).cumsum()
-    lowest = cdf[image.min()]
-    return np.round((cdf[image] - lowest) / (image.size - lowest) * 255)
-
-
-def test_histogram_equalisation_matches_the_textbook_mapping() -> None:
-    rng = np.random.default_rng(3)
-    batch = (rng.beta(2, 5, (3, 1, 24, 20)) * 180 + 30).astype(np.uint8)
-    got = equalize_histogram(torch.from_numpy(batch)).numpy()
-    for image, equalized in zip(batch, got, strict=True):
-        np.testing.assert_array_equal(equalized[0], _textbook_equalization(image[0]))
-    assert equalize_histogram(torch.full((1, 1, 4, 4), 9, dtype=torch.uint8)).eq(0).all()
-
-
 def test_equalizing_network_ignores_exposure_changes_that_keep_grey_levels_apart() -> None:
     torch.manual_seed(0)
     spec = ModelSpec(architecture="vgg16", input_size=32, normalization=Normalization(equalize=True))
@@ -224,24 +207,6 @@ def test_equalizing_network_ignores_exposure_changes_that_keep_grey_levels_apart
         assert torch.allclose(network(dark), network(brighter))
         plain = build_model(spec.model_copy(update={"normalization": Normalization()})).eval()
         assert not torch.allclose(plain(dark), plain(brighter))
-
-
-def test_histogram_equalisation_rounds_and_clamps_float_levels() -> None:
-    """Augmented float batches leave 0..255: each value is rounded to the nearest level and clamped first."""
-    pixels = torch.tensor([[[[-3.0, 0.4], [254.6, 300.0]]]])
-    # Levels [[0, 0], [255, 255]]: cdf(0) = 2 = cdf_min, cdf(255) = 4, so 255 -> (4 - 2) / (4 - 2) * 255.
-    expected = torch.tensor([[[[0.0, 0.0], [255.0, 255.0]]]])
-    got = equalize_histogram(pixels)
-    assert got.dtype == torch.float32
-    assert torch.equal(got, expected)
-
-
-def test_histogram_equalisation_of_a_nearly_constant_channel_is_per_channel() -> None:
-    """One bright pixel over three dark ones: n - cdf_min = 1, the smallest denominator that is not clamped."""
-    pixels = torch.tensor([[[[0, 0], [0, 5]], [[7, 7], [7, 7]]]], dtype=torch.uint8)
-    # Channel 0: cdf(0) = 3 = cdf_min, cdf(5) = 4, so 5 -> (4 - 3) / (4 - 3) * 255; channel 1 is constant -> 0.
-    expected = torch.tensor([[[[0.0, 0.0], [0.0, 255.0]], [[0.0, 0.0], [0.0, 0.0]]]])
-    assert torch.equal(equalize_histogram(pixels), expected)
 
 
 def test_bf16_equalizing_network_normalises_in_its_own_dtype() -> None:

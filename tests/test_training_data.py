@@ -209,7 +209,14 @@ def test_evaluate_wrong_layout_and_missing_model(
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--val-fraction", "1.5"), ("--ema-epochs", "-1"), ("--mixup", "-0.2"), ("--acquisition", "-1")]
+    ("flag", "value"),
+    [
+        ("--val-fraction", "1.5"),
+        ("--ema-epochs", "-1"),
+        ("--mixup", "-0.2"),
+        ("--acquisition", "-1"),
+        ("--clahe-clip", "0.5"),
+    ],
 )
 def test_invalid_flag_value_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
@@ -217,6 +224,29 @@ def test_invalid_flag_value_is_a_clear_error(
     make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
     err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), flag, value])
     assert flag in err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--equalize", "--clahe-clip", "2"],
+            "equalize and clahe_clip are alternatives: choose one contrast step",
+        ),
+        (
+            ["--clahe-clip", "2", "--clahe-tiles", "5"],
+            "input_size 224 does not split into 5 CLAHE tiles per side",
+        ),
+    ],
+)
+def test_options_that_conflict_are_one_plain_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    """A check across options has no single flag to name: the line is the message alone, before any work."""
+    make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
+    argv = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), *options]
+    assert _error_line(capsys, argv) == f"error: {message}"
+    assert not (tmp_path / "o").exists()
 
 
 def test_unusable_device_is_a_clear_error(
