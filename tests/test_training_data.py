@@ -216,6 +216,7 @@ def test_evaluate_wrong_layout_and_missing_model(
         ("--mixup", "-0.2"),
         ("--acquisition", "-1"),
         ("--clahe-clip", "0.5"),
+        ("--aspect-jitter", "-0.1"),
     ],
 )
 def test_invalid_flag_value_is_a_clear_error(

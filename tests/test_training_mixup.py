@@ -76,6 +76,7 @@ def test_an_epoch_trains_on_the_blended_images_and_the_blended_loss() -> None:
         hflip=False,
         zoom_in=0.0,
         erase_corners=0.0,
+        aspect_jitter=0.0,
         acquisition=0.0,
         mixup=0.4,
         device=torch.device("cpu"),

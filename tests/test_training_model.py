@@ -72,6 +72,37 @@ def test_zoom_in_enlarges_the_subject() -> None:
     assert float(areas.min()) >= area * 0.97 and 1.4 < float(areas.mean()) / area < 1.8
 
 
+def _disk(count: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disk = (((yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 12**2).to(torch.uint8) * 200
+    return disk.view(1, 1, 64, 64).repeat(count, 1, 1, 1)
+
+
+def test_aspect_jitter_stretches_width_against_height_and_keeps_the_area() -> None:
+    pixels = _disk(200)
+    out = augment_batch(pixels, torch.Generator().manual_seed(0), strength=0.0, aspect_jitter=0.3) > 100
+    width = out.any(dim=2).sum(dim=(1, 2)).float()  # columns the disk covers
+    height = out.any(dim=3).sum(dim=(1, 2)).float()
+    ratio = width / height
+    # log-uniform in [1/1.3, 1.3] (plus a pixel of rounding on a 24 px disk): both ways, centred on 1
+    assert float(ratio.min()) > 1 / 1.3 - 0.06 and float(ratio.max()) < 1.3 + 0.06
+    assert float((ratio > 1.15).float().mean()) > 0.2 and float((ratio < 1 / 1.15).float().mean()) > 0.2
+    assert abs(float(ratio.log().mean())) < 0.03
+    areas = out.sum(dim=(1, 2, 3)).float()
+    assert float((areas / float((pixels > 100).sum() / len(pixels)) - 1).abs().max()) < 0.05
+
+
+def test_aspect_jitter_shares_every_other_draw_with_the_run_without_it() -> None:
+    """Its draw comes last: a vanishing jitter gives the same rotation, shift, flip and intensity as none."""
+    pixels = torch.randint(0, 256, (16, 1, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    options = {"strength": 1.0, "hflip": True, "zoom_in": 0.3}
+    without = augment_batch(pixels, torch.Generator().manual_seed(4), **options)
+    tiny = augment_batch(pixels, torch.Generator().manual_seed(4), aspect_jitter=1e-7, **options)
+    real = augment_batch(pixels, torch.Generator().manual_seed(4), aspect_jitter=0.3, **options)
+    assert float((tiny - without).abs().max()) < 0.01
+    assert float((real - without).abs().mean()) > 5
+
+
 def test_schedule_warms_up_then_decays_to_zero() -> None:
     schedule = Schedule(peak_lr=1.0, warmup_steps=4, total_steps=20)
     assert [schedule.lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -36,27 +36,32 @@ def augment_batch(
     hflip: bool = False,
     zoom_in: float = 0.0,
     erase_corners: float = 0.0,
+    aspect_jitter: float = 0.0,
 ) -> torch.Tensor:
     """Random affine (rotation, translation, scale), optional flip and brightness/contrast.
 
     ``zoom_in`` adds a one-sided zoom of up to that fraction (tighter framing, as in the test split's
     false positives); ``erase_corners`` is the probability that one corner patch (where burnt-in side
-    markers sit) is filled with the image's mean. Both draw random numbers only when non-zero, so
-    runs without them draw exactly what they drew before these options existed.
+    markers sit) is filled with the image's mean; ``aspect_jitter`` widens or narrows the film by a
+    width-to-height factor drawn log-uniformly in ``[1 / (1 + a), 1 + a]``, keeping its area, so how
+    a film was squashed to a square (its original shape, not recorded in the file) cannot be a cue.
+    Each draws random numbers only when non-zero, and after all the others, so runs without them
+    draw exactly what they drew before these options existed, and a run with one shares every
+    other draw with the same seed's run without it.
 
     Takes uint8 ``[N, C, S, S]`` and returns float32 on the same device in the 0..255 range,
     which :meth:`PneumoniaNet.normalize` accepts like uint8 input.
     """
     x = pixels.float()
-    if (strength > 0.0 or hflip or zoom_in > 0.0) and x.shape[0]:
-        x = _affine_and_intensity(x, generator, strength, hflip, zoom_in)
+    if (strength > 0.0 or hflip or zoom_in > 0.0 or aspect_jitter > 0.0) and x.shape[0]:
+        x = _affine_and_intensity(x, generator, strength, hflip, zoom_in, aspect_jitter)
     if erase_corners > 0.0 and x.shape[0]:
         x = _erase_corner(x, generator, erase_corners)
     return x
 
 
 def _affine_and_intensity(
-    x: torch.Tensor, generator: torch.Generator, strength: float, hflip: bool, zoom_in: float
+    x: torch.Tensor, generator: torch.Generator, strength: float, hflip: bool, zoom_in: float, aspect_jitter: float
 ) -> torch.Tensor:
     n = x.shape[0]
     angle = _uniform(n, math.radians(MAX_ROTATION_DEG) * strength, generator)
@@ -65,15 +70,24 @@ def _affine_and_intensity(
         scale = scale + torch.rand(n, generator=generator) * zoom_in
     shift = torch.stack([_uniform(n, MAX_TRANSLATE * strength, generator) for _ in range(2)], dim=1)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(n)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    brightness = (1.0 + _uniform(n, MAX_BRIGHTNESS * strength, generator)).view(n, 1, 1, 1).to(x.device)
+    contrast = (1.0 + _uniform(n, MAX_CONTRAST * strength, generator)).view(n, 1, 1, 1).to(x.device)
+    # Magnification along the film's own axes, before rotation: width by scale * sqrt(r), height by
+    # scale / sqrt(r), so r is the width-to-height factor and the area is scale^2 whatever r is.
+    # Without jitter the root is the float 1.0 and every entry is computed exactly as before it existed.
+    root_aspect = torch.exp(_uniform(n, math.log1p(aspect_jitter), generator) / 2) if aspect_jitter > 0.0 else 1.0
+    width, height = scale * root_aspect, scale / root_aspect
+    cos_w, sin_w = torch.cos(angle) / width, torch.sin(angle) / width
+    cos_h, sin_h = torch.cos(angle) / height, torch.sin(angle) / height
     theta = torch.stack(
-        [torch.stack([cos * flip, -sin, shift[:, 0]], dim=1), torch.stack([sin * flip, cos, shift[:, 1]], dim=1)],
+        [
+            torch.stack([cos_w * flip, -sin_h, shift[:, 0]], dim=1),
+            torch.stack([sin_w * flip, cos_h, shift[:, 1]], dim=1),
+        ],
         dim=1,
     ).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    brightness = (1.0 + _uniform(n, MAX_BRIGHTNESS * strength, generator)).view(n, 1, 1, 1).to(x.device)
-    contrast = (1.0 + _uniform(n, MAX_CONTRAST * strength, generator)).view(n, 1, 1, 1).to(x.device)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean * brightness
     return x.clamp_(0.0, 255.0)

@@ -63,6 +63,13 @@ class TrainConfig(BaseModel):
     zoom_in: float = Field(
         0.0, ge=0.0, le=1.0, description="extra one-sided random zoom-in of up to this fraction (tighter framing)"
     )
+    aspect_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="random width-to-height stretch up to 1+F either way, area kept (a film's squash to a square "
+        "is then no cue); 0 = off",
+    )
     erase_corners: float = Field(
         0.0, ge=0.0, le=1.0, description="probability of filling one image corner (side markers) with the mean"
     )

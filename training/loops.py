@@ -88,6 +88,7 @@ def train_one_epoch(
     hflip: bool,
     zoom_in: float,
     erase_corners: float,
+    aspect_jitter: float,
     acquisition: float,
     mixup: float,
     device: torch.device,
@@ -115,7 +116,13 @@ def train_one_epoch(
         batch = pixels[index].to(device, non_blocking=True)
         target = labels[index].to(device, non_blocking=True)
         inputs = augment_batch(
-            batch, generator, strength=aug_strength, hflip=hflip, zoom_in=zoom_in, erase_corners=erase_corners
+            batch,
+            generator,
+            strength=aug_strength,
+            hflip=hflip,
+            zoom_in=zoom_in,
+            erase_corners=erase_corners,
+            aspect_jitter=aspect_jitter,
         )
         if acquisition > 0.0:
             inputs = acquisition_shift(inputs, acquisition_generator, acquisition)

@@ -111,6 +111,7 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
             hflip=config.hflip,
             zoom_in=config.zoom_in,
             erase_corners=config.erase_corners,
+            aspect_jitter=config.aspect_jitter,
             acquisition=config.acquisition,
             mixup=config.mixup,
             device=device,
