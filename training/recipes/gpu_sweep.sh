@@ -38,6 +38,9 @@ mkdir -p "$OUT" "$RUNS"
 # each on two seeds; --split-seed 0 keeps every run on the same validation split, so all of them compete.
 # SET=zoom: zoom-in 0.3 alone at 128 px (E17/E18's 64-px lead), with and without aug strength 1.5, against
 # the base recipe rerun on the current code, each on two seeds, all on validation split seed 0.
+# SET=aspect: aspect jitter 0.25 (E20: the network reads a film's squash to a square as pneumonia) and CLAHE
+# (clip 2, 8 tiles: E19 was stopped before it could tell), each against the base recipe on the current code,
+# on two seeds, all on validation split seed 0.
 case ${SET:-224} in
   224) VARIANTS=(
     "224-base|--lr 1e-3"
@@ -77,7 +80,15 @@ case ${SET:-224} in
     "128-zoom03-aug15|--lr 1e-3 --input-size 128 --zoom-in 0.3 --aug-strength 1.5"
     "128-zoom03-aug15-s1|--lr 1e-3 --input-size 128 --zoom-in 0.3 --aug-strength 1.5 --seed 1 --split-seed 0"
   ) ;;
-  *) echo "SET must be 224, sizes, 128, ema or zoom" >&2; exit 2 ;;
+  aspect) VARIANTS=(
+    "128-base|--lr 1e-3 --input-size 128"
+    "128-base-s1|--lr 1e-3 --input-size 128 --seed 1 --split-seed 0"
+    "128-aspect025|--lr 1e-3 --input-size 128 --aspect-jitter 0.25"
+    "128-aspect025-s1|--lr 1e-3 --input-size 128 --aspect-jitter 0.25 --seed 1 --split-seed 0"
+    "128-clahe2|--lr 1e-3 --input-size 128 --clahe-clip 2 --clahe-tiles 8"
+    "128-clahe2-s1|--lr 1e-3 --input-size 128 --clahe-clip 2 --clahe-tiles 8 --seed 1 --split-seed 0"
+  ) ;;
+  *) echo "SET must be 224, sizes, 128, ema, zoom or aspect" >&2; exit 2 ;;
 esac
 WORKERS=${WORKERS:-$(( $(nproc) / ${#VARIANTS[@]} > 0 ? $(nproc) / ${#VARIANTS[@]} : 1 ))}
 common=(--data "${DATA:-.data/chest_xray}" --input-size "${SIZE:-224}" --init scratch --arch vgg16_bn
