@@ -99,7 +99,7 @@ def score_set(
     return base, {(axis, f): score(stretch(pixels, f, axis)) for axis in AXES for f in factors}
 
 
-def test_groups(labels: np.ndarray, called: np.ndarray) -> list[Group]:
+def held_out_groups(labels: np.ndarray, called: np.ndarray) -> list[Group]:
     return [
         Group("test false positives", (labels == 0) & called),
         Group("test true negatives", (labels == 0) & ~called),
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if test is not None:
         base, stretched = score_set(score, test.pixels, factors)
         called = np.asarray(is_pneumonia(probability(base), meta.threshold))
-        scored.append(Scored(base, stretched, anisotropy(test.pixels), test_groups(test.labels, called)))
+        scored.append(Scored(base, stretched, anisotropy(test.pixels), held_out_groups(test.labels, called)))
     print(f"{meta.version} ({args.model}) at {meta.spec.input_size} px; threshold {meta.threshold:.4f}")
     print(val.description + (f"; {test.description}" if test is not None else ""))
     print("\n".join(report(scored, meta.threshold, factors)))
