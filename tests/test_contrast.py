@@ -102,6 +102,9 @@ def test_unclipped_single_tile_clahe_is_plain_cumulative_equalisation() -> None:
     cdf = np.bincount(image.ravel(), minlength=256).cumsum()
     expected = np.round(cdf[image] * 255 / image.size)
     np.testing.assert_array_equal(clahe(torch.from_numpy(image)[None, None], 1e6, 1)[0, 0].numpy(), expected)
+    # The top level is a level of its own: half 254, half 255 maps to cdf(254) = 1/2 and cdf(255) = 1.
+    top = torch.tensor([[[[254, 255], [254, 255]]]], dtype=torch.uint8)
+    assert torch.equal(clahe(top, 1e6, 1), torch.tensor([[[[128.0, 255.0], [128.0, 255.0]]]]))
 
 
 def test_clahe_stretches_each_region_on_its_own() -> None:
@@ -147,10 +150,13 @@ def test_clahe_works_per_image_and_channel_and_on_float_batches() -> None:
     assert torch.equal(clahe(jittered, 2.0, 2), clahe(levels, 2.0, 2))
 
 
-@pytest.mark.parametrize(("clip_limit", "tiles", "side"), [(0.5, 4, 32), (2.0, 3, 32), (2.0, 0, 32), (2.0, 4, 30)])
-def test_clahe_refuses_what_it_cannot_compute(clip_limit: float, tiles: int, side: int) -> None:
+@pytest.mark.parametrize(
+    ("clip_limit", "tiles", "height", "width"),
+    [(0.5, 4, 32, 32), (2.0, 3, 32, 32), (2.0, 0, 32, 32), (2.0, 4, 30, 30), (2.0, 4, 32, 30), (2.0, 4, 30, 32)],
+)
+def test_clahe_refuses_what_it_cannot_compute(clip_limit: float, tiles: int, height: int, width: int) -> None:
     with pytest.raises(ValueError, match=r"clip_limit|whole tiles"):
-        clahe(torch.zeros((1, 1, side, side), dtype=torch.uint8), clip_limit, tiles)
+        clahe(torch.zeros((1, 1, height, width), dtype=torch.uint8), clip_limit, tiles)
 
 
 def test_clahe_network_normalises_through_clahe_and_survives_export(tmp_path: Path) -> None:
