@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from app.core.artifacts import load_model
 from app.core.decision import is_pneumonia
 from benchmarks import eval_sets
-from benchmarks.occlusion_check import Scorer, network_scorer, probability
+from benchmarks.occlusion_check import GROUPS, Scorer, network_scorer, probability
 from training.metrics import roc_auc
 
 Axis = Literal["horizontal", "vertical", "both"]
@@ -100,12 +100,9 @@ def score_set(
 
 
 def held_out_groups(labels: np.ndarray, called: np.ndarray) -> list[Group]:
-    return [
-        Group("test false positives", (labels == 0) & called),
-        Group("test true negatives", (labels == 0) & ~called),
-        Group("test true positives", (labels == 1) & called),
-        Group("test false negatives", (labels == 1) & ~called),
-    ]
+    """occlusion_check's outcome groups, plus the false negatives, over the test films."""
+    outcomes = {**GROUPS, "false negatives": (1, False)}
+    return [Group(f"test {name}", (labels == label) & (called == call)) for name, (label, call) in outcomes.items()]
 
 
 def report(scored: list[Scored], threshold: float, factors: tuple[float, ...]) -> list[str]:
