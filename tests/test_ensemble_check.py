@@ -90,11 +90,23 @@ def test_the_false_positives_every_member_makes_are_named(
 GAIN = r"([-+.\d]+) \(([-+.\d]+) to ([-+.\d]+)\)"  # a paired difference and its interval
 
 
+def paired_line(out: str, images: str, member: Path) -> str:
+    """The line pairing ``member`` with the first member over resamples of ``images``."""
+    block = out.split(f" {images} resamples (row minus it, 95% interval):")[1].split("\n\n")[0]
+    lines = [line for line in block.splitlines() if line.startswith("  ")]
+    assert len(lines) == 2  # the second member and the mean of both
+    return next(line for line in lines if line.split(": ")[0].endswith(f"({member})"))
+
+
 @pytest.mark.parametrize("second", ["b", "copy of a"])
 def test_each_row_is_paired_with_the_first_member_on_the_same_resamples(
     runs: dict[str, Path], second: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A copy differs by exactly 0 on every resample; another member by the table's own column difference."""
+    """A copy differs by exactly 0 on every resample; another member by the table's own column difference.
+
+    The validation AUC is paired over validation resamples: the issue's "without losing validation AUC"
+    rule needs the loss's own interval, not two point values.
+    """
     other = runs["b"] if second == "b" else Path(shutil.copytree(runs["a"], tmp_path / "a-copy"))
     ensemble_check.main([str(runs["a"]), str(other), "--data", str(runs["data"]), "--bootstrap", "30"])
     out = capsys.readouterr().out
@@ -103,20 +115,19 @@ def test_each_row_is_paired_with_the_first_member_on_the_same_resamples(
     rows = [re.split(r"\s*\|\s*", line.strip("| ")) for line in lines[1:3]]
     auc = [float(r[header.index("test AUC (95% CI)")].split()[0]) for r in rows]
     ranking = [float(r[header.index("test spec at test sens 0.95 (diagnostic)")]) for r in rows]
-    assert "over 30 test resamples" in out
-    paired = {line.split(": ")[0].strip(): line for line in out.splitlines() if line.startswith("  ") and "AUC" in line}
-    assert len(paired) == 2  # the second member and the mean of both
-    line = next(v for k, v in paired.items() if k.endswith(f"({other})"))
-    found = re.search(
-        rf"test AUC {GAIN}; test spec at test sens 0.95 {GAIN}",
-        line,
-    )
+    val_auc = [float(r[header.index("val AUC")]) for r in rows]
+    found = re.search(rf"test AUC {GAIN}; test spec at test sens 0.95 {GAIN}$", paired_line(out, "30 test", other))
     assert found is not None
     d_auc, lo_auc, hi_auc, d_rank, lo_rank, hi_rank = (float(v) for v in found.groups())
+    found_val = re.search(rf": val AUC {GAIN}$", paired_line(out, "30 validation", other))
+    assert found_val is not None
+    d_val, lo_val, hi_val = (float(v) for v in found_val.groups())
     if second == "copy of a":
         assert (d_auc, lo_auc, hi_auc, d_rank, lo_rank, hi_rank) == (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        assert (d_val, lo_val, hi_val) == (0.0, 0.0, 0.0)
     else:
         assert d_auc == pytest.approx(auc[1] - auc[0], abs=1.5e-3) and d_rank == pytest.approx(
             ranking[1] - ranking[0], abs=1.5e-3
         )
         assert lo_auc <= d_auc <= hi_auc and (lo_auc, hi_auc) != (0.0, 0.0)
+        assert d_val == pytest.approx(val_auc[1] - val_auc[0], abs=1.5e-4) and lo_val <= d_val <= hi_val
