@@ -186,5 +186,7 @@ def test_the_spec_refuses_two_contrast_steps_and_tiles_that_do_not_divide() -> N
         ModelSpec(input_size=64, normalization=Normalization(clahe_clip=2.0, clahe_tiles=6))
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         Normalization(clahe_clip=0.5)
+    with pytest.raises(ValidationError, match="less than or equal to 64"):
+        Normalization(clahe_clip=2.0, clahe_tiles=65)
     # Tiles that do not divide are harmless while CLAHE is off.
     assert ModelSpec(input_size=64, normalization=Normalization(clahe_tiles=6)).normalization.clahe_clip is None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.network import ModelSpec
+from app.core.network import ModelSpec, Normalization
 from tests.dicom_files import Spec, chest_stored, dicom_bytes
 from tests.training_support import (
     INPUT_SIZE,
@@ -216,6 +216,8 @@ def test_evaluate_wrong_layout_and_missing_model(
         ("--mixup", "-0.2"),
         ("--acquisition", "-1"),
         ("--clahe-clip", "0.5"),
+        ("--clahe-tiles", "0"),
+        ("--clahe-tiles", "65"),
         ("--aspect-jitter", "-0.1"),
     ],
 )
@@ -296,8 +298,8 @@ def test_evaluate_reads_dicom_files_through_the_service_preprocessing(
 def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -> None:
     """The train subcommand is generated from TrainConfig: each field is a flag that parses to the field's type."""
     argv = ["train", "--data", "d", "--out", "o", "--input-size", "64", "--lr", "0.01", "--no-cache", "--hflip"]
-    args = build_parser().parse_args([*argv, "--imagenet-weights", "w.pth", "--threshold-method", "youden"])
-    values = {k: v for k, v in vars(args).items() if k != "command"}
+    argv += ["--imagenet-weights", "w.pth", "--threshold-method", "youden", "--clahe-clip", "2.5", "--clahe-tiles", "4"]
+    values = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "command"}
     assert values == {
         "data": Path("d"),
         "out": Path("o"),
@@ -307,8 +309,12 @@ def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -
         "hflip": True,
         "imagenet_weights": Path("w.pth"),
         "threshold_method": "youden",
+        "clahe_clip": 2.5,  # a constrained type inside an optional parses to its base type
+        "clahe_tiles": 4,
     }
-    assert TrainConfig(**values).model_spec() == ModelSpec(input_size=64)
+    assert type(values["clahe_tiles"]) is int
+    clahe = Normalization(clahe_clip=2.5, clahe_tiles=4)
+    assert TrainConfig(**values).model_spec() == ModelSpec(input_size=64, normalization=clahe)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     shown = capsys.readouterr().out

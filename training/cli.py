@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
@@ -22,9 +22,16 @@ from training.user_errors import UsageError
 
 
 def _base_type(annotation: Any) -> Any:
-    """``X | None`` is X: a flag that is not given keeps the field's default."""
-    members = [arg for arg in get_args(annotation) if arg is not type(None)]
-    return members[0] if isinstance(annotation, UnionType) and len(members) == 1 else annotation
+    """The Python type a flag parses to; pydantic checks the value's limits afterwards.
+
+    ``X | None`` is X (a flag that is not given keeps the field's default), and a constrained
+    ``Annotated[X, ...]`` is X. Pydantic unwraps a top-level ``Annotated`` itself but not one inside
+    an optional, which then arrives here as ``typing.Union``, not ``types.UnionType``.
+    """
+    if get_origin(annotation) in (Union, UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        annotation = members[0] if len(members) == 1 else annotation
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
 
 
 def _help(field: FieldInfo) -> str:

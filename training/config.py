@@ -9,7 +9,16 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.core.artifacts import StorageDtype
-from app.core.network import Architecture, Dropout, Head, InputSize, ModelSpec, Normalization
+from app.core.network import (
+    Architecture,
+    ClaheClip,
+    ClaheTiles,
+    Dropout,
+    Head,
+    InputSize,
+    ModelSpec,
+    Normalization,
+)
 from training.calibration import ThresholdMethod
 
 # Inference keeps no activations for a backward pass, so twice the training batch fits in the same memory.
@@ -44,10 +53,10 @@ class TrainConfig(BaseModel):
     equalize: bool = Field(
         False, description="per-image histogram equalisation inside the network (served the same way)"
     )
-    clahe_clip: float | None = Field(
-        None, ge=1.0, description="CLAHE with this clip limit inside the network (served the same way); off if absent"
+    clahe_clip: ClaheClip | None = Field(
+        None, description="CLAHE with this clip limit inside the network (served the same way); off if absent"
     )
-    clahe_tiles: int = Field(8, ge=1, le=64, description="CLAHE tiles per side (must divide --input-size)")
+    clahe_tiles: ClaheTiles = Field(8, description="CLAHE tiles per side (must divide --input-size)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the training loss")
     freeze_features: bool = Field(False, description="train only the head (convolutions and their BN frozen)")
     opt: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")

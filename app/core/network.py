@@ -27,6 +27,8 @@ VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 25
 # Constrained types shared with the training configuration, so a limit is written once.
 InputSize = Annotated[int, Field(ge=32, le=1024, description="Square input side in pixels.")]
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+ClaheClip = Annotated[float, Field(ge=1.0)]  # a multiple of a tile's mean bin height; 1 flattens the tile
+ClaheTiles = Annotated[int, Field(ge=1, le=64)]
 
 
 class Normalization(BaseModel):
@@ -41,14 +43,13 @@ class Normalization(BaseModel):
         description="Per-image histogram equalisation first, so exposure and contrast differences between "
         "sites matter less; part of the network, so training, serving and scoring apply it alike.",
     )
-    clahe_clip: float | None = Field(
+    clahe_clip: ClaheClip | None = Field(
         None,
-        ge=1.0,
         description="Contrast-limited adaptive histogram equalisation first, with this clip limit (a multiple "
         "of a tile's mean bin height: lower is gentler); off when absent. Local, so texture in an over- or "
         "under-exposed region stays visible; part of the network like `equalize`.",
     )
-    clahe_tiles: int = Field(8, ge=1, le=64, description="CLAHE tiles per side (the input side must divide).")
+    clahe_tiles: ClaheTiles = Field(8, description="CLAHE tiles per side (the input side must divide).")
 
     @model_validator(mode="after")
     def _one_contrast_step(self) -> Self:
