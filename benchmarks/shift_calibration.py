@@ -24,7 +24,7 @@ import torch
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
 from benchmarks import eval_sets
-from training.augment import augment_batch
+from training.augment import Augmentation, augment_batch
 from training.calibration import fit_temperature, parse_rule, select_threshold
 from training.loops import predict_logits
 from training.metrics import binary_metrics
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
 
     row("clean validation (as shipped)", fit_temperature(clean_val, val_y))
     for strength in args.strengths:
-        generator = torch.Generator().manual_seed(0)
-        perturbed = [logits(augment_batch(val.pixels, generator, strength=strength)) for _ in range(args.draws)]
+        generator, options = torch.Generator().manual_seed(0), Augmentation(strength=strength)
+        perturbed = [logits(augment_batch(val.pixels, generator, options)) for _ in range(args.draws)]
         temperature = fit_temperature(torch.cat([clean_val, *perturbed]), val_y.repeat(1 + args.draws))
         row(f"clean + {args.draws} x augmented at strength {strength}", temperature)
     row("test NLL (diagnostic only, never a candidate)", fit_temperature(clean_test, torch.from_numpy(test_y)))

@@ -16,7 +16,7 @@ from tests.training_support import (
     make_dataset,
     train_args,
 )
-from training.augment import mix_pairs
+from training.augment import Augmentation, mix_pairs
 from training.cli import main
 from training.distributed import DistInfo
 from training.loops import Schedule, train_one_epoch
@@ -72,11 +72,7 @@ def test_an_epoch_trains_on_the_blended_images_and_the_blended_loss() -> None:
         first_step=0,
         epoch_seed=epoch_seed,
         batch_size=8,
-        aug_strength=0.0,
-        hflip=False,
-        zoom_in=0.0,
-        erase_corners=0.0,
-        aspect_jitter=0.0,
+        augmentation=Augmentation(strength=0.0),
         acquisition=0.0,
         mixup=0.4,
         device=torch.device("cpu"),

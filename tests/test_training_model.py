@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 from torchvision.models import vgg16
 
 from app.core.network import ModelSpec, build_model
-from training.augment import augment_batch
+from training.augment import Augmentation, augment_batch
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig
 from training.distributed import DistInfo
 from training.imagenet import load_imagenet
 from training.loops import Schedule, epoch_batches
@@ -20,17 +21,17 @@ from training.user_errors import UsageError
 
 def test_augment_is_seeded_in_range_and_off_at_zero_strength() -> None:
     pixels = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
-    first = augment_batch(pixels, torch.Generator().manual_seed(3))
+    first = augment_batch(pixels, torch.Generator().manual_seed(3), Augmentation())
     assert first.shape == pixels.shape and first.dtype == torch.float32
     assert float(first.min()) >= 0.0 and float(first.max()) <= 255.0
-    torch.testing.assert_close(first, augment_batch(pixels, torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(first, augment_batch(pixels, torch.Generator().manual_seed(3), Augmentation()))
     assert not torch.allclose(first, pixels.float())
-    torch.testing.assert_close(augment_batch(pixels, torch.Generator(), strength=0.0), pixels.float())
+    torch.testing.assert_close(augment_batch(pixels, torch.Generator(), Augmentation(strength=0.0)), pixels.float())
 
 
 def test_hflip_only_flips() -> None:
     pixels = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
-    out = augment_batch(pixels, torch.Generator().manual_seed(0), strength=0.0, hflip=True)
+    out = augment_batch(pixels, torch.Generator().manual_seed(0), Augmentation(strength=0.0, hflip=True))
     flipped = torch.flip(pixels.float(), dims=[3])
     is_flipped = [torch.allclose(o, f, atol=1e-3) for o, f in zip(out, flipped, strict=True)]
     is_same = [torch.allclose(o, p.float(), atol=1e-3) for o, p in zip(out, pixels, strict=True)]
@@ -40,7 +41,7 @@ def test_hflip_only_flips() -> None:
 def test_erase_corners_fills_one_corner_rectangle_with_the_mean() -> None:
     size = 40
     pixels = torch.randint(1, 255, (64, 1, size, size), dtype=torch.uint8)
-    out = augment_batch(pixels, torch.Generator().manual_seed(1), strength=0.0, erase_corners=0.5)
+    out = augment_batch(pixels, torch.Generator().manual_seed(1), Augmentation(strength=0.0, erase_corners=0.5))
     erased = 0
     for before, after in zip(pixels.float(), out, strict=True):
         changed = (after != before)[0]
@@ -66,7 +67,7 @@ def test_zoom_in_enlarges_the_subject() -> None:
     disk = (((yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 12**2).to(torch.uint8) * 200
     pixels = disk.view(1, 1, 64, 64).repeat(32, 1, 1, 1)
     area = float((pixels > 100).sum(dim=(1, 2, 3)).float().mean())
-    zoomed = augment_batch(pixels, torch.Generator().manual_seed(0), strength=0.0, zoom_in=0.5)
+    zoomed = augment_batch(pixels, torch.Generator().manual_seed(0), Augmentation(strength=0.0, zoom_in=0.5))
     areas = (zoomed > 100).sum(dim=(1, 2, 3)).float()
     # scale 1 + U(0, 0.5): the disk's area grows by scale^2, i.e. by 1.58x on average (1x to 2.25x)
     assert float(areas.min()) >= area * 0.97 and 1.4 < float(areas.mean()) / area < 1.8
@@ -80,7 +81,7 @@ def _disk(count: int) -> torch.Tensor:
 
 def test_aspect_jitter_stretches_width_against_height_and_keeps_the_area() -> None:
     pixels = _disk(200)
-    out = augment_batch(pixels, torch.Generator().manual_seed(0), strength=0.0, aspect_jitter=0.3) > 100
+    out = augment_batch(pixels, torch.Generator().manual_seed(0), Augmentation(strength=0.0, aspect_jitter=0.3)) > 100
     width = out.any(dim=2).sum(dim=(1, 2)).float()  # columns the disk covers
     height = out.any(dim=3).sum(dim=(1, 2)).float()
     ratio = width / height
@@ -95,12 +96,21 @@ def test_aspect_jitter_stretches_width_against_height_and_keeps_the_area() -> No
 def test_aspect_jitter_shares_every_other_draw_with_the_run_without_it() -> None:
     """Its draw comes last: a vanishing jitter gives the same rotation, shift, flip and intensity as none."""
     pixels = torch.randint(0, 256, (16, 1, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    options = {"strength": 1.0, "hflip": True, "zoom_in": 0.3}
-    without = augment_batch(pixels, torch.Generator().manual_seed(4), **options)
-    tiny = augment_batch(pixels, torch.Generator().manual_seed(4), aspect_jitter=1e-7, **options)
-    real = augment_batch(pixels, torch.Generator().manual_seed(4), aspect_jitter=0.3, **options)
+    options = Augmentation(strength=1.0, hflip=True, zoom_in=0.3)
+    without = augment_batch(pixels, torch.Generator().manual_seed(4), options)
+    tiny = augment_batch(pixels, torch.Generator().manual_seed(4), options.model_copy(update={"aspect_jitter": 1e-7}))
+    real = augment_batch(pixels, torch.Generator().manual_seed(4), options.model_copy(update={"aspect_jitter": 0.3}))
     assert float((tiny - without).abs().max()) < 0.01
     assert float((real - without).abs().mean()) > 5
+
+
+def test_each_augmentation_flag_reaches_the_batch() -> None:
+    """The trainer passes TrainConfig.augmentation() to every batch: one field per flag, none dropped."""
+    flags = {"aug_strength": 1.5, "hflip": True, "zoom_in": 0.2, "erase_corners": 0.3, "aspect_jitter": 0.25}
+    config = TrainConfig(data=Path("d"), out=Path("o"), **flags)
+    expected = Augmentation(strength=1.5, hflip=True, zoom_in=0.2, erase_corners=0.3, aspect_jitter=0.25)
+    assert config.augmentation() == expected
+    assert TrainConfig(data=Path("d"), out=Path("o")).augmentation() == Augmentation()  # the defaults agree
 
 
 def test_schedule_warms_up_then_decays_to_zero() -> None:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 
 MAX_ROTATION_DEG = 10.0
 MAX_TRANSLATE = 0.08  # fraction of the half-width (affine_grid coordinates span [-1, 1])
@@ -28,48 +29,54 @@ def _uniform(n: int, bound: float, generator: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=generator) * 2.0 - 1.0) * bound
 
 
-def augment_batch(
-    pixels: torch.Tensor,
-    generator: torch.Generator,
-    *,
-    strength: float = 1.0,
-    hflip: bool = False,
-    zoom_in: float = 0.0,
-    erase_corners: float = 0.0,
-    aspect_jitter: float = 0.0,
-) -> torch.Tensor:
-    """Random affine (rotation, translation, scale), optional flip and brightness/contrast.
+class Augmentation(BaseModel):
+    """The random transforms of :func:`augment_batch`, passed as one value from the flags to the batch.
 
-    ``zoom_in`` adds a one-sided zoom of up to that fraction (tighter framing, as in the test split's
-    false positives); ``erase_corners`` is the probability that one corner patch (where burnt-in side
-    markers sit) is filled with the image's mean; ``aspect_jitter`` widens or narrows the film by a
-    width-to-height factor drawn log-uniformly in ``[1 / (1 + a), 1 + a]``, keeping its area, so how
-    a film was squashed to a square (its original shape, not recorded in the file) cannot be a cue.
-    Each draws random numbers only when non-zero, and after all the others, so runs without them
-    draw exactly what they drew before these options existed, and a run with one shares every
-    other draw with the same seed's run without it.
+    ``strength`` scales the affine (rotation, translation, scale) and brightness/contrast jitter.
+    ``hflip`` adds random horizontal flips. ``zoom_in`` adds a one-sided zoom of up to that fraction
+    (tighter framing, as in the test split's false positives). ``erase_corners`` is the probability
+    that one corner patch (where burnt-in side markers sit) is filled with the image's mean.
+    ``aspect_jitter`` widens or narrows the film by a width-to-height factor drawn log-uniformly in
+    ``[1 / (1 + a), 1 + a]``, keeping its area, so how a film was squashed to a square (its original
+    shape, not recorded in the file) cannot be a cue.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strength: float = 1.0
+    hflip: bool = False
+    zoom_in: float = 0.0
+    erase_corners: float = 0.0
+    aspect_jitter: float = 0.0
+
+
+def augment_batch(pixels: torch.Tensor, generator: torch.Generator, options: Augmentation) -> torch.Tensor:
+    """Apply ``options`` to a batch, with one generator for every draw.
+
+    Each option other than ``strength`` draws random numbers only when it is on, and after all the
+    others, so runs without it draw exactly what they drew before it existed, and a run with one
+    shares every other draw with the same seed's run without it.
 
     Takes uint8 ``[N, C, S, S]`` and returns float32 on the same device in the 0..255 range,
     which :meth:`PneumoniaNet.normalize` accepts like uint8 input.
     """
     x = pixels.float()
-    if (strength > 0.0 or hflip or zoom_in > 0.0 or aspect_jitter > 0.0) and x.shape[0]:
-        x = _affine_and_intensity(x, generator, strength, hflip, zoom_in, aspect_jitter)
-    if erase_corners > 0.0 and x.shape[0]:
-        x = _erase_corner(x, generator, erase_corners)
+    geometric = options.strength > 0.0 or options.hflip or options.zoom_in > 0.0 or options.aspect_jitter > 0.0
+    if geometric and x.shape[0]:
+        x = _affine_and_intensity(x, generator, options)
+    if options.erase_corners > 0.0 and x.shape[0]:
+        x = _erase_corner(x, generator, options.erase_corners)
     return x
 
 
-def _affine_and_intensity(
-    x: torch.Tensor, generator: torch.Generator, strength: float, hflip: bool, zoom_in: float, aspect_jitter: float
-) -> torch.Tensor:
-    n = x.shape[0]
+def _affine_and_intensity(x: torch.Tensor, generator: torch.Generator, options: Augmentation) -> torch.Tensor:
+    n, strength, zoom_in, aspect_jitter = x.shape[0], options.strength, options.zoom_in, options.aspect_jitter
     angle = _uniform(n, math.radians(MAX_ROTATION_DEG) * strength, generator)
     scale = 1.0 + _uniform(n, MAX_SCALE * strength, generator)
     if zoom_in > 0.0:
         scale = scale + torch.rand(n, generator=generator) * zoom_in
     shift = torch.stack([_uniform(n, MAX_TRANSLATE * strength, generator) for _ in range(2)], dim=1)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(n)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if options.hflip else torch.ones(n)
     brightness = (1.0 + _uniform(n, MAX_BRIGHTNESS * strength, generator)).view(n, 1, 1, 1).to(x.device)
     contrast = (1.0 + _uniform(n, MAX_CONTRAST * strength, generator)).view(n, 1, 1, 1).to(x.device)
     # Magnification along the film's own axes, before rotation: width by scale * sqrt(r), height by

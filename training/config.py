@@ -19,6 +19,7 @@ from app.core.network import (
     ModelSpec,
     Normalization,
 )
+from training.augment import Augmentation
 from training.calibration import ThresholdMethod
 
 # Inference keeps no activations for a backward pass, so twice the training batch fits in the same memory.
@@ -132,6 +133,16 @@ class TrainConfig(BaseModel):
         """Refuse at the command line what the network spec would refuse at export (e.g. tiles that do not divide)."""
         self.model_spec()
         return self
+
+    def augmentation(self) -> Augmentation:
+        """The random transforms of each training batch, from their flags."""
+        return Augmentation(
+            strength=self.aug_strength,
+            hflip=self.hflip,
+            zoom_in=self.zoom_in,
+            erase_corners=self.erase_corners,
+            aspect_jitter=self.aspect_jitter,
+        )
 
     def eval_batch_size(self) -> int:
         """Batch size for validation and test predictions."""

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from app.core.decision import pneumonia_probability
 from app.core.network import PneumoniaNet
-from training.augment import acquisition_shift, augment_batch, mix_pairs
+from training.augment import Augmentation, acquisition_shift, augment_batch, mix_pairs
 from training.data import ImageSet
 from training.distributed import DistInfo, all_reduce_sum, gather_rows
 from training.metrics import roc_auc
@@ -84,11 +84,7 @@ def train_one_epoch(
     first_step: int,
     epoch_seed: int,
     batch_size: int,
-    aug_strength: float,
-    hflip: bool,
-    zoom_in: float,
-    erase_corners: float,
-    aspect_jitter: float,
+    augmentation: Augmentation,
     acquisition: float,
     mixup: float,
     device: torch.device,
@@ -115,15 +111,7 @@ def train_one_epoch(
             group["lr"] = schedule.lr(first_step + offset)
         batch = pixels[index].to(device, non_blocking=True)
         target = labels[index].to(device, non_blocking=True)
-        inputs = augment_batch(
-            batch,
-            generator,
-            strength=aug_strength,
-            hflip=hflip,
-            zoom_in=zoom_in,
-            erase_corners=erase_corners,
-            aspect_jitter=aspect_jitter,
-        )
+        inputs = augment_batch(batch, generator, augmentation)
         if acquisition > 0.0:
             inputs = acquisition_shift(inputs, acquisition_generator, acquisition)
         partner, lam = target, 1.0
