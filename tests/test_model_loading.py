@@ -36,6 +36,14 @@ def _bad_metadata(weights: Path) -> str:
     return f"invalid model metadata {weights / 'model.json'}: sha256: String should match pattern '^[0-9a-f]{{64}}$'"
 
 
+def _two_contrast_steps(weights: Path) -> str:
+    """A validator's own words, without pydantic's "Value error, " prefix."""
+    both = {"equalize": True, "clahe_clip": 2.0}
+    rewrite_model(weights, edit_meta=lambda meta: meta["spec"]["normalization"].update(both))
+    reason = "equalize and clahe_clip are alternatives: choose one contrast step"
+    return f"invalid model metadata {weights / 'model.json'}: spec.normalization: {reason}"
+
+
 def _no_weights(weights: Path) -> str:
     (weights / "model.safetensors").unlink()
     return f"model weights not found: {weights / 'model.safetensors'}"
@@ -97,6 +105,7 @@ def _guard_of_another_size(weights: Path) -> str:
 REFUSALS: dict[str, Callable[[Path], str]] = {
     "no_files": _no_files,
     "bad_metadata": _bad_metadata,
+    "two_contrast_steps": _two_contrast_steps,
     "no_weights": _no_weights,
     "sha256_mismatch": _sha256_mismatch,
     "not_a_tensor_file": _not_a_tensor_file,

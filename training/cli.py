@@ -161,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         where, message, _ = first_validation_error(exc.errors())
         # A check across several options (a model validator) has no location: the message names them.
-        print(
-            f"error: {flag(where)}: {message}" if where else f"error: {message.removeprefix('Value error, ')}",
-            file=sys.stderr,
-        )
+        print(f"error: {flag(where)}: {message}" if where else f"error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -34,4 +34,8 @@ def first_validation_error(errors: Iterable[Mapping[str, Any]], skip: Iterable[s
     first = next(iter(errors))
     dropped = set(skip)
     where = ".".join(str(part) for part in first["loc"] if part not in dropped)
-    return where, str(first["msg"]), str(first["type"])
+    message = str(first["msg"])
+    raised = first.get("ctx", {}).get("error") if first["type"] == "value_error" else None
+    if isinstance(raised, ValueError):
+        message = str(raised)  # a validator's own words, without pydantic's "Value error, " prefix
+    return where, message, str(first["type"])
