@@ -236,6 +236,8 @@ def test_invalid_flag_value_is_a_clear_error(
             ["--equalize", "--clahe-clip", "2"],
             "equalize and clahe_clip are alternatives: choose one contrast step",
         ),
+        (["--init", "model"], "--init model and --init-model FILE go together"),
+        (["--init-model", "weights"], "--init model and --init-model FILE go together"),
         (
             ["--clahe-clip", "2", "--clahe-tiles", "5"],
             "input_size 224 does not split into 5 CLAHE tiles per side",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import training.trainer
 from app.core.artifacts import load_model
 from app.core.decision import pneumonia_probability
 from app.core.network import ModelSpec, build_model
@@ -233,3 +234,70 @@ def test_resume_refuses_to_change_the_model(run_dir: Path, capsys: pytest.Captur
     assert main(["train", "--resume", str(run_dir), "--input-size", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--input-size" in err and "\n" not in err
+
+
+def test_fine_tune_starts_from_every_weight_of_the_parent(
+    dataset: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--init model copies the verified parent into the network the first step trains, and says so in model.json."""
+    original = training.trainer.train_one_epoch
+    first: list[dict[str, torch.Tensor]] = []
+
+    def record(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        if not first:
+            first.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(training.trainer, "train_one_epoch", record)
+    out = tmp_path / "tuned"
+    assert main(train_args(dataset, out, "--epochs", "1", "--init", "model", "--init-model", str(run_dir))) == 0
+    parent = load_model(run_dir)
+    for key, value in parent.network.state_dict().items():
+        torch.testing.assert_close(first[0][key], value)
+    init = load_model(out).metadata.provenance["init_weights"]["model"]
+    assert init == {"path": str(run_dir), "version": parent.metadata.version, "sha256": parent.metadata.sha256}
+    assert not torch.equal(load_model(out).network.features[0].weight, parent.network.features[0].weight)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--input-size", "64"], "spec differs in input_size"),
+        (["--arch", "vgg16_bn", "--dropout", "0.2"], "spec differs in architecture, dropout"),
+        (["--split-seed", "1"], "its validation images may be ones the parent trained on"),
+        (["--val-fraction", "0.4"], "was validated on patient-grouped split of train (val split missing; fraction 0.3"),
+    ],
+)
+def test_fine_tune_refuses_another_network_or_another_validation_split(
+    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    argv = train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(run_dir), *options)
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's log lines, one error line
+    assert last.startswith("error: --init-model") and message in last
+    assert not (tmp_path / "tuned" / "checkpoint").exists()
+
+
+def test_fine_tune_refuses_a_tampered_parent(
+    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The parent is verified as the service verifies a model: one flipped byte and nothing trains from it."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (parent / name).write_bytes((run_dir / name).read_bytes())
+    weights = bytearray((parent / "model.safetensors").read_bytes())
+    weights[-1] ^= 0x01
+    (parent / "model.safetensors").write_bytes(bytes(weights))
+    assert main(train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(parent))) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --init-model: sha256 mismatch")
+
+
+def test_fine_tune_on_a_provided_val_folder_takes_the_users_word(run_dir: Path, tmp_path: Path) -> None:
+    """A val folder is the user's own hold-out (new hospital data, say): the parent's split is not required."""
+    data = make_dataset(tmp_path / "data", normal_patients=4, pneumonia_patients=4)
+    write_split(data / "val", normal_names(range(50, 53), 1), pneumonia_names(range(50, 53), 1), seed=7)
+    argv = train_args(data, tmp_path / "tuned", "--epochs", "1", "--min-val-images", "6")
+    assert main([*argv, "--init", "model", "--init-model", str(run_dir)]) == 0
+    assert load_model(tmp_path / "tuned").metadata.provenance["val_source"] == "provided val split"

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from app.core.network import CLASS_NAMES, PneumoniaNet, build_model
 from training.config import TrainConfig
+from training.finetune import load_parent
 from training.imagenet import load_imagenet
 
 
-def make_network(config: TrainConfig) -> tuple[PneumoniaNet, str | None]:
-    """Seeded random init, or ImageNet weights; returns the network and the weights file it loaded, if any."""
+def make_network(config: TrainConfig, val_source: str) -> tuple[PneumoniaNet, dict[str, Any] | None]:
+    """Seeded random init, ImageNet weights or an exported model; returns the network and what it loaded, if any.
+
+    ``val_source`` is this run's validation split, which a parent model must have been validated on too.
+    """
     torch.manual_seed(config.seed)
     network = build_model(config.model_spec())
-    source = str(load_imagenet(network, config.imagenet_weights)) if config.init == "imagenet" else None
+    source: dict[str, Any] | None = None
+    if config.init == "imagenet":
+        source = {"imagenet": str(load_imagenet(network, config.imagenet_weights))}
+    elif config.init == "model":
+        assert config.init_model is not None  # TrainConfig refuses --init model without it
+        source = {"model": load_parent(network, config.init_model, val_source)}
     if config.freeze_features:
         network.features.requires_grad_(False)
     return network, source

@@ -44,9 +44,16 @@ class TrainConfig(BaseModel):
     out: Path = Field(description="run directory (checkpoints, metrics, exported model)")
     epochs: int = Field(20, ge=1, description="total number of epochs")
     input_size: InputSize = Field(224, description="square network input side in pixels")
-    init: Literal["scratch", "imagenet"] = Field("scratch", description="random init or ImageNet VGG16 weights")
+    init: Literal["scratch", "imagenet", "model"] = Field(
+        "scratch", description="random init, ImageNet VGG16 weights, or an exported model to fine-tune (--init-model)"
+    )
     imagenet_weights: Path | None = Field(
         None, description="torchvision VGG16(-BN) ImageNet weights (.pth or .safetensors); default: torch hub cache"
+    )
+    init_model: Path | None = Field(
+        None,
+        description="for --init model: an exported model (DIR or model.safetensors, with model.json) whose "
+        "network this run builds and whose validation split it draws",
     )
     arch: Architecture = Field("vgg16_bn", description="VGG16 without or with batch norm")
     head: Head = Field("compact", description="classic: fc6/fc7/fc8 on 7x7 pooling; compact: global pool + linear")
@@ -129,6 +136,13 @@ class TrainConfig(BaseModel):
         )
 
     @model_validator(mode="after")
+    def _init_model_goes_with_init_model(self) -> Self:
+        """A parent model is named exactly when the run starts from one, so neither is silently ignored."""
+        if (self.init == "model") != (self.init_model is not None):
+            raise ValueError("--init model and --init-model FILE go together")
+        return self
+
+    @model_validator(mode="after")
     def _network_is_buildable(self) -> Self:
         """Refuse at the command line what the network spec would refuse at export (e.g. tiles that do not divide)."""
         self.model_spec()
@@ -175,5 +189,6 @@ RESUME_OVERRIDABLE = frozenset(
         "guard_max_false_refusal",
         "version",
         "imagenet_weights",
+        "init_model",
     }
 )

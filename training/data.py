@@ -33,6 +33,8 @@ from training.user_errors import DataError
 # DICOM files (by their usual extension) go through the same preprocessing as the service, its checks included.
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 SPLITS = ("train", "val", "test")
+# What validation is called when it is the dataset's own val folder (fine-tuning trusts it as the user's hold-out).
+PROVIDED_VAL = "provided val split"
 log = logging.getLogger(__name__)
 
 
@@ -226,7 +228,7 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
     train = decoded["train"].images
     val = decoded["val"].images if "val" in decoded else None
     if val is not None and len(val) >= config.min_val_images and min(val.class_counts()) > 0:
-        val_source = "provided val split"
+        val_source = PROVIDED_VAL
     else:
         why = "missing" if val is None else f"too small ({len(val)} images) or one-class"
         val_source = f"patient-grouped split of train (val split {why}; fraction {val_fraction}, seed {split_seed})"

@@ -66,8 +66,10 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     data = prepare_data(config, splits, dist)
     _log_data(data)
 
-    # A resumed run takes every weight from its checkpoint: no need for the ImageNet file again.
-    network, imagenet_source = make_network(config.model_copy(update={"init": "scratch"}) if resuming else config)
+    # A resumed run takes every weight from its checkpoint: no need for the ImageNet file or parent model again.
+    network, init_source = make_network(
+        config.model_copy(update={"init": "scratch"}) if resuming else config, data.val_source
+    )
     network.to(device)
     if device.type == "cuda":
         network.to(memory_format=torch.channels_last)
@@ -148,7 +150,7 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     if not dist.is_main:
         return None
     extra = {
-        "imagenet_weights": imagenet_source,
+        "init_weights": init_source,
         "world_size": dist.world_size,
         "replicas_checked_in_sync": dist.enabled,
         "device": str(device),

@@ -1,0 +1,47 @@
+"""Initialise from an exported cxr-pneumonia model: fine-tune the shipped model, or one of your own.
+
+The parent is read with the service's own loader, so it is verified as serving verifies it (sha256,
+exact tensor fit, golden logits) and nothing is unpickled. Two refusals keep a fine-tune honest:
+- the run must build the parent's network (same spec), or the weights would not mean what they did;
+- a validation split drawn from train must be drawn as the parent's was (same fraction and seed),
+  or validation would hold images the parent trained on and its AUC would flatter the model. A
+  provided ``val`` folder is the user's own word that it holds none.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.core.artifacts import ModelLoadError, load_model
+from app.core.network import PneumoniaNet
+from training.data import PROVIDED_VAL
+from training.user_errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def load_parent(network: PneumoniaNet, path: Path, val_source: str) -> dict[str, Any]:
+    """Copy every weight of the exported model at ``path`` into ``network``; returns its provenance record."""
+    try:
+        parent = load_model(path)
+    except ModelLoadError as exc:
+        raise UsageError(f"--init-model: {exc}") from exc
+    spec = parent.metadata.spec
+    different = sorted(name for name, value in network.spec.model_dump().items() if spec.model_dump()[name] != value)
+    if different:
+        raise UsageError(
+            f"--init-model {path} is a {spec.architecture}/{spec.head} network at {spec.input_size} px; this run's "
+            f"spec differs in {', '.join(different)}: use the parent's flags"
+        )
+    parent_val = parent.metadata.provenance.get("val_source")
+    if val_source != PROVIDED_VAL and parent_val != val_source:
+        raise UsageError(
+            f"--init-model {path} was validated on {parent_val or 'an unrecorded split'}, this run on {val_source}: "
+            "its validation images may be ones the parent trained on; draw the parent's split "
+            "(--val-fraction/--split-seed) or provide DIR/val"
+        )
+    network.load_state_dict(parent.network.state_dict(), strict=True)
+    log.info("initialised from model %s (version %s, validated on %s)", path, parent.metadata.version, parent_val)
+    return {"path": str(path), "version": parent.metadata.version, "sha256": parent.metadata.sha256}
