@@ -239,7 +239,8 @@ def test_resume_refuses_to_change_the_model(run_dir: Path, capsys: pytest.Captur
 def test_fine_tune_starts_from_every_weight_of_the_parent(
     dataset: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--init model copies the verified parent into the network the first step trains, and says so in model.json."""
+    """--init model copies the verified parent into the network the first step trains, and says so in model.json,
+    also after a crash and a resume (which takes its weights from the checkpoint, not the parent)."""
     original = training.trainer.train_one_epoch
     first: list[dict[str, torch.Tensor]] = []
 
@@ -250,7 +251,12 @@ def test_fine_tune_starts_from_every_weight_of_the_parent(
 
     monkeypatch.setattr(training.trainer, "train_one_epoch", record)
     out = tmp_path / "tuned"
-    assert main(train_args(dataset, out, "--epochs", "1", "--init", "model", "--init-model", str(run_dir))) == 0
+    argv = train_args(dataset, out, "--epochs", "2", "--init", "model", "--init-model", str(run_dir))
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(InterruptedRunError):
+        main(argv)
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out)]) == 0
     parent = load_model(run_dir)
     for key, value in parent.network.state_dict().items():
         torch.testing.assert_close(first[0][key], value)

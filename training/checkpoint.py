@@ -37,6 +37,8 @@ class TrainState(BaseModel):
     epochs_since_best: int = 0
     stopped_early: bool = False
     split_hash: str = ""
+    # What the first epoch started from (ImageNet file, parent model), kept so a resumed run still says so.
+    init_weights: dict[str, Any] | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)
 
     def end_epoch(self, row: dict[str, Any], val_auc: float, *, patience: int, epochs: int) -> bool:

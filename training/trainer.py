@@ -81,7 +81,11 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         if config.ema_epochs > 0
         else None
     )
-    state = _resume(config, network, optimizer, average, data) if resuming else TrainState(split_hash=split_hash(data))
+    state = (
+        _resume(config, network, optimizer, average, data)
+        if resuming
+        else TrainState(split_hash=split_hash(data), init_weights=init_source)
+    )
     if dist.is_main:
         write_run_files(config, data, state.history)
         record_start(config.out, state.epoch)
@@ -150,7 +154,7 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     if not dist.is_main:
         return None
     extra = {
-        "init_weights": init_source,
+        "init_weights": state.init_weights,
         "world_size": dist.world_size,
         "replicas_checked_in_sync": dist.enabled,
         "device": str(device),
