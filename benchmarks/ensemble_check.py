@@ -15,7 +15,11 @@ AUC over validation resamples, so a loss there can be told from the luck of one 
 that every member calls pneumonia at its own validation threshold: errors no averaging of these
 members can remove.
 
+``--weight-mix 0.25,0.5`` adds a row for each point between the first member and the second, which
+must have been fine-tuned from it (``training.weight_mix``: WiSE-FT), fitted and paired like the rest.
+
     python -m benchmarks.ensemble_check runs/a runs/b runs/c --data ../shared/data/chest_xray
+    python -m benchmarks.ensemble_check weights runs/tuned --weight-mix 0.25,0.5,0.75
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.core.artifacts import load_model
+from app.core.artifacts import LoadedModel, load_model
 from app.core.decision import is_pneumonia, pneumonia_probability
 from benchmarks import eval_sets
 from training.calibration import operating_point, select_threshold, threshold_interval
 from training.loops import predict_logits
 from training.metrics import binary_metrics, bootstrap_ci, bootstrap_resamples, roc_auc, threshold_metrics
 from training.split import recorded_split
+from training.weight_mix import LineageError, check_lineage, mix
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,10 +48,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-sensitivity", type=float, default=0.95)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set (smoke runs)")
+    parser.add_argument(
+        "--weight-mix",
+        type=alphas,
+        default=[],
+        metavar="A,B,...",
+        help="rows for the weights A (B, ...) of the way from the first member to the second, its fine-tune",
+    )
     args = parser.parse_args(argv)
+    if args.weight_mix and len(args.members) < 2:
+        parser.error("--weight-mix needs the parent model first and its fine-tune second")
 
-    cpu = torch.device("cpu")
     logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    members: list[tuple[LoadedModel, list[eval_sets.EvalSet]]] = []
     splits, labels, test_paths = set(), None, []
     for path in args.members:
         loaded = load_model(path)
@@ -56,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         if not same:
             raise SystemExit(f"{path}: its validation or test images differ from the first member's")
         labels, test_paths = (val.labels, test.labels), test.paths
-        scored = [predict_logits(loaded.network, s.pixels, batch_size=64, device=cpu).float() for s in (val, test)]
-        logits[f"{loaded.metadata.version} ({path})"] = (scored[0], scored[1])
+        members.append((loaded, [val, test]))
+        logits[f"{loaded.metadata.version} ({path})"] = scores(loaded.network, [val, test])
+    mixed = weight_mix_rows(members, args.weight_mix)
     if len(splits) != 1 or labels is None:
         raise SystemExit(f"the members were validated on different splits (fraction, seed): {sorted(splits)}")
     val_y, test_y = labels
@@ -67,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     columns += ["test spec over the threshold's val-bootstrap 95% interval"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    rows = dict(logits)
+    rows = {**logits, **mixed}
     if len(logits) > 1:
         rows[f"mean of the {len(logits)} members' logits"] = (
             torch.stack([v for v, _ in logits.values()]).mean(0),
@@ -109,6 +124,40 @@ def main(argv: list[str] | None = None) -> None:
         print_paired_gains(val_y, val_probabilities, args.bootstrap, "validation", VAL_MEASURES, digits=4)
     if len(calls) > 1:
         print_shared_false_positives(calls, test_y, test_paths)
+
+
+def scores(network: torch.nn.Module, sets: list[eval_sets.EvalSet]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation and test logits on the CPU."""
+    val, test = (predict_logits(network, s.pixels, batch_size=64, device=torch.device("cpu")).float() for s in sets)
+    return val, test
+
+
+def weight_mix_rows(
+    members: list[tuple[LoadedModel, list[eval_sets.EvalSet]]], fractions: list[float]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits of the networks ``fractions`` of the way from the first member to the second, its fine-tune."""
+    if not fractions:
+        return {}
+    (parent, _), (tuned, sets) = members[:2]
+    try:
+        check_lineage(parent, tuned)
+    except LineageError as exc:
+        raise SystemExit(f"--weight-mix: {exc}") from exc
+    return {
+        f"weights {alpha:g} of the way to the second member": scores(mix(parent.network, tuned.network, alpha), sets)
+        for alpha in fractions
+    }
+
+
+def alphas(text: str) -> list[float]:
+    """``0.25,0.5``: fractions of the way from a parent to its fine-tune, each in [0, 1]."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from exc
+    if not all(0.0 <= value <= 1.0 for value in values):
+        raise argparse.ArgumentTypeError(f"each fraction must lie in [0, 1]: {text!r}")
+    return values
 
 
 def ranking_specificity(labels: np.ndarray, probabilities: np.ndarray) -> float:

@@ -24,7 +24,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, extra in seeds.items():
         args = train_args(data, out / name, "--epochs", "1", "--bootstrap", "0", "--export-dtype", "float32", *extra)
         assert main(args) == 0
-    return {"data": data, **{name: out / name for name in seeds}}
+    tuned = ("--init", "model", "--init-model", str(out / "a"), "--lr", "1e-2")
+    assert main(train_args(data, out / "tuned", "--epochs", "1", "--bootstrap", "0", *tuned)) == 0
+    return {"data": data, "tuned": out / "tuned", **{name: out / name for name in seeds}}
 
 
 def test_members_reproduce_their_own_calibration_and_the_mean_gets_a_row(
@@ -131,3 +133,36 @@ def test_each_row_is_paired_with_the_first_member_on_the_same_resamples(
         )
         assert lo_auc <= d_auc <= hi_auc and (lo_auc, hi_auc) != (0.0, 0.0)
         assert d_val == pytest.approx(val_auc[1] - val_auc[0], abs=1.5e-4) and lo_val <= d_val <= hi_val
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The printed table's rows by model name."""
+    lines = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0]: cells[1:] for cells in (re.split(r"\s*\|\s*", line.strip("| ")) for line in lines[1:])}
+
+
+def test_weight_mix_runs_from_the_parent_to_its_fine_tune(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 of the way is the parent, 1 is the fine-tune, and the middle is neither: each row refitted alike."""
+    argv = [str(runs["a"]), str(runs["tuned"]), "--data", str(runs["data"]), "--bootstrap", "0"]
+    ensemble_check.main([*argv, "--weight-mix", "0,0.5,1"])
+    rows = table_rows(capsys.readouterr().out)
+    parent, tuned = (rows[f"{load_model(runs[k]).metadata.version} ({runs[k]})"] for k in ("a", "tuned"))
+    mixes = {alpha: rows[f"weights {alpha} of the way to the second member"] for alpha in ("0", "0.5", "1")}
+    assert mixes["0"] == parent
+    assert float(mixes["1"][0]) == pytest.approx(float(tuned[0]), abs=2e-3) and mixes["1"][2:] == tuned[2:]
+    assert mixes["0.5"][0] not in (parent[0], tuned[0])  # its own temperature: a network of its own
+
+
+@pytest.mark.parametrize("fractions", ["0.5", "1.5", "a"])
+def test_weight_mix_needs_a_fine_tune_and_fractions_in_the_unit_interval(
+    runs: dict[str, Path], fractions: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(runs["a"]), str(runs["b"]), "--data", str(runs["data"]), "--weight-mix", fractions]
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble_check.main(argv)
+    if fractions == "0.5":  # b is a seed replicate of a, not its fine-tune: no point between them is a network
+        assert "--weight-mix: " in str(exit_info.value) and "was not fine-tuned from" in str(exit_info.value)
+    else:
+        assert exit_info.value.code == 2 and "--weight-mix" in capsys.readouterr().err
