@@ -41,6 +41,9 @@ mkdir -p "$OUT" "$RUNS"
 # SET=aspect: aspect jitter 0.25 (E20: the network reads a film's squash to a square as pneumonia) and CLAHE
 # (clip 2, 8 tiles: E19 was stopped before it could tell), each against the base recipe on the current code,
 # on two seeds, all on validation split seed 0.
+# SET=finetune: the shipped model (weights/) fine-tuned with aspect jitter 0.25 for 3 and 6 epochs at lr 1e-4,
+# and for 3 epochs at lr 3e-5, on two seeds, against the same fine-tune without the jitter (E25-E26 on the
+# GPU); weights/ must hold the 128-px parent, whose validation split (fraction 0.15, seed 0) they all draw.
 case ${SET:-224} in
   224) VARIANTS=(
     "224-base|--lr 1e-3"
@@ -88,7 +91,14 @@ case ${SET:-224} in
     "128-clahe2|--lr 1e-3 --input-size 128 --clahe-clip 2 --clahe-tiles 8"
     "128-clahe2-s1|--lr 1e-3 --input-size 128 --clahe-clip 2 --clahe-tiles 8 --seed 1 --split-seed 0"
   ) ;;
-  *) echo "SET must be 224, sizes, 128, ema, zoom or aspect" >&2; exit 2 ;;
+  finetune) VARIANTS=(
+    "128-ft-control|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 3 --patience 0"
+    "128-ft-aspect025|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 3 --patience 0 --aspect-jitter 0.25"
+    "128-ft-aspect025-s1|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 3 --patience 0 --aspect-jitter 0.25 --seed 1 --split-seed 0"
+    "128-ft-aspect025-6ep|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 6 --patience 0 --aspect-jitter 0.25"
+    "128-ft-aspect025-lr3e-5|--input-size 128 --init model --init-model weights --lr 3e-5 --warmup-epochs 0.25 --epochs 3 --patience 0 --aspect-jitter 0.25"
+  ) ;;
+  *) echo "SET must be 224, sizes, 128, ema, zoom, aspect or finetune" >&2; exit 2 ;;
 esac
 WORKERS=${WORKERS:-$(( $(nproc) / ${#VARIANTS[@]} > 0 ? $(nproc) / ${#VARIANTS[@]} : 1 ))}
 common=(--data "${DATA:-.data/chest_xray}" --input-size "${SIZE:-224}" --init scratch --arch vgg16_bn
