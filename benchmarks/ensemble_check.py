@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         if not same:
             raise SystemExit(f"{path}: its validation or test images differ from the first member's")
         labels, test_paths = (val.labels, test.labels), test.paths
-        members.append((loaded, [val, test]))
+        if args.weight_mix and len(members) < 2:  # the parent and its fine-tune; later members are let go
+            members.append((loaded, [val, test]))
         logits[f"{loaded.metadata.version} ({path})"] = scores(loaded.network, [val, test])
     mixed = weight_mix_rows(members, args.weight_mix)
     if len(splits) != 1 or labels is None:

@@ -29,12 +29,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": data, "tuned": out / "tuned", **{name: out / name for name in seeds}}
 
 
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The printed table's rows by model name."""
+    lines = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0]: cells[1:] for cells in (re.split(r"\s*\|\s*", line.strip("| ")) for line in lines[1:])}
+
+
 def test_members_reproduce_their_own_calibration_and_the_mean_gets_a_row(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     ensemble_check.main([str(runs["a"]), str(runs["b"]), "--data", str(runs["data"]), "--bootstrap", "20"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
-    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s*\|\s*", line.strip("| ")) for line in lines[1:])}
+    rows = table_rows(capsys.readouterr().out)
     assert len(rows) == 3 and "mean of the 2 members' logits" in rows
     for name in ("a", "b"):
         meta = load_model(runs[name]).metadata
@@ -133,12 +138,6 @@ def test_each_row_is_paired_with_the_first_member_on_the_same_resamples(
         )
         assert lo_auc <= d_auc <= hi_auc and (lo_auc, hi_auc) != (0.0, 0.0)
         assert d_val == pytest.approx(val_auc[1] - val_auc[0], abs=1.5e-4) and lo_val <= d_val <= hi_val
-
-
-def table_rows(out: str) -> dict[str, list[str]]:
-    """The printed table's rows by model name."""
-    lines = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
-    return {cells[0]: cells[1:] for cells in (re.split(r"\s*\|\s*", line.strip("| ")) for line in lines[1:])}
 
 
 def test_weight_mix_runs_from_the_parent_to_its_fine_tune(

@@ -29,7 +29,8 @@ def load_parent(network: PneumoniaNet, path: Path, val_source: str) -> dict[str,
     except ModelLoadError as exc:
         raise UsageError(f"--init-model: {exc}") from exc
     spec = parent.metadata.spec
-    different = sorted(name for name, value in network.spec.model_dump().items() if spec.model_dump()[name] != value)
+    theirs = spec.model_dump()
+    different = sorted(name for name, value in network.spec.model_dump().items() if theirs[name] != value)
     if different:
         raise UsageError(
             f"--init-model {path} is a {spec.architecture}/{spec.head} network at {spec.input_size} px; this run's "

@@ -91,12 +91,14 @@ case ${SET:-224} in
     "128-clahe2|--lr 1e-3 --input-size 128 --clahe-clip 2 --clahe-tiles 8"
     "128-clahe2-s1|--lr 1e-3 --input-size 128 --clahe-clip 2 --clahe-tiles 8 --seed 1 --split-seed 0"
   ) ;;
-  finetune) VARIANTS=(
-    "128-ft-control|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 3 --patience 0"
-    "128-ft-aspect025|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 3 --patience 0 --aspect-jitter 0.25"
-    "128-ft-aspect025-s1|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 3 --patience 0 --aspect-jitter 0.25 --seed 1 --split-seed 0"
-    "128-ft-aspect025-6ep|--input-size 128 --init model --init-model weights --lr 1e-4 --warmup-epochs 0.25 --epochs 6 --patience 0 --aspect-jitter 0.25"
-    "128-ft-aspect025-lr3e-5|--input-size 128 --init model --init-model weights --lr 3e-5 --warmup-epochs 0.25 --epochs 3 --patience 0 --aspect-jitter 0.25"
+  finetune)
+    ft="--input-size 128 --init model --init-model weights --warmup-epochs 0.25 --patience 0"
+    VARIANTS=(
+    "128-ft-control|$ft --lr 1e-4 --epochs 3"
+    "128-ft-aspect025|$ft --lr 1e-4 --epochs 3 --aspect-jitter 0.25"
+    "128-ft-aspect025-s1|$ft --lr 1e-4 --epochs 3 --aspect-jitter 0.25 --seed 1 --split-seed 0"
+    "128-ft-aspect025-6ep|$ft --lr 1e-4 --epochs 6 --aspect-jitter 0.25"
+    "128-ft-aspect025-lr3e-5|$ft --lr 3e-5 --epochs 3 --aspect-jitter 0.25"
   ) ;;
   *) echo "SET must be 224, sizes, 128, ema, zoom, aspect or finetune" >&2; exit 2 ;;
 esac
