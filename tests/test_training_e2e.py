@@ -298,6 +298,9 @@ def test_fine_tune_refuses_a_tampered_parent(
     assert main(train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(parent))) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: --init-model: sha256 mismatch")
+    assert main(train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(tmp_path / "none"))) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --init-model: model metadata not found")
 
 
 def test_fine_tune_on_a_provided_val_folder_takes_the_users_word(run_dir: Path, tmp_path: Path) -> None:
