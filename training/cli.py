@@ -1,4 +1,4 @@
-"""Command line: ``python -m training train|evaluate`` (also installed as ``cxr-train``)."""
+"""Command line: ``python -m training train|evaluate|mix`` (also installed as ``cxr-train``)."""
 
 from __future__ import annotations
 
@@ -102,12 +102,46 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         parser.add_argument(flag(name), **_as_in_training(name))
 
 
+def _add_mix(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "mix",
+        help="export the point FRACTION of the way from a model to its own fine-tune (WiSE-FT), calibrated on "
+        "validation like a trained model",
+    )
+    parser.add_argument("--parent", type=Path, required=True, help="the exported model that was fine-tuned")
+    parser.add_argument(
+        "--tuned", type=Path, required=True, help="its fine-tune (trained with --init model --init-model PARENT)"
+    )
+    parser.add_argument(
+        "--fraction", type=float, required=True, help="0 = the parent, 1 = the fine-tune; choose it on validation"
+    )
+    parser.add_argument("--data", type=Path, required=True, help="the data the fine-tune was trained on")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for the exported model")
+    for name in ("version", "device", "workers", "threads", "bootstrap"):
+        parser.add_argument(flag(name), **_argument(name, TrainConfig.model_fields[name]), default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_mix(sub)
     return parser
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print(
+        json.dumps(
+            {
+                "model": summary["model"],
+                "threshold": summary["threshold"],
+                "temperature": summary["temperature"],
+                "val_roc_auc": summary["validation"]["roc_auc"],
+                "unreadable": len(summary["unreadable"]),
+            }
+        )
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -119,17 +153,16 @@ def _run(args: argparse.Namespace) -> None:
         config, resuming = resolve_config(values, getattr(args, "resume", None))
         summary = train(config, resuming)
         if summary is not None:
-            print(
-                json.dumps(
-                    {
-                        "model": summary["model"],
-                        "threshold": summary["threshold"],
-                        "temperature": summary["temperature"],
-                        "val_roc_auc": summary["validation"]["roc_auc"],
-                        "unreadable": len(summary["unreadable"]),
-                    }
-                )
-            )
+            _print_summary(summary)
+        return
+    if args.command == "mix":
+        from training.mix_export import run_mix
+
+        named = ("parent", "tuned", "fraction", "data", "out")
+        overrides = {k: v for k, v in values.items() if k not in named}
+        _print_summary(
+            run_mix(args.parent, args.tuned, args.fraction, data=args.data, out=args.out, overrides=overrides)
+        )
         return
     from training.evaluate import run_evaluate
 

@@ -58,20 +58,27 @@ def golden_inputs(val: ImageSet, count: int) -> torch.Tensor:
     return val.pixels[sorted(chosen)]
 
 
+def data_provenance(config: TrainConfig, data: PreparedData) -> dict[str, Any]:
+    """What model.json records about the data a model was trained, calibrated and guarded on."""
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data_dir": str(config.data),
+        "data_hash": data.data_hash,
+        "val_source": data.val_source,
+        "train_images": len(data.train),
+        "train_class_counts": dict(zip(CLASS_NAMES, data.train.class_counts(), strict=True)),
+        "val_images": len(data.val),
+        "val_class_counts": dict(zip(CLASS_NAMES, data.val.class_counts(), strict=True)),
+        "unreadable_files": len(data.skipped),
+        "input_size": config.input_size,
+    }
+
+
 def provenance(config: TrainConfig, state: TrainState, data: PreparedData, extra: dict[str, Any]) -> dict[str, Any]:
     """What model.json records about how the model was made: data, run, arguments, code."""
     return json_safe(
         {
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "data_dir": str(config.data),
-            "data_hash": data.data_hash,
-            "val_source": data.val_source,
-            "train_images": len(data.train),
-            "train_class_counts": dict(zip(CLASS_NAMES, data.train.class_counts(), strict=True)),
-            "val_images": len(data.val),
-            "val_class_counts": dict(zip(CLASS_NAMES, data.val.class_counts(), strict=True)),
-            "unreadable_files": len(data.skipped),
-            "input_size": config.input_size,
+            **data_provenance(config, data),
             "init": config.init,
             "epochs_trained": state.epoch,
             "best_epoch": state.best_epoch,
@@ -100,6 +107,14 @@ def finalize(
     avoid building a second VGG16.
     """
     load_checkpoint(config.out, "best", network)
+    return calibrate_and_export(config, data, network, device, provenance(config, state, data, extra))
+
+
+def calibrate_and_export(
+    config: TrainConfig, data: PreparedData, network: PneumoniaNet, device: torch.device, made: dict[str, Any]
+) -> dict[str, Any]:
+    """Round ``network`` to the export dtype, fit its operating point and input guard on ``data``, export it to
+    ``config.out`` with provenance ``made``, report validation (and test), and write the run summary."""
     round_to_export_dtype(network, config.export_dtype)
     network.to(device)
     temperature, threshold, probs = calibrate(network, data.val, config, device)
@@ -113,7 +128,6 @@ def finalize(
         config.threshold_method,
         _brief(val_metrics),
     )
-    made = provenance(config, state, data, extra)
     # The input guard: statistics from the training images, threshold from validation (never test).
     guard = fit_guard(
         network,
