@@ -261,33 +261,67 @@ def test_fine_tune_starts_from_every_weight_of_the_parent(
     for key, value in parent.network.state_dict().items():
         torch.testing.assert_close(first[0][key], value)
     init = load_model(out).metadata.provenance["init_weights"]["model"]
-    assert init == {"path": str(run_dir), "version": parent.metadata.version, "sha256": parent.metadata.sha256}
+    assert init == {
+        "path": str(run_dir),
+        "version": parent.metadata.version,
+        "sha256": parent.metadata.sha256,
+        "val_source": parent.metadata.provenance["val_source"],
+    }
     assert not torch.equal(load_model(out).network.features[0].weight, parent.network.features[0].weight)
 
 
+def count_decoding(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Record each call of the trainer's data preparation (the minutes of decoding a refusal should not wait for)."""
+    calls: list[object] = []
+    original = training.trainer.prepare_data
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training.trainer, "prepare_data", counted)
+    return calls
+
+
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "message", "decoded"),
     [
-        (["--input-size", "64"], "spec differs in input_size"),
-        (["--arch", "vgg16_bn", "--dropout", "0.2"], "spec differs in architecture, dropout"),
-        (["--split-seed", "1"], "its validation images may be ones the parent trained on"),
-        (["--val-fraction", "0.4"], "was validated on patient-grouped split of train (val split missing; fraction 0.3"),
+        (["--input-size", "64"], "spec differs in input_size", False),
+        (["--arch", "vgg16_bn", "--dropout", "0.2"], "spec differs in architecture, dropout", False),
+        (["--split-seed", "1"], "its validation images may be ones the parent trained on", True),
+        (
+            ["--val-fraction", "0.4"],
+            "was validated on patient-grouped split of train (val split missing; fraction 0.3",
+            True,
+        ),
     ],
 )
 def test_fine_tune_refuses_another_network_or_another_validation_split(
-    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+    dataset: Path,
+    run_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    message: str,
+    decoded: bool,
 ) -> None:
+    """Another network is refused before any image is decoded; another split once the split is known."""
+    decoding = count_decoding(monkeypatch)
     argv = train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(run_dir), *options)
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's log lines, one error line
     assert last.startswith("error: --init-model") and message in last
+    assert bool(decoding) is decoded
     assert not (tmp_path / "tuned" / "checkpoint").exists()
 
 
 def test_fine_tune_refuses_a_tampered_parent(
-    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The parent is verified as the service verifies a model: one flipped byte and nothing trains from it."""
+    """The parent is verified as the service verifies a model: one flipped byte and nothing trains from it
+    (nor is any image decoded first)."""
+    decoding = count_decoding(monkeypatch)
     parent = tmp_path / "parent"
     parent.mkdir()
     for name in ("model.json", "model.safetensors"):
@@ -301,6 +335,18 @@ def test_fine_tune_refuses_a_tampered_parent(
     assert main(train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(tmp_path / "none"))) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: --init-model: model metadata not found")
+    assert decoding == []
+
+
+def test_a_missing_imagenet_file_is_refused_before_any_image_is_decoded(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoding = count_decoding(monkeypatch)
+    argv = train_args(dataset, tmp_path / "run", "--init", "imagenet", "--imagenet-weights", str(tmp_path / "no.pth"))
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ImageNet weights for vgg16 not found at") and "--imagenet-weights FILE" in last
+    assert decoding == []
 
 
 def test_fine_tune_on_a_provided_val_folder_takes_the_users_word(run_dir: Path, tmp_path: Path) -> None:

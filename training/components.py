@@ -13,10 +13,10 @@ from training.finetune import load_parent
 from training.imagenet import load_imagenet
 
 
-def make_network(config: TrainConfig, val_source: str) -> tuple[PneumoniaNet, dict[str, Any] | None]:
+def make_network(config: TrainConfig) -> tuple[PneumoniaNet, dict[str, Any] | None]:
     """Seeded random init, ImageNet weights or an exported model; returns the network and what it loaded, if any.
 
-    ``val_source`` is this run's validation split, which a parent model must have been validated on too.
+    Called before the data is decoded; a parent model's validation split is checked after (``check_split``).
     """
     torch.manual_seed(config.seed)
     network = build_model(config.model_spec())
@@ -25,7 +25,7 @@ def make_network(config: TrainConfig, val_source: str) -> tuple[PneumoniaNet, di
         source = {"imagenet": str(load_imagenet(network, config.imagenet_weights))}
     elif config.init == "model":
         assert config.init_model is not None  # TrainConfig refuses --init model without it
-        source = {"model": load_parent(network, config.init_model, val_source)}
+        source = {"model": load_parent(network, config.init_model)}
     if config.freeze_features:
         network.features.requires_grad_(False)
     return network, source

@@ -22,8 +22,11 @@ from training.user_errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def load_parent(network: PneumoniaNet, path: Path, val_source: str) -> dict[str, Any]:
-    """Copy every weight of the exported model at ``path`` into ``network``; returns its provenance record."""
+def load_parent(network: PneumoniaNet, path: Path) -> dict[str, Any]:
+    """Copy every weight of the exported model at ``path`` into ``network``; returns its provenance record.
+
+    Runs before any image is decoded, so a wrong path, a tampered file or another network is refused at once.
+    """
     try:
         parent = load_model(path)
     except ModelLoadError as exc:
@@ -36,13 +39,22 @@ def load_parent(network: PneumoniaNet, path: Path, val_source: str) -> dict[str,
             f"--init-model {path} is a {spec.architecture}/{spec.head} network at {spec.input_size} px; this run's "
             f"spec differs in {', '.join(different)}: use the parent's flags"
         )
-    parent_val = parent.metadata.provenance.get("val_source")
-    if val_source != PROVIDED_VAL and parent_val != val_source:
-        raise UsageError(
-            f"--init-model {path} was validated on {parent_val or 'an unrecorded split'}, this run on {val_source}: "
-            "its validation images may be ones the parent trained on; draw the parent's split "
-            "(--val-fraction/--split-seed) or provide DIR/val"
-        )
     network.load_state_dict(parent.network.state_dict(), strict=True)
-    log.info("initialised from model %s (version %s, validated on %s)", path, parent.metadata.version, parent_val)
-    return {"path": str(path), "version": parent.metadata.version, "sha256": parent.metadata.sha256}
+    val_source = parent.metadata.provenance.get("val_source")
+    log.info("initialised from model %s (version %s, validated on %s)", path, parent.metadata.version, val_source)
+    return {
+        "path": str(path),
+        "version": parent.metadata.version,
+        "sha256": parent.metadata.sha256,
+        "val_source": val_source,
+    }
+
+
+def check_split(parent: dict[str, Any], val_source: str) -> None:
+    """A validation split drawn from train must be the parent's (``parent`` is :func:`load_parent`'s record)."""
+    if val_source != PROVIDED_VAL and parent["val_source"] != val_source:
+        raise UsageError(
+            f"--init-model {parent['path']} was validated on {parent['val_source'] or 'an unrecorded split'}, "
+            f"this run on {val_source}: its validation images may be ones the parent trained on; draw the parent's "
+            "split (--val-fraction/--split-seed) or provide DIR/val"
+        )

@@ -28,6 +28,7 @@ from training.distributed import (
     shutdown,
 )
 from training.finalize import finalize
+from training.finetune import check_split
 from training.loops import Schedule, steps_per_epoch, train_one_epoch, validate
 from training.report import json_safe
 from training.rundir import append_metrics, record_start, setup_logging, write_run_files
@@ -63,13 +64,13 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
         device,
         dist.world_size,
     )
+    # The network first: a missing ImageNet file or a wrong parent model is refused before minutes of decoding.
+    # A resumed run takes every weight from its checkpoint: no need for the ImageNet file or parent model again.
+    network, init_source = make_network(config.model_copy(update={"init": "scratch"}) if resuming else config)
     data = prepare_data(config, splits, dist)
     _log_data(data)
-
-    # A resumed run takes every weight from its checkpoint: no need for the ImageNet file or parent model again.
-    network, init_source = make_network(
-        config.model_copy(update={"init": "scratch"}) if resuming else config, data.val_source
-    )
+    if init_source is not None and "model" in init_source:
+        check_split(init_source["model"], data.val_source)
     network.to(device)
     if device.type == "cuda":
         network.to(memory_format=torch.channels_last)
