@@ -17,9 +17,12 @@ members can remove.
 
 ``--weight-mix 0.25,0.5`` adds a row for each point between the first member and the second, which
 must have been fine-tuned from it (``training.weight_mix``: WiSE-FT), fitted and paired like the rest.
+With ``--soup`` the far end is the mean of every member after the first (a model soup), each of which
+must have been fine-tuned from the first; ``--weight-mix 1`` is then the soup itself.
 
     python -m benchmarks.ensemble_check runs/a runs/b runs/c --data ../shared/data/chest_xray
     python -m benchmarks.ensemble_check weights runs/tuned --weight-mix 0.25,0.5,0.75
+    python -m benchmarks.ensemble_check weights runs/tuned runs/tuned-seed1 --soup --weight-mix 0.5,1
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from training.calibration import operating_point, select_threshold, threshold_in
 from training.loops import predict_logits
 from training.metrics import binary_metrics, bootstrap_ci, bootstrap_resamples, roc_auc, threshold_metrics
 from training.split import recorded_split
-from training.weight_mix import LineageError, check_lineage, mix
+from training.weight_mix import LineageError, check_lineage, mix, soup
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,9 +58,16 @@ def main(argv: list[str] | None = None) -> None:
         metavar="A,B,...",
         help="rows for the weights A (B, ...) of the way from the first member to the second, its fine-tune",
     )
+    parser.add_argument(
+        "--soup",
+        action="store_true",
+        help="--weight-mix's far end is the mean of every member after the first (each fine-tuned from it)",
+    )
     args = parser.parse_args(argv)
     if args.weight_mix and len(args.members) < 2:
         parser.error("--weight-mix needs the parent model first and its fine-tune second")
+    if args.soup and not args.weight_mix:
+        parser.error("--soup makes the far end of --weight-mix: give --weight-mix (1 is the soup itself)")
 
     logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     members: list[tuple[LoadedModel, list[eval_sets.EvalSet]]] = []
@@ -70,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         if not same:
             raise SystemExit(f"{path}: its validation or test images differ from the first member's")
         labels, test_paths = (val.labels, test.labels), test.paths
-        if args.weight_mix and len(members) < 2:  # the parent and its fine-tune; later members are let go
+        if args.weight_mix and (args.soup or len(members) < 2):  # the parent and its fine-tune(s); others go
             members.append((loaded, [val, test]))
         logits[f"{loaded.metadata.version} ({path})"] = scores(loaded.network, [val, test])
     mixed = weight_mix_rows(members, args.weight_mix)
@@ -136,17 +146,20 @@ def scores(network: torch.nn.Module, sets: list[eval_sets.EvalSet]) -> tuple[tor
 def weight_mix_rows(
     members: list[tuple[LoadedModel, list[eval_sets.EvalSet]]], fractions: list[float]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Logits of the networks ``fractions`` of the way from the first member to the second, its fine-tune."""
+    """Logits of the networks ``fractions`` of the way from the first member to the second, its fine-tune, or
+    to the soup of all the members after the first."""
     if not fractions:
         return {}
-    (parent, _), (tuned, sets) = members[:2]
+    (parent, sets), *tuned = members
     try:
-        check_lineage(parent, tuned)
+        for model, _ in tuned:
+            check_lineage(parent, model)
     except LineageError as exc:
         raise SystemExit(f"--weight-mix: {exc}") from exc
+    far = soup([model.network for model, _ in tuned])
+    end = "the second member" if len(tuned) == 1 else f"the soup of members 2-{len(members)}"
     return {
-        f"weights {alpha:g} of the way to the second member": scores(mix(parent.network, tuned.network, alpha), sets)
-        for alpha in fractions
+        f"weights {alpha:g} of the way to {end}": scores(mix(parent.network, far, alpha), sets) for alpha in fractions
     }
 
 

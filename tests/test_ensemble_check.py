@@ -26,7 +26,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         assert main(args) == 0
     tuned = ("--init", "model", "--init-model", str(out / "a"), "--lr", "1e-2")
     assert main(train_args(data, out / "tuned", "--epochs", "1", "--bootstrap", "0", *tuned)) == 0
-    return {"data": data, "tuned": out / "tuned", **{name: out / name for name in seeds}}
+    replicate = ("--seed", "1", "--split-seed", "0")
+    assert main(train_args(data, out / "tuned2", "--epochs", "1", "--bootstrap", "0", *tuned, *replicate)) == 0
+    return {"data": data, "tuned": out / "tuned", "tuned2": out / "tuned2", **{name: out / name for name in seeds}}
 
 
 def table_rows(out: str) -> dict[str, list[str]]:
@@ -152,6 +154,36 @@ def test_weight_mix_runs_from_the_parent_to_its_fine_tune(
     assert mixes["0"] == parent
     assert float(mixes["1"][0]) == pytest.approx(float(tuned[0]), abs=2e-3) and mixes["1"][2:] == tuned[2:]
     assert mixes["0.5"][0] not in (parent[0], tuned[0])  # its own temperature: a network of its own
+
+
+def test_soup_of_one_fine_tune_is_that_fine_tune_and_of_two_is_neither(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [str(runs["a"]), str(runs["tuned"])]
+    options = ["--data", str(runs["data"]), "--bootstrap", "0", "--soup", "--weight-mix", "1"]
+    ensemble_check.main([*base, *options])
+    single = table_rows(capsys.readouterr().out)
+    assert (
+        single["weights 1 of the way to the second member"][1:]
+        == single[f"{load_model(runs['tuned']).metadata.version} ({runs['tuned']})"][1:]
+    )
+    ensemble_check.main([*base, str(runs["tuned2"]), *options])
+    rows = table_rows(capsys.readouterr().out)
+    souped = rows["weights 1 of the way to the soup of members 2-3"]
+    ends = [rows[f"{load_model(runs[k]).metadata.version} ({runs[k]})"] for k in ("tuned", "tuned2")]
+    assert souped not in ends  # the mean is a network of its own, neither end
+
+
+def test_soup_needs_fine_tunes_of_the_first_member_and_a_weight_mix(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(runs["a"]), str(runs["tuned"]), str(runs["b"]), "--data", str(runs["data"]), "--soup"]
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble_check.main([*argv, "--weight-mix", "0.5"])
+    assert "--weight-mix: " in str(exit_info.value) and "was not fine-tuned from" in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble_check.main(argv)
+    assert exit_info.value.code == 2 and "--soup makes the far end of --weight-mix" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fractions", ["0.5", "1.5", "a"])

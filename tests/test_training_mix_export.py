@@ -16,23 +16,26 @@ from training.cli import main
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A parent (2 epochs from scratch), its fine-tune (1 epoch) and a seed replicate of the parent."""
+    """A parent (2 epochs from scratch), two fine-tunes of it (1 epoch, seeds 0 and 1) and a seed replicate of it."""
     root = tmp_path_factory.mktemp("mix")
     data = make_dataset(root / "data")
-    parent, tuned, other = root / "parent", root / "tuned", root / "other"
+    parent, tuned, tuned2, other = root / "parent", root / "tuned", root / "tuned2", root / "other"
     assert main(train_args(data, parent, "--epochs", "2")) == 0
-    assert main(train_args(data, tuned, "--epochs", "1", "--init", "model", "--init-model", str(parent))) == 0
+    from_parent = ("--epochs", "1", "--init", "model", "--init-model", str(parent))
+    assert main(train_args(data, tuned, *from_parent)) == 0
+    assert main(train_args(data, tuned2, *from_parent, "--seed", "1", "--split-seed", "0")) == 0
     assert main(train_args(data, other, "--epochs", "1", "--seed", "1", "--split-seed", "0")) == 0
-    return {"data": data, "parent": parent, "tuned": tuned, "other": other}
+    return {"data": data, "parent": parent, "tuned": tuned, "tuned2": tuned2, "other": other}
 
 
-def mix_args(runs: dict[str, Path], out: Path, fraction: str, *extra: str) -> list[str]:
+def mix_args(runs: dict[str, Path], out: Path, fraction: str, *extra: str, soup: tuple[str, ...] = ()) -> list[str]:
     return [
         "mix",
         "--parent",
         str(runs["parent"]),
         "--tuned",
         str(runs["tuned"]),
+        *(str(runs[name]) for name in soup),
         "--fraction",
         fraction,
         "--data",
@@ -67,7 +70,7 @@ def test_the_midpoint_is_exported_verified_calibrated_guarded_and_traced(runs: d
         "version": parent.metadata.version,
         "sha256": parent.metadata.sha256,
     }
-    assert record["tuned"]["sha256"] == tuned.metadata.sha256
+    assert [end["sha256"] for end in record["tuned"]] == [tuned.metadata.sha256]
     for key in ("val_source", "data_hash", "val_images", "train_images"):
         assert meta.provenance[key] == tuned.metadata.provenance[key]
     assert meta.guard is not None and meta.guard.threshold != tuned.metadata.guard.threshold
@@ -89,18 +92,32 @@ def test_the_far_end_reproduces_the_fine_tunes_weights_and_operating_point(
     assert mixed.metadata.guard.threshold == pytest.approx(tuned.metadata.guard.threshold, abs=1e-6)
 
 
+def test_two_fine_tunes_make_a_soup_at_the_far_end(runs: dict[str, Path], tmp_path: Path) -> None:
+    """With two fine-tunes of the parent the far end is their mean, and model.json names both."""
+    assert main(mix_args(runs, tmp_path / "soup", "0.5", soup=("tuned2",))) == 0
+    mixed, parent = load_model(tmp_path / "soup"), load_model(runs["parent"])
+    states = [load_model(runs[name]).network.state_dict() for name in ("tuned", "tuned2")]
+    for key, value in mixed.network.state_dict().items():
+        if value.is_floating_point():
+            far = torch.stack([state[key] for state in states]).mean(0)
+            torch.testing.assert_close(value, torch.lerp(parent.network.state_dict()[key], far, 0.5))
+    ends = [Path(end["path"]).name for end in mixed.metadata.provenance["weight_mix"]["tuned"]]
+    assert ends == ["tuned", "tuned2"]
+
+
 @pytest.mark.parametrize(
     ("swap", "message"),
     [
         ({"parent": "tuned", "tuned": "parent"}, "was not fine-tuned from"),
         ({"tuned": "other"}, "was not fine-tuned from"),
+        ({"tuned2": "other"}, "was not fine-tuned from"),
     ],
 )
 def test_a_pair_that_is_not_model_and_fine_tune_is_refused(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], swap: dict[str, str], message: str
 ) -> None:
     pair = {**runs, **{role: runs[source] for role, source in swap.items()}}
-    assert main(mix_args(pair, tmp_path / "out", "0.5")) == 2
+    assert main(mix_args(pair, tmp_path / "out", "0.5", soup=("tuned2",) if "tuned2" in swap else ())) == 2
     error = last_error(capsys)
     assert error.startswith("error: --tuned: ") and message in error
     assert not (tmp_path / "out" / "model.json").exists()
@@ -130,7 +147,7 @@ def test_other_data_a_tampered_or_relabelled_end_a_used_out_and_a_fraction_off_t
     meta["spec"]["dropout"] = 0.2
     (relabelled / "model.json").write_text(json.dumps(meta))
     assert main(mix_args({**runs, "tuned": relabelled}, tmp_path / "d", "0.5")) == 2
-    assert "its network differs from the parent's" in last_error(capsys)
+    assert "'s network differs from the parent's" in last_error(capsys)
 
     assert main(mix_args(runs, runs["tuned"], "0.5")) == 2
     assert "already holds a model" in last_error(capsys)

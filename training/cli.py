@@ -110,7 +110,11 @@ def _add_mix(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--parent", type=Path, required=True, help="the exported model that was fine-tuned")
     parser.add_argument(
-        "--tuned", type=Path, required=True, help="its fine-tune (trained with --init model --init-model PARENT)"
+        "--tuned",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="its fine-tune (trained with --init model --init-model PARENT); several: their mean is the far end",
     )
     parser.add_argument(
         "--fraction", type=float, required=True, help="0 = the parent, 1 = the fine-tune; choose it on validation"

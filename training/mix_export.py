@@ -4,9 +4,10 @@
 them a model like any trained one: the same verified loading of both ends, the same calibration of
 temperature and threshold on validation, the same input guard fitted on train and validation, the
 same golden outputs and sha256. Nothing is trained, so what it needs is the fine-tune's data, split
-and export settings, and it takes them from the fine-tune's own ``provenance.args``. Refusals:
-- the second model was not fine-tuned from the first (``check_lineage``), or their networks differ;
-- the data under ``--data`` is not the data the fine-tune was trained on (``provenance.data_hash``):
+and export settings, and it takes them from the fine-tune's own ``provenance.args``. Several
+fine-tunes of the parent make a soup (their mean) as the far end. Refusals:
+- a fine-tune was not fine-tuned from the parent (``check_lineage``), or the networks differ;
+- the data under ``--data`` is not the data each fine-tune was trained on (``provenance.data_hash``):
   the same split of other files would calibrate on images the models may have trained on;
 - ``--out`` already holds a model (an export is never overwritten).
 """
@@ -28,7 +29,7 @@ from training.finalize import calibrate_and_export, data_provenance
 from training.report import json_safe
 from training.rundir import git_commit, setup_logging
 from training.user_errors import DataError, UsageError
-from training.weight_mix import LineageError, check_lineage, mix
+from training.weight_mix import LineageError, check_lineage, mix, soup
 
 log = logging.getLogger("training.mix")
 
@@ -65,41 +66,46 @@ def mix_config(tuned: LoadedModel, *, data: Path, out: Path, overrides: dict[str
 
 
 def run_mix(
-    parent_path: Path, tuned_path: Path, fraction: float, *, data: Path, out: Path, overrides: dict[str, Any]
+    parent_path: Path, tuned_paths: list[Path], fraction: float, *, data: Path, out: Path, overrides: dict[str, Any]
 ) -> dict[str, Any]:
-    """Mix, calibrate on validation, fit the guard and export to ``out``; returns the run summary."""
+    """Mix (towards the soup of ``tuned_paths``), calibrate on validation, fit the guard and export to ``out``;
+    returns the run summary."""
     if not 0.0 <= fraction <= 1.0:
         raise UsageError(f"--fraction must lie in [0, 1], not {fraction}")
     if (out / "model.json").exists() or (out / "model.safetensors").exists():
         raise UsageError(f"--out {out} already holds a model; choose another directory")
-    parent, tuned = _load("--parent", parent_path), _load("--tuned", tuned_path)
-    try:
-        check_lineage(parent, tuned)
-    except LineageError as exc:
-        raise UsageError(f"--tuned: {exc}") from exc
-    if parent.metadata.spec != tuned.metadata.spec:
-        raise UsageError(
-            f"--tuned: its network differs from the parent's ({tuned.metadata.spec} vs {parent.metadata.spec})"
-        )
-    config = mix_config(tuned, data=data, out=out, overrides=overrides)
+    parent = _load("--parent", parent_path)
+    tuned = [_load("--tuned", path) for path in tuned_paths]
+    for model in tuned:
+        try:
+            check_lineage(parent, model)
+        except LineageError as exc:
+            raise UsageError(f"--tuned: {exc}") from exc
+        if parent.metadata.spec != model.metadata.spec:
+            raise UsageError(
+                f"--tuned: {model.metadata.version}'s network differs from the parent's "
+                f"({model.metadata.spec} vs {parent.metadata.spec})"
+            )
+    config = mix_config(tuned[0], data=data, out=out, overrides=overrides)
     splits = discover(config.data)
     configure_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)
     single = DistInfo()  # one process: nothing is trained, so there is nothing to spread
     setup_logging(out, single)
     prepared = prepare_data(config, splits, single)
-    trained_on = tuned.metadata.provenance.get("data_hash")
-    if prepared.data_hash != trained_on:
-        raise DataError(
-            f"the data under {data} is not the data {tuned.metadata.version} was trained on "
-            f"(data_hash {prepared.data_hash[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
-            "images the models trained on"
-        )
-    network = mix(parent.network, tuned.network, fraction)
+    for model in tuned:
+        trained_on = model.metadata.provenance.get("data_hash")
+        if prepared.data_hash != trained_on:
+            raise DataError(
+                f"the data under {data} is not the data {model.metadata.version} was trained on "
+                f"(data_hash {prepared.data_hash[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
+                "images the models trained on"
+            )
+    network = mix(parent.network, soup([model.network for model in tuned]), fraction)
     log.info(
         "mixed %s and %s at %.3f of the way (validated on %s)",
         parent.metadata.version,
-        tuned.metadata.version,
+        " + ".join(model.metadata.version for model in tuned),
         fraction,
         prepared.val_source,
     )
@@ -109,7 +115,7 @@ def run_mix(
             "weight_mix": {
                 "fraction": fraction,
                 "parent": _record(parent_path, parent),
-                "tuned": _record(tuned_path, tuned),
+                "tuned": [_record(path, model) for path, model in zip(tuned_paths, tuned, strict=True)],
             },
             "args": config.model_dump(mode="json"),
             "torch": torch.__version__,

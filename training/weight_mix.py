@@ -6,6 +6,10 @@ one basin; unrelated networks do not, and their mix is noise. ``mix`` returns th
 ``alpha`` of the way: every float tensor (weights, biases, batch-norm running statistics) is
 ``(1 - alpha) * parent + alpha * tuned``, and integer counters are the tuned network's. ``alpha`` is
 chosen on validation like any other setting, never on test.
+
+The tuned end may be a uniform soup (``soup``: Wortsman et al., ICML 2022): the mean of several
+fine-tunes of the same parent (seed replicates, say), which share its basin as well; averaging them
+cancels what each seed's run did by chance and keeps what they all did.
 """
 
 from __future__ import annotations
@@ -44,3 +48,17 @@ def mix(parent: PneumoniaNet, tuned: PneumoniaNet, alpha: float) -> PneumoniaNet
     mixed = copy.deepcopy(parent)
     mixed.load_state_dict(state, strict=True)
     return mixed.eval()
+
+
+def soup(networks: list[PneumoniaNet]) -> PneumoniaNet:
+    """The mean of ``networks`` (fine-tunes of one parent), every float tensor; a soup of one is that network."""
+    if not networks:
+        raise ValueError("a soup needs at least one network")
+    states = [network.state_dict() for network in networks]
+    state = {
+        key: torch.stack([s[key] for s in states]).mean(0) if value.is_floating_point() else value.clone()
+        for key, value in states[0].items()
+    }
+    souped = copy.deepcopy(networks[0])
+    souped.load_state_dict(state, strict=True)
+    return souped.eval()
