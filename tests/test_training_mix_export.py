@@ -148,6 +148,11 @@ def test_other_data_a_tampered_or_relabelled_end_a_used_out_and_a_fraction_off_t
     (relabelled / "model.json").write_text(json.dumps(meta))
     assert main(mix_args({**runs, "tuned": relabelled}, tmp_path / "d", "0.5")) == 2
     assert "'s network differs from the parent's" in last_error(capsys)
+    del meta["provenance"]["args"]  # without its training arguments there is no split to calibrate on
+    meta["spec"]["dropout"] = 0.5
+    (relabelled / "model.json").write_text(json.dumps(meta))
+    assert main(mix_args({**runs, "tuned": relabelled}, tmp_path / "d", "0.5")) == 2
+    assert "records no training arguments (provenance.args)" in last_error(capsys)
 
     assert main(mix_args(runs, runs["tuned"], "0.5")) == 2
     assert "already holds a model" in last_error(capsys)
