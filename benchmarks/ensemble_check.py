@@ -41,7 +41,7 @@ from training.calibration import operating_point, select_threshold, threshold_in
 from training.loops import predict_logits
 from training.metrics import binary_metrics, bootstrap_ci, bootstrap_resamples, roc_auc, threshold_metrics
 from training.split import recorded_split
-from training.weight_mix import LineageError, check_lineage, mix, soup
+from training.weight_mix import LineageError, mix, soup
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,11 +152,9 @@ def weight_mix_rows(
         return {}
     (parent, sets), *tuned = members
     try:
-        for model, _ in tuned:
-            check_lineage(parent, model)
+        far = soup(parent, [model for model, _ in tuned])
     except LineageError as exc:
         raise SystemExit(f"--weight-mix: {exc}") from exc
-    far = soup([model.network for model, _ in tuned])
     end = "the second member" if len(tuned) == 1 else f"the soup of members 2-{len(members)}"
     return {
         f"weights {alpha:g} of the way to {end}": scores(mix(parent.network, far, alpha), sets) for alpha in fractions

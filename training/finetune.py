@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from app.core.artifacts import ModelLoadError, load_model
+from app.core.artifacts import LoadedModel, ModelLoadError, load_model
 from app.core.network import PneumoniaNet
 from training.data import PROVIDED_VAL
 from training.user_errors import UsageError
@@ -22,15 +22,20 @@ from training.user_errors import UsageError
 log = logging.getLogger(__name__)
 
 
+def load_exported(option: str, path: Path) -> LoadedModel:
+    """The model at ``path`` read by the service's verified loader; a refusal names the ``option`` that gave it."""
+    try:
+        return load_model(path)
+    except ModelLoadError as exc:
+        raise UsageError(f"{option}: {exc}") from exc
+
+
 def load_parent(network: PneumoniaNet, path: Path) -> dict[str, Any]:
     """Copy every weight of the exported model at ``path`` into ``network``; returns its provenance record.
 
     Runs before any image is decoded, so a wrong path, a tampered file or another network is refused at once.
     """
-    try:
-        parent = load_model(path)
-    except ModelLoadError as exc:
-        raise UsageError(f"--init-model: {exc}") from exc
+    parent = load_exported("--init-model", path)
     spec = parent.metadata.spec
     theirs = spec.model_dump()
     different = sorted(name for name, value in network.spec.model_dump().items() if theirs[name] != value)

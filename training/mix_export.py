@@ -6,7 +6,7 @@ temperature and threshold on validation, the same input guard fitted on train an
 same golden outputs and sha256. Nothing is trained, so what it needs is the fine-tune's data, split
 and export settings, and it takes them from the fine-tune's own ``provenance.args``. Several
 fine-tunes of the parent make a soup (their mean) as the far end. Refusals:
-- a fine-tune was not fine-tuned from the parent (``check_lineage``), or the networks differ;
+- a fine-tune was not fine-tuned from the parent, or the networks differ (``check_lineage``);
 - the data under ``--data`` is not the data each fine-tune was trained on (``provenance.data_hash``):
   the same split of other files would calibrate on images the models may have trained on;
 - ``--out`` already holds a model (an export is never overwritten).
@@ -20,25 +20,19 @@ from typing import Any
 
 import torch
 
-from app.core.artifacts import LoadedModel, ModelLoadError, load_model
+from app.core.artifacts import LoadedModel
 from app.core.engine import resolve_device
 from training.config import TrainConfig
 from training.data import discover, prepare_data
 from training.distributed import DistInfo, configure_threads
 from training.finalize import calibrate_and_export, data_provenance
+from training.finetune import load_exported
 from training.report import json_safe
 from training.rundir import git_commit, setup_logging
 from training.user_errors import DataError, UsageError
-from training.weight_mix import LineageError, check_lineage, mix, soup
+from training.weight_mix import LineageError, mix, soup
 
 log = logging.getLogger("training.mix")
-
-
-def _load(option: str, path: Path) -> LoadedModel:
-    try:
-        return load_model(path)
-    except ModelLoadError as exc:
-        raise UsageError(f"{option}: {exc}") from exc
 
 
 def _record(path: Path, model: LoadedModel) -> dict[str, str]:
@@ -74,18 +68,12 @@ def run_mix(
         raise UsageError(f"--fraction must lie in [0, 1], not {fraction}")
     if (out / "model.json").exists() or (out / "model.safetensors").exists():
         raise UsageError(f"--out {out} already holds a model; choose another directory")
-    parent = _load("--parent", parent_path)
-    tuned = [_load("--tuned", path) for path in tuned_paths]
-    for model in tuned:
-        try:
-            check_lineage(parent, model)
-        except LineageError as exc:
-            raise UsageError(f"--tuned: {exc}") from exc
-        if parent.metadata.spec != model.metadata.spec:
-            raise UsageError(
-                f"--tuned: {model.metadata.version}'s network differs from the parent's "
-                f"({model.metadata.spec} vs {parent.metadata.spec})"
-            )
+    parent = load_exported("--parent", parent_path)
+    tuned = [load_exported("--tuned", path) for path in tuned_paths]
+    try:
+        far = soup(parent, tuned)
+    except LineageError as exc:
+        raise UsageError(f"--tuned: {exc}") from exc
     config = mix_config(tuned[0], data=data, out=out, overrides=overrides)
     splits = discover(config.data)
     configure_threads(config.threads)
@@ -101,7 +89,7 @@ def run_mix(
                 f"(data_hash {prepared.data_hash[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
                 "images the models trained on"
             )
-    network = mix(parent.network, soup([model.network for model in tuned]), fraction)
+    network = mix(parent.network, far, fraction)
     log.info(
         "mixed %s and %s at %.3f of the way (validated on %s)",
         parent.metadata.version,

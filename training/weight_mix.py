@@ -27,13 +27,26 @@ class LineageError(ValueError):
 
 
 def check_lineage(parent: LoadedModel, tuned: LoadedModel) -> None:
-    """``tuned``'s provenance must name ``parent``'s weights (sha256) as the model it started from."""
+    """``tuned``'s provenance must name ``parent``'s weights (sha256) as the model it started from, and both
+    must be the same network (a hand-edited model.json could relabel tensors of the same shapes)."""
     started_from = (tuned.metadata.provenance.get("init_weights") or {}).get("model", {})
     if started_from.get("sha256") != parent.metadata.sha256:
         raise LineageError(
             f"{tuned.metadata.version} was not fine-tuned from {parent.metadata.version} "
             f"(its provenance.init_weights names {started_from.get('version', 'no parent model')})"
         )
+    if tuned.metadata.spec != parent.metadata.spec:
+        raise LineageError(
+            f"{tuned.metadata.version}'s network differs from the parent's "
+            f"({tuned.metadata.spec} vs {parent.metadata.spec})"
+        )
+
+
+def _network_with(template: PneumoniaNet, state: dict[str, torch.Tensor]) -> PneumoniaNet:
+    """A copy of ``template`` holding ``state``, in eval mode."""
+    network = copy.deepcopy(template)
+    network.load_state_dict(state, strict=True)
+    return network.eval()
 
 
 def mix(parent: PneumoniaNet, tuned: PneumoniaNet, alpha: float) -> PneumoniaNet:
@@ -45,20 +58,19 @@ def mix(parent: PneumoniaNet, tuned: PneumoniaNet, alpha: float) -> PneumoniaNet
         key: torch.lerp(value, theirs[key], alpha) if value.is_floating_point() else theirs[key].clone()
         for key, value in parent.state_dict().items()
     }
-    mixed = copy.deepcopy(parent)
-    mixed.load_state_dict(state, strict=True)
-    return mixed.eval()
+    return _network_with(parent, state)
 
 
-def soup(networks: list[PneumoniaNet]) -> PneumoniaNet:
-    """The mean of ``networks`` (fine-tunes of one parent), every float tensor; a soup of one is that network."""
-    if not networks:
+def soup(parent: LoadedModel, tuned: list[LoadedModel]) -> PneumoniaNet:
+    """The mean of ``tuned``, every float tensor, each checked to be a fine-tune of ``parent``
+    (``check_lineage``); a soup of one is that network."""
+    if not tuned:
         raise ValueError("a soup needs at least one network")
-    states = [network.state_dict() for network in networks]
+    for model in tuned:
+        check_lineage(parent, model)
+    states = [model.network.state_dict() for model in tuned]
     state = {
         key: torch.stack([s[key] for s in states]).mean(0) if value.is_floating_point() else value.clone()
         for key, value in states[0].items()
     }
-    souped = copy.deepcopy(networks[0])
-    souped.load_state_dict(state, strict=True)
-    return souped.eval()
+    return _network_with(tuned[0].network, state)
