@@ -20,9 +20,11 @@ from tests.training_support import (
     assert_same_run,
     crash_in_epoch,
     history,
+    last_error,
     make_dataset,
     normal_names,
     pneumonia_names,
+    tampered_copy,
     train_args,
     write_split,
 )
@@ -310,7 +312,7 @@ def test_fine_tune_refuses_another_network_or_another_validation_split(
     decoding = count_decoding(monkeypatch)
     argv = train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(run_dir), *options)
     assert main(argv) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's log lines, one error line
+    last = last_error(capsys)
     assert last.startswith("error: --init-model") and message in last
     assert bool(decoding) is decoded
     assert not (tmp_path / "tuned" / "checkpoint").exists()
@@ -322,18 +324,12 @@ def test_fine_tune_refuses_a_tampered_parent(
     """The parent is verified as the service verifies a model: one flipped byte and nothing trains from it
     (nor is any image decoded first)."""
     decoding = count_decoding(monkeypatch)
-    parent = tmp_path / "parent"
-    parent.mkdir()
-    for name in ("model.json", "model.safetensors"):
-        (parent / name).write_bytes((run_dir / name).read_bytes())
-    weights = bytearray((parent / "model.safetensors").read_bytes())
-    weights[-1] ^= 0x01
-    (parent / "model.safetensors").write_bytes(bytes(weights))
+    parent = tampered_copy(run_dir, tmp_path / "parent")
     assert main(train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(parent))) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = last_error(capsys)
     assert last.startswith("error: --init-model: sha256 mismatch")
     assert main(train_args(dataset, tmp_path / "tuned", "--init", "model", "--init-model", str(tmp_path / "none"))) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = last_error(capsys)
     assert last.startswith("error: --init-model: model metadata not found")
     assert decoding == []
 
@@ -344,7 +340,7 @@ def test_a_missing_imagenet_file_is_refused_before_any_image_is_decoded(
     decoding = count_decoding(monkeypatch)
     argv = train_args(dataset, tmp_path / "run", "--init", "imagenet", "--imagenet-weights", str(tmp_path / "no.pth"))
     assert main(argv) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = last_error(capsys)
     assert last.startswith("error: ImageNet weights for vgg16 not found at") and "--imagenet-weights FILE" in last
     assert decoding == []
 

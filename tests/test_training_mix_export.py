@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.core.artifacts import load_model
-from tests.training_support import make_dataset, train_args
+from tests.training_support import last_error, make_dataset, tampered_copy, train_args
 from training.cli import main
 
 
@@ -46,10 +46,6 @@ def mix_args(runs: dict[str, Path], out: Path, fraction: str, *extra: str, soup:
         "2",
         *extra,
     ]
-
-
-def last_error(capsys: pytest.CaptureFixture[str]) -> str:
-    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_the_midpoint_is_exported_verified_calibrated_guarded_and_traced(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -133,11 +129,7 @@ def test_other_data_a_tampered_or_relabelled_end_a_used_out_and_a_fraction_off_t
     assert "is not the data" in last_error(capsys)
     assert not (tmp_path / "a" / "model.json").exists()
 
-    tampered = tmp_path / "parent"
-    shutil.copytree(runs["parent"], tampered, ignore=shutil.ignore_patterns("checkpoint", "cache"))
-    weights = bytearray((tampered / "model.safetensors").read_bytes())
-    weights[-1] ^= 0x01
-    (tampered / "model.safetensors").write_bytes(bytes(weights))
+    tampered = tampered_copy(runs["parent"], tmp_path / "parent")
     assert main(mix_args({**runs, "parent": tampered}, tmp_path / "b", "0.5")) == 2
     assert last_error(capsys).startswith("error: --parent: sha256 mismatch")
 

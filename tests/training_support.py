@@ -138,3 +138,19 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     resumed_weights = load_model(resumed).network.state_dict()
     for key, value in load_model(uninterrupted).network.state_dict().items():
         torch.testing.assert_close(resumed_weights[key], value, atol=1e-4, rtol=1e-4)
+
+
+def last_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's one ``error:`` line, after whatever log lines the run printed before it."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def tampered_copy(model_dir: Path, to: Path) -> Path:
+    """A copy of an exported model (model.json + model.safetensors) with one bit of its weights flipped."""
+    to.mkdir(parents=True)
+    for name in ("model.json", "model.safetensors"):
+        (to / name).write_bytes((model_dir / name).read_bytes())
+    weights = bytearray((to / "model.safetensors").read_bytes())
+    weights[-1] ^= 0x01
+    (to / "model.safetensors").write_bytes(bytes(weights))
+    return to
