@@ -39,7 +39,8 @@ from app.core.decision import is_pneumonia, pneumonia_probability
 from benchmarks import eval_sets
 from training.calibration import operating_point, select_threshold, threshold_interval
 from training.loops import predict_logits
-from training.metrics import binary_metrics, bootstrap_ci, bootstrap_resamples, roc_auc, threshold_metrics
+from training.metrics import binary_metrics, bootstrap_ci, paired_difference, roc_auc, threshold_metrics
+from training.mix_choice import parse_fractions
 from training.split import recorded_split
 from training.weight_mix import LineageError, mix, soup
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set (smoke runs)")
     parser.add_argument(
         "--weight-mix",
-        type=alphas,
+        type=parse_fractions,
         default=[],
         metavar="A,B,...",
         help="rows for the weights A (B, ...) of the way from the first member to the second, its fine-tune",
@@ -161,17 +162,6 @@ def weight_mix_rows(
     }
 
 
-def alphas(text: str) -> list[float]:
-    """``0.25,0.5``: fractions of the way from a parent to its fine-tune, each in [0, 1]."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from exc
-    if not all(0.0 <= value <= 1.0 for value in values):
-        raise argparse.ArgumentTypeError(f"each fraction must lie in [0, 1]: {text!r}")
-    return values
-
-
 def ranking_specificity(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """Specificity at the threshold picked on these very images for sensitivity 0.95: the ranking alone.
 
@@ -190,15 +180,10 @@ def paired_gains(
     labels: np.ndarray, first: np.ndarray, other: np.ndarray, resamples: int, measures: dict[str, Measure]
 ) -> dict[str, tuple[float, float, float]]:
     """``other`` minus ``first`` on these images, and its 95% interval over the same resamples for both."""
-    out = {}
-    for name, measure in measures.items():
-        diffs = [
-            measure(labels[i], other[i]) - measure(labels[i], first[i])
-            for i in bootstrap_resamples(labels.size, resamples, 0)
-        ]
-        low, high = np.nanpercentile(diffs, [2.5, 97.5])
-        out[name] = (measure(labels, other) - measure(labels, first), float(low), float(high))
-    return out
+    return {
+        name: paired_difference(labels, first, other, measure, resamples=resamples)
+        for name, measure in measures.items()
+    }
 
 
 def print_paired_gains(

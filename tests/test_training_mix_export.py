@@ -6,12 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from app.core.artifacts import load_model
+from benchmarks import eval_sets
 from tests.training_support import last_error, make_dataset, tampered_copy, train_args
 from training.cli import main
+from training.loops import predict_logits
+from training.mix_choice import RESAMPLES, Candidate, score_candidates
+from training.weight_mix import mix, soup
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +154,59 @@ def test_other_data_a_tampered_or_relabelled_end_a_used_out_and_a_fraction_off_t
     assert main(mix_args(runs, runs["tuned"], "0.5")) == 2
     assert "already holds a model" in last_error(capsys)
 
-    for fraction in ("1.5", "-0.1", "nan"):
-        assert main(mix_args(runs, tmp_path / "c", fraction)) == 2
-        assert "--fraction must lie in [0, 1]" in last_error(capsys)
+    for fraction in ("1.5", "-0.1", "nan", "0.5,2"):
+        with pytest.raises(SystemExit) as exited:
+            main(mix_args(runs, tmp_path / "c", fraction))
+        assert exited.value.code == 2 and "argument --fraction: each fraction must lie in [0, 1]" in last_error(capsys)
     assert not (tmp_path / "c").exists()
+
+
+def test_of_several_fractions_the_validation_rule_keeps_one_and_model_json_shows_why(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each candidate is scored against the parent on the validation images as it would be exported, the rule
+    keeps the largest that holds the parent's validation AUC, model.json records every score, and the exported
+    weights are the kept fraction's."""
+    seen: list[tuple[np.ndarray, np.ndarray, dict[float, np.ndarray]]] = []
+
+    def spy(labels: np.ndarray, parent_scores: np.ndarray, scores: dict[float, np.ndarray]) -> list[Candidate]:
+        seen.append((labels, parent_scores, scores))
+        return score_candidates(labels, parent_scores, scores)
+
+    monkeypatch.setattr("training.mix_export.score_candidates", spy)
+    assert main(mix_args(runs, tmp_path / "auto", "1,0,0.5,1", soup=("tuned2",))) == 0
+    mixed, parent = load_model(tmp_path / "auto"), load_model(runs["parent"])
+    far = soup(parent, [load_model(runs[name]) for name in ("tuned", "tuned2")])
+
+    # What was scored: the validation images (read here by ensemble_check's own path) through each network.
+    val = eval_sets.validation_set(runs["data"], mixed.metadata)
+
+    def log_odds(network: torch.nn.Module) -> np.ndarray:
+        logits = predict_logits(network, val.pixels, batch_size=64, device=torch.device("cpu")).double().numpy()
+        return logits[:, 1] - logits[:, 0]
+
+    (labels, parent_scores, scores), *more = seen
+    assert not more and sorted(scores) == [0.0, 0.5, 1.0]
+    np.testing.assert_array_equal(labels, val.labels)
+    np.testing.assert_allclose(parent_scores, log_odds(parent.network), atol=1e-5)
+    for fraction, values in scores.items():
+        np.testing.assert_allclose(values, log_odds(mix(parent.network, far, fraction)), atol=1e-5)
+
+    record = mixed.metadata.provenance["weight_mix"]
+    candidates = [Candidate(**c) for c in record["choice"]["candidates"]]
+    assert [c.fraction for c in candidates] == [0.0, 0.5, 1.0] and record["choice"]["resamples"] == RESAMPLES
+    assert (candidates[0].val_auc_difference, candidates[0].low, candidates[0].high) == (0.0, 0.0, 0.0)
+    assert record["fraction"] == max(c.fraction for c in candidates if c.high >= 0)  # the rule, written out
+    kept = mix(parent.network, far, record["fraction"]).state_dict()
+    for key, value in mixed.network.state_dict().items():
+        torch.testing.assert_close(value, kept[key])
+
+
+def test_when_every_fraction_loses_validation_nothing_is_exported(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = [Candidate(fraction=f, val_auc_difference=-0.01, low=-0.02, high=-0.005) for f in (0.5, 1.0)]
+    monkeypatch.setattr("training.mix_export.score_candidates", lambda *args, **kwargs: lost)
+    assert main(mix_args(runs, tmp_path / "none", "0.5,1")) == 2
+    assert last_error(capsys).startswith("error: --fraction: no fraction keeps the parent's validation AUC")
+    assert not (tmp_path / "none" / "model.json").exists()

@@ -18,6 +18,7 @@ from app.core.artifacts import ModelLoadError
 from app.core.coded_error import first_validation_error
 from app.core.engine import EngineError, resolve_device
 from training.config import TrainConfig, flag
+from training.mix_choice import parse_fractions
 from training.user_errors import UsageError
 
 
@@ -117,7 +118,12 @@ def _add_mix(sub: argparse._SubParsersAction) -> None:
         help="its fine-tune (trained with --init model --init-model PARENT); several: their mean is the far end",
     )
     parser.add_argument(
-        "--fraction", type=float, required=True, help="0 = the parent, 1 = the fine-tune; choose it on validation"
+        "--fraction",
+        type=parse_fractions,
+        required=True,
+        metavar="F[,F...]",
+        help="0 = the parent, 1 = the fine-tune; several (0.5,0.75,1): the largest that keeps the parent's "
+        "validation AUC within its paired bootstrap interval (training/mix_choice.py)",
     )
     parser.add_argument("--data", type=Path, required=True, help="the data the fine-tune was trained on")
     parser.add_argument("--out", type=Path, required=True, help="output directory for the exported model")

@@ -6,7 +6,7 @@ Convention everywhere: label 1 = PNEUMONIA (positive), a case is predicted posit
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -155,6 +155,25 @@ def bootstrap_resamples(n: int, count: int, seed: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     for _ in range(count):
         yield rng.integers(0, n, n)
+
+
+def paired_difference(
+    labels: np.ndarray,
+    first: np.ndarray,
+    other: np.ndarray,
+    measure: Callable[[np.ndarray, np.ndarray], float],
+    *,
+    resamples: int,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``measure(other) - measure(first)`` on these cases, and its 95% interval with both scored on the same
+    resamples (paired): what tells a real difference between two models from the luck of one sample."""
+    diffs = [
+        measure(labels[i], other[i]) - measure(labels[i], first[i])
+        for i in bootstrap_resamples(labels.size, resamples, seed)
+    ]
+    low, high = np.nanpercentile(diffs, [2.5, 97.5])
+    return measure(labels, other) - measure(labels, first), float(low), float(high)
 
 
 def bootstrap_ci(

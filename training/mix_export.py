@@ -9,7 +9,12 @@ fine-tunes of the parent make a soup (their mean) as the far end. Refusals:
 - a fine-tune was not fine-tuned from the parent, or the networks differ (``check_lineage``);
 - the data under ``--data`` is not the data each fine-tune was trained on (``provenance.data_hash``):
   the same split of other files would calibrate on images the models may have trained on;
-- ``--out`` already holds a model (an export is never overwritten).
+- ``--out`` already holds a model (an export is never overwritten);
+- with several candidate fractions, none keeps the parent's validation AUC (``training.mix_choice``).
+
+Several fractions are candidates: each is scored on validation against the parent, exactly as it would be
+exported (rounded to the export dtype), and the rule of ``training.mix_choice`` keeps one; the scores of
+all of them go into ``provenance.weight_mix.choice``.
 """
 
 from __future__ import annotations
@@ -18,15 +23,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.core.artifacts import LoadedModel
 from app.core.engine import resolve_device
+from app.core.network import PneumoniaNet
 from training.config import TrainConfig
-from training.data import discover, prepare_data
+from training.data import PreparedData, discover, prepare_data
 from training.distributed import DistInfo, configure_threads
-from training.finalize import calibrate_and_export, data_provenance
+from training.finalize import calibrate_and_export, data_provenance, round_to_export_dtype
 from training.finetune import load_exported
+from training.loops import predict_logits
+from training.mix_choice import RESAMPLES, RULE, NoFractionError, choose, score_candidates
 from training.report import json_safe
 from training.rundir import git_commit, setup_logging
 from training.user_errors import DataError, UsageError
@@ -59,13 +68,55 @@ def mix_config(tuned: LoadedModel, *, data: Path, out: Path, overrides: dict[str
     )
 
 
+def _choose_on_validation(
+    parent: PneumoniaNet,
+    far: PneumoniaNet,
+    fractions: list[float],
+    config: TrainConfig,
+    data: PreparedData,
+    device: torch.device,
+) -> tuple[float, dict[str, Any]]:
+    """The fraction ``mix_choice.choose`` keeps, and the record of every candidate's score."""
+
+    def log_odds(network: PneumoniaNet) -> np.ndarray:
+        logits = predict_logits(network.to(device), data.val.pixels, batch_size=config.eval_batch_size(), device=device)
+        network.cpu()  # the parent goes on to be mixed with CPU tensors
+        return (logits[:, 1] - logits[:, 0]).double().numpy()
+
+    def exported(fraction: float) -> PneumoniaNet:
+        network = mix(parent, far, fraction)
+        round_to_export_dtype(network, config.export_dtype)
+        return network
+
+    labels = data.val.labels.numpy()
+    candidates = score_candidates(labels, log_odds(parent), {f: log_odds(exported(f)) for f in set(fractions)})
+    for candidate in candidates:
+        log.info(
+            "fraction %g: val AUC %+.4f (%+.4f to %+.4f) against the parent",
+            candidate.fraction,
+            candidate.val_auc_difference,
+            candidate.low,
+            candidate.high,
+        )
+    try:
+        chosen = choose(candidates)
+    except NoFractionError as exc:
+        raise UsageError(f"--fraction: {exc}") from exc
+    record = {"rule": RULE, "resamples": RESAMPLES, "candidates": [c.model_dump() for c in candidates]}
+    return chosen.fraction, record
+
+
 def run_mix(
-    parent_path: Path, tuned_paths: list[Path], fraction: float, *, data: Path, out: Path, overrides: dict[str, Any]
+    parent_path: Path,
+    tuned_paths: list[Path],
+    fractions: list[float],
+    *,
+    data: Path,
+    out: Path,
+    overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    """Mix (towards the soup of ``tuned_paths``), calibrate on validation, fit the guard and export to ``out``;
-    returns the run summary."""
-    if not 0.0 <= fraction <= 1.0:
-        raise UsageError(f"--fraction must lie in [0, 1], not {fraction}")
+    """Mix (towards the soup of ``tuned_paths``) at the one fraction given or the one the validation rule keeps
+    of several, calibrate on validation, fit the guard and export to ``out``; returns the run summary."""
     if (out / "model.json").exists() or (out / "model.safetensors").exists():
         raise UsageError(f"--out {out} already holds a model; choose another directory")
     parent = load_exported("--parent", parent_path)
@@ -89,6 +140,11 @@ def run_mix(
                 f"(data_hash {prepared.data_hash[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
                 "images the models trained on"
             )
+    device = resolve_device(config.device)
+    fraction, choice = fractions[0], {}
+    if len(set(fractions)) > 1:
+        fraction, record = _choose_on_validation(parent.network, far, fractions, config, prepared, device)
+        choice = {"choice": record}
     network = mix(parent.network, far, fraction)
     log.info(
         "mixed %s and %s at %.3f of the way (validated on %s)",
@@ -104,10 +160,11 @@ def run_mix(
                 "fraction": fraction,
                 "parent": _record(parent_path, parent),
                 "tuned": [_record(path, model) for path, model in zip(tuned_paths, tuned, strict=True)],
+                **choice,
             },
             "args": config.model_dump(mode="json"),
             "torch": torch.__version__,
             **git_commit(),
         }
     )
-    return calibrate_and_export(config, prepared, network, resolve_device(config.device), made)
+    return calibrate_and_export(config, prepared, network, device, made)
