@@ -22,13 +22,7 @@
 # of the export (summary.json holds its test-half report), and runs.tar.gz: every log, model.json, summary and
 # report of the fine-tunes and the mix (no weights).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-if [[ -z "${SKIP_WHEELS:-}" ]]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site benchmarks/wheels/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 DATA=${DATA:-.data/chest_xray}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/out}

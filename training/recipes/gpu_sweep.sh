@@ -20,13 +20,7 @@
 # run's model.json and summary.json, its model.safetensors (or model.safetensors.part-* to rejoin with
 # cat), and runs.tar.gz (every variant's log, summary, metrics per epoch and reports, no weights).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-if [[ -z "${SKIP_WHEELS:-}" ]]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site benchmarks/wheels/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-/tmp/out}
 RUNS=${RUNS:-/tmp/runs}
 mkdir -p "$OUT" "$RUNS"
