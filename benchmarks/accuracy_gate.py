@@ -176,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", type=int, metavar="N", help="first measure int8 ranges on N training images")
     parser.add_argument("--limit", type=int, help="first N images of each set (smoke runs; never recorded)")
     args = parser.parse_args(argv)
+    # int8 ranges are measured for the int8 engine, whose guard noise is measured on this CPU too.
+    measured = ({args.precision} if args.backend == "openvino" else set()) | ({"int8"} if args.calibrate else set())
+    for precision in sorted(measured - {"fp32"}):
+        why = openvino_backend.missing_units(precision)
+        if why is not None:
+            parser.error(
+                f"OpenVINO {precision} cannot be measured on this CPU ({why}): run the gate on a CPU that has it"
+            )
     if args.calibrate:
         calibrate(args.weights, args.data, args.calibrate)
     with tempfile.TemporaryDirectory(prefix="cxr-gate-") as cache:

@@ -43,11 +43,21 @@ Config = tuple[str, str]  # (backend, precision)
 
 
 def default_configs() -> list[Config]:
-    """torch fp32 and bf16 (where the CPU has bf16), OpenVINO fp32 and int8."""
+    """torch fp32, bf16 (where the CPU has bf16), OpenVINO fp32 and int8; the caller drops what is ``unsupported``."""
     configs: list[Config] = [("torch", "fp32")]
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         configs.append(("torch", "bf16"))
     return [*configs, ("openvino", "fp32"), ("openvino", "int8")]
+
+
+def unsupported(config: Config) -> str | None:
+    """Why the service would refuse ``config`` on this CPU (as ``CXR_PRECISION`` would); None when it runs."""
+    backend, precision = config
+    if backend != "openvino" or precision == "fp32":
+        return None
+    from app.core.openvino_backend import missing_units  # imports OpenVINO: only when it is benchmarked
+
+    return missing_units(precision)  # type: ignore[arg-type]
 
 
 def guard_mode(config: Config) -> str:

@@ -96,7 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=cpu_sweep.parse_config,
         nargs="*",
         help="CPU configurations for cpu_configs, BACKEND:PRECISION (default on a CPU: torch:fp32, torch:bf16 where "
-        "the CPU has it, openvino:fp32, openvino:int8; none on a GPU; give the flag alone for none)",
+        "the CPU has it, openvino:fp32, openvino:int8 where it has int8 dot products; none on a GPU; give the flag "
+        "alone for none; one this CPU cannot run is refused)",
     )
     parser.add_argument(
         "--config-sizes",
@@ -119,7 +120,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.max_batch_size is None:
         args.max_batch_size = 128 if on_gpu else 8
     if args.configs is None:
-        args.configs = [] if on_gpu else cpu_sweep.default_configs()
+        args.configs = []
+        for config in [] if on_gpu else cpu_sweep.default_configs():
+            why = cpu_sweep.unsupported(config)
+            if why is None:
+                args.configs.append(config)
+            else:  # a default this CPU cannot run is left out, and the run says so
+                print(f"cpu_configs: leaving out {config[0]}:{config[1]}: this CPU cannot run it ({why})", flush=True)
+    for config in args.configs:
+        why = cpu_sweep.unsupported(config)
+        if why is not None:
+            parser.error(f"--configs {config[0]}:{config[1]}: this CPU cannot run it ({why})")
     if args.config_sizes is None:
         args.config_sizes = [args.input_size] if args.quick else sorted({224, shipped_input_size()}, reverse=True)
     if args.config_seconds is None:

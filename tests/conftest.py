@@ -92,6 +92,30 @@ def make_jpeg() -> Callable[..., bytes]:
     return factory
 
 
+# CPUs the OpenVINO fast path meets, as (what OpenVINO reports, the kernel's flags). OpenVINO reports
+# INT8 on all of them; only the first two have int8 dot products (app.core.openvino_backend).
+SAPPHIRE_RAPIDS = (frozenset({"FP32", "BF16", "INT8"}), frozenset({"avx2", "avx512f", "avx512_vnni", "amx_int8"}))
+CASCADE_LAKE = (frozenset({"FP32", "INT8"}), frozenset({"avx2", "avx512f", "avx512_vnni"}))
+AVX2_EPYC = (frozenset({"FP32", "INT8"}), frozenset({"avx2", "fma"}))
+
+
+Cpu = tuple[frozenset[str], frozenset[str] | None]
+
+
+def pretend_cpu(monkeypatch: pytest.MonkeyPatch, cpu: Cpu) -> None:
+    """Pretend to run on another CPU: the backend choice's inputs, for tests of the choice, never of numbers."""
+    from app.core import openvino_backend
+
+    reported, flags = cpu
+    monkeypatch.setattr(openvino_backend, "reported_capabilities", lambda: reported)
+    monkeypatch.setattr(openvino_backend, "cpu_flags", lambda: flags)
+
+
+@pytest.fixture
+def simulate_cpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[Cpu], None]:
+    return lambda cpu: pretend_cpu(monkeypatch, cpu)
+
+
 # The tiny models' guards accept synthetic chest images of any size from 32 to 400 px; blank, noise
 # and colour images score 8x or more above their threshold (tests/test_input_guard.py shows both).
 GUARD_MARGIN = 2.0

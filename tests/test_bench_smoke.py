@@ -13,7 +13,7 @@ import torch
 from benchmarks.loadgen import percentile, run_level, scored_images, summarize
 from benchmarks.server_proc import free_port, serve
 from benchmarks.uploads import TARGET_BYTES, Upload, synthetic_uploads
-from tests.conftest import encode, export_tiny_model, synthetic_xray
+from tests.conftest import AVX2_EPYC, CASCADE_LAKE, encode, export_tiny_model, synthetic_xray
 
 
 @pytest.mark.parametrize("q", [0, 25, 50, 90, 95, 99, 100])
@@ -119,17 +119,60 @@ def test_full_sweep_sizes_follow_the_shipped_model(tmp_path: Path, monkeypatch: 
         assert serve_bench.parse_args([]).config_sizes == expected
 
 
+def test_cpu_sweep_leaves_out_and_refuses_what_this_cpu_cannot_run(
+    simulate_cpu,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import serve_bench
+
+    simulate_cpu(AVX2_EPYC)
+    configs = serve_bench.parse_args(["--quick"]).configs
+    assert ("openvino", "fp32") in configs and ("openvino", "int8") not in configs
+    assert "leaving out openvino:int8: this CPU cannot run it (it has no int8 dot-product" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        serve_bench.parse_args(["--quick", "--configs", "torch:fp32", "openvino:int8"])
+    assert exit_.value.code == 2 and "--configs openvino:int8: this CPU cannot run it" in capsys.readouterr().err
+    simulate_cpu(CASCADE_LAKE)
+    assert ("openvino", "int8") in serve_bench.parse_args(["--quick"]).configs
+
+
+@pytest.mark.parametrize(
+    "args", [["--precision", "int8"], ["--backend", "torch", "--precision", "fp32", "--calibrate", "300"]]
+)
+def test_accuracy_gate_refuses_to_measure_int8_on_a_cpu_that_cannot_serve_it(
+    args: list[str],
+    simulate_cpu,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Before any image is read: ranges and guard noise measured on saturating kernels would be wrong."""
+    from benchmarks import accuracy_gate
+
+    simulate_cpu(AVX2_EPYC)
+    with pytest.raises(SystemExit) as exit_:
+        accuracy_gate.main(["--weights", str(tmp_path / "absent"), "--data", str(tmp_path / "absent"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "OpenVINO int8 cannot be measured on this CPU (it has no int8 dot-product" in err
+
+
 @pytest.mark.timeout(400)
 def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: Path) -> None:
-    """The ``cpu_configs`` part of ``make bench --quick`` on a 32 px model: torch fp32 and OpenVINO int8."""
+    """The ``cpu_configs`` part of ``make bench --quick`` on a 32 px model: torch fp32 and OpenVINO's fastest.
+
+    OpenVINO int8 where this CPU has int8 dot products, else OpenVINO fp32: the service runs in its
+    own process, on the real CPU, and refuses int8 on one without them.
+    """
+    from app.core.openvino_backend import cpu_capabilities
     from benchmarks import cpu_sweep, decode_bench, results_table, serve_bench
 
+    fast = "int8" if "INT8" in cpu_capabilities() else "fp32"
+    guard = "off" if fast == "int8" else "flag"
     uploads = [Upload(f"u{seed}.jpeg", encode(synthetic_xray(120, 100, seed), "JPEG"), 120, 100) for seed in range(3)]
     out = tmp_path / "out"
     args = serve_bench.parse_args(
         [
             *("--quick", "--input-size", "32", "--concurrency", "2", "--requests", "4", "--config-seconds", "2"),
-            *("--out", str(out), "--configs", "torch:fp32", "openvino:int8"),
+            *("--out", str(out), "--configs", "torch:fp32", f"openvino:{fast}"),
         ]
     )
     assert args.config_sizes == [32]
@@ -143,7 +186,7 @@ def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: 
     )
     assert [(e["backend"], e["precision"], e["input_guard"], e["input_size"], e["concurrency"]) for e in entries] == [
         ("torch", "fp32", "flag", 32, 2),
-        ("openvino", "int8", "off", 32, 2),
+        ("openvino", fast, guard, 32, 2),
     ]
     for entry in entries:
         assert entry["ours"]["errors"] == 0 and entry["naive"]["errors"] == 0, entry
@@ -151,8 +194,8 @@ def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: 
         # The ceiling is the harmonic combination of the two rates: below each, and exact.
         model, decode = entry["model_only"]["throughput_ips"], entry["decode"]["throughput_ips"]
         assert entry["ceiling"]["throughput_ips"] == pytest.approx(model * decode / (model + decode))
-    # The int8 service really served OpenVINO int8 (its startup log says so), not a fallback.
-    assert "CPU inference in OpenVINO int8" in (out / "ours-openvino-int8-32.log").read_text()
+    # The service really served that precision in OpenVINO (its startup log says so), not a fallback.
+    assert f"CPU inference in OpenVINO {fast}" in (out / f"ours-openvino-{fast}-32.log").read_text()
     table = results_table.markdown(
         results_table.build(
             device="cpu",
@@ -172,4 +215,4 @@ def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: 
             cpu_configs=entries,
         )
     )
-    assert "| openvino | int8 | off | 32 | 2 |" in table
+    assert f"| openvino | {fast} | {guard} | 32 | 2 |" in table

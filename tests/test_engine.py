@@ -309,8 +309,18 @@ def test_load_engine_asks_the_backend_choice_about_these_weights(
     unguarded = load_engine(tiny_weights, device="cpu", precision="fp32", input_guard="off", backend="torch")
     sha256 = _model_card(tiny_weights)["sha256"]
     assert calls == [
-        ("auto", torch.device("cpu"), "auto", {"weights": tiny_weights, "sha256": sha256, "guard_on": True}),
-        ("torch", torch.device("cpu"), "fp32", {"weights": tiny_weights, "sha256": sha256, "guard_on": False}),
+        (
+            "auto",
+            torch.device("cpu"),
+            "auto",
+            {"weights": tiny_weights, "sha256": sha256, "guard_on": True, "failed": {}},
+        ),
+        (
+            "torch",
+            torch.device("cpu"),
+            "fp32",
+            {"weights": tiny_weights, "sha256": sha256, "guard_on": False, "failed": {}},
+        ),
     ]
     for engine, mode in ((flagged, "flag"), (unguarded, "off")):
         assert engine.backend == BackendInfo("torch", "chosen by the test") and engine.guard_mode == mode

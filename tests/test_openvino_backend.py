@@ -1,9 +1,15 @@
 """The OpenVINO CPU backend: golden-checked, agrees with PyTorch, cached by sha256, serves every feature.
 
 Every comparison is against the PyTorch engine on the same tiny model and the same preprocessed
-images. Tolerances: fp32 to float rounding (1e-5 on probabilities and heatmap cells); bf16 and
-int8 to 10 % of the largest heatmap value and 0.01 in probability (the tiny random models give
-probabilities near 0.5 from logits near 0, so relative drift shows in the heatmaps).
+images. Tolerances: fp32 to float rounding (1e-5 on probabilities, 1e-4 of the largest heatmap
+cell: OpenVINO's AVX2 convolutions sum in another order and were measured 1.1e-5 away, PyTorch fp32
+itself 2.7e-6 from float64); bf16 and int8 to 10 % of the largest heatmap value and 0.01 in
+probability (the tiny random models give probabilities near 0.5 from logits near 0, so relative
+drift shows in the heatmaps).
+
+A precision this CPU lacks is never a silent skip: the same test then asserts the one-line refusal.
+Tests of int8's plumbing (caching, refusals before conversion) run on every CPU, on one simulated
+to have int8 dot products where it has none; what they check does not depend on the numbers.
 """
 
 from __future__ import annotations
@@ -16,18 +22,36 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.core.artifacts import load_model
+from app.core.artifacts import ModelLoadError, load_model
 from app.core.conversion_cache import MANIFEST
 from app.core.engine import EngineError, ImageResult, InferenceEngine, load_engine
 from app.core.fastpath_record import FastPathRecord, GateRecord, GateResult, Int8Ranges, read_record, write_record
 from app.core.int8_calibration import measure_ranges, quantize
 from app.core.onnx_export import export_features
-from app.core.openvino_backend import cpu_capabilities
+from app.core.openvino_backend import cpu_capabilities, cpu_flags, usable_capabilities
 from benchmarks.accuracy_gate import measure_guard_noise
-from tests.conftest import encode, export_tiny_model, synthetic_chest_pixels, synthetic_xray
+from tests.conftest import (
+    AVX2_EPYC,
+    CASCADE_LAKE,
+    SAPPHIRE_RAPIDS,
+    encode,
+    export_tiny_model,
+    pretend_cpu,
+    synthetic_chest_pixels,
+    synthetic_xray,
+)
 from tests.live_server import live_server, serving_settings
 
 SIZE = 64  # a 2x2 heatmap: the smallest grid with more than one cell
+HAS_INT8 = "INT8" in cpu_capabilities()
+NO_INT8 = "precision int8 is not supported by this CPU"
+
+
+@pytest.fixture
+def int8_plumbing(simulate_cpu) -> None:  # type: ignore[no-untyped-def]
+    """Let int8 convert and compile here even without int8 dot products (numbers not under test)."""
+    if not HAS_INT8:
+        simulate_cpu(CASCADE_LAKE)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +71,10 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
         images=len(pixels), source="synthetic", exporter=torch.__version__, ranges=measure_ranges(graph, batches)
     )
     write_record(FastPathRecord(weights_sha256=loaded.metadata.sha256, input_size=SIZE, int8=ranges), out)
-    measure_guard_noise(out, pixels)
+    with pytest.MonkeyPatch.context() as patch:
+        if not HAS_INT8:  # the noise is a fixture value here; the tests that serve int8 refuse on such a CPU
+            pretend_cpu(patch, CASCADE_LAKE)
+        measure_guard_noise(out, pixels)
     return out
 
 
@@ -64,6 +91,25 @@ def reference(weights: Path, images: torch.Tensor) -> list[ImageResult]:
 
 def openvino(weights: Path, precision: str, cache: Path, guard: str = "flag") -> InferenceEngine:
     return load_engine(weights, "cpu", precision, input_guard=guard, backend="openvino", cache_dir=cache)  # type: ignore[arg-type]
+
+
+def approved_int8_copy(weights: Path, folder: Path) -> Path:
+    """A copy of ``weights`` whose model.cpu.json says the gate approved int8 with the guard (not measured)."""
+    approved = shutil.copytree(weights, folder)
+    record = read_record(approved, load_model(approved).metadata.sha256)
+    assert record is not None
+    gate = GateResult(
+        dataset="validation",
+        description="fixture: the gate's verdict, not measured here",
+        images=100,
+        roc_auc_fp32=1.0,
+        roc_auc=1.0,
+        max_probability_difference=0.0,
+        label_flips=0,
+        guard_refusal_flips=0,
+    )
+    write_record(record.with_gate(GateRecord(precision="int8", results=[gate])), approved)
+    return approved
 
 
 def assert_agrees(results: list[ImageResult], reference: list[ImageResult], tolerance: float, guard: bool) -> None:
@@ -89,17 +135,22 @@ def test_fp32_computes_what_pytorch_computes(
 ) -> None:
     engine = openvino(weights, "fp32", tmp_path)
     assert (engine.backend.name, engine.precision) == ("openvino", "fp32")
-    assert_agrees(engine.infer(images, [True] * len(images)), reference, 1e-5, guard=True)
+    assert_agrees(engine.infer(images, [True] * len(images)), reference, 1e-4, guard=True)
 
 
 def test_int8_agrees_within_tolerance_without_the_guard(
     weights: Path, images: torch.Tensor, reference: list[ImageResult], tmp_path: Path
 ) -> None:
+    if not HAS_INT8:
+        with pytest.raises(EngineError, match=NO_INT8):
+            openvino(weights, "int8", tmp_path, guard="off")
+        return
     engine = openvino(weights, "int8", tmp_path, guard="off")
     assert (engine.backend.name, engine.precision, engine.guard_spec) == ("openvino", "int8", None)
     assert_agrees(engine.infer(images, [True] * len(images)), reference, 0.1, guard=False)
 
 
+@pytest.mark.usefixtures("int8_plumbing")
 def test_int8_with_the_guard_is_refused_before_conversion(weights: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="not been through the accuracy gate with the input guard"):
         openvino(weights, "int8", tmp_path, guard="reject")
@@ -115,20 +166,11 @@ def test_int8_approved_with_the_guard_keeps_the_guard_scores(
     moved the shipped model's golden guard scores about 3x: the load-time golden check refused the
     engine, and the gate saw 776 of 784 validation verdicts flip.
     """
-    approved = shutil.copytree(weights, tmp_path / "weights")
-    record = read_record(approved, load_model(approved).metadata.sha256)
-    assert record is not None
-    gate = GateResult(
-        dataset="validation",
-        description="fixture: the gate's verdict, not measured here",
-        images=100,
-        roc_auc_fp32=1.0,
-        roc_auc=1.0,
-        max_probability_difference=0.0,
-        label_flips=0,
-        guard_refusal_flips=0,
-    )
-    write_record(record.with_gate(GateRecord(precision="int8", results=[gate])), approved)
+    approved = approved_int8_copy(weights, tmp_path / "weights")
+    if not HAS_INT8:
+        with pytest.raises(EngineError, match=NO_INT8):
+            openvino(approved, "int8", tmp_path / "cache", guard="flag")
+        return
     engine = openvino(approved, "int8", tmp_path / "cache", guard="flag")
     assert (engine.backend.name, engine.precision, engine.guard_spec is not None) == ("openvino", "int8", True)
     got = [result.guard_score for result in engine.infer(images, [True] * len(images))]
@@ -165,6 +207,7 @@ def test_bf16_agrees_within_tolerance_or_is_refused_without_bf16_units(
     assert_agrees(openvino(weights, "bf16", tmp_path).infer(images, [True] * len(images)), reference, 0.1, guard=True)
 
 
+@pytest.mark.usefixtures("int8_plumbing")
 def test_a_second_start_reuses_the_conversion(weights: Path, tmp_path: Path) -> None:
     first = openvino(weights, "int8", tmp_path, guard="off")
     second = openvino(weights, "int8", tmp_path, guard="off")
@@ -230,6 +273,7 @@ def test_live_server_answers_like_the_pytorch_one(weights: Path, tmp_path: Path)
     assert ov_answer["heatmap"]["values"] == pytest.approx(torch_answer["heatmap"]["values"], abs=1e-5)
 
 
+@pytest.mark.usefixtures("int8_plumbing")
 def test_int8_ranges_that_do_not_cover_the_graph_refuse_in_one_line(weights: Path, tmp_path: Path) -> None:
     """A model.cpu.json whose ranges miss tensors of the exported graph: refused, never served half-quantized."""
     copy = tmp_path / "weights"
@@ -242,3 +286,46 @@ def test_int8_ranges_that_do_not_cover_the_graph_refuse_in_one_line(weights: Pat
         openvino(copy, "int8", tmp_path / "cache", guard="off")
     message = str(info.value)
     assert "\n" not in message and "int8 calibration does not" in message, message
+
+
+def test_cpu_flags_are_read_from_the_kernels_cpuinfo(tmp_path: Path) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\n")
+    assert cpu_flags(x86) == frozenset({"fpu", "sse2", "avx2", "fma"})
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert cpu_flags(arm) is None and cpu_flags(tmp_path / "absent") is None
+    assert cpu_flags() is None or "sse2" in cpu_flags()  # type: ignore[operator]  # this machine's own
+
+
+@pytest.mark.parametrize(
+    ("cpu", "usable"),
+    [
+        (SAPPHIRE_RAPIDS, {"FP32", "BF16", "INT8"}),
+        (CASCADE_LAKE, {"FP32", "INT8"}),
+        (AVX2_EPYC, {"FP32"}),  # OpenVINO reports INT8; without VNNI/AMX it saturates
+        ((AVX2_EPYC[0], frozenset({"avx2", "avx_vnni"})), {"FP32", "INT8"}),  # Alder Lake's AVX-VNNI
+        ((AVX2_EPYC[0], None), {"FP32", "INT8"}),  # flags unknown: OpenVINO's word, then the golden check
+    ],
+)
+def test_int8_is_usable_only_with_int8_dot_products(cpu: tuple, usable: set[str]) -> None:  # type: ignore[type-arg]
+    assert usable_capabilities(*cpu) == usable
+
+
+@pytest.mark.usefixtures("int8_plumbing")
+def test_auto_falls_back_when_the_precision_it_picked_fails_its_golden_check(weights: Path, tmp_path: Path) -> None:
+    """int8 ranges a hundred times too narrow clip every activation: the golden check refuses int8 on any CPU.
+
+    Named explicitly, int8 is refused with the check's numbers; picked by ``auto``, it is passed
+    over for fp32 and the reason (logged, shown by /model) says what failed.
+    """
+    broken = approved_int8_copy(weights, tmp_path / "weights")
+    record = read_record(broken, load_model(broken).metadata.sha256)
+    assert record is not None and record.int8 is not None
+    narrow = {name: (low / 100, high / 100) for name, (low, high) in record.int8.ranges.items()}
+    write_record(record.model_copy(update={"int8": record.int8.model_copy(update={"ranges": narrow})}), broken)
+    engine = load_engine(broken, "cpu", "auto", input_guard="reject", backend="auto", cache_dir=tmp_path / "cache")
+    assert (engine.backend.name, engine.precision) == ("openvino", "fp32")
+    assert "int8 did not load on this CPU: golden check failed" in engine.backend.reason
+    with pytest.raises(ModelLoadError, match="golden check failed"):
+        openvino(broken, "int8", tmp_path / "cache", guard="reject")

@@ -95,14 +95,18 @@ def test_service_refuses_a_blank_upload(shipped) -> None:
 def test_auto_serves_int8_with_the_guard_on_an_int8_cpu(shipped, tmp_path: Path) -> None:
     """The shipped model.cpu.json approves int8 with the guard; the converted engine passes the golden check.
 
-    On a CPU without int8 units ``auto`` must say so and fall back, never silently skip.
+    On a CPU without int8 dot products (an AVX2-only EPYC: OpenVINO lists INT8 there, but its int8
+    kernels saturate and the golden guard scores come out 63 % off) ``auto`` serves a precision that
+    runs correctly there and says why, never a silent skip.
     """
     record = read_record(SHIPPED, shipped.metadata.sha256)
     assert record is not None and record.int8 is not None and record.approves("int8", with_guard=True)
     assert record.int8.guard_noise is not None and 0.0 < record.int8.guard_noise < 0.1
     engine = load_engine(SHIPPED, "cpu", "auto", input_guard="reject", backend="auto", cache_dir=tmp_path)
     if "INT8" not in cpu_capabilities():
-        assert engine.precision != "int8" and "int8" not in engine.backend.reason
+        bf16 = "BF16" in cpu_capabilities() and record.approves("bf16", with_guard=True)
+        assert (engine.backend.name, engine.precision) == ("openvino", "bf16" if bf16 else "fp32")
+        assert "did not load" not in engine.backend.reason  # passed over before any conversion
         return
     assert (engine.backend.name, engine.precision, engine.guard_spec is not None) == ("openvino", "int8", True)
     assert shipped.golden_inputs is not None and shipped.metadata.guard is not None

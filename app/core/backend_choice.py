@@ -3,9 +3,11 @@
 - ``torch``: PyTorch on the CPU or a GPU, as before (fp32/bf16 on the CPU, bf16/fp16 on a GPU).
 - ``openvino``: the CPU fast path (``app.core.openvino_backend``) in fp32, bf16 or int8.
 - ``auto``: PyTorch on a GPU; on a CPU host OpenVINO in the fastest precision the model's
-  ``model.cpu.json`` approves for the input guard mode being served (int8, then bf16 where the
-  CPU has it), else fp32, which needs no approval: it computes the same numbers as PyTorch fp32
-  to within the golden check's fp32 tolerance.
+  ``model.cpu.json`` approves for the input guard mode being served (int8 where the CPU has int8
+  dot products, then bf16 where it has bf16 units), else fp32, which needs no approval: it
+  computes the same numbers as PyTorch fp32 to within the golden check's fp32 tolerance. A
+  precision ``auto`` picked that then fails to load here (its golden check, its conversion) is
+  passed over for the next one, and the reason says so (``app.core.engine.load_engine``).
 
 A combination that cannot be honoured is refused with a one-line reason, never quietly replaced:
 int8 on PyTorch or a GPU, OpenVINO on a GPU, a precision the CPU lacks, int8 without measured
@@ -16,6 +18,7 @@ judges the guard's verdicts too: benchmarks/NOTES.md).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,6 +44,7 @@ class BackendChoice:
     precision: str  # openvino: fp32, bf16 or int8; torch: as requested (the engine resolves auto/fp16)
     reason: str
     record: FastPathRecord | None = None
+    automatic: bool = False  # the precision was picked by auto: a failure to load may fall back
 
 
 def _record(weights: Path, sha256: str, *, required: bool) -> FastPathRecord | None:
@@ -53,10 +57,11 @@ def _record(weights: Path, sha256: str, *, required: bool) -> FastPathRecord | N
         return None
 
 
-def _cpu_has(precision: str) -> bool:
-    from app.core.openvino_backend import cpu_capabilities  # imports OpenVINO: only for the CPU fast path
+def _cpu_lacks(precision: str) -> str | None:
+    """Why this CPU cannot run ``precision`` in OpenVINO; None when it can."""
+    from app.core.openvino_backend import missing_units  # imports OpenVINO: only for the CPU fast path
 
-    return {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[precision] in cpu_capabilities()
+    return missing_units(precision)  # type: ignore[arg-type]
 
 
 def _int8_refusal(record: FastPathRecord | None, guard_on: bool) -> str | None:
@@ -84,9 +89,19 @@ def _int8_refusal(record: FastPathRecord | None, guard_on: bool) -> str | None:
 
 
 def choose(
-    backend: str, device: torch.device, precision: str, *, weights: Path, sha256: str, guard_on: bool
+    backend: str,
+    device: torch.device,
+    precision: str,
+    *,
+    weights: Path,
+    sha256: str,
+    guard_on: bool,
+    failed: Mapping[str, str] | None = None,
 ) -> BackendChoice:
-    """Resolve the backend and precision for a model on ``device`` (already resolved from CXR_DEVICE)."""
+    """Resolve the backend and precision for a model on ``device`` (already resolved from CXR_DEVICE).
+
+    ``failed`` maps precisions that ``auto`` already tried and could not load on this host to why.
+    """
     if backend not in BACKENDS:
         raise BackendChoiceError(f"invalid backend {backend!r}: use auto, torch or openvino")
     on_gpu = device.type == "cuda"
@@ -103,11 +118,10 @@ def choose(
         raise BackendChoiceError("precision fp16 needs a CUDA device; on the CPU use fp32, bf16 or int8")
     record = _record(weights, sha256, required=precision == "int8")
     if precision == "auto":
-        return _fastest_approved(record, guard_on, backend)
-    if precision in ("bf16", "int8") and not _cpu_has(precision):
-        raise BackendChoiceError(
-            f"precision {precision} is not supported by this CPU (OpenVINO finds no {precision} units)"
-        )
+        return _fastest_approved(record, guard_on, backend, failed or {})
+    lacks = _cpu_lacks(precision) if precision in ("bf16", "int8") else None
+    if lacks is not None:
+        raise BackendChoiceError(f"precision {precision} is not supported by this CPU ({lacks})")
     if precision == "int8":
         refusal = _int8_refusal(record, guard_on)
         if refusal is not None:
@@ -117,15 +131,23 @@ def choose(
     return BackendChoice("openvino", precision, "requested", record)
 
 
-def _fastest_approved(record: FastPathRecord | None, guard_on: bool, backend: str) -> BackendChoice:
-    """int8, then bf16, then fp32: the first the gate approves for this guard mode on this CPU."""
+def _fastest_approved(
+    record: FastPathRecord | None, guard_on: bool, backend: str, failed: Mapping[str, str]
+) -> BackendChoice:
+    """int8, then bf16, then fp32: the first the gate approves for this guard mode on this CPU, not yet failed."""
     prefix = "auto" if backend == "auto" else "openvino, precision auto"
     guard = "with" if guard_on else "without"
+    fell_back = "".join(f"; {precision} did not load on this CPU: {why}" for precision, why in failed.items())
     for precision in ("int8", "bf16"):
-        if record is not None and record.approves(precision, with_guard=guard_on) and _cpu_has(precision):
-            if precision == "int8" and record.int8 is None:
-                continue
-            why = f"{prefix}: the accuracy gate approves {precision} {guard} the input guard"
-            return BackendChoice("openvino", precision, why, record)
-    why = "no model.cpu.json" if record is None else f"the gate approves no reduced precision {guard} the input guard"
-    return BackendChoice("openvino", "fp32", f"{prefix}: fp32 ({why})", record)
+        if precision in failed or record is None or not record.approves(precision, with_guard=guard_on):
+            continue
+        if _cpu_lacks(precision) is not None or (precision == "int8" and record.int8 is None):
+            continue
+        why = f"{prefix}: the accuracy gate approves {precision} {guard} the input guard{fell_back}"
+        return BackendChoice("openvino", precision, why, record, automatic=True)
+    why = (
+        "no model.cpu.json"
+        if record is None
+        else f"no faster precision the gate approves {guard} the input guard runs on this CPU"
+    )
+    return BackendChoice("openvino", "fp32", f"{prefix}: fp32 ({why}){fell_back}", record, automatic=True)

@@ -292,12 +292,31 @@ def load_engine(
         raise EngineError(f"invalid precision {precision!r}: use auto, fp16, bf16, fp32 or int8")
     target = target_device(device, backend)
     sha256 = read_metadata(Path(weights)).sha256
-    try:
-        choice = choose(backend, target, precision, weights=Path(weights), sha256=sha256, guard_on=input_guard != "off")
-    except BackendChoiceError as exc:
-        raise EngineError(str(exc)) from exc
-    if choice.backend == "openvino":
-        return load_openvino(Path(weights), choice, input_guard, cache_dir)
+    failed: dict[str, str] = {}  # precisions auto picked that did not load here, and why
+    while True:
+        try:
+            choice = choose(
+                backend,
+                target,
+                precision,
+                weights=Path(weights),
+                sha256=sha256,
+                guard_on=input_guard != "off",
+                failed=failed,
+            )
+        except BackendChoiceError as exc:
+            raise EngineError(str(exc)) from exc
+        if choice.backend != "openvino":
+            break
+        try:
+            return load_openvino(Path(weights), choice, input_guard, cache_dir)
+        except (ModelLoadError, EngineError) as exc:
+            # A precision the operator named is served or refused, never swapped; one auto picked
+            # is passed over for the next (fp32 last: its failure means the model, not the CPU).
+            if not choice.automatic or choice.precision == "fp32":
+                raise
+            log.warning("OpenVINO %s does not load on this CPU (%s): trying the next precision", choice.precision, exc)
+            failed[choice.precision] = str(exc)
     dtype = resolve_dtype(target, choice.precision)
     loaded = load_model(Path(weights))  # verifies sha256, tensor fit and golden outputs on the CPU in fp32
     if target.type == "cuda":

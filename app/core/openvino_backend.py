@@ -47,18 +47,63 @@ class OpenVinoUnavailableError(RuntimeError):
     """The requested OpenVINO configuration cannot run on this host; the message is one line."""
 
 
-def cpu_capabilities() -> frozenset[str]:
-    """OpenVINO's view of the CPU: ``FP32``, ``BF16``, ``INT8``, ..."""
+# x86 instructions that multiply-accumulate u8 x s8 into int32. Without them oneDNN runs int8
+# convolutions on vpmaddubsw, whose int16 pair sums saturate with full 8-bit weights: on an AVX2-only
+# AMD EPYC OpenVINO still reports INT8, and the shipped model's golden input-guard scores came out 63 %
+# off (benchmarks/NOTES.md, section 11). OpenVINO's own performance notes ask for VNNI or AMX for int8.
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path = _CPUINFO) -> frozenset[str] | None:
+    """The kernel's x86 feature flags of the first CPU; None where there are none to read (not Linux x86)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def reported_capabilities() -> frozenset[str]:
+    """OpenVINO's own view of the CPU: ``FP32``, ``BF16``, ``INT8``, ..."""
     return frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def check_supported(precision: OvPrecision) -> None:
-    """Refuse a precision the CPU has no fast kernels for, instead of emulating it slowly."""
+def usable_capabilities(reported: frozenset[str], flags: frozenset[str] | None) -> frozenset[str]:
+    """``reported`` less ``INT8`` on an x86 CPU whose ``flags`` show no int8 dot-product instructions.
+
+    Where flags cannot be read (``None``), OpenVINO's word stands and the load-time golden check is
+    the safety net.
+    """
+    if flags is not None and not flags & INT8_DOT_PRODUCT_FLAGS:
+        return reported - {"INT8"}
+    return reported
+
+
+def cpu_capabilities() -> frozenset[str]:
+    """The precisions this CPU runs correctly in OpenVINO."""
+    return usable_capabilities(reported_capabilities(), cpu_flags())
+
+
+def missing_units(precision: OvPrecision) -> str | None:
+    """Why this CPU cannot run ``precision`` in OpenVINO, in a few words; None when it can."""
     wanted = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[precision]
-    if wanted not in cpu_capabilities():
-        raise OpenVinoUnavailableError(
-            f"this CPU has no {precision} support in OpenVINO (it offers {sorted(cpu_capabilities())})"
-        )
+    if wanted in cpu_capabilities():
+        return None
+    if wanted in reported_capabilities():
+        return "it has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), without which int8 saturates"
+    return f"OpenVINO finds no {precision} units"
+
+
+def check_supported(precision: OvPrecision) -> None:
+    """Refuse a precision the CPU has no correct fast kernels for, instead of serving it wrong or slowly."""
+    why = missing_units(precision)
+    if why is not None:
+        raise OpenVinoUnavailableError(f"precision {precision} is not supported by this CPU ({why})")
 
 
 @dataclass
