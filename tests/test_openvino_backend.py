@@ -28,7 +28,7 @@ from app.core.engine import EngineError, ImageResult, InferenceEngine, load_engi
 from app.core.fastpath_record import FastPathRecord, GateRecord, GateResult, Int8Ranges, read_record, write_record
 from app.core.int8_calibration import measure_ranges, quantize
 from app.core.onnx_export import export_features
-from app.core.openvino_backend import cpu_capabilities, cpu_flags, usable_capabilities
+from app.core.openvino_backend import INT8_DOT_PRODUCT_FLAGS, cpu_capabilities, cpu_flags, usable_capabilities
 from benchmarks.accuracy_gate import measure_guard_noise
 from tests.conftest import (
     AVX2_EPYC,
@@ -329,3 +329,20 @@ def test_auto_falls_back_when_the_precision_it_picked_fails_its_golden_check(wei
     assert "int8 did not load on this CPU: golden check failed" in engine.backend.reason
     with pytest.raises(ModelLoadError, match="golden check failed"):
         openvino(broken, "int8", tmp_path / "cache", guard="reject")
+
+
+def test_int8_isa_benchmark_measures_both_weight_widths_against_the_golden_outputs(
+    weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m benchmarks.int8_isa`` end to end on the tiny model; it builds int8 where the service would not."""
+    from benchmarks import int8_isa
+
+    assert int8_isa.main(["--weights", str(weights), "--rounds", "1", "--repeats", "1", "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    golden = {line.split(":")[0]: line for line in lines if "golden logits off by" in line}
+    assert set(golden) == {"fp32", "int8 8-bit weights", "int8 7-bit weights"}
+    fp32_logit = float(golden["fp32"].split("off by ")[1].split(" ")[0])
+    assert fp32_logit < 1e-3  # the load-time check's fp32 tolerance
+    assert any(line.startswith("fp32:") and line.endswith("fp32/this = 1.00x") for line in lines)
+    flags = cpu_flags()
+    assert ("int8 dot products: none" in lines[0]) == (flags is not None and not flags & INT8_DOT_PRODUCT_FLAGS)

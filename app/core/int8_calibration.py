@@ -80,8 +80,13 @@ def measure_ranges(fp32_onnx: Path, batches: Sequence[np.ndarray]) -> dict[str, 
     return {name: (_scalar(item["lowest"]), _scalar(item["highest"])) for name, item in sorted(data.items())}
 
 
-def quantize(fp32_onnx: Path, out: Path, int8: Int8Ranges) -> None:
-    """Write the int8 (QDQ) graph of ``fp32_onnx`` using the stored ranges; no image is needed."""
+def quantize(fp32_onnx: Path, out: Path, int8: Int8Ranges, *, reduce_range: bool = False) -> None:
+    """Write the int8 (QDQ) graph of ``fp32_onnx`` using the stored ranges; no image is needed.
+
+    ``reduce_range`` rounds weights to 7 bits, which CPUs without int8 dot products need to keep
+    their int16 pair sums from saturating. The service never builds it (it serves int8 only with
+    VNNI/AMX); ``benchmarks.int8_isa`` measures it.
+    """
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
     ranges = {name: (np.float32(low), np.float32(high)) for name, (low, high) in int8.ranges.items()}
@@ -89,13 +94,21 @@ def quantize(fp32_onnx: Path, out: Path, int8: Int8Ranges) -> None:
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
         try:
-            _quantize(fp32_onnx, out, cache, None, {})
+            _quantize(fp32_onnx, out, cache, None, {}, reduce_range=reduce_range)
         except ValueError as exc:  # e.g. a tensor of the graph without a stored range
             raise CalibrationError(f"int8 calibration does not fit the exported graph: {exc}") from exc
     _check_quantized(out)
 
 
-def _quantize(fp32_onnx: Path, out: Path, cache: Path, reader: _Batches | None, extra: dict[str, int | bool]) -> None:
+def _quantize(
+    fp32_onnx: Path,
+    out: Path,
+    cache: Path,
+    reader: _Batches | None,
+    extra: dict[str, int | bool],
+    *,
+    reduce_range: bool = False,
+) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(
@@ -109,6 +122,7 @@ def _quantize(fp32_onnx: Path, out: Path, cache: Path, reader: _Batches | None, 
         calibrate_method=CalibrationMethod.MinMax,
         calibration_cache_path=str(cache),
         op_types_to_quantize=list(QUANTIZED_OPS),
+        reduce_range=reduce_range,
         extra_options=extra,
     )
 

@@ -162,6 +162,18 @@ def _build(
     return build
 
 
+def compile_request(graph: Path, precision: OvPrecision, threads: int) -> ov.InferRequest:
+    """Compile an ONNX graph for this CPU as the service runs it (no capability check, no golden check)."""
+    config = {
+        "INFERENCE_PRECISION_HINT": _HINTS[precision],
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",  # one request at a time: all threads on it
+        "CPU_DENORMALS_OPTIMIZATION": True,  # flush subnormals, as the PyTorch CPU path does
+    }
+    core = ov.Core()
+    return core.compile_model(core.read_model(str(graph)), "CPU", config).create_infer_request()
+
+
 def compile_features(
     loaded: LoadedModel,
     precision: OvPrecision,
@@ -182,19 +194,12 @@ def compile_features(
         raise OpenVinoUnavailableError("int8 needs the int8 ranges in the weights' model.cpu.json")
     cache = ConversionCache(cache_dir)
     key = cache_key(loaded, precision, guard, calibration)
-    config = {
-        "INFERENCE_PRECISION_HINT": _HINTS[precision],
-        "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",  # one request at a time: all threads on it
-        "CPU_DENORMALS_OPTIMIZATION": True,  # flush subnormals, as the PyTorch CPU path does
-    }
     for attempt in (1, 2):
         started = time.perf_counter()
         converted = cache.get_or_build(
             key, "model.onnx", _build(loaded, precision, guard, calibration), prefix=str(key["graph"])
         )
-        core = ov.Core()
-        request = core.compile_model(core.read_model(str(converted.path)), "CPU", config).create_infer_request()
+        request = compile_request(converted.path, precision, threads)
         seconds = time.perf_counter() - started
         features = OpenVinoFeatures(precision, converted, threads, seconds, guard is not None, request)
         try:
