@@ -95,7 +95,7 @@ def missing_units(precision: OvPrecision) -> str | None:
     if wanted in cpu_capabilities():
         return None
     if wanted in reported_capabilities():
-        return "it has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), without which int8 saturates"
+        return "it has no int8 dot-product instructions, AVX-512 VNNI, AVX-VNNI or AMX; without them int8 saturates"
     return f"OpenVINO finds no {precision} units"
 
 
