@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from app.core.artifacts import load_model
-from app.core.decision import is_pneumonia
+from app.core.decision import is_pneumonia, pneumonia_probability
 from app.core.heatmap import ExplainUnsupportedError, Heatmap, cam_head
 from app.core.network import PneumoniaNet
 from app.core.overlay import render_overlay
@@ -91,7 +91,9 @@ def cam_contributions(network: PneumoniaNet, temperature: float, pixels: torch.T
 
 
 def probability(log_odds: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-log_odds))
+    """P(pneumonia) of calibrated log-odds by the decision's own function: logits (0, log-odds) at T = 1."""
+    logits = torch.from_numpy(np.stack([np.zeros_like(log_odds), log_odds], axis=-1))
+    return pneumonia_probability(logits).double().numpy()
 
 
 def grid_table(title: str, values: np.ndarray, fmt: str) -> list[str]:
