@@ -26,7 +26,7 @@ from pathlib import Path
 import openvino as ov
 import torch
 
-from app.core.artifacts import LoadedModel, load_model
+from app.core.artifacts import LoadedModel, golden_guard_difference, golden_logit_difference, load_model
 from app.core.engine import int8_guard_noise
 from app.core.fastpath_record import read_record
 from app.core.input_guard import guard_scores
@@ -43,16 +43,15 @@ from app.core.openvino_backend import (
 
 def golden_errors(loaded: LoadedModel, request: ov.InferRequest, noise: float) -> tuple[float, float]:
     """(largest logit difference / logit scale, largest relative guard-score difference) on the golden inputs."""
-    golden, spec, stats = loaded.metadata.golden, loaded.metadata.guard, loaded.guard
-    assert golden is not None and spec is not None and stats is not None and loaded.golden_inputs is not None
+    assert loaded.guard is not None and loaded.golden_inputs is not None
     with torch.inference_mode():
         out = request.infer({0: loaded.network.normalize(loaded.golden_inputs).numpy()})
         logits = loaded.network.head(torch.from_numpy(out[MAPS_NAME]))
-        scores = guard_scores(torch.from_numpy(out[GUARD_NAME]), stats, noise)
-    expected = torch.tensor(golden.logits)
-    reference = torch.tensor(spec.golden_scores)
-    logit = float((logits - expected).abs().max()) / max(1.0, float(expected.abs().max()))
-    return logit, float(((scores - reference).abs() / reference.abs().clamp_min(1e-6)).max())
+        scores = guard_scores(torch.from_numpy(out[GUARD_NAME]), loaded.guard, noise)
+    diff, scale = golden_logit_difference(loaded, logits)
+    guard = golden_guard_difference(loaded, scores)
+    assert guard is not None  # main refuses weights without a guard
+    return diff / scale, guard
 
 
 def ms_per_image(request: ov.InferRequest, batch: torch.Tensor, repeats: int) -> float:

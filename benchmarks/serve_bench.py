@@ -119,18 +119,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_seconds = 30.0 if args.quick else 60.0
     if args.max_batch_size is None:
         args.max_batch_size = 128 if on_gpu else 8
-    if args.configs is None:
-        args.configs = []
-        for config in [] if on_gpu else cpu_sweep.default_configs():
-            why = cpu_sweep.unsupported(config)
-            if why is None:
-                args.configs.append(config)
-            else:  # a default this CPU cannot run is left out, and the run says so
-                print(f"cpu_configs: leaving out {config[0]}:{config[1]}: this CPU cannot run it ({why})", flush=True)
-    for config in args.configs:
+    # A default this CPU cannot run is left out, and the run says so; one asked for is refused.
+    asked = args.configs is not None
+    configs = args.configs if asked else ([] if on_gpu else cpu_sweep.default_configs())
+    args.configs = []
+    for config in configs:
         why = cpu_sweep.unsupported(config)
-        if why is not None:
+        if why is None:
+            args.configs.append(config)
+        elif asked:
             parser.error(f"--configs {config[0]}:{config[1]}: this CPU cannot run it ({why})")
+        else:
+            print(f"cpu_configs: leaving out {config[0]}:{config[1]}: this CPU cannot run it ({why})", flush=True)
     if args.config_sizes is None:
         args.config_sizes = [args.input_size] if args.quick else sorted({224, shipped_input_size()}, reverse=True)
     if args.config_seconds is None:

@@ -237,6 +237,30 @@ def check_golden(
     return compare_golden(loaded, logits, scores, atol, guard_rtol)
 
 
+def golden_logit_difference(loaded: LoadedModel, logits: torch.Tensor) -> tuple[float, float]:
+    """(largest absolute logit difference from the exported golden logits, their scale: max(1, largest |logit|))."""
+    golden = loaded.metadata.golden
+    if golden is None:
+        raise ModelLoadError("model has no golden reference outputs; re-export it with the training package")
+    logits = logits.float().cpu()
+    expected = torch.tensor(golden.logits, dtype=torch.float32)
+    if logits.shape != expected.shape:
+        raise ModelLoadError(f"golden check: output shape {tuple(logits.shape)} != {tuple(expected.shape)}")
+    return float((logits - expected).abs().max()), max(1.0, float(expected.abs().max()))
+
+
+def golden_guard_difference(loaded: LoadedModel, guard_scores: torch.Tensor | None) -> float | None:
+    """Largest relative difference from the exported golden guard scores; None when either side has none."""
+    spec = loaded.metadata.guard
+    if spec is None or guard_scores is None:
+        return None
+    scores = guard_scores.float().cpu()
+    reference = torch.tensor(spec.golden_scores, dtype=torch.float32)
+    if scores.shape != reference.shape:
+        raise ModelLoadError(f"golden check: {len(spec.golden_scores)} guard scores stored, {len(scores)} computed")
+    return float(((scores - reference).abs() / reference.abs().clamp_min(1e-6)).max())
+
+
 def compare_golden(
     loaded: LoadedModel,
     logits: torch.Tensor,
@@ -249,31 +273,18 @@ def compare_golden(
     ``guard_scores`` is None when the runtime does not compute the guard (served without it);
     otherwise they must match too. Returns the largest absolute logit difference.
     """
+    diff, scale = golden_logit_difference(loaded, logits)  # refuses a model without golden outputs
     golden = loaded.metadata.golden
-    if golden is None:
-        raise ModelLoadError("model has no golden reference outputs; re-export it with the training package")
-    logits = logits.float().cpu()
-    expected = torch.tensor(golden.logits, dtype=torch.float32)
-    if logits.shape != expected.shape:
-        raise ModelLoadError(f"golden check: output shape {tuple(logits.shape)} != {tuple(expected.shape)}")
-    tolerance = atol if atol is not None else golden.atol
-    scale = max(1.0, float(expected.abs().max()))
-    diff = float((logits - expected).abs().max())
-    if not diff <= tolerance * scale:
+    assert golden is not None
+    tolerance = (atol if atol is not None else golden.atol) * scale
+    if not diff <= tolerance:
         raise ModelLoadError(
-            f"golden check failed: logits differ from the exported ones by {diff:.4g} "
-            f"(tolerance {tolerance * scale:.4g})"
+            f"golden check failed: logits differ from the exported ones by {diff:.4g} (tolerance {tolerance:.4g})"
         )
-    spec = loaded.metadata.guard
-    if spec is not None and guard_scores is not None:
-        scores = guard_scores.float().cpu()
-        reference = torch.tensor(spec.golden_scores, dtype=torch.float32)
-        if scores.shape != reference.shape:
-            raise ModelLoadError(f"golden check: {len(spec.golden_scores)} guard scores stored, {len(scores)} computed")
-        relative = float(((scores - reference).abs() / reference.abs().clamp_min(1e-6)).max())
-        if not relative <= guard_rtol:
-            raise ModelLoadError(
-                f"golden check failed: input-guard scores differ from the exported ones by {relative:.3g} "
-                f"(relative tolerance {guard_rtol:g})"
-            )
+    relative = golden_guard_difference(loaded, guard_scores)
+    if relative is not None and not relative <= guard_rtol:
+        raise ModelLoadError(
+            f"golden check failed: input-guard scores differ from the exported ones by {relative:.3g} "
+            f"(relative tolerance {guard_rtol:g})"
+        )
     return diff

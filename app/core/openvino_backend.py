@@ -92,9 +92,10 @@ def cpu_capabilities() -> frozenset[str]:
 def missing_units(precision: OvPrecision) -> str | None:
     """Why this CPU cannot run ``precision`` in OpenVINO, in a few words; None when it can."""
     wanted = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[precision]
-    if wanted in cpu_capabilities():
+    reported = reported_capabilities()
+    if wanted in usable_capabilities(reported, cpu_flags()):
         return None
-    if wanted in reported_capabilities():
+    if wanted in reported:
         return "it has no int8 dot-product instructions, AVX-512 VNNI, AVX-VNNI or AMX; without them int8 saturates"
     return f"OpenVINO finds no {precision} units"
 
