@@ -17,12 +17,14 @@ from tests.training_support import (
     make_dataset,
     normal_names,
     pneumonia_names,
+    refused_with_one_line,
     train_args,
     write_split,
 )
 from training.cli import build_parser, main
 from training.config import TrainConfig, flag
-from training.data import discover, load_images
+from training.data import data_hash, discover, load_images, prepare_data
+from training.distributed import DistInfo
 from training.split import grouped_stratified_split, patient_id
 from training.user_errors import DataError
 
@@ -133,6 +135,23 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path: Path) -> None:
     assert "unsupported_media_type" in decoded.skipped[0].reason
 
 
+@pytest.mark.parametrize("limit", [None, 3])
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_data_hash_from_the_bytes_is_the_one_prepare_data_records(
+    tmp_path: Path, layout: str, limit: int | None
+) -> None:
+    """``training mix`` refuses other data by this hash before decoding; it must be the recorded one exactly."""
+    root = make_dataset(tmp_path / "d", normal_patients=4, pneumonia_patients=4, per_patient=1)
+    write_split(root / "test", normal_names(range(50, 53), 1), pneumonia_names(range(50, 53), 1), seed=3)
+    (root / "train" / "NORMAL" / "IM-0009-0001.jpeg").write_bytes(b"not an image at all")  # skipped, still hashed
+    data = root if layout == "nested" else root / "train"
+    config = TrainConfig(data=data, out=tmp_path / "o", input_size=INPUT_SIZE, workers=1, limit_per_class=limit)
+    prepared = prepare_data(config, discover(data), DistInfo())
+    assert data_hash(config, discover(data)) == prepared.data_hash
+    (root / "train" / "PNEUMONIA" / "person1_virus_10.jpeg").write_bytes(b"changed")
+    assert data_hash(config, discover(data)) != prepared.data_hash
+
+
 def test_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
     root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
     samples = discover(root)["all"]
@@ -145,30 +164,21 @@ def test_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
-def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
-
-
 def test_wrong_layout_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "data" / "images").mkdir(parents=True)
-    err = _error_line(capsys, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
+    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
     assert "NORMAL" in err and "train/" in err
-    err = _error_line(capsys, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert "not found" in err
 
 
 def test_missing_or_empty_class_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_split(tmp_path / "d" / "train", normal_names(range(1, 3), 1), [])
-    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     assert "PNEUMONIA" in err
     (tmp_path / "d" / "train" / "PNEUMONIA").mkdir()
     (tmp_path / "d" / "train" / "PNEUMONIA" / "notes.txt").write_text("no images here")
-    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     assert "PNEUMONIA has no images" in err
 
 
@@ -179,7 +189,7 @@ def test_too_few_training_images_for_the_guard_fail_before_training(
     write_split(tmp_path / "d" / "train", normal_names(range(1, 2), 1), pneumonia_names(range(1, 2), 1))
     write_split(tmp_path / "d" / "val", normal_names(range(5, 7), 1), pneumonia_names(range(5, 7), 1), seed=1)
     out = tmp_path / "o"
-    err = _error_line(capsys, [*train_args(tmp_path / "d", out), "--min-val-images", "4"])
+    err = refused_with_one_line(capsys, [*train_args(tmp_path / "d", out), "--min-val-images", "4"])
     assert err == "error: 2 training image(s) after the validation split; the input guard needs at least 3"
     assert not list(out.glob("*.safetensors")) and not (out / "checkpoint").exists()  # only the decode cache
 
@@ -188,12 +198,12 @@ def test_evaluate_wrong_layout_and_missing_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_weights: Path
 ) -> None:
     make_dataset(tmp_path / "d", normal_patients=1, pneumonia_patients=1, per_patient=1)
-    err = _error_line(
+    err = refused_with_one_line(
         capsys,
         ["evaluate", "--weights", str(tiny_weights), "--data", str(tmp_path / "d"), "--report", str(tmp_path / "r")],
     )
     assert "'test' split" in err
-    err = _error_line(
+    err = refused_with_one_line(
         capsys,
         [
             "evaluate",
@@ -225,7 +235,9 @@ def test_invalid_flag_value_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
 ) -> None:
     make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
-    err = _error_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), flag, value])
+    err = refused_with_one_line(
+        capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), flag, value]
+    )
     assert flag in err
 
 
@@ -250,7 +262,7 @@ def test_options_that_conflict_are_one_plain_error(
     """A check across options has no single flag to name: the line is the message alone, before any work."""
     make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
     argv = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), *options]
-    assert _error_line(capsys, argv) == f"error: {message}"
+    assert refused_with_one_line(capsys, argv) == f"error: {message}"
     assert not (tmp_path / "o").exists()
 
 
@@ -261,8 +273,8 @@ def test_unusable_device_is_a_clear_error(
     make_dataset(tmp_path / "d", normal_patients=2, pneumonia_patients=2, per_patient=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     train = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
-    assert "no CUDA GPU is available" in _error_line(capsys, [*train, "--device", "cuda"])
-    assert "invalid device 'gpu'" in _error_line(capsys, [*train, "--device", "gpu"])
+    assert "no CUDA GPU is available" in refused_with_one_line(capsys, [*train, "--device", "cuda"])
+    assert "invalid device 'gpu'" in refused_with_one_line(capsys, [*train, "--device", "gpu"])
     assert not (tmp_path / "o").exists()
     evaluate = [
         "evaluate",
@@ -273,7 +285,7 @@ def test_unusable_device_is_a_clear_error(
         "--report",
         str(tmp_path / "r"),
     ]
-    assert "no CUDA GPU is available" in _error_line(capsys, [*evaluate, "--device", "cuda"])
+    assert "no CUDA GPU is available" in refused_with_one_line(capsys, [*evaluate, "--device", "cuda"])
 
 
 def test_evaluate_reads_dicom_files_through_the_service_preprocessing(

@@ -132,7 +132,7 @@ def test_other_data_a_tampered_or_relabelled_end_a_used_out_and_a_fraction_off_t
     next(iter(sorted((changed / "train" / "NORMAL").iterdir()))).unlink()
     assert main(mix_args({**runs, "data": changed}, tmp_path / "a", "0.5")) == 2
     assert "is not the data" in last_error(capsys)
-    assert not (tmp_path / "a" / "model.json").exists()
+    assert not (tmp_path / "a" / "model.json").exists() and not (tmp_path / "a" / "cache").exists()  # not decoded
 
     tampered = tampered_copy(runs["parent"], tmp_path / "parent")
     assert main(mix_args({**runs, "parent": tampered}, tmp_path / "b", "0.5")) == 2

@@ -145,6 +145,16 @@ def last_error(capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def refused_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the CLI on ``argv``, which must exit 2 with exactly one ``error:`` line and no traceback; returns it."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
 def tampered_copy(model_dir: Path, to: Path) -> Path:
     """A copy of an exported model (model.json + model.safetensors) with one bit of its weights flipped."""
     to.mkdir(parents=True)

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.core.image_errors import ImageError
 from app.core.input_guard import MIN_TRAIN_IMAGES
 from app.core.network import CLASS_NAMES
-from app.core.preprocessing import preprocess_file
+from app.core.preprocessing import preprocess_file, read_image_file
 from training.config import TrainConfig
 from training.distributed import DistInfo, barrier
+from training.leakage import check_no_leakage
 from training.split import grouped_stratified_split, recorded_split
 from training.user_errors import DataError
 
@@ -56,18 +58,23 @@ class Skipped:
 
 @dataclass
 class ImageSet:
-    """Decoded images held in memory: ``pixels`` uint8[N, 1, S, S], ``labels`` int64[N]."""
+    """Decoded images held in memory: ``pixels`` uint8[N, 1, S, S], ``labels`` int64[N], and each file's
+    ``sha256`` (of its bytes), by which :mod:`training.leakage` finds copies."""
 
     pixels: torch.Tensor
     labels: torch.Tensor
     paths: list[str]
+    sha256: list[str]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, indices: np.ndarray | list[int]) -> ImageSet:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return ImageSet(self.pixels[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+        kept = index.tolist()
+        return ImageSet(
+            self.pixels[index], self.labels[index], [self.paths[i] for i in kept], [self.sha256[i] for i in kept]
+        )
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
@@ -128,6 +135,16 @@ def _listing_key(samples: list[Sample], input_size: int) -> str:
     return digest.hexdigest()
 
 
+def _content_line(sample: Sample, digest: str) -> bytes:
+    """One file's line of a content hash: its class folder, name and the sha256 of its bytes ("" if unreadable)."""
+    return f"{sample.path.parent.name}/{sample.path.name}|{digest}\n".encode()
+
+
+def _combined_hash(content_hashes: dict[str, str]) -> str:
+    """A run's ``data_hash``: the content hashes of its splits, by split name."""
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(content_hashes.items())).encode()).hexdigest()
+
+
 @dataclass
 class Decoded:
     """Result of :func:`load_images`: the images, what was skipped and a hash of the content."""
@@ -142,20 +159,15 @@ def load_images(samples: list[Sample], input_size: int, *, workers: int, cache_d
     cache_base = None
     if cache_dir is not None:
         cache_base = cache_dir / f"images-{_listing_key(samples, input_size)[:20]}-{input_size}px"
-        if cache_base.with_suffix(".json").is_file() and cache_base.with_suffix(".safetensors").is_file():
-            meta = json.loads(cache_base.with_suffix(".json").read_text())
-            tensors = load_file(str(cache_base.with_suffix(".safetensors")))
-            log.info("loaded %d decoded images from cache %s", len(meta["paths"]), cache_base)
-            skipped = [Skipped(**item) for item in meta["skipped"]]
-            for item in skipped:
-                log.warning("unreadable image skipped: %s (%s)", item.path, item.reason)
-            return Decoded(ImageSet(tensors["pixels"], tensors["labels"], meta["paths"]), skipped, meta["content_hash"])
+        cached = _read_cache(cache_base)
+        if cached is not None:
+            return cached
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda s: preprocess_file(s.path, input_size), samples))
-    pixels, labels, paths, skipped = [], [], [], []
+    pixels, labels, paths, digests, skipped = [], [], [], [], []
     content = hashlib.sha256()
     for sample, prepared in zip(samples, results, strict=True):
-        content.update(f"{sample.path.parent.name}/{sample.path.name}|{prepared.sha256}\n".encode())
+        content.update(_content_line(sample, prepared.sha256))
         if prepared.error is not None:
             reason = f"{prepared.error.code}: {prepared.error}"
             log.warning("unreadable image skipped: %s (%s)", sample.path, reason)
@@ -164,13 +176,31 @@ def load_images(samples: list[Sample], input_size: int, *, workers: int, cache_d
         pixels.append(prepared.pixels)
         labels.append(sample.label)
         paths.append(str(sample.path))
+        digests.append(prepared.sha256)
     if not pixels:
         raise DataError("no readable images")
-    images = ImageSet(torch.stack(pixels), torch.tensor(labels, dtype=torch.int64), paths)
+    images = ImageSet(torch.stack(pixels), torch.tensor(labels, dtype=torch.int64), paths, digests)
     decoded = Decoded(images, skipped, content.hexdigest())
     if cache_base is not None:
         _write_cache(cache_base, decoded)
     return decoded
+
+
+def _read_cache(base: Path) -> Decoded | None:
+    """The decoded images cached at ``base``; None when there are none, or when they were written before the
+    cache held each file's sha256 (such an entry is decoded again and overwritten)."""
+    if not (base.with_suffix(".json").is_file() and base.with_suffix(".safetensors").is_file()):
+        return None
+    meta = json.loads(base.with_suffix(".json").read_text())
+    if "sha256" not in meta:
+        return None
+    tensors = load_file(str(base.with_suffix(".safetensors")))
+    log.info("loaded %d decoded images from cache %s", len(meta["paths"]), base)
+    skipped = [Skipped(**item) for item in meta["skipped"]]
+    for item in skipped:
+        log.warning("unreadable image skipped: %s (%s)", item.path, item.reason)
+    images = ImageSet(tensors["pixels"], tensors["labels"], meta["paths"], meta["sha256"])
+    return Decoded(images, skipped, meta["content_hash"])
 
 
 def _write_cache(base: Path, decoded: Decoded) -> None:
@@ -181,6 +211,7 @@ def _write_cache(base: Path, decoded: Decoded) -> None:
     save_file({"pixels": decoded.images.pixels.contiguous(), "labels": decoded.images.labels}, str(tmp_tensors))
     meta = {
         "paths": decoded.images.paths,
+        "sha256": decoded.images.sha256,
         "skipped": [vars(item) for item in decoded.skipped],
         "content_hash": decoded.content_hash,
     }
@@ -216,14 +247,40 @@ def _decode_all(config: TrainConfig, samples: dict[str, list[Sample]], dist: Dis
     return decoded if decoded is not None else decode()
 
 
-def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: DistInfo) -> PreparedData:
-    """Decode the splits; a missing, too small or one-class val split is replaced by a patient-grouped one."""
+def run_samples(config: TrainConfig, splits: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+    """The files a run reads, per split: a single split is its train split, ``--limit-per-class`` applied."""
     samples = {("train" if name == "all" else name): files for name, files in splits.items()}
     if "train" not in samples:
         raise DataError(f"{config.data}: no train split (expected {config.data}/train/{{NORMAL,PNEUMONIA}})")
-    val_fraction, split_seed = recorded_split(config.model_dump())  # as every later rebuild of the split reads it
     if config.limit_per_class is not None:
-        samples = {name: limit_per_class(files, config.limit_per_class, split_seed) for name, files in samples.items()}
+        seed = recorded_split(config.model_dump())[1]
+        samples = {name: limit_per_class(files, config.limit_per_class, seed) for name, files in samples.items()}
+    return samples
+
+
+def data_hash(config: TrainConfig, splits: dict[str, list[Sample]]) -> str:
+    """The ``data_hash`` :func:`prepare_data` records, from the files' bytes alone, without decoding any.
+
+    Whoever must match a recorded hash (``training mix``) refuses other data in seconds, not after
+    minutes of decoding. Same lines, same order, same "" for a file that cannot be read.
+    """
+    hashes = {}
+    for name, files in run_samples(config, splits).items():
+        content = hashlib.sha256()
+        for sample in files:
+            try:
+                digest = hashlib.sha256(read_image_file(sample.path)).hexdigest()
+            except ImageError:
+                digest = ""
+            content.update(_content_line(sample, digest))
+        hashes[name] = content.hexdigest()
+    return _combined_hash(hashes)
+
+
+def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: DistInfo) -> PreparedData:
+    """Decode the splits; a missing, too small or one-class val split is replaced by a patient-grouped one."""
+    samples = run_samples(config, splits)
+    val_fraction, split_seed = recorded_split(config.model_dump())  # as every later rebuild of the split reads it
     decoded = _decode_all(config, samples, dist)
     train = decoded["train"].images
     val = decoded["val"].images if "val" in decoded else None
@@ -239,11 +296,10 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
             f"{len(train)} training image(s) after the validation split; "
             f"the input guard needs at least {MIN_TRAIN_IMAGES}"
         )
-    skipped = [item for result in decoded.values() for item in result.skipped]
-    data_hash = hashlib.sha256(
-        "".join(f"{k}:{v.content_hash}\n" for k, v in sorted(decoded.items())).encode()
-    ).hexdigest()
     test = decoded["test"].images if "test" in decoded else None
+    check_no_leakage({"train": train, "val": val} | ({"test": test} if test is not None else {}))
+    skipped = [item for result in decoded.values() for item in result.skipped]
+    data_hash = _combined_hash({name: result.content_hash for name, result in decoded.items()})
     return PreparedData(train, val, test, skipped, data_hash, val_source)
 
 

@@ -30,7 +30,7 @@ from app.core.artifacts import LoadedModel
 from app.core.engine import resolve_device
 from app.core.network import PneumoniaNet
 from training.config import TrainConfig
-from training.data import PreparedData, discover, prepare_data
+from training.data import PreparedData, data_hash, discover, prepare_data
 from training.distributed import DistInfo, configure_threads
 from training.finalize import calibrate_and_export, data_provenance, round_to_export_dtype
 from training.finetune import load_exported
@@ -131,15 +131,16 @@ def run_mix(
     out.mkdir(parents=True, exist_ok=True)
     single = DistInfo()  # one process: nothing is trained, so there is nothing to spread
     setup_logging(out, single)
-    prepared = prepare_data(config, splits, single)
+    found = data_hash(config, splits)  # from the bytes: other data is refused before minutes of decoding
     for model in tuned:
         trained_on = model.metadata.provenance.get("data_hash")
-        if prepared.data_hash != trained_on:
+        if found != trained_on:
             raise DataError(
                 f"the data under {data} is not the data {model.metadata.version} was trained on "
-                f"(data_hash {prepared.data_hash[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
+                f"(data_hash {found[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
                 "images the models trained on"
             )
+    prepared = prepare_data(config, splits, single)
     device = resolve_device(config.device)
     fraction, choice = fractions[0], {}
     if len(set(fractions)) > 1:
