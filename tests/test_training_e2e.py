@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,7 @@ def test_fine_tune_starts_from_every_weight_of_the_parent(
         "version": parent.metadata.version,
         "sha256": parent.metadata.sha256,
         "val_source": parent.metadata.provenance["val_source"],
+        "drawn_split": {"val_fraction": 0.3, "split_seed": 0, "limit_per_class": None},
     }
     assert not torch.equal(load_model(out).network.features[0].weight, parent.network.features[0].weight)
 
@@ -293,9 +295,11 @@ def count_decoding(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         (["--split-seed", "1"], "its validation images may be ones the parent trained on", True),
         (
             ["--val-fraction", "0.4"],
-            "was validated on patient-grouped split of train (val split missing; fraction 0.3",
+            "was validated on patient-grouped split of train (val split missing; fraction 0.3, seed 0) "
+            "(fraction 0.3, seed 0, all images), this run on a split of train (fraction 0.4, seed 0, all images)",
             True,
         ),
+        (["--limit-per-class", "6"], "(fraction 0.3, seed 0, at most 6 per class)", True),
     ],
 )
 def test_fine_tune_refuses_another_network_or_another_validation_split(
@@ -343,6 +347,21 @@ def test_a_missing_imagenet_file_is_refused_before_any_image_is_decoded(
     last = last_error(capsys)
     assert last.startswith("error: ImageNet weights for vgg16 not found at") and "--imagenet-weights FILE" in last
     assert decoding == []
+
+
+def test_fine_tune_on_the_official_layout_draws_the_parents_split(
+    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Kermany's own download has a val folder of 16 films, too few, so the split is drawn from train as the
+    parent's was (it had no val folder): the same draw, accepted; the reason it was drawn does not matter."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    write_split(data / "val", normal_names(range(50, 52), 1), pneumonia_names(range(50, 52), 1), seed=7)
+    argv = train_args(data, tmp_path / "tuned", "--epochs", "1", "--init", "model", "--init-model", str(run_dir))
+    assert main(argv) == 0, last_error(capsys)
+    tuned = load_model(tmp_path / "tuned").metadata.provenance
+    assert "val split too small (4 images) or one-class; fraction 0.3, seed 0" in tuned["val_source"]
+    assert load_model(run_dir).metadata.provenance["val_source"] != tuned["val_source"]  # was refused for this
 
 
 def test_fine_tune_on_a_provided_val_folder_takes_the_users_word(run_dir: Path, tmp_path: Path) -> None:

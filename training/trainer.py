@@ -70,7 +70,7 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     data = prepare_data(config, splits, dist)
     _log_data(data)
     if init_source is not None and "model" in init_source:
-        check_split(init_source["model"], data.val_source)
+        check_split(init_source["model"], config.model_dump(), data.val_source)
     network.to(device)
     if device.type == "cuda":
         network.to(memory_format=torch.channels_last)
