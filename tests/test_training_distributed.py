@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ import torch.multiprocessing as mp
 from app.core.artifacts import load_model
 from tests.training_support import make_dataset, train_args
 from training.distributed import DistInfo, ReplicaDriftError, check_replicas_in_sync
+from training.loops import stop_if_diverged
+from training.user_errors import DivergedError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,11 +69,40 @@ def _drift_worker(rank: int, port: int, results: dict[int, str]) -> None:
         dist.destroy_process_group()
 
 
-def test_replica_drift_is_detected() -> None:
+def _run_two(worker: Callable[[int, int, dict[int, str]], None]) -> dict[int, str]:
+    """Run ``worker(rank, port, results)`` in two gloo processes on a free loopback port; returns the results."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_drift_worker, args=(port, results), nprocs=2, join=True)
+    mp.spawn(worker, args=(port, results), nprocs=2, join=True)
+    return dict(results)
+
+
+def test_replica_drift_is_detected() -> None:
     drift = "the 2 processes ended with different parameters"
-    assert dict(results) == {0: drift, 1: drift}
+    assert _run_two(_drift_worker) == {0: drift, 1: drift}
+
+
+def _divergence_worker(rank: int, port: int, results: dict[int, str]) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank=rank, world_size=2)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        stop_if_diverged(0.7, info, "step 1", optimizer)  # finite on both: goes on
+        try:
+            stop_if_diverged(float("nan") if rank == 0 else 0.7, info, "step 2", optimizer)
+            results[rank] = "went on"
+        except DivergedError as exc:
+            results[rank] = str(exc)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loss_gone_nan_on_one_process_stops_every_process_at_the_same_step() -> None:
+    """Were only rank 0 to stop, rank 1 would wait in its next gradient all-reduce for a peer that is gone."""
+    tail = "(learning rate 5.00e-01): the run diverged; start a new run (another --out) with a lower --lr"
+    assert _run_two(_divergence_worker) == {
+        0: f"step 2: the training loss is nan {tail}",
+        1: f"step 2: the training loss is not finite on another process {tail}",
+    }

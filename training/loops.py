@@ -19,7 +19,9 @@ from training.augment import Augmentation, acquisition_shift, augment_batch, mix
 from training.data import ImageSet
 from training.distributed import DistInfo, all_reduce_sum, gather_rows
 from training.metrics import roc_auc
+from training.user_errors import DivergedError
 
+DIVERGED = "the run diverged; start a new run (another --out) with a lower --lr"
 ACQUISITION_SEED_OFFSET = 2**31  # far from the epoch seeds (seed * stride + epoch) the other generators use
 
 
@@ -129,10 +131,25 @@ def train_one_epoch(
         optimizer.step()
         if on_step is not None:
             on_step(first_step + offset)
-        totals += torch.tensor([loss.item() * len(index), len(index)], dtype=torch.float64)
+        value = loss.item()
+        stop_if_diverged(value, dist, f"{description}, step {offset + 1} of {len(batches)}", optimizer)
+        totals += torch.tensor([value * len(index), len(index)], dtype=torch.float64)
         progress.set_postfix(loss=f"{totals[0] / totals[1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     totals = all_reduce_sum(totals, dist)
     return EpochResult(float(totals[0] / max(totals[1], 1)), int(totals[1]), time.perf_counter() - start)
+
+
+def stop_if_diverged(loss: float, dist: DistInfo, where: str, optimizer: torch.optim.Optimizer) -> None:
+    """Raise when this step's loss is not finite on any rank: the weights are poisoned from here on, so stop
+    before a checkpoint keeps them. Summed over ranks, so every rank stops at the same step (one rank
+    stopping alone would leave the others waiting in the next all-reduce)."""
+    total = float(all_reduce_sum(torch.tensor([loss], dtype=torch.float64), dist)[0])
+    if not math.isfinite(total):
+        lr = optimizer.param_groups[0]["lr"]
+        raise DivergedError(
+            f"{where}: the training loss is {loss if not math.isfinite(loss) else 'not finite on another process'} "
+            f"(learning rate {lr:.2e}): {DIVERGED}"
+        )
 
 
 def _chunks(n: int, batch_size: int) -> Iterator[slice]:
@@ -167,7 +184,9 @@ def validate(
     """Val AUC / loss / accuracy at 0.5, each rank predicting a shard."""
     shard = val.pixels[dist.rank :: dist.world_size]
     logits = predict_logits(network, shard, batch_size=batch_size, device=device, amp=True, show=dist.is_main)
-    logits = gather_rows(logits, len(val), dist)
+    logits = gather_rows(logits, len(val), dist)  # every rank holds all of them: all raise alike
+    if not bool(torch.isfinite(logits).all()):
+        raise DivergedError(f"the network's validation outputs are not finite: {DIVERGED}")
     probs = pneumonia_probability(logits).numpy()
     labels = val.labels.numpy()
     return {

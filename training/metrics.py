@@ -20,6 +20,9 @@ def _as_arrays(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"labels and scores differ in length: {y.shape} vs {s.shape}")
+    bad = int(np.count_nonzero(~np.isfinite(s)))
+    if bad:  # NaN sorts anywhere: an AUC of such scores is a number that means nothing (it read 1.0)
+        raise ValueError(f"{bad} of {s.size} scores are NaN or infinite")
     return y, s
 
 

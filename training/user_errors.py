@@ -7,3 +7,7 @@ class UsageError(ValueError):
 
 class DataError(UsageError):
     """The data directory does not have the expected layout or content."""
+
+
+class DivergedError(UsageError):
+    """The run's loss or outputs stopped being finite: the recipe (usually its learning rate), not a bug."""
