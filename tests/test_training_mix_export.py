@@ -153,6 +153,10 @@ def test_other_data_a_tampered_or_relabelled_end_a_used_out_and_a_fraction_off_t
 
     assert main(mix_args(runs, runs["tuned"], "0.5")) == 2
     assert "already holds a model" in last_error(capsys)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    assert main(mix_args(runs, a_file, "0.5")) == 2
+    assert last_error(capsys) == f"error: --out {a_file} is a file, not a directory"
 
     for fraction in ("1.5", "-0.1", "nan", "0.5,2"):
         with pytest.raises(SystemExit) as exited:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.user_errors import UsageError
@@ -134,12 +135,18 @@ def load_checkpoint(
     weights, info = checkpoint_paths(run_dir, name)
     if not (weights.is_file() and info.is_file()):
         raise UsageError(f"no '{name}' checkpoint in {run_dir / CHECKPOINT_DIR}")
-    meta = json.loads(info.read_text())
-    tensors = load_file(str(weights))
-    model.load_state_dict({k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)})
-    if optimizer is not None:
-        optim = {k: v for k, v in tensors.items() if k.startswith(_OPTIM)}
-        optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+    try:
+        meta = json.loads(info.read_text())
+        tensors = load_file(str(weights))
+        model.load_state_dict({k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)})
+        if optimizer is not None:
+            optim = {k: v for k, v in tensors.items() if k.startswith(_OPTIM)}
+            optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
+        raise UsageError(
+            f"the '{name}' checkpoint in {run_dir / CHECKPOINT_DIR} is damaged ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): restore it, or start a new run (another --out)"
+        ) from exc
     if average is not None:
         averaged = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
         if not averaged:

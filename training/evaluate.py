@@ -18,7 +18,7 @@ from app.core.preprocessing import preprocess_file
 from training.data import ImageSet, discover, load_images
 from training.loops import predict_logits
 from training.report import compute_report_metrics, write_report
-from training.user_errors import DataError
+from training.user_errors import DataError, make_dir
 
 
 def evaluate_images(
@@ -99,6 +99,7 @@ def run_evaluate(
 ) -> dict[str, Any]:
     loaded = load_model(weights)
     splits = discover(data)
+    make_dir(report_dir, "--report")  # now, not after minutes of scoring
     name = "all" if "all" in splits else split
     if name not in splits:
         raise DataError(f"{data}: no '{split}' split (found {', '.join(sorted(splits))}); choose one with --split")

@@ -38,7 +38,7 @@ from training.loops import predict_logits
 from training.mix_choice import RESAMPLES, RULE, NoFractionError, choose, score_candidates
 from training.report import json_safe
 from training.rundir import git_commit, setup_logging
-from training.user_errors import DataError, UsageError
+from training.user_errors import DataError, UsageError, make_dir
 from training.weight_mix import LineageError, mix, soup
 
 log = logging.getLogger("training.mix")
@@ -128,7 +128,7 @@ def run_mix(
     config = mix_config(tuned[0], data=data, out=out, overrides=overrides)
     splits = discover(config.data)
     configure_threads(config.threads)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     single = DistInfo()  # one process: nothing is trained, so there is nothing to spread
     setup_logging(out, single)
     found = data_hash(config, splits)  # from the bytes: other data is refused before minutes of decoding

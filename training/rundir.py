@@ -51,7 +51,12 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
     config_path = run_dir / CONFIG_FILE
     if not (config_path.is_file() and has_checkpoint(run_dir)):
         raise UsageError(f"cannot resume: {run_dir} has no {CONFIG_FILE} and checkpoint/last.*")
-    stored = json.loads(config_path.read_text())
+    try:
+        stored = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"cannot resume: {config_path} is damaged (not JSON: {exc})") from exc
+    if not isinstance(stored, dict):
+        raise UsageError(f"cannot resume: {config_path} is damaged (not a JSON object)")
     stored["out"] = str(run_dir)
     original, merged = TrainConfig(**stored), TrainConfig(**{**stored, **cli})
     changed = [k for k in cli if k not in RESUME_OVERRIDABLE and getattr(merged, k) != getattr(original, k)]

@@ -32,7 +32,7 @@ from training.finetune import check_split
 from training.loops import Schedule, steps_per_epoch, train_one_epoch, validate
 from training.report import json_safe
 from training.rundir import append_metrics, record_start, setup_logging, write_run_files
-from training.user_errors import DataError
+from training.user_errors import DataError, make_dir
 from training.weight_average import WeightAverage
 
 log = logging.getLogger("training")
@@ -55,7 +55,7 @@ def train(config: TrainConfig, resuming: bool) -> dict[str, Any] | None:
 def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.device) -> dict[str, Any] | None:
     splits = discover(config.data)  # a layout error must not leave an empty run directory behind
     configure_threads(config.threads)
-    config.out.mkdir(parents=True, exist_ok=True)
+    make_dir(config.out, "--out")
     setup_logging(config.out, dist)
     log.info(
         "%s run in %s on %s (%d process(es))",

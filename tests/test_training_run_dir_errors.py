@@ -1,0 +1,86 @@
+"""A run directory that cannot be made, or a damaged one to resume, is one ``error:`` line, never a traceback.
+
+Each case here was a traceback before (FileExistsError, NotADirectoryError, SafetensorError,
+JSONDecodeError, KeyError), found by pointing the commands at such files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.training_support import make_dataset, refused_with_one_line, train_args
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-epoch run (its checkpoint, config and export) and its data."""
+    root = tmp_path_factory.mktemp("finished")
+    data = make_dataset(root / "data")
+    assert main(train_args(data, root / "run", "--epochs", "1")) == 0
+    return {"data": data, "run": root / "run"}
+
+
+def test_an_out_or_report_that_is_a_file_or_lies_under_one_is_refused(
+    finished: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    err = refused_with_one_line(capsys, train_args(finished["data"], a_file))
+    assert err == f"error: --out {a_file} is a file, not a directory"
+    err = refused_with_one_line(capsys, train_args(finished["data"], a_file / "run"))
+    assert err == f"error: --out {a_file / 'run'}: cannot create the directory (Not a directory)"
+    evaluate = ["evaluate", "--weights", str(finished["run"]), "--data", str(finished["data"] / "train")]
+    err = refused_with_one_line(capsys, [*evaluate, "--report", str(a_file)])
+    assert err == f"error: --report {a_file} is a file, not a directory"
+    assert a_file.read_text() == "not a directory"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _garble(path: Path) -> None:
+    path.write_text("{not json")
+
+
+def _drop_optimizer(path: Path) -> None:
+    meta = json.loads(path.read_text())
+    del meta["optimizer"]
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "message"),
+    [
+        (
+            "checkpoint/last.safetensors",
+            _truncate,
+            "checkpoint is damaged (SafetensorError: Error while deserializing header",
+        ),
+        ("checkpoint/last.json", _garble, "checkpoint is damaged (JSONDecodeError: Expecting property name"),
+        ("checkpoint/last.json", _drop_optimizer, "checkpoint is damaged (KeyError: 'optimizer')"),
+        ("config.json", _garble, "config.json is damaged (not JSON: Expecting property name"),
+        ("config.json", lambda path: path.write_text("[1, 2]"), "config.json is damaged (not a JSON object)"),
+    ],
+)
+def test_resuming_a_damaged_run_is_refused_in_one_line(
+    finished: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    file: str,
+    damage: Callable[[Path], None],
+    message: str,
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished["run"], run)
+    damage(run / file)
+    err = refused_with_one_line(capsys, ["train", "--resume", str(run), "--epochs", "2"])
+    assert message in err
+    for kept in ("model.safetensors", "model.json", "checkpoint/best.safetensors"):  # nothing overwritten
+        assert (run / kept).read_bytes() == (finished["run"] / kept).read_bytes()
