@@ -149,7 +149,7 @@ def refused_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -
     """Run the CLI on ``argv``, which must exit 2 with exactly one ``error:`` line and no traceback; returns it."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and lines[0].startswith("error: ")
     return lines[0]
