@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -150,6 +151,27 @@ def test_data_hash_from_the_bytes_is_the_one_prepare_data_records(
     assert data_hash(config, discover(data)) == prepared.data_hash
     (root / "train" / "PNEUMONIA" / "person1_virus_10.jpeg").write_bytes(b"changed")
     assert data_hash(config, discover(data)) != prepared.data_hash
+
+
+def test_file_names_that_are_not_utf8_or_hold_a_newline_train_and_report(tmp_path: Path) -> None:
+    """A Latin-1 name on a UTF-8 system crashed the decode cache's key (UnicodeEncodeError), then the report."""
+    root = make_dataset(tmp_path / "d", normal_patients=4, pneumonia_patients=4, per_patient=1)
+    normal = root / "train" / "NORMAL"
+    latin1 = os.fsdecode(b"IM-0901-M\xfcller.jpeg")  # what Python makes of the bytes: lone surrogates
+    (normal / "NORMAL2-IM-0001-0001.jpeg").rename(normal / latin1)
+    (normal / "IM-0002-0001.jpeg").rename(normal / "IM-0902-line\nbreak.jpeg")
+    (normal / os.fsdecode(b"IM-0903-\xe9.jpeg")).write_bytes(b"not an image")  # skipped, and logged
+    out = tmp_path / "run"
+    assert main(train_args(root, out, "--epochs", "1")) == 0
+    assert "unreadable image skipped: " in (log := (out / "train.log").read_text(encoding="utf-8"))
+    assert "IM-0903-\\udce9.jpeg (unsupported_media_type" in log  # (the console is sys.stderr: backslashreplace)
+    paths = [row["path"] for side in json.loads((out / "split.json").read_text()).values() for row in side]
+    assert str(normal / latin1) in paths and str(normal / "IM-0902-line\nbreak.jpeg") in paths
+    report = tmp_path / "report"
+    evaluate = ["evaluate", "--weights", str(out), "--data", str(root / "train"), "--report", str(report)]
+    assert main([*evaluate, "--bootstrap", "0"]) == 0
+    written = (report / "predictions.csv").read_bytes().decode("utf-8")  # still valid UTF-8
+    assert "IM-0901-M\\udcfcller.jpeg,NORMAL," in written and '/IM-0902-line\nbreak.jpeg",NORMAL,' in written
 
 
 def test_cache_round_trip_and_invalidation(tmp_path: Path) -> None:

@@ -131,13 +131,14 @@ def _listing_key(samples: list[Sample], input_size: int) -> str:
     digest = hashlib.sha256(str(input_size).encode())
     for sample in samples:
         stat = sample.path.stat()
-        digest.update(f"{sample.path.resolve()}|{sample.label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(f"{sample.path.resolve()}|{sample.label}|{stat.st_size}|{stat.st_mtime_ns}\n"))
     return digest.hexdigest()
 
 
 def _content_line(sample: Sample, digest: str) -> bytes:
     """One file's line of a content hash: its class folder, name and the sha256 of its bytes ("" if unreadable)."""
-    return f"{sample.path.parent.name}/{sample.path.name}|{digest}\n".encode()
+    # fsencode: a name that is not UTF-8 (a Latin-1 disk) hashes as its bytes; UTF-8 names as before
+    return os.fsencode(f"{sample.path.parent.name}/{sample.path.name}|{digest}\n")
 
 
 def _combined_hash(content_hashes: dict[str, str]) -> str:
@@ -308,5 +309,5 @@ def split_hash(data: PreparedData) -> str:
     digest = hashlib.sha256()
     for side, images in (("train", data.train), ("val", data.val)):
         for path in sorted(Path(p).name for p in images.paths):
-            digest.update(f"{side}:{path}\n".encode())
+            digest.update(os.fsencode(f"{side}:{path}\n"))
     return digest.hexdigest()

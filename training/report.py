@@ -44,7 +44,8 @@ def write_report(
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     threshold = float(metrics["threshold"])
-    with (report_dir / "predictions.csv").open("w", newline="") as handle:
+    # a file name that is not UTF-8 is written with backslash escapes: the report stays valid UTF-8
+    with (report_dir / "predictions.csv").open("w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "probability", "prediction"])
         for path, label, prob in zip(paths, labels.tolist(), probs.tolist(), strict=True):

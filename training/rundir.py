@@ -77,7 +77,7 @@ def setup_logging(run_dir: Path, dist: DistInfo) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if dist.is_main:
-        handlers.append(logging.FileHandler(run_dir / LOG_FILE))
+        handlers.append(logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8", errors="backslashreplace"))
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
