@@ -201,7 +201,13 @@ def test_missing_or_empty_class_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (tmp_path / "d" / "train" / "PNEUMONIA").mkdir()
     (tmp_path / "d" / "train" / "PNEUMONIA" / "notes.txt").write_text("no images here")
     err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
-    assert "PNEUMONIA has no images" in err
+    assert err.endswith(
+        "class PNEUMONIA of the train split has no readable image "
+        "(1 file(s) of the split skipped, each logged with its reason)"
+    )
+    (tmp_path / "d" / "train" / "PNEUMONIA" / "notes.txt").unlink()
+    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    assert err.endswith("PNEUMONIA: class PNEUMONIA has no files")
 
 
 def test_too_few_training_images_for_the_guard_fail_before_training(
@@ -328,6 +334,39 @@ def test_evaluate_reads_dicom_files_through_the_service_preprocessing(
     assert metrics["n"] == 6
     assert [(item["path"], item["reason"].split(":")[0]) for item in metrics["unreadable"]] == [
         (str(lateral), "not_frontal_view")
+    ]
+
+
+def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_dropped_unsaid(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PACS export names DICOM files by UID (no .dcm): read, like a subfolder's films; a note is skipped with
+    its code and listed; hidden files (macOS's ._ copies) and linked folders are not taken, as in app.score."""
+    root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
+    normal = root / "NORMAL"
+    uid = normal / "1.2.840.113619.2.55.3.604688119.969.1234567890.123"
+    uid.write_bytes(dicom_bytes(Spec(photometric="MONOCHROME2"), chest_stored(Spec(), seed=3)))
+    (normal / "hospital-b").mkdir()
+    (normal / "NORMAL2-IM-0001-0001.jpeg").rename(normal / "hospital-b" / "NORMAL2-IM-0001-0001.jpeg")
+    (normal / "notes.txt").write_text("exported 2026-11-02")
+    (normal / "._IM-0002-0001.jpeg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (normal / ".thumbnails").mkdir()
+    (normal / ".thumbnails" / "IM-0002-0001.jpeg").write_bytes((normal / "IM-0002-0001.jpeg").read_bytes())
+    (normal / "linked").symlink_to(root / "PNEUMONIA", target_is_directory=True)
+    samples = discover(root)["all"]
+    assert [s.path.relative_to(root).as_posix() for s in samples if s.label == 0] == [
+        f"NORMAL/{uid.name}",
+        "NORMAL/IM-0002-0001.jpeg",
+        "NORMAL/hospital-b/NORMAL2-IM-0001-0001.jpeg",
+        "NORMAL/notes.txt",
+    ]
+    report = tmp_path / "report"
+    argv = ["evaluate", "--weights", str(tiny_weights), "--data", str(root), "--report", str(report)]
+    assert main([*argv, "--device", "cpu", "--bootstrap", "0", "--workers", "1"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n"] == 5  # the UID-named DICOM, two films of NORMAL, two of PNEUMONIA
+    assert [(item["path"], item["reason"].split(":")[0]) for item in metrics["unreadable"]] == [
+        (str(normal / "notes.txt"), "unsupported_media_type")
     ]
 
 

@@ -32,8 +32,6 @@ from training.leakage import check_no_leakage
 from training.split import grouped_stratified_split, recorded_split
 from training.user_errors import DataError
 
-# DICOM files (by their usual extension) go through the same preprocessing as the service, its checks included.
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 SPLITS = ("train", "val", "test")
 # What validation is called when it is the dataset's own val folder (fine-tuning trusts it as the user's hold-out).
 PROVIDED_VAL = "provided val split"
@@ -84,8 +82,22 @@ def _is_class_dir(directory: Path) -> bool:
     return any((directory / name).is_dir() for name in CLASS_NAMES)
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every regular file under ``folder`` (subfolders included; hidden names and linked folders not), sorted.
+
+    Taken by content, not by name, as the service and ``app.score`` take them: a PACS export names DICOM
+    files by UID (``1.2.840....123``), without ``.dcm``, and a suffix filter dropped them without a word.
+    A file that is no image is skipped at decoding with its error code, and listed.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not Path(dirpath, d).is_symlink())
+        found += [Path(dirpath, f) for f in filenames if not f.startswith(".") and Path(dirpath, f).is_file()]
+    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+
+
 def list_split(split_dir: Path) -> list[Sample]:
-    """All images of ``split_dir/{NORMAL,PNEUMONIA}``; both class folders must hold images."""
+    """All files of ``split_dir/{NORMAL,PNEUMONIA}`` (:func:`files_under`); neither class folder may be empty."""
     samples: list[Sample] = []
     for label, name in enumerate(CLASS_NAMES):
         class_dir = split_dir / name
@@ -93,9 +105,9 @@ def list_split(split_dir: Path) -> list[Sample]:
             raise DataError(
                 f"{split_dir}: missing class folder {name}/ (expected {split_dir}/{{{','.join(CLASS_NAMES)}}})"
             )
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = files_under(class_dir)
         if not files:
-            raise DataError(f"{class_dir}: class {name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"{class_dir}: class {name} has no files")
         samples.extend(Sample(path, label) for path in files)
     return samples
 
@@ -284,6 +296,12 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
     val_fraction, split_seed = recorded_split(config.model_dump())  # as every later rebuild of the split reads it
     decoded = _decode_all(config, samples, dist)
     train = decoded["train"].images
+    for label, count in enumerate(train.class_counts()):
+        if count == 0:  # its files were all skipped: list_split saw files, none of them an image
+            raise DataError(
+                f"{config.data}: class {CLASS_NAMES[label]} of the train split has no readable image "
+                f"({len(decoded['train'].skipped)} file(s) of the split skipped, each logged with its reason)"
+            )
     val = decoded["val"].images if "val" in decoded else None
     if val is not None and len(val) >= config.min_val_images and min(val.class_counts()) > 0:
         val_source = PROVIDED_VAL
