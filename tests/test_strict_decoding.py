@@ -625,6 +625,28 @@ def test_special_files_are_refused_by_kind_without_blocking(tmp_path: Path) -> N
     assert caught.value.message == "skipped: a character device"
 
 
+def test_a_file_over_the_decode_budget_is_refused_unread(tmp_path: Path) -> None:
+    """An archive left among the images is refused by its size alone: nothing is read into memory."""
+    limit = imaging.DEFAULT_MAX_DECODE_BYTES
+    archive = tmp_path / "dataset-backup.zip"
+    with archive.open("wb") as handle:
+        handle.truncate(limit + 1)  # sparse: no disk written, no memory read
+    with pytest.raises(imaging.ImageTooLargeError) as caught:
+        imaging.read_image_file(archive)
+    assert caught.value.message == f"the file is {limit + 1} bytes, over the limit of {limit}"
+    prepared = imaging.preprocess_file(archive, 4)
+    assert prepared.sha256 == "" and prepared.error is not None and prepared.error.code == "image_too_large"
+    png = tmp_path / "film.png"
+    png.write_bytes(grey_png(40, 30))
+    assert imaging.read_image_file(png, max_bytes=png.stat().st_size) == grey_png(40, 30)
+    with pytest.raises(imaging.ImageTooLargeError):
+        imaging.read_image_file(png, max_bytes=png.stat().st_size - 1)
+    # procfs files say size 0 and hold more: the read itself stops at the limit
+    with pytest.raises(imaging.ImageTooLargeError) as caught:
+        imaging.read_image_file(Path("/proc/self/maps"), max_bytes=10)
+    assert caught.value.message == "the file holds more than 10 bytes (more than its size said)"
+
+
 def test_missing_file_names_the_os_error(tmp_path: Path) -> None:
     with pytest.raises(imaging.UnreadableFileError) as caught:
         imaging.read_image_file(tmp_path / "absent.png")

@@ -349,6 +349,8 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     (normal / "hospital-b").mkdir()
     (normal / "NORMAL2-IM-0001-0001.jpeg").rename(normal / "hospital-b" / "NORMAL2-IM-0001-0001.jpeg")
     (normal / "notes.txt").write_text("exported 2026-11-02")
+    with (normal / "backup.zip").open("wb") as handle:
+        handle.truncate(2**30)  # sparse: refused by its size, never read
     (normal / "._IM-0002-0001.jpeg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (normal / ".thumbnails").mkdir()
     (normal / ".thumbnails" / "IM-0002-0001.jpeg").write_bytes((normal / "IM-0002-0001.jpeg").read_bytes())
@@ -357,6 +359,7 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     assert [s.path.relative_to(root).as_posix() for s in samples if s.label == 0] == [
         f"NORMAL/{uid.name}",
         "NORMAL/IM-0002-0001.jpeg",
+        "NORMAL/backup.zip",
         "NORMAL/hospital-b/NORMAL2-IM-0001-0001.jpeg",
         "NORMAL/notes.txt",
     ]
@@ -366,7 +369,8 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["n"] == 5  # the UID-named DICOM, two films of NORMAL, two of PNEUMONIA
     assert [(item["path"], item["reason"].split(":")[0]) for item in metrics["unreadable"]] == [
-        (str(normal / "notes.txt"), "unsupported_media_type")
+        (str(normal / "backup.zip"), "image_too_large"),
+        (str(normal / "notes.txt"), "unsupported_media_type"),
     ]
 
 

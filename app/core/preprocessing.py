@@ -341,11 +341,13 @@ def _require_regular(mode: int) -> None:
         raise UnreadableFileError(f"skipped: {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}")
 
 
-def read_image_file(path: Path) -> bytes:
+def read_image_file(path: Path, max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> bytes:
     """The bytes of a regular file; FIFOs, sockets and devices are refused without blocking on them.
 
     Opened non-blocking and checked with ``fstat`` on the open descriptor, so neither a FIFO (whose
     plain ``open`` waits for a writer forever) nor a file swapped for one in between can hang a run.
+    A file over ``max_bytes`` (by default the decode budget, which no usable image's file exceeds) is
+    refused unread: an archive or video left in a scored or training folder must not fill the memory.
     """
     try:
         _require_regular(os.stat(path).st_mode)  # sockets cannot even be opened: name them first
@@ -353,9 +355,15 @@ def read_image_file(path: Path) -> bytes:
     except OSError as exc:
         raise UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
     try:
-        _require_regular(os.fstat(fd).st_mode)
+        info = os.fstat(fd)
+        _require_regular(info.st_mode)
+        if info.st_size > max_bytes:
+            raise ImageTooLargeError(f"the file is {info.st_size} bytes, over the limit of {max_bytes}")
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
+            data = handle.read(max_bytes + 1)  # a file that grew since fstat is cut off here
+        if len(data) > max_bytes:
+            raise ImageTooLargeError(f"the file holds more than {max_bytes} bytes (more than its size said)")
+        return data
     except OSError as exc:
         raise UnreadableFileError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
     finally:
@@ -379,7 +387,7 @@ def preprocess_file(
     replaces the in-process :func:`prepare_input` (the scorer passes its isolated decode pool).
     """
     try:
-        data = read_image_file(path)
+        data = read_image_file(path, max_decode_bytes)
     except ImageError as exc:
         return PreparedFile(None, error=exc)
     digest = hashlib.sha256(data).hexdigest()
