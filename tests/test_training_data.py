@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app.core.network import ModelSpec, Normalization
+from tests.conftest import encode
 from tests.dicom_files import Spec, chest_stored, dicom_bytes
+from tests.hostile_inputs import gradient16
 from tests.training_support import (
     INPUT_SIZE,
     make_dataset,
@@ -24,7 +31,7 @@ from tests.training_support import (
 )
 from training.cli import build_parser, main
 from training.config import TrainConfig, flag
-from training.data import data_hash, discover, load_images, prepare_data
+from training.data import Decoded, data_hash, discover, load_images, prepare_data
 from training.distributed import DistInfo
 from training.split import grouped_stratified_split, patient_id
 from training.user_errors import DataError
@@ -172,6 +179,53 @@ def test_file_names_that_are_not_utf8_or_hold_a_newline_train_and_report(tmp_pat
     assert main([*evaluate, "--bootstrap", "0"]) == 0
     written = (report / "predictions.csv").read_bytes().decode("utf-8")  # still valid UTF-8
     assert "IM-0901-M\\udcfcller.jpeg,NORMAL," in written and '/IM-0902-line\nbreak.jpeg",NORMAL,' in written
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process, from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _decoding_pid(timeout_s: float = 20.0) -> int:
+    """A decoder worker (a grandchild: this process, the pool's forkserver, its workers) that stays on the CPU
+    for 50 ms, i.e. is decoding a slow film, not starting up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        table = _process_table()
+        children = {pid for pid, (parent, _) in table.items() if parent == os.getpid()}
+        running = [pid for pid, (parent, state) in table.items() if parent in children and state == "R"]
+        time.sleep(0.05)
+        table = _process_table()
+        for pid in running:
+            if table.get(pid, (0, ""))[1] == "R":
+                return pid
+    raise AssertionError("no decoder worker started decoding")
+
+
+def test_a_decoder_that_crashes_costs_its_file_not_the_run(tmp_path: Path) -> None:
+    """Decoding runs in the service's decoder processes: SIGSEGV one mid-decode and that film is skipped as
+    corrupt_image while every other film is decoded (in-process threads would have taken the run down)."""
+    root = write_split(tmp_path / "d", normal_names(range(1, 4), 1), pneumonia_names(range(1, 4), 1))
+    slow = encode(Image.fromarray(gradient16(2600, 2600)), "PNG", compress_level=1)  # ~0.3 s to decode
+    for k in range(6):
+        (root / "NORMAL" / f"IM-{10 + k:04d}-0001.png").write_bytes(slow)
+    samples = discover(root)["all"]
+    result: dict[str, Decoded] = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("decoded", load_images(samples, INPUT_SIZE, workers=2, cache_dir=None))
+    )
+    thread.start()
+    os.kill(_decoding_pid(), signal.SIGSEGV)
+    thread.join(120)
+    decoded = result["decoded"]
+    [crashed] = decoded.skipped
+    assert crashed.reason.startswith("corrupt_image: ") and "SIGSEGV" in crashed.reason
+    assert len(decoded.images) == len(samples) - 1 and crashed.path not in decoded.images.paths
 
 
 def test_cache_round_trip_and_invalidation(tmp_path: Path) -> None:

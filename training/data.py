@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.core.decode_pool import DecodePool
 from app.core.image_errors import ImageError
 from app.core.input_guard import MIN_TRAIN_IMAGES
 from app.core.network import CLASS_NAMES
@@ -168,15 +169,20 @@ class Decoded:
 
 
 def load_images(samples: list[Sample], input_size: int, *, workers: int, cache_dir: Path | None) -> Decoded:
-    """Decode ``samples`` (in parallel threads; Pillow releases the GIL) or read them from the cache."""
+    """Decode ``samples`` in ``workers`` decoder processes, or read them from the cache.
+
+    The service's :class:`~app.core.decode_pool.DecodePool`, as ``app.score`` uses it: a file that
+    crashes or hangs a native decoder, or would take more memory than a worker may, costs that file
+    (skipped with ``corrupt_image`` or ``image_too_large``), not hours of a run that dies at its start.
+    """
     cache_base = None
     if cache_dir is not None:
         cache_base = cache_dir / f"images-{_listing_key(samples, input_size)[:20]}-{input_size}px"
         cached = _read_cache(cache_base)
         if cached is not None:
             return cached
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda s: preprocess_file(s.path, input_size), samples))
+    with DecodePool(max(1, workers), input_size) as decoder, ThreadPoolExecutor(decoder.size) as pool:
+        results = list(pool.map(lambda s: preprocess_file(s.path, input_size, decoder=decoder.decode), samples))
     pixels, labels, paths, digests, skipped = [], [], [], [], []
     content = hashlib.sha256()
     for sample, prepared in zip(samples, results, strict=True):
