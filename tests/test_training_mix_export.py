@@ -12,7 +12,7 @@ import torch
 
 from app.core.artifacts import load_model
 from benchmarks import eval_sets
-from tests.training_support import last_error, make_dataset, tampered_copy, train_args
+from tests.training_support import last_error, lock_held_elsewhere, make_dataset, tampered_copy, train_args
 from training.cli import main
 from training.loops import predict_logits
 from training.mix_choice import RESAMPLES, Candidate, score_candidates
@@ -157,6 +157,12 @@ def test_other_data_a_tampered_or_relabelled_end_a_used_out_and_a_fraction_off_t
     a_file.write_text("not a directory")
     assert main(mix_args(runs, a_file, "0.5")) == 2
     assert last_error(capsys) == f"error: --out {a_file} is a file, not a directory"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with lock_held_elsewhere(busy) as pid:
+        assert main(mix_args(runs, busy, "0.5")) == 2
+        assert f"error: --out {busy} is in use by a run that is still going (pid {pid} on " in last_error(capsys)
+    assert not (busy / "model.json").exists()
 
     for fraction in ("1.5", "-0.1", "nan", "0.5,2"):
         with pytest.raises(SystemExit) as exited:

@@ -9,19 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.training_support import make_dataset, refused_with_one_line, train_args
+from tests.training_support import lock_held_elsewhere, make_dataset, refused_with_one_line, train_args
 from training.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -100,32 +95,13 @@ def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_run_leaves_no_stal
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from training.distributed import DistInfo; "
-            "from training.run_lock import run_lock\n"
-            "with run_lock(Path(sys.argv[1]), DistInfo()):\n"
-            "    print('held', flush=True); time.sleep(120)",
-            str(out),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        host = socket.gethostname()
+    with lock_held_elsewhere(out) as pid:
         err = refused_with_one_line(capsys, train_args(data, out))
         assert err == (
-            f"error: --out {out} is in use by a run that is still going (pid {holder.pid} on {host}): "
+            f"error: --out {out} is in use by a run that is still going (pid {pid} on {socket.gethostname()}): "
             "wait for it, or choose another --out"
         )
         assert not (out / "checkpoint").exists() and not (out / "config.json").exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=30)
     assert main(train_args(data, out, "--epochs", "1")) == 0  # the kernel dropped the lock with the process
     assert (out / "model.safetensors").exists()
     assert (out / "run.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"

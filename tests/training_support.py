@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +169,28 @@ def tampered_copy(model_dir: Path, to: Path) -> Path:
     weights[-1] ^= 0x01
     (to / "model.safetensors").write_bytes(bytes(weights))
     return to
+
+
+@contextmanager
+def lock_held_elsewhere(run_dir: Path) -> Iterator[int]:
+    """Another process holds ``run_dir``'s run lock, as a live run does; yields its pid, then SIGKILLs it."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from training.distributed import DistInfo; "
+            "from training.run_lock import run_lock\n"
+            "with run_lock(Path(sys.argv[1]), DistInfo()):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(run_dir),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)  # however it ends, the kernel drops the lock with the process
+        holder.wait(timeout=30)

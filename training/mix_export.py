@@ -37,6 +37,7 @@ from training.finetune import load_exported
 from training.loops import predict_logits
 from training.mix_choice import RESAMPLES, RULE, NoFractionError, choose, score_candidates
 from training.report import json_safe
+from training.run_lock import run_lock
 from training.rundir import git_commit, setup_logging
 from training.user_errors import DataError, UsageError, make_dir
 from training.weight_mix import LineageError, mix, soup
@@ -130,42 +131,43 @@ def run_mix(
     configure_threads(config.threads)
     make_dir(out, "--out")
     single = DistInfo()  # one process: nothing is trained, so there is nothing to spread
-    setup_logging(out, single)
-    found = data_hash(config, splits)  # from the bytes: other data is refused before minutes of decoding
-    for model in tuned:
-        trained_on = model.metadata.provenance.get("data_hash")
-        if found != trained_on:
-            raise DataError(
-                f"the data under {data} is not the data {model.metadata.version} was trained on "
-                f"(data_hash {found[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
-                "images the models trained on"
-            )
-    prepared = prepare_data(config, splits, single)
-    device = resolve_device(config.device)
-    fraction, choice = fractions[0], {}
-    if len(set(fractions)) > 1:
-        fraction, record = _choose_on_validation(parent.network, far, fractions, config, prepared, device)
-        choice = {"choice": record}
-    network = mix(parent.network, far, fraction)
-    log.info(
-        "mixed %s and %s at %.3f of the way (validated on %s)",
-        parent.metadata.version,
-        " + ".join(model.metadata.version for model in tuned),
-        fraction,
-        prepared.val_source,
-    )
-    made = json_safe(
-        {
-            **data_provenance(config, prepared),
-            "weight_mix": {
-                "fraction": fraction,
-                "parent": _record(parent_path, parent),
-                "tuned": [_record(path, model) for path, model in zip(tuned_paths, tuned, strict=True)],
-                **choice,
-            },
-            "args": config.model_dump(mode="json"),
-            "torch": torch.__version__,
-            **git_commit(),
-        }
-    )
-    return calibrate_and_export(config, prepared, network, device, made)
+    with run_lock(out, single):  # one mix per directory, as one run
+        setup_logging(out, single)
+        found = data_hash(config, splits)  # from the bytes: other data is refused before minutes of decoding
+        for model in tuned:
+            trained_on = model.metadata.provenance.get("data_hash")
+            if found != trained_on:
+                raise DataError(
+                    f"the data under {data} is not the data {model.metadata.version} was trained on "
+                    f"(data_hash {found[:12]} vs {str(trained_on)[:12]}): its validation split could hold "
+                    "images the models trained on"
+                )
+        prepared = prepare_data(config, splits, single)
+        device = resolve_device(config.device)
+        fraction, choice = fractions[0], {}
+        if len(set(fractions)) > 1:
+            fraction, record = _choose_on_validation(parent.network, far, fractions, config, prepared, device)
+            choice = {"choice": record}
+        network = mix(parent.network, far, fraction)
+        log.info(
+            "mixed %s and %s at %.3f of the way (validated on %s)",
+            parent.metadata.version,
+            " + ".join(model.metadata.version for model in tuned),
+            fraction,
+            prepared.val_source,
+        )
+        made = json_safe(
+            {
+                **data_provenance(config, prepared),
+                "weight_mix": {
+                    "fraction": fraction,
+                    "parent": _record(parent_path, parent),
+                    "tuned": [_record(path, model) for path, model in zip(tuned_paths, tuned, strict=True)],
+                    **choice,
+                },
+                "args": config.model_dump(mode="json"),
+                "torch": torch.__version__,
+                **git_commit(),
+            }
+        )
+        return calibrate_and_export(config, prepared, network, device, made)
