@@ -409,14 +409,20 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     (normal / ".thumbnails").mkdir()
     (normal / ".thumbnails" / "IM-0002-0001.jpeg").write_bytes((normal / "IM-0002-0001.jpeg").read_bytes())
     (normal / "linked").symlink_to(root / "PNEUMONIA", target_is_directory=True)
+    (normal / "moved.jpeg").symlink_to(tmp_path / "gone.jpeg")  # a broken link
+    os.mkfifo(normal / "pipe")
     samples = discover(root)["all"]
     assert [s.path.relative_to(root).as_posix() for s in samples if s.label == 0] == [
         f"NORMAL/{uid.name}",
         "NORMAL/IM-0002-0001.jpeg",
         "NORMAL/backup.zip",
         "NORMAL/hospital-b/NORMAL2-IM-0001-0001.jpeg",
+        "NORMAL/moved.jpeg",
         "NORMAL/notes.txt",
+        "NORMAL/pipe",
     ]
+    cached = load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")  # the cache key stats each
+    assert len(cached.images) == 5 and len(cached.skipped) == 4
     report = tmp_path / "report"
     argv = ["evaluate", "--weights", str(tiny_weights), "--data", str(root), "--report", str(report)]
     assert main([*argv, "--device", "cpu", "--bootstrap", "0", "--workers", "1"]) == 0
@@ -424,7 +430,9 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     assert metrics["n"] == 5  # the UID-named DICOM, two films of NORMAL, two of PNEUMONIA
     assert [(item["path"], item["reason"].split(":")[0]) for item in metrics["unreadable"]] == [
         (str(normal / "backup.zip"), "image_too_large"),
+        (str(normal / "moved.jpeg"), "read_error"),
         (str(normal / "notes.txt"), "unsupported_media_type"),
+        (str(normal / "pipe"), "read_error"),
     ]
 
 

@@ -84,16 +84,17 @@ def _is_class_dir(directory: Path) -> bool:
 
 
 def files_under(folder: Path) -> list[Path]:
-    """Every regular file under ``folder`` (subfolders included; hidden names and linked folders not), sorted.
+    """Every entry under ``folder`` that is not a folder (subfolders included; hidden names and linked folders
+    not), sorted.
 
     Taken by content, not by name, as the service and ``app.score`` take them: a PACS export names DICOM
     files by UID (``1.2.840....123``), without ``.dcm``, and a suffix filter dropped them without a word.
-    A file that is no image is skipped at decoding with its error code, and listed.
+    What is no image (a note, a FIFO, a broken link) is skipped at decoding with its error code, and listed.
     """
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not Path(dirpath, d).is_symlink())
-        found += [Path(dirpath, f) for f in filenames if not f.startswith(".") and Path(dirpath, f).is_file()]
+        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 
@@ -143,8 +144,12 @@ def _listing_key(samples: list[Sample], input_size: int) -> str:
     """Cache key: file paths, sizes and mtimes plus the input size (content changes change mtime)."""
     digest = hashlib.sha256(str(input_size).encode())
     for sample in samples:
-        stat = sample.path.stat()
-        digest.update(os.fsencode(f"{sample.path.resolve()}|{sample.label}|{stat.st_size}|{stat.st_mtime_ns}\n"))
+        try:
+            stat = sample.path.stat()
+            state = f"{stat.st_size}|{stat.st_mtime_ns}"
+        except OSError as exc:  # a broken link: decoding skips it, with its reason
+            state = type(exc).__name__
+        digest.update(os.fsencode(f"{sample.path.resolve()}|{sample.label}|{state}\n"))
     return digest.hexdigest()
 
 
