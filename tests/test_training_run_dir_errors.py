@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.training_support import lock_held_elsewhere, make_dataset, refused_with_one_line, train_args
-from training.cli import main
+from training.cli import _how_to_continue, build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +111,32 @@ def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_run_leaves_no_stal
     assert main(train_args(data, out, "--epochs", "1")) == 0  # the kernel dropped the lock with the process
     assert (out / "model.safetensors").exists()
     assert (out / "run.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+def test_ctrl_c_ends_a_run_with_one_line_naming_how_to_continue(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C, or what torchrun forwards) after an epoch: status 130, the resume command, no
+    traceback; that command then finishes the run."""
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "training", *train_args(data, out, "--epochs", "200")]
+    run = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert run.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"error: interrupted; continue from the last finished epoch with: python -m training train --resume {out}"
+    )
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows][-1] == 2 and (out / "model.safetensors").exists()
+
+
+def test_an_interruption_before_the_first_epoch_says_there_is_nothing_to_continue(tmp_path: Path) -> None:
+    fresh = build_parser().parse_args(train_args(tmp_path / "data", tmp_path / "run"))
+    assert _how_to_continue(fresh) == " before the first epoch finished: nothing to continue"
+    evaluate = build_parser().parse_args(["evaluate", "--weights", "w", "--data", "d", "--report", "r"])
+    assert _how_to_continue(evaluate) == ""

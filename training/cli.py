@@ -17,6 +17,7 @@ from pydantic_core import PydanticUndefined
 from app.core.artifacts import ModelLoadError
 from app.core.coded_error import first_validation_error
 from app.core.engine import EngineError, resolve_device
+from training.checkpoint import has_checkpoint
 from training.config import TrainConfig, flag
 from training.mix_choice import parse_fractions
 from training.user_errors import UsageError
@@ -192,6 +193,17 @@ def _run(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
 
 
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """For an interrupted ``train``: the command that continues it from its last finished epoch."""
+    if args.command != "train":
+        return ""
+    resume = getattr(args, "resume", None)  # flags given are attributes, those not given are not
+    run_dir = resume if resume not in (None, "auto") else getattr(args, "out", None)
+    if run_dir is None or not has_checkpoint(Path(run_dir)):
+        return " before the first epoch finished: nothing to continue"
+    return f"; continue from the last finished epoch with: python -m training train --resume {run_dir}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -201,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelLoadError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted{_how_to_continue(args)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except ValidationError as exc:
         where, message, _ = first_validation_error(exc.errors())
         # A check across several options (a model validator) has no location: the message names them.
