@@ -7,6 +7,7 @@ sort anywhere), the "best" epoch was kept, and calibration died in a TypeError t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ def test_a_diverging_run_stops_at_the_step_with_one_line_and_keeps_nothing(
     assert err.endswith("the run diverged; start a new run (another --out) with a lower --lr")
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint").exists()
     assert (out / "metrics.jsonl").read_text() == ""  # no epoch scored, none kept as the best
+    assert (out / "train.log").read_text().splitlines()[-1].endswith(f"ERROR stopped: {err.removeprefix('error: ')}")
 
 
 def test_a_sane_learning_rate_is_not_stopped(tmp_path: Path) -> None:
@@ -42,6 +44,10 @@ def test_a_sane_learning_rate_is_not_stopped(tmp_path: Path) -> None:
     assert main(train_args(data, out, "--epochs", "1")) == 0
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(row["train_loss"]) and (out / "model.safetensors").exists()
+    finished = (out / "train.log").read_text()
+    assert "ERROR" not in finished
+    logging.getLogger("training.data").warning("a later run's line")  # the run is over: not its log any more
+    assert (out / "train.log").read_text() == finished
 
 
 def test_validation_outputs_that_are_not_finite_stop_the_run() -> None:

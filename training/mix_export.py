@@ -38,7 +38,7 @@ from training.loops import predict_logits
 from training.mix_choice import RESAMPLES, RULE, NoFractionError, choose, score_candidates
 from training.report import json_safe
 from training.run_lock import run_lock
-from training.rundir import git_commit, setup_logging
+from training.rundir import git_commit, run_logging
 from training.user_errors import DataError, UsageError, make_dir
 from training.weight_mix import LineageError, mix, soup
 
@@ -131,8 +131,7 @@ def run_mix(
     configure_threads(config.threads)
     make_dir(out, "--out")
     single = DistInfo()  # one process: nothing is trained, so there is nothing to spread
-    with run_lock(out, single):  # one mix per directory, as one run
-        setup_logging(out, single)
+    with run_lock(out, single), run_logging(out, single):  # one mix per directory, as one run
         found = data_hash(config, splits)  # from the bytes: other data is refused before minutes of decoding
         for model in tuned:
             trained_on = model.metadata.provenance.get("data_hash")

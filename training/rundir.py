@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,21 +69,45 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
     return merged, True
 
 
-def setup_logging(run_dir: Path, dist: DistInfo) -> None:
-    """The ``training`` loggers print on every process and write ``train.log`` on the main one only."""
+@contextmanager
+def run_logging(run_dir: Path, dist: DistInfo) -> Iterator[None]:
+    """While the block runs, the ``training`` loggers print on every process and write ``train.log`` on the
+    main one only; afterwards they are as before, so a later run in the same process (a notebook, the
+    tests) never writes into this run's log."""
     root = logging.getLogger("training")
+    before = (root.level, root.propagate, list(root.handlers))
     root.setLevel(logging.INFO if dist.is_main else logging.ERROR)
     root.propagate = False
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if dist.is_main:
         handlers.append(logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8", errors="backslashreplace"))
+    for handler in before[2]:
+        root.removeHandler(handler)
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
+    try:
+        yield
+    except BaseException as exc:
+        # Why the run stopped, at the end of its log (a background run's only record); the file only, as the
+        # CLI prints the error line on the console. A bug, unlike a user error, comes with its traceback.
+        expected = isinstance(exc, UsageError | KeyboardInterrupt)
+        reason = f"stopped: {exc or type(exc).__name__}"
+        record = root.makeRecord(
+            root.name, logging.ERROR, __file__, 0, reason, None, None if expected else sys.exc_info()
+        )
+        for handler in handlers[1:]:
+            handler.handle(record)
+        raise
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(before[0])
+        root.propagate = before[1]
+        for handler in before[2]:
+            root.addHandler(handler)
 
 
 def write_split(run_dir: Path, data: PreparedData) -> None:

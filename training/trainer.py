@@ -32,7 +32,7 @@ from training.finetune import check_split
 from training.loops import Schedule, steps_per_epoch, train_one_epoch, validate
 from training.report import json_safe
 from training.run_lock import run_lock
-from training.rundir import append_metrics, record_start, setup_logging, write_run_files
+from training.rundir import append_metrics, record_start, run_logging, write_run_files
 from training.user_errors import DataError, make_dir
 from training.weight_average import WeightAverage
 
@@ -57,14 +57,13 @@ def _train(config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.de
     splits = discover(config.data)  # a layout error must not leave an empty run directory behind
     configure_threads(config.threads)
     make_dir(config.out, "--out")
-    with run_lock(config.out, dist):
+    with run_lock(config.out, dist), run_logging(config.out, dist):
         return _train_locked(config, resuming, dist, device, splits)
 
 
 def _train_locked(
     config: TrainConfig, resuming: bool, dist: DistInfo, device: torch.device, splits: dict[str, list[Sample]]
 ) -> dict[str, Any] | None:
-    setup_logging(config.out, dist)
     log.info(
         "%s run in %s on %s (%d process(es))",
         "resuming" if resuming else "starting",
