@@ -300,6 +300,28 @@ def test_evaluate_wrong_layout_and_missing_model(
     assert "not found" in err
 
 
+def test_evaluate_scores_a_folder_of_one_class_for_what_it_can_tell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_weights: Path
+) -> None:
+    """A hospital's normal films alone: specificity and calibration, no sensitivity or AUC (training still
+    needs both classes); an empty folder is still refused."""
+    root = write_split(tmp_path / "normals", normal_names(range(1, 7), 1), [])
+    report = tmp_path / "report"
+    argv = ["evaluate", "--weights", str(tiny_weights), "--data", str(root), "--report", str(report)]
+    assert main([*argv, "--device", "cpu", "--bootstrap", "20", "--workers", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["n"] == 6 and printed["sensitivity"] is None and printed["roc_auc"] is None
+    assert 0.0 <= printed["specificity"] <= 1.0
+    assert json.loads((report / "metrics.json").read_text())["specificity"] == printed["specificity"]
+    err = refused_with_one_line(capsys, train_args(root, tmp_path / "run"))
+    assert "missing class folder PNEUMONIA/" in err
+    (root / "PNEUMONIA").mkdir()
+    for film in (root / "NORMAL").iterdir():
+        film.unlink()
+    err = refused_with_one_line(capsys, [*argv[:-1], str(tmp_path / "report2")])
+    assert err == f"error: {root}: no files in NORMAL/ or PNEUMONIA/"
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [

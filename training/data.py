@@ -98,29 +98,38 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 
-def list_split(split_dir: Path) -> list[Sample]:
-    """All files of ``split_dir/{NORMAL,PNEUMONIA}`` (:func:`files_under`); neither class folder may be empty."""
+def list_split(split_dir: Path, *, one_class: bool = False) -> list[Sample]:
+    """All files of ``split_dir/{NORMAL,PNEUMONIA}`` (:func:`files_under`).
+
+    Training needs both classes. ``one_class`` (``evaluate``) also takes a folder of one class, a
+    hospital's normal films say, whose report then holds specificity without sensitivity or AUC.
+    """
     samples: list[Sample] = []
     for label, name in enumerate(CLASS_NAMES):
         class_dir = split_dir / name
         if not class_dir.is_dir():
+            if one_class:
+                continue
             raise DataError(
                 f"{split_dir}: missing class folder {name}/ (expected {split_dir}/{{{','.join(CLASS_NAMES)}}})"
             )
         files = files_under(class_dir)
-        if not files:
+        if not files and not one_class:
             raise DataError(f"{class_dir}: class {name} has no files")
         samples.extend(Sample(path, label) for path in files)
+    if not samples:
+        raise DataError(f"{split_dir}: no files in {' or '.join(f'{name}/' for name in CLASS_NAMES)}")
     return samples
 
 
-def discover(root: Path) -> dict[str, list[Sample]]:
-    """Splits under ``root``: ``root/{train,val,test}/CLASS`` or a single split ``root/CLASS`` (named ``"all"``)."""
+def discover(root: Path, *, one_class: bool = False) -> dict[str, list[Sample]]:
+    """Splits under ``root``: ``root/{train,val,test}/CLASS`` or a single split ``root/CLASS`` (named ``"all"``);
+    ``one_class`` as in :func:`list_split`."""
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     if _is_class_dir(root):
-        return {"all": list_split(root)}
-    splits = {name: list_split(root / name) for name in SPLITS if (root / name).is_dir()}
+        return {"all": list_split(root, one_class=one_class)}
+    splits = {name: list_split(root / name, one_class=one_class) for name in SPLITS if (root / name).is_dir()}
     if not splits:
         raise DataError(
             f"{root}: expected {root}/NORMAL and {root}/PNEUMONIA, or {root}/train/{{NORMAL,PNEUMONIA}} "

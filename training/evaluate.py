@@ -98,11 +98,11 @@ def run_evaluate(
     ood: Path | None = None,
 ) -> dict[str, Any]:
     loaded = load_model(weights)
-    splits = discover(data)
-    make_dir(report_dir, "--report")  # now, not after minutes of scoring
+    splits = discover(data, one_class=True)  # a set of normal films alone is scored for specificity
     name = "all" if "all" in splits else split
     if name not in splits:
         raise DataError(f"{data}: no '{split}' split (found {', '.join(sorted(splits))}); choose one with --split")
+    make_dir(report_dir, "--report")  # now, not after minutes of scoring
     decoded = load_images(splits[name], loaded.metadata.spec.input_size, workers=workers, cache_dir=None)
     extra = {
         "model_version": loaded.metadata.version,
