@@ -93,7 +93,7 @@ def files_under(folder: Path) -> list[Path]:
     """
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not Path(dirpath, d).is_symlink())
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not Path(dirpath, d).is_symlink()]
         found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 

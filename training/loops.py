@@ -132,20 +132,20 @@ def train_one_epoch(
         if on_step is not None:
             on_step(first_step + offset)
         value = loss.item()
-        stop_if_diverged(value, dist, f"{description}, step {offset + 1} of {len(batches)}", optimizer)
+        where = f"{description}, step {offset + 1} of {len(batches)}"
+        stop_if_diverged(value, dist, where, optimizer.param_groups[0]["lr"])
         totals += torch.tensor([value * len(index), len(index)], dtype=torch.float64)
         progress.set_postfix(loss=f"{totals[0] / totals[1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     totals = all_reduce_sum(totals, dist)
     return EpochResult(float(totals[0] / max(totals[1], 1)), int(totals[1]), time.perf_counter() - start)
 
 
-def stop_if_diverged(loss: float, dist: DistInfo, where: str, optimizer: torch.optim.Optimizer) -> None:
+def stop_if_diverged(loss: float, dist: DistInfo, where: str, lr: float) -> None:
     """Raise when this step's loss is not finite on any rank: the weights are poisoned from here on, so stop
     before a checkpoint keeps them. Summed over ranks, so every rank stops at the same step (one rank
     stopping alone would leave the others waiting in the next all-reduce)."""
     total = float(all_reduce_sum(torch.tensor([loss], dtype=torch.float64), dist)[0])
     if not math.isfinite(total):
-        lr = optimizer.param_groups[0]["lr"]
         raise DivergedError(
             f"{where}: the training loss is {loss if not math.isfinite(loss) else 'not finite on another process'} "
             f"(learning rate {lr:.2e}): {DIVERGED}"
