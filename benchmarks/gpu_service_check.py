@@ -27,8 +27,7 @@ from app.core.artifacts import load_model
 from app.core.engine import GOLDEN_ATOL, EngineError, load_engine, resolve_device, resolve_dtype
 from app.core.preprocessing import preprocess_file
 from benchmarks.server_proc import free_port, serve
-
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
+from training.data import files_under
 
 
 def golden_pngs(weights: Path) -> list[tuple[str, bytes]]:
@@ -44,23 +43,27 @@ def golden_pngs(weights: Path) -> list[tuple[str, bytes]]:
 
 
 def real_images(folder: Path | None, limit: int) -> list[tuple[str, bytes]]:
+    """The first ``limit`` files under ``folder``, taken by content as the service takes them (a PACS export
+    names DICOM files by UID, without ``.dcm``); names are numbered, as two subfolders may hold the same name."""
     if folder is None:
         return []
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    return [(p.name, p.read_bytes()) for p in paths]
+    return [(f"{index:04d}-{p.name}", p.read_bytes()) for index, p in enumerate(files_under(folder)[:limit])]
 
 
-def reference(weights: Path, files: Sequence[tuple[str, bytes]], tmp: Path) -> dict[str, float]:
-    """CPU fp32 probabilities, through the same preprocessing the service uses."""
+def reference(weights: Path, files: Sequence[tuple[str, bytes]], tmp: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """CPU fp32 probabilities, through the same preprocessing the service uses, and the error code of each
+    file that is no image (skipped and reported, not compared)."""
     engine = load_engine(weights, device="cpu", precision="fp32")
-    out = {}
+    probabilities, skipped = {}, {}
     for name, data in files:
         path = tmp / name
         path.write_bytes(data)
         prepared = preprocess_file(path, engine.input_size)
-        assert prepared.pixels is not None, f"{name}: {prepared.error}"
-        out[name] = engine.infer(engine.collate([prepared.pixels]))[0].probability
-    return out
+        if prepared.pixels is None:
+            skipped[name] = prepared.error.code if prepared.error else "no pixels"
+            continue
+        probabilities[name] = engine.infer(engine.collate([prepared.pixels]))[0].probability
+    return probabilities, skipped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,18 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     tolerance = atol / 4.0  # sigmoid'(x) <= 1/4: a logit gap of d moves the probability by at most d / 4
     args.work.mkdir(parents=True, exist_ok=True)
     files = golden_pngs(args.weights) + real_images(args.images, args.limit)
-    expected = reference(args.weights, files, args.work)
+    expected, skipped = reference(args.weights, files, args.work)
+    files = [(name, data) for name, data in files if name in expected]
 
     port = free_port()
     env = {
         "CXR_WEIGHTS": str(args.weights),
         "CXR_DEVICE": args.device,
         "CXR_PRECISION": args.precision,
+        # Numbers are compared, not verdicts: a real film the guard refuses (a test-split normal film scores
+        # 1.52 against the shipped model's 1.44) still gets its probability, with a warning.
+        "CXR_INPUT_GUARD": "flag",
         "CXR_PORT": str(port),
         "CXR_HOST": "127.0.0.1",
         "CXR_LOG_LEVEL": "WARNING",
     }
-    report: dict[str, Any] = {"device": str(device), "precision": str(dtype), "tolerance": tolerance, "images": {}}
+    report: dict[str, Any] = {
+        "device": str(device),
+        "precision": str(dtype),
+        "tolerance": tolerance,
+        "skipped": skipped,
+        "images": {},
+    }
     failures: list[str] = []
     with (
         serve(["-m", "app"], env, args.work / "service.log", port),
@@ -128,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     verdict = "PASS" if not failures else "FAIL"
     print(f"{verdict}: {len(files)} images on {device} ({dtype}); max |dp| {report['max_diff']:.3g} <= {tolerance:.3g}")
+    if skipped:
+        listed = ", ".join(f"{name} ({code})" for name, code in skipped.items())
+        print(f"  skipped {len(skipped)} files that are no image: {listed}")
     for failure in failures[:20]:
         print("  " + failure)
     return 0 if not failures else 1

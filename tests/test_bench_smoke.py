@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks.loadgen import percentile, run_level, scored_images, summarize
 from benchmarks.server_proc import free_port, serve
@@ -216,3 +217,31 @@ def test_cpu_sweep_drives_each_configuration_against_the_naive_server(tmp_path: 
         )
     )
     assert f"| openvino | {fast} | {guard} | 32 | 2 |" in table
+
+
+@pytest.mark.timeout(180)
+def test_gpu_service_check_dry_run_takes_a_folder_by_content(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The GPU check's CPU dry run: a UID-named DICOM-style file without suffix and a film in a subfolder are
+    compared, a note is skipped and reported, and a film the guard fails still gets its probability compared."""
+    from benchmarks import gpu_service_check
+
+    weights = export_tiny_model(tmp_path / "weights")
+    images = tmp_path / "images"
+    (images / "NORMAL").mkdir(parents=True)
+    (images / "1.2.840.113619.2.55").write_bytes(encode(synthetic_xray(120, 100, 1), "JPEG"))
+    (images / "NORMAL" / "1.2.840.113619.2.55").write_bytes(encode(synthetic_xray(120, 100, 2), "PNG"))
+    (images / "README.txt").write_text("films from ward 3\n")
+    (images / "white.png").write_bytes(encode(Image.new("L", (120, 100), 255), "PNG"))
+    out = tmp_path / "check.json"
+    argv = ["--weights", str(weights), "--images", str(images), "--device", "cpu", "--precision", "fp32"]
+    rc = gpu_service_check.main([*argv, "--out", str(out), "--work", str(tmp_path / "work")])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["failures"]
+    assert report["skipped"] == {"0002-README.txt": "unsupported_media_type"}
+    compared = [name for name in report["images"] if not name.startswith("golden-")]
+    assert compared == ["0000-1.2.840.113619.2.55", "0001-1.2.840.113619.2.55", "0003-white.png"]
+    white = report["images"]["0003-white.png"]["body"]
+    assert white["input_guard"]["passed"] is False and white["warning"]
+    assert "skipped 1 files that are no image: 0002-README.txt (unsupported_media_type)" in capsys.readouterr().out
