@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -141,3 +142,26 @@ def test_large_decodes_take_turns_while_small_ones_go_on() -> None:
         for thread in threads:
             thread.join(60)
     assert small_s < one_bomb_s, (small_s, one_bomb_s)
+
+
+def test_a_decode_cancelled_before_it_starts_gives_its_lane_back() -> None:
+    """A /predict/batch refused as overloaded cancels its siblings' decodes. One cancelled after it took its
+    lane but before a thread took its job never ran, so the lane stayed taken: with one ordinary lane (a CPU
+    host) every later upload waited until its deadline, 504 for ever, while /health said ok."""
+
+    async def scenario(lanes: DecodePool) -> list[torch.Size]:
+        hold = threading.Event()
+        busy = [lanes._threads.submit(hold.wait) for _ in range(lanes.size)]  # every decode thread taken
+        queued = asyncio.create_task(lanes.decode_async(SMALL))
+        await asyncio.sleep(0.2)  # it holds the one ordinary lane; its job waits for a thread
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        hold.set()
+        for waiter in busy:
+            waiter.result(timeout=10)
+        return [(await asyncio.wait_for(lanes.decode_async(SMALL), 30)).pixels.shape for _ in range(3)]
+
+    with DecodePool(1, SIZE, large_slots=1) as lanes:
+        assert asyncio.run(scenario(lanes)) == [torch.Size([1, SIZE, SIZE])] * 3
+        assert lanes._lanes_async[False]._value == 1  # given back exactly once

@@ -239,26 +239,34 @@ class DecodePool:
         """The service's decode: it waits for its lane on the event loop, not in a thread.
 
         The lane is given back when the worker is done, not when the caller stops waiting (a
-        request that timed out), so the lanes always count the decodes really running.
+        request that timed out), so the lanes always count the decodes really running. A caller
+        cancelled before a thread took its job (a sibling's ``overloaded`` ended the batch's
+        TaskGroup, or the request's deadline) cancels the job too: it never runs, and its lane is
+        given back then, exactly once either way.
         """
         large = self.is_large(data)
         lane = self._lanes_async[large]
         loop = asyncio.get_running_loop()
         await lane.acquire()
 
+        def give_back() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing waits for the lane any more
+                loop.call_soon_threadsafe(lane.release)
+
         def job() -> ModelInput:
             try:
                 return self._run(data, large)
             finally:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nothing waits for the lane any more
-                    loop.call_soon_threadsafe(lane.release)
+                give_back()
 
         try:
-            future = loop.run_in_executor(self._threads, job)
+            submitted = self._threads.submit(job)
         except BaseException:
             lane.release()
             raise
-        return await future
+        # Only a job cancelled before it started ends cancelled; a started one always runs job's finally.
+        submitted.add_done_callback(lambda done: give_back() if done.cancelled() else None)
+        return await asyncio.wrap_future(submitted, loop=loop)
 
     def _run(self, data: bytes, large: bool) -> ModelInput:
         if self._closed:
