@@ -12,6 +12,7 @@ import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -102,7 +103,43 @@ def _guard_of_another_size(weights: Path) -> str:
     )
 
 
+def _swapped_class_names(weights: Path) -> str:
+    """Label 1 is PNEUMONIA everywhere: swapped names answered "NORMAL" with P(pneumonia) = 1.0."""
+    rewrite_model(weights, edit_meta=lambda meta: meta["spec"].__setitem__("class_names", ["PNEUMONIA", "NORMAL"]))
+    return f"invalid model metadata {weights / 'model.json'}: spec.class_names.0: Input should be 'NORMAL'"
+
+
+def _input_size_edited(weights: Path) -> str:
+    """The golden inputs (inside the sha256) say which size the model was made for; 32 px here."""
+    rewrite_model(weights, edit_meta=lambda meta: meta["spec"].__setitem__("input_size", 64))
+    return (
+        f"{weights / 'model.safetensors'}: the golden inputs are [2, 1, 32, 32], but model.json's spec says "
+        "[N, 1, 64, 64]: the spec does not belong to these weights"
+    )
+
+
+def _infinite(*keys: str) -> Callable[[Path], str]:
+    """An edited number that is not finite: a temperature of Infinity, a guard threshold that refuses nothing."""
+
+    def edit(weights: Path) -> str:
+        def set_infinite(meta: dict[str, Any]) -> None:
+            *parents, last = keys
+            for key in parents:
+                meta = meta[key]
+            meta[last] = float("inf")
+
+        rewrite_model(weights, edit_meta=set_infinite)
+        return f"invalid model metadata {weights / 'model.json'}: {'.'.join(keys)}: Input should be a finite number"
+
+    return edit
+
+
 REFUSALS: dict[str, Callable[[Path], str]] = {
+    "swapped_class_names": _swapped_class_names,
+    "input_size_edited": _input_size_edited,
+    "infinite_temperature": _infinite("temperature"),
+    "infinite_guard_threshold": _infinite("guard", "threshold"),
+    "infinite_golden_tolerance": _infinite("golden", "atol"),
     "no_files": _no_files,
     "bad_metadata": _bad_metadata,
     "two_contrast_steps": _two_contrast_steps,

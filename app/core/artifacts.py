@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,12 +38,19 @@ class ModelLoadError(RuntimeError):
 class Golden(BaseModel):
     """Reference logits for the inputs stored under ``GOLDEN_KEY`` in the tensor file."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # an infinite tolerance passes every network
+
     logits: list[list[float]]
     atol: float = Field(1e-3, gt=0)
 
 
 class ModelMetadata(BaseModel):
-    """Contents of ``model.json``: the model card that travels with the weights."""
+    """Contents of ``model.json``: the model card that travels with the weights.
+
+    Its numbers must be finite: an edited temperature of ``Infinity`` turned every answer into 0.5 or a flip.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     format_version: int = FORMAT_VERSION
     name: str = "cxr-pneumonia-vgg16"
@@ -180,6 +187,14 @@ def load_model(path: Path, *, verify_golden: bool = True) -> LoadedModel:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {weights_path}: {exc}") from exc
     golden_inputs = tensors.pop(GOLDEN_KEY, None)
+    size = metadata.spec.input_size
+    if golden_inputs is not None and tuple(golden_inputs.shape[1:]) != (1, size, size):
+        # The golden inputs are inside the sha256; spec.input_size is not. An input_size edited from 128 to
+        # 224 passed the golden check at 128 and then served every upload at a size the model never saw.
+        raise ModelLoadError(
+            f"{weights_path}: the golden inputs are {list(golden_inputs.shape)}, but model.json's spec says "
+            f"[N, 1, {size}, {size}]: the spec does not belong to these weights"
+        )
     guard = _guard_stats(tensors, metadata, weights_path)
     network = build_model(metadata.spec)
     try:

@@ -12,7 +12,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from app.core.network import CLASS_NAMES
+from app.core.network import CLASS_NAMES, ClassNames
 
 PNEUMONIA_INDEX = 1
 Probability = TypeVar("Probability", float, np.ndarray)
@@ -39,7 +39,7 @@ class Decision:
     threshold: float
 
 
-def decide(probability: float, threshold: float, class_names: tuple[str, str] = CLASS_NAMES) -> Decision:
+def decide(probability: float, threshold: float, class_names: ClassNames = CLASS_NAMES) -> Decision:
     """PNEUMONIA when ``probability >= threshold``, else NORMAL (class names from the model spec)."""
     normal, pneumonia = class_names
     return Decision(

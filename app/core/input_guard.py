@@ -49,7 +49,7 @@ class NotChestXrayError(ImageError):
 class GuardSpec(BaseModel):
     """The guard's method and parameters as stored in ``model.json``; its tensors live in the weights file."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)  # a threshold of Infinity refused nothing
 
     method: Literal["mahalanobis-block-stats"] = "mahalanobis-block-stats"
     mean_blocks: tuple[Block, ...] = Field(description="Blocks whose channel means enter the feature vector.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Self
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 from torch import nn
 
 from app.core.contrast import clahe, equalize_histogram
@@ -20,7 +20,8 @@ Head = Literal["classic", "compact"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+ClassNames = tuple[Literal["NORMAL"], Literal["PNEUMONIA"]]
+CLASS_NAMES: ClassNames = ("NORMAL", "PNEUMONIA")
 # VGG16 ("configuration D" of Simonyan & Zisserman 2015): the output channels of each block's 3x3
 # convolutions; every block ends with a 2x2 max-pool.
 VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -34,10 +35,10 @@ ClaheTiles = Annotated[int, Field(ge=1, le=64)]
 class Normalization(BaseModel):
     """Per-channel mean/std applied after scaling uint8 pixels to [0, 1], optionally after a contrast step."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
     equalize: bool = Field(
         False,
         description="Per-image histogram equalisation first, so exposure and contrast differences between "
@@ -61,13 +62,15 @@ class Normalization(BaseModel):
 class ModelSpec(BaseModel):
     """What the network is and what input it expects; the single source of truth."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     architecture: Architecture = "vgg16_bn"
     head: Head = "compact"
     input_size: InputSize = 224
     normalization: Normalization = Normalization()
-    class_names: tuple[str, str] = CLASS_NAMES
+    # Fixed: label 1 is PNEUMONIA in training, the decision and every response, so a model.json naming the
+    # classes otherwise (swapped by hand) answered "NORMAL" with P(pneumonia) = 1.0.
+    class_names: ClassNames = CLASS_NAMES
     dropout: Dropout = 0.5
 
     @model_validator(mode="after")
