@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from app.core.artifacts import export_model
 from app.core.input_guard import GuardSpec, GuardStats, fit_guard
 from app.core.network import ModelSpec, PneumoniaNet, build_model
-from app.core.preprocessing import preprocess
+from app.core.preprocessing import decode_grayscale, resize_square
 
 TEST_INPUT_SIZE = 32
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -127,7 +127,9 @@ def synthetic_chest_pixels(count: int, input_size: int, seed: int) -> torch.Tens
     images = []
     for index in range(count):
         width, height = (int(v) for v in rng.integers(32, 401, 2))
-        images.append(preprocess(encode(synthetic_xray(width, height, seed=seed * 10_000 + index)), input_size))
+        # Decoded and squashed as uploads are, without the shape gate: strips and small images widen the spread.
+        image, _ = decode_grayscale(encode(synthetic_xray(width, height, seed=seed * 10_000 + index)), input_size)
+        images.append(torch.from_numpy(resize_square(image, input_size)).unsqueeze(0))
     return torch.stack(images)
 
 

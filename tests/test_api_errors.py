@@ -49,6 +49,8 @@ BAD_UPLOADS = {
     "truncated_jpeg": (jpeg(120, 120)[:1500], 422, "corrupt_image"),
     "jpeg_header_only": (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00garbage", 422, "corrupt_image"),
     "too_many_pixels": (jpeg(200, 200), 413, "image_too_large"),
+    "thumbnail": (jpeg(24, 24), 422, "unsuitable_shape"),
+    "strip": (jpeg(40, 130), 422, "unsuitable_shape"),
 }
 
 

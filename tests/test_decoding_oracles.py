@@ -40,23 +40,61 @@ def bright_quadrant(pixels: np.ndarray) -> str:
 EXPECTED_CORNER = {1: "top-left", 2: "top-right", 3: "bottom-right", 6: "top-right", 8: "bottom-left"}
 
 
-@pytest.mark.parametrize("orientation", sorted(EXPECTED_CORNER))
-def test_exif_orientation_is_applied(orientation: int) -> None:
+def with_orientation(pixels: np.ndarray, orientation: int, fmt: str) -> bytes:
+    """``pixels`` stored with EXIF ``orientation``: an 8-bit JPEG, a PNG (eXIf chunk), or a 12-bit lossless JPEG."""
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = encode(Image.fromarray(quadrant_image(), "L"), "JPEG", quality=100, exif=exif.tobytes())
-    pixels = preprocess(data, SIDE)[0].numpy()
+    if fmt == "JPEG-12":  # imagecodecs writes no EXIF: an APP1 segment goes right after SOI, as cameras put it
+        payload = exif.tobytes()
+        data = imagecodecs.jpeg8_encode(pixels.astype(np.uint16) * 16, lossless=True, bitspersample=12)
+        return data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+    return encode(Image.fromarray(pixels, "L"), fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
+
+
+ORIENTED_FORMATS = ["JPEG", "PNG", "JPEG-12"]
+
+
+@pytest.mark.parametrize("fmt", ORIENTED_FORMATS)
+@pytest.mark.parametrize("orientation", sorted(EXPECTED_CORNER))
+def test_exif_orientation_is_applied(orientation: int, fmt: str) -> None:
+    """PNG and 12/16-bit JPEG too: such a film mirrored in storage with Orientation 2 was scored mirrored, and
+    mirroring alone turned 15 of 120 test films to the other label with the guard passing."""
+    pixels = preprocess(with_orientation(quadrant_image(), orientation, fmt), SIDE)[0].numpy()
     assert bright_quadrant(pixels) == EXPECTED_CORNER[orientation]
     assert pixels.max() > 200 and pixels.min() < 50  # still the same two-tone picture, only moved
 
 
+@pytest.mark.parametrize("fmt", ORIENTED_FORMATS)
+@pytest.mark.parametrize(("orientation", "upright"), [(1, (48, 36)), (3, (48, 36)), (6, (36, 48)), (8, (36, 48))])
+def test_the_source_size_is_the_upright_size(orientation: int, upright: tuple[int, int], fmt: str) -> None:
+    """Stored 48 wide and 36 tall; a quarter turn makes the film 36 wide (the JPEG decodes DCT-scaled)."""
+    data = with_orientation(np.zeros((36, 48), dtype=np.uint8), orientation, fmt)
+    image, source = decode_grayscale(data, 16)
+    assert (source.width, source.height) == upright
+    assert (image.width > image.height) == (upright[0] > upright[1])
+
+
 def test_twelve_bit_lossless_ramp_becomes_the_hand_computed_eight_bit_ramp() -> None:
-    """A 12-bit value v must become round(v / 16), ties to even (4095 -> 255, never clipped to all-white)."""
+    """A 12-bit value v must become round(v x 255 / 4095): full range to full range, as a 16-bit PNG is scaled
+    (v / 16 made 4095 a clipped 256 and lifted most levels by one against the same samples in a PNG)."""
     ramp = (np.arange(SIDE * SIDE, dtype=np.uint16) * 4).reshape(SIDE, SIDE)  # 0 .. 4092 in steps of 4
     data = imagecodecs.jpeg8_encode(ramp, lossless=True, bitspersample=12)
     assert imagecodecs.jpeg8_decode(data).tolist() == ramp.tolist()  # the fixture itself is lossless
-    expected = [[min(255, round(v / 16)) for v in row] for row in ramp.tolist()]
+    expected = [[round(Fraction(255 * v, 4095)) for v in row] for row in ramp.tolist()]
     assert preprocess(data, SIDE)[0].tolist() == expected
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_the_same_samples_as_a_high_precision_jpeg_and_a_sixteen_bit_png_give_the_same_pixels(bits: int) -> None:
+    """Samples v of ``bits`` bits in a lossless JPEG, and v scaled to 16 bits in a PNG, are the same film."""
+    samples = np.random.default_rng(bits).integers(0, 1 << bits, (SIDE, SIDE)).astype(np.uint16)
+    jpeg = imagecodecs.jpeg8_encode(samples, lossless=True, bitspersample=bits)
+    assert imagecodecs.jpeg8_decode(jpeg).tolist() == samples.tolist()  # the fixture itself is lossless
+    scaled = [[round(Fraction(65535 * v, (1 << bits) - 1)) for v in row] for row in samples.tolist()]
+    png = encode(Image.fromarray(np.array(scaled, dtype=np.uint16)), "PNG")
+    if bits == 16:
+        assert png == encode(Image.fromarray(samples), "PNG")
+    assert preprocess(jpeg, SIDE).tolist() == preprocess(png, SIDE).tolist()
 
 
 def test_sixteen_bit_png_ramp_becomes_the_hand_computed_eight_bit_ramp() -> None:
@@ -67,7 +105,7 @@ def test_sixteen_bit_png_ramp_becomes_the_hand_computed_eight_bit_ramp() -> None
 
 
 def twelve_bit_ramp() -> np.ndarray:
-    """0 .. 4092 in steps of 4: every v = 16k + 8 (an exact tie after dividing by 16) is in it."""
+    """0 .. 4092 in steps of 4."""
     return (np.arange(SIDE * SIDE, dtype=np.uint16) * 4).reshape(SIDE, SIDE)
 
 
@@ -79,22 +117,19 @@ def lossless_twelve_bit(pixels: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize("alpha", [4095, 2048, 0])
 def test_twelve_bit_grey_plus_alpha_is_the_hand_computed_grey_over_black(alpha: int) -> None:
-    """Grey v under alpha a (of 4095) becomes round(v * a / 4095 / 16): opaque is exactly round(v / 16), ties to even.
-
-    A divisor off by one (4094 or 4096 for 2**12 - 1) moves every tie v = 16k + 8 to the other side.
-    """
+    """Grey v under alpha a (of 4095) becomes round(v x a x 255 / 4095²): opaque is exactly round(v x 255 / 4095)."""
     ramp = twelve_bit_ramp()
     data = lossless_twelve_bit(np.stack([ramp, np.full_like(ramp, alpha)], -1))
-    expected = [[min(255, round(Fraction(v * alpha, 4095 * 16))) for v in row] for row in ramp.tolist()]
+    expected = [[round(Fraction(255 * v * alpha, 4095 * 4095)) for v in row] for row in ramp.tolist()]
     assert preprocess(data, SIDE)[0].tolist() == expected
 
 
 @pytest.mark.parametrize("bits", [12, 16])
 def test_white_under_every_alpha_level_shows_that_alpha(bits: int) -> None:
-    """White (2**bits - 1) under alpha a is exactly a, so it must become round(a / 2**(bits - 8)), ties to even.
+    """White (2**bits - 1) under alpha a is exactly a, so it must become round(a x 255 / (2**bits - 1)).
 
-    Every alpha level is a pixel, so every tie a = 2**(bits - 8) * (k + 1/2) is in the image (8 -> 0, 24 -> 2
-    for 12 bits): the alpha fraction a / (2**bits - 1) times white must give back a, not a level beside it.
+    Every alpha level is a pixel: the alpha fraction a / (2**bits - 1) times white must give back a's level,
+    not a level beside it.
     """
     top = (1 << bits) - 1
     side = 1 << (bits // 2)  # 64 x 64 = 4096 or 256 x 256 = 65536 pixels: one per alpha level
@@ -103,7 +138,7 @@ def test_white_under_every_alpha_level_shows_that_alpha(bits: int) -> None:
     data = imagecodecs.jpeg8_encode(pixels, lossless=True, bitspersample=bits)
     assert imagecodecs.jpeg8_decode(data).tolist() == pixels.tolist()  # the fixture itself is lossless
     image, _ = decode_grayscale(data, 1)
-    expected = [[min(255, round(a / (1 << (bits - 8)))) for a in row] for row in alpha.tolist()]
+    expected = [[round(Fraction(255 * a, top)) for a in row] for row in alpha.tolist()]
     assert np.asarray(image).tolist() == expected
 
 
@@ -112,63 +147,76 @@ def test_white_under_every_alpha_level_shows_that_alpha(bits: int) -> None:
     [pytest.param(0, 299, id="red"), pytest.param(1, 587, id="green"), pytest.param(2, 114, id="blue")],
 )
 def test_every_twelve_bit_level_of_one_primary_becomes_its_hand_computed_luma(channel: int, weight: int) -> None:
-    """Level v of one primary (the others 0) becomes round(weight * v / 1000 / 16), ties to even (BT.601 weights).
+    """Level v of one primary (the others 0) becomes round(weight x v x 255 / (1000 x 4095)) (BT.601 weights).
 
-    All 4096 levels are pixels; blue 4000 is the one exact tie, 114 * 4000 / 16000 = 28.5, which must give 28:
-    the weights are 0.299, 0.587 and 0.114, not their nearest float32 values taken exactly (0.114000000059...).
+    All 4096 levels are pixels: the weights are 0.299, 0.587 and 0.114, not their nearest float32 values.
     """
     ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
     rgb = np.zeros((64, 64, 3), dtype=np.uint16)
     rgb[:, :, channel] = ramp
     image, _ = decode_grayscale(lossless_twelve_bit(rgb), 1)
-    expected = [[round(Fraction(weight * v, 16000)) for v in row] for row in ramp.tolist()]
+    expected = [[round(Fraction(255 * weight * v, 1000 * 4095)) for v in row] for row in ramp.tolist()]
     assert np.asarray(image).tolist() == expected
 
 
 @pytest.mark.parametrize("bits", [12, 16])
 def test_every_neutral_grey_level_keeps_its_value_scaled_with_ties_to_even(bits: int) -> None:
-    """R = G = B = v has luma exactly v (the weights sum to 1), so it must become round(v / 2**(bits - 8)).
+    """R = G = B = v has luma exactly v (the weights sum to 1), so it must become round(v x 255 / (2**bits - 1)).
 
-    Every level is a pixel, so every tie v = 2**(bits - 8) * (k + 1/2) is there: float32 weights summing to
-    1.0000000x pushed some ties up (10 of the 256 at 12 bits) before levels were computed in integers.
+    Every level is a pixel: float32 weights summing to 1.0000000x pushed some levels up before levels were
+    computed in integers.
     """
     side = 1 << (bits // 2)
     grey = np.arange(1 << bits, dtype=np.uint16).reshape(side, side)
     image, _ = decode_grayscale(
         imagecodecs.jpeg8_encode(np.stack([grey] * 3, -1), lossless=True, bitspersample=bits), 1
     )
-    expected = [[min(255, round(Fraction(v, 1 << (bits - 8)))) for v in row] for row in grey.tolist()]
+    expected = [[round(Fraction(255 * v, (1 << bits) - 1)) for v in row] for row in grey.tolist()]
     assert np.asarray(image).tolist() == expected
 
 
 @pytest.mark.parametrize(
     ("pixel", "level"),
     [
-        pytest.param((0, 56477, 0), 129, id="green-129.49999609"),  # 587 * 56477 / 256000
-        pytest.param((54529, 41074), 133, id="grey-under-alpha-133.49999917"),  # 54529 * 41074 / (65535 * 256)
-        pytest.param((59199, 47186), 167, id="grey-under-alpha-166.50001037"),
+        pytest.param((0, 65454, 0), 149, id="green-149.49999222"),  # 587 * 65454 * 255 / (1000 * 65535)
+        pytest.param((59903, 42315), 150, id="grey-under-alpha-150.49999688"),  # 59903 * 42315 * 255 / 65535²
+        pytest.param((11062, 63186), 41, id="grey-under-alpha-41.49999938"),
+        pytest.param((28943, 43353), 75, id="grey-under-alpha-74.50000009"),
     ],
 )
 def test_sixteen_bit_near_ties_round_to_the_nearest_level(pixel: tuple[int, ...], level: int) -> None:
-    """Within a millionth of a half, float32 arithmetic rounded these 16-bit samples the wrong way."""
+    """Within a hundred-thousandth of a half: float32 arithmetic rounds the first three up, one level off."""
     pixels = np.tile(np.array(pixel, dtype=np.uint16), (8, 8, 1))
     image, _ = decode_grayscale(imagecodecs.jpeg8_encode(pixels, lossless=True, bitspersample=16), 1)
     assert np.asarray(image).tolist() == [[level] * 8] * 8
 
 
 def test_twelve_bit_rgb_becomes_the_hand_computed_luma() -> None:
-    """Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601), then / 16: 3-component 12-bit JPEGs are decoded, not refused."""
+    """Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601), x 255 / 4095: 3-component 12-bit JPEGs are decoded."""
     rgb = np.zeros((SIDE, SIDE, 3), dtype=np.uint16)
     half = SIDE // 2
-    rgb[:half, :half, 0] = 4095  # red: 0.299 * 4095 / 16 = 76.53
-    rgb[:half, half:, 1] = 4095  # green: 0.587 * 4095 / 16 = 150.23
-    rgb[half:, :half, 2] = 4095  # blue: 0.114 * 4095 / 16 = 29.18
-    rgb[half:, half:] = 2000  # grey: 2000 / 16 = 125
+    rgb[:half, :half, 0] = 4095  # red: 0.299 * 255 = 76.245
+    rgb[:half, half:, 1] = 4095  # green: 0.587 * 255 = 149.685
+    rgb[half:, :half, 2] = 4095  # blue: 0.114 * 255 = 29.07
+    rgb[half:, half:] = 2000  # grey: 2000 * 255 / 4095 = 124.54
     pixels = preprocess(lossless_twelve_bit(rgb), SIDE)[0].numpy()
-    assert {int(v) for v in np.unique(pixels[:half, :half])} == {77}
+    assert {int(v) for v in np.unique(pixels[:half, :half])} == {76}
     assert {int(v) for v in np.unique(pixels[:half, half:])} == {150}
     assert {int(v) for v in np.unique(pixels[half:, :half])} == {29}
     assert {int(v) for v in np.unique(pixels[half:, half:])} == {125}
+
+
+@pytest.mark.parametrize(
+    ("pixel", "level"),
+    [
+        pytest.param((0, 36, 1012), 8, id="8.5-to-8"),  # luma 136500 thousandths: x 255 / 4095000 = 17/2
+        pytest.param((0, 108, 3036), 26, id="25.5-to-26"),  # luma 409500 thousandths: 51/2
+    ],
+)
+def test_twelve_bit_rgb_exact_ties_round_to_even(pixel: tuple[int, int, int], level: int) -> None:
+    """Colour samples whose luma lands exactly on a half go to the even level, as every other tie does."""
+    image, _ = decode_grayscale(lossless_twelve_bit(np.tile(np.array(pixel, dtype=np.uint16), (8, 8, 1))), 1)
+    assert np.asarray(image).tolist() == [[level] * 8] * 8
 
 
 def test_eight_bit_lossless_jpeg_keeps_every_value() -> None:

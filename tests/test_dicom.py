@@ -33,7 +33,7 @@ from app.core.artifacts import LoadedModel, load_model
 from app.core.decision import pneumonia_probability
 from app.core.dicom import DicomPolicy, decode_dicom, is_dicom, read_sop_instance_uid
 from app.core.dicom_codecs import PLUGIN
-from app.core.image_errors import CorruptImageError, ImageTooLargeError, UnsupportedImageError
+from app.core.image_errors import CorruptImageError, ImageTooLargeError, UnsuitableShapeError, UnsupportedImageError
 from app.core.preprocessing import ImageError, prepare_input, preprocess
 from tests.conftest import TEST_INPUT_SIZE, encode, synthetic_xray
 from tests.dicom_files import (
@@ -199,6 +199,10 @@ def test_ct_mr_and_nm_files_are_not_radiographs(name: str, modality: str) -> Non
     data = (PYDICOM_FILES / name).read_bytes()
     with pytest.raises(dicom.UnsupportedModalityError, match=f"modality is {modality},"):
         preprocess(data, TEST_INPUT_SIZE)
+    if modality == "NM":  # a 256 x 1024 whole-body scan: with the metadata checks off, its shape is refused
+        with pytest.raises(UnsuitableShapeError, match=r"the image is 256x1024 px, 4\.0 times longer than wide"):
+            preprocess(data, TEST_INPUT_SIZE, dicom=CHECKS_OFF)
+        return
     assert preprocess(data, TEST_INPUT_SIZE, dicom=CHECKS_OFF).shape == (1, TEST_INPUT_SIZE, TEST_INPUT_SIZE)
 
 

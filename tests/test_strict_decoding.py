@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import socket
 import zlib
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydicom import uid
 from app.core import preprocessing as imaging
 from app.core.dicom import DicomPolicy
 from app.core.image_headers import ImageHeader, decode_cost, jpeg_scale, read_header
-from app.core.jpeg_header import JPEG_LS_SOF_MARKERS, JpegFrame, jpeg_has_exif, read_jpeg_frame
+from app.core.jpeg_header import JPEG_LS_SOF_MARKERS, JpegFrame, jpeg_exif, read_jpeg_frame
 from tests.conftest import encode, synthetic_xray
 from tests.dicom_files import Spec, chest_stored, dicom_bytes, encode_frame
 from tests.hostile_inputs import (
@@ -114,17 +115,27 @@ def test_exif_orientation_is_applied() -> None:
     assert np.abs(rotated.pixels[0].numpy().astype(int) - upright).mean() < 4
 
 
-def test_a_jpeg_whose_exif_pillow_cannot_read_is_refused_naming_the_exif() -> None:
-    """Pillow reads the orientation before libjpeg decodes: a file it cannot parse is corrupt, never guessed upright."""
+@pytest.mark.parametrize("bits", [8, 12])
+def test_a_jpeg_whose_exif_cannot_be_read_is_refused_naming_the_exif(bits: int) -> None:
+    """The orientation is read before the pixels: EXIF that is no TIFF structure is corrupt, never guessed upright."""
     exif = Image.Exif()
     exif[0x0112] = 1
     payload = exif.tobytes()
-    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
-    reserved = b"\xff\x02\x00\x04ab"  # a reserved marker Pillow's JPEG parser rejects
-    clean = encode(synthetic_xray(), "JPEG")
-    assert imaging.preprocess(clean[:2] + app1 + clean[2:], 32).shape == (1, 32, 32)
-    with pytest.raises(imaging.CorruptImageError, match=r"^the JPEG's EXIF header is invalid: cannot identify"):
-        imaging.preprocess(clean[:2] + app1 + reserved + clean[2:], 32)
+    broken = payload.replace(b"Exif\0\0MM", b"Exif\0\0XX", 1)  # the TIFF byte-order mark
+    if bits == 8:
+        clean = encode(synthetic_xray(), "JPEG")
+    else:
+        clean = imagecodecs.jpeg8_encode(
+            np.asarray(synthetic_xray()).astype(np.uint16) * 16, lossless=True, bitspersample=12
+        )
+    for exif_payload, refused in ((payload, False), (broken, True)):
+        app1 = b"\xff\xe1" + (len(exif_payload) + 2).to_bytes(2, "big") + exif_payload
+        data = clean[:2] + app1 + clean[2:]
+        if not refused:
+            assert imaging.preprocess(data, 32).shape == (1, 32, 32)
+            continue
+        with pytest.raises(imaging.CorruptImageError, match=r"^the JPEG's EXIF header is invalid: not a TIFF file"):
+            imaging.preprocess(data, 32)
 
 
 @pytest.mark.parametrize("lossless", [False, True])
@@ -337,8 +348,10 @@ def test_jpeg_ls_frame_is_found_only_when_asked_for() -> None:
     ],
 )
 def test_exif_is_seen_only_in_an_app1_exif_segment_before_the_scan(data: bytes, expected: bool) -> None:
-    """Pillow's EXIF parse is skipped when this says no: it must say yes exactly when Pillow would find one."""
-    assert jpeg_has_exif(data) is expected
+    """The EXIF parse is skipped when this finds none: it must find one exactly when Pillow would."""
+    found = jpeg_exif(data)
+    assert (found is not None) is expected
+    assert found is None or found == EXIF[4:]  # the whole payload, its Exif header on
 
 
 def png_head(colour_type: int = 6, bit_depth: int = 16, chunk: bytes = b"IHDR") -> bytes:
@@ -456,17 +469,45 @@ def test_zero_width_or_height_header_is_corrupt(data: bytes) -> None:
 
 
 @pytest.mark.parametrize(("width", "height"), [(1, 5), (5, 1)])
-def test_one_pixel_wide_or_tall_image_decodes(width: int, height: int) -> None:
-    assert imaging.preprocess(grey_png(width, height), 4).tolist() == [[[128] * 4] * 4]
+def test_one_pixel_wide_or_tall_image_decodes_and_is_refused_as_no_film(width: int, height: int) -> None:
+    image, source = imaging.decode_grayscale(grey_png(width, height), 4)
+    assert (image.size, source.width, source.height) == ((width, height), width, height)
+    with pytest.raises(imaging.UnsuitableShapeError, match=f"the image is {width}x{height} px; its short side must"):
+        imaging.preprocess(grey_png(width, height), 4)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "refused"),
+    [
+        pytest.param(32, 32, None, id="the-input-size"),
+        pytest.param(31, 64, "the image is 31x64 px; its short side must be at least the model's 32 px input", id="31"),
+        pytest.param(64, 31, "the image is 64x31 px; its short side must be at least", id="31-tall"),
+        pytest.param(96, 32, None, id="three-to-one"),
+        pytest.param(32, 96, None, id="one-to-three"),
+        pytest.param(97, 32, "the image is 97x32 px, 3.0 times longer than wide; a chest film is at most 3", id="97"),
+        pytest.param(32, 97, "the image is 32x97 px, 3.0 times longer than wide", id="97-tall"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_thumbnail_or_a_strip_is_refused_not_squashed(width: int, height: int, refused: str | None, fmt: str) -> None:
+    """24 px thumbnails of NORMAL films came back PNEUMONIA (14 of 20) with the guard passing, and a 10 x 20000
+    strip of a normal film PNEUMONIA 0.91: upsampling blur and a squashed strip are nothing the model saw."""
+    data = encode(synthetic_xray(width, height), fmt)
+    if refused is None:
+        assert imaging.preprocess(data, 32).shape == (1, 32, 32)
+        return
+    with pytest.raises(imaging.UnsuitableShapeError, match=re.escape(refused)) as caught:
+        imaging.preprocess(data, 32)
+    assert caught.value.code == "unsuitable_shape"
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_pixel_limit_is_inclusive_and_names_the_numbers(entry: str) -> None:
     """40 x 30 = 1200 pixels: allowed at a limit of 1200, refused at 1199, whichever entry point is called."""
     decode = ENTRY_POINTS[entry]
-    decode(grey_png(40, 30), 32, max_pixels=1200)
+    decode(grey_png(40, 30), 16, max_pixels=1200)
     with pytest.raises(imaging.ImageTooLargeError) as caught:
-        decode(grey_png(40, 30), 32, max_pixels=1199)
+        decode(grey_png(40, 30), 16, max_pixels=1199)
     assert caught.value.message == "image is 40x30 = 1200 pixels, over the limit of 1199"
 
 
@@ -536,7 +577,7 @@ def test_file_that_is_no_image_is_unsupported_by_name() -> None:
     ("data", "source"),
     [
         pytest.param(JPEG8["baseline"], imaging.SourceInfo("JPEG", 400, 300), id="jpeg"),
-        pytest.param(grey_png(40, 30), imaging.SourceInfo("PNG", 40, 30), id="png"),
+        pytest.param(grey_png(48, 36), imaging.SourceInfo("PNG", 48, 36), id="png"),
         pytest.param(HIGH["12-bit"], imaging.SourceInfo("JPEG", 400, 300, {"bits": 12}), id="12-bit"),
         pytest.param(HIGH["lossless-12"], imaging.SourceInfo("JPEG", 400, 300, {"bits": 12}), id="lossless-12"),
         pytest.param(HIGH["lossless-16"], imaging.SourceInfo("JPEG", 400, 300, {"bits": 16}), id="lossless-16"),

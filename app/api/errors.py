@@ -70,12 +70,14 @@ class UnknownModelError(CodedError):
 # code -> (HTTP status, example message)
 ERRORS: dict[str, tuple[int, str]] = {
     "bad_request": (400, "the multipart body could not be parsed"),
+    "cors_refused": (400, "CORS preflight refused: origin not allowed"),
     "empty_file": (400, EmptyImageError.default_message),
     "invalid_request": (400, "input 'pixels' has shape [2, 1, 32, 32]; this model takes [-1, 1, 224, 224]"),
     "unauthorized": (401, UnauthorizedError.default_message),
     "not_found": (404, "no route for GET /nope"),
     "unknown_model": (404, "unknown model 'resnet50'; this server serves 'cxr-pneumonia-vgg16'"),
     "method_not_allowed": (405, "GET is not allowed on /predict"),
+    "not_acceptable": (406, "the Accept header refuses both image/png and application/json"),
     "request_timeout": (408, "the request body did not arrive within 120 s"),
     "payload_too_large": (413, "request body is over the limit of 20971520 bytes"),
     "image_too_large": (413, "image is 12000x10000 = 120000000 pixels, over the limit of 100000000"),
@@ -84,6 +86,11 @@ ERRORS: dict[str, tuple[int, str]] = {
     "header_too_large": (431, "the request line and headers are over 65536 bytes"),
     "corrupt_image": (422, "the JPEG data is corrupt or truncated: Corrupt JPEG data: premature end of data segment"),
     "invalid_image": (422, ImageError.default_message),
+    "unsuitable_shape": (
+        422,
+        "the image is 24x24 px; its short side must be at least the model's 128 px input (a thumbnail lacks the "
+        "detail the model reads: send the original film)",
+    ),
     "not_chest_xray": (
         422,
         "refused: input guard score 4.210 > threshold 1.546: it does not resemble the frontal chest X-rays "
@@ -101,6 +108,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "explain_unsupported": (422, ExplainUnsupportedError.default_message),
     "missing_field": (422, "file: Field required"),
     "validation_error": (422, "files.0: Expected UploadFile, received: <class 'str'>"),
+    "multiple_files": (422, "2 files in the field 'file'; /predict takes one image: send several to /predict/batch"),
     "internal_error": (500, "unexpected server error; it has been logged with this request's id"),
     "inference_failed": (500, InferenceFailedError.default_message),
     "unavailable": (503, BatcherError.default_message),
@@ -133,6 +141,7 @@ IMAGE_ERRORS = (
     "image_too_large",
     "unsupported_media_type",
     "corrupt_image",
+    "unsuitable_shape",
     "unsupported_modality",
     "not_frontal_view",
     "not_for_presentation",

@@ -37,3 +37,9 @@ class CorruptImageError(ImageError):
 
 class ImageTooLargeError(ImageError):
     code = "image_too_large"
+
+
+class UnsuitableShapeError(ImageError):
+    """An image too small for the model's input, or of a shape no chest film has: refused, not squashed."""
+
+    code = "unsuitable_shape"

@@ -22,6 +22,7 @@ import io
 import math
 import os
 import stat
+import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,11 +40,12 @@ from app.core.image_errors import (
     ImageError,
     ImageTooLargeError,
     UnreadableFileError,
+    UnsuitableShapeError,
     UnsupportedImageError,
 )
 from app.core.image_headers import JPEG_MAGIC, PNG_MAGIC, ImageHeader, decode_cost, jpeg_scale, read_header
 from app.core.jpeg_complete import IncompleteJpegError, decode_complete_jpeg
-from app.core.jpeg_header import JpegFrame, jpeg_has_exif, read_jpeg_frame
+from app.core.jpeg_header import JpegFrame, jpeg_exif, read_jpeg_frame
 
 __all__ = ["JpegFrame", "read_jpeg_frame"]  # re-exported: the header parser lives in jpeg_header
 
@@ -52,6 +54,9 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
 DEFAULT_MAX_PIXELS = 100_000_000
 # 100 M pixels at 4 bytes each (8-bit RGBA, 16-bit grey + alpha): what the decoder may allocate for one image.
 DEFAULT_MAX_DECODE_BYTES = 400_000_000
+# Long side over short side beyond which an upload is no chest film (detector and cassette formats run
+# from 1:1 to 17:14 in.); squashed to the square input, a strip gets confident answers on nothing.
+MAX_ASPECT_RATIO = 3.0
 RESAMPLE = Image.Resampling.BILINEAR
 # The pixel limit is enforced here from the header, before any decoding, with a
 # configurable bound; Pillow's own global guess would reject valid large X-rays.
@@ -133,7 +138,31 @@ _UPRIGHT = {
 }
 
 
-def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
+def _upright(img: Image.Image, orientation: object, width: int, height: int) -> tuple[Image.Image, int, int]:
+    """The image turned as its EXIF orientation says, and its full-resolution size once upright."""
+    if orientation not in _UPRIGHT:
+        return img, width, height
+    img = img.transpose(_UPRIGHT[orientation])
+    return (img, height, width) if orientation in _QUARTER_TURNS else (img, width, height)
+
+
+def check_shape(width: int, height: int, input_size: int) -> None:
+    """Refuse what the square input would invent or distort: a short side under the model's input (a
+    thumbnail, upsampled into blur the model never saw: 24 px NORMAL films came back PNEUMONIA 0.96 with
+    the guard passed), or sides further apart than :data:`MAX_ASPECT_RATIO`."""
+    if min(width, height) < input_size:
+        raise UnsuitableShapeError(
+            f"the image is {width}x{height} px; its short side must be at least the model's {input_size} px input "
+            "(a thumbnail lacks the detail the model reads: send the original film)"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UnsuitableShapeError(
+            f"the image is {width}x{height} px, {max(width, height) / min(width, height):.1f} times longer than "
+            f"wide; a chest film is at most {MAX_ASPECT_RATIO:g} (send the whole film, not a strip or a montage)"
+        )
+
+
+def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> tuple[Image.Image, SourceInfo]:
     """Decode 12/16-bit and lossless JPEGs, which Pillow cannot, with libjpeg-turbo via imagecodecs.
 
     Completeness is proven by :func:`app.core.jpeg_complete.decode_complete_jpeg` (imagecodecs
@@ -149,40 +178,66 @@ def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> Image.Image:
         raise CorruptImageError(f"cannot decode {frame.precision}-bit JPEG: {exc}") from exc
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    # Every output level is an exact ratio of integers, rounded half to even: float32 arithmetic
-    # misrounds some exact ties (a neutral grey's weights sum to 1.0000000x) and 16-bit near-ties.
-    shift = max(frame.precision - 8, 0)
-    if arr.ndim == 3 and arr.shape[2] == 2:  # grey + alpha: over black, as 8-bit PNGs with alpha are
-        numerator = arr[:, :, 0].astype(np.uint32) * arr[:, :, 1]
-        denominator = ((1 << frame.precision) - 1) << shift
-    elif arr.ndim == 3:  # ITU-R BT.601 luma, in thousandths
-        red, green, blue = (arr[:, :, channel].astype(np.uint32) for channel in range(3))
-        numerator = 299 * red + 587 * green + 114 * blue
-        denominator = 1000 << shift
-    else:
-        numerator = arr.astype(np.uint32)
-        denominator = 1 << shift
-    if numerator.ndim != 2 or numerator.shape != (frame.height, frame.width):
+    orientation = _jpeg_orientation(data)
+    if arr.ndim not in (2, 3) or arr.shape[:2] != (frame.height, frame.width):
         raise CorruptImageError(f"the JPEG decoded to {arr.shape}, not the {frame.width}x{frame.height} of its header")
-    return Image.fromarray(np.minimum(_round_half_even(numerator, denominator), 255).astype(np.uint8), "L")
+    levels = np.empty(arr.shape[:2], np.uint8)
+    rows = max(1, _LEVEL_CHUNK_PIXELS // frame.width)  # in strips: uint64 temporaries of the whole image would not
+    for top in range(0, frame.height, rows):  # fit a decoder's memory cap at the pixel limit
+        levels[top : top + rows] = _eight_bit_levels(arr[top : top + rows], frame.precision)
+    img, width, height = _upright(Image.fromarray(levels, "L"), orientation, frame.width, frame.height)
+    return img, SourceInfo("JPEG", width, height, {"bits": frame.precision})
+
+
+_LEVEL_CHUNK_PIXELS = 1 << 20
+
+
+def _eight_bit_levels(samples: np.ndarray, precision: int) -> np.ndarray:
+    """``precision``-bit samples (grey, grey + alpha or RGB) to 8-bit grey levels.
+
+    Full range to full range, v x 255 / (2^p - 1), as a 16-bit PNG is scaled, so the same samples in
+    either give the same pixels (v / 2^(p-8) made 65535 a clipped 256 and lifted most levels by one).
+    Each level is an exact ratio of integers rounded half to even: float32 arithmetic misrounds some
+    exact ties (a neutral grey's weights sum to 1.0000000x) and 16-bit near-ties.
+    """
+    peak = (1 << precision) - 1
+    if samples.ndim == 3 and samples.shape[2] == 2:  # grey + alpha: over black, as 8-bit PNGs with alpha are
+        numerator = samples[:, :, 0].astype(np.uint64) * samples[:, :, 1] * 255
+        denominator = peak * peak
+    elif samples.ndim == 3:  # ITU-R BT.601 luma, in thousandths
+        red, green, blue = (samples[:, :, channel].astype(np.uint64) for channel in range(3))
+        numerator = (299 * red + 587 * green + 114 * blue) * 255
+        denominator = 1000 * peak
+    else:
+        numerator = samples.astype(np.uint64) * 255
+        denominator = peak
+    return _round_half_even(numerator, denominator).astype(np.uint8)
 
 
 def _round_half_even(numerator: np.ndarray, denominator: int) -> np.ndarray:
-    """``numerator / denominator`` rounded to the nearest integer, ties to even, in integers (uint32 holds 65535²)."""
+    """``numerator / denominator`` rounded to the nearest integer, ties to even, in integers."""
     quotient, remainder = np.divmod(numerator, denominator)
     return quotient + ((2 * remainder > denominator) | ((2 * remainder == denominator) & (quotient % 2 == 1)))
+
+
+def _jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation of any JPEG, 8-bit or not; None without EXIF (most X-rays: no parse at all)."""
+    payload = jpeg_exif(data)
+    if payload is None:
+        return None
+    try:
+        exif = Image.Exif()
+        exif.load(payload)
+        return exif.get(ExifTags.Base.Orientation)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise CorruptImageError(f"the JPEG's EXIF header is invalid: {exc}") from exc
 
 
 def _decode_jpeg(data: bytes, frame: JpegFrame, target_size: int) -> tuple[Image.Image, SourceInfo]:
     """8-bit JPEG: libjpeg-turbo decodes strictly at the draft scale; Pillow reads the EXIF orientation, if any."""
     if frame.components not in (1, 3, 4):
         raise UnsupportedImageError(f"8-bit JPEGs with {frame.components} components are not supported")
-    orientation = None
-    if jpeg_has_exif(data):  # Pillow parses EXIF; skipped when there is none (40% of a 224 px decode)
-        try:
-            orientation = Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise CorruptImageError(f"the JPEG's EXIF header is invalid: {exc}") from exc
+    orientation = _jpeg_orientation(data)
     scale = jpeg_scale(frame.width, frame.height, target_size)
     size = {"min_width": math.ceil(frame.width / scale), "min_height": math.ceil(frame.height / scale)}
     try:
@@ -193,11 +248,7 @@ def _decode_jpeg(data: bytes, frame: JpegFrame, target_size: int) -> tuple[Image
             img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True, **size)[:, :, 0], "L")
     except ValueError as exc:  # simplejpeg reports every libjpeg error and warning as ValueError
         raise CorruptImageError(f"the JPEG data is corrupt or truncated: {exc}") from exc
-    width, height = frame.width, frame.height
-    if orientation in _UPRIGHT:
-        img = img.transpose(_UPRIGHT[orientation])
-        if orientation in _QUARTER_TURNS:
-            width, height = height, width
+    img, width, height = _upright(img, orientation, frame.width, frame.height)
     return img, SourceInfo("JPEG", width, height)
 
 
@@ -244,8 +295,7 @@ def decode_grayscale(
         check_decode_budget(header, target_size, max_pixels, max_decode_bytes)
         frame = header.jpeg
         if frame is not None and (frame.precision != 8 or frame.lossless):
-            source = SourceInfo("JPEG", frame.width, frame.height, {"bits": frame.precision})
-            return _decode_high_precision_jpeg(data, frame), source
+            return _decode_high_precision_jpeg(data, frame)
         if frame is not None:
             return _decode_jpeg(data, frame, target_size)
     if data.startswith(PNG_MAGIC):
@@ -255,8 +305,8 @@ def decode_grayscale(
         if img.format not in SUPPORTED_FORMATS:
             raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG, PNG or DICOM")
         _check_pixels(img.width, img.height, max_pixels)
-        source = SourceInfo("PNG", img.width, img.height)
         img.load()
+        orientation = img.getexif().get(ExifTags.Base.Orientation)  # an eXIf chunk, as cameras and phones write
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -265,7 +315,8 @@ def decode_grayscale(
         raise UnsupportedImageError("the file is not a JPEG, PNG or DICOM image") from exc
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
-    return _to_grayscale(img), source
+    upright, width, height = _upright(_to_grayscale(img), orientation, img.width, img.height)
+    return upright, SourceInfo("PNG", width, height)
 
 
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
@@ -285,6 +336,7 @@ def prepare_array(
 ) -> tuple[np.ndarray, SourceInfo]:
     """Encoded image bytes to ``uint8[S, S]`` pixels and what was decoded: the part decoder workers run."""
     image, source = decode_grayscale(data, input_size, max_pixels, max_decode_bytes, dicom=dicom)
+    check_shape(source.width, source.height, input_size)
     return resize_square(image, input_size), source
 
 
