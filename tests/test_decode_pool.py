@@ -13,13 +13,22 @@ import pytest
 import torch
 from PIL import Image
 
-from app.core.decode_pool import DecodePool, DecoderCrashedError, DecodeTimeoutError
+from app.core.decode_pool import (
+    MAX_DECODE_LIMIT,
+    MAX_DECODE_TIMEOUT_S,
+    DecodePool,
+    DecoderCrashedError,
+    DecodeTimeoutError,
+)
+from app.core.image_headers import read_header
+from app.core.jpeg_header import MAX_FILL, MAX_SEGMENTS, JpegFrame, read_jpeg_frame
 from app.core.preprocessing import CorruptImageError, ImageTooLargeError, preprocess
 from tests.conftest import encode, synthetic_xray
 from tests.hostile_inputs import gradient16, lossless_without_huffman_table, one_colour_rgba_png
 
 SIZE = 32
 SMALL = encode(synthetic_xray(), "JPEG", quality=90)
+MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +174,78 @@ def test_a_decode_cancelled_before_it_starts_gives_its_lane_back() -> None:
     with DecodePool(1, SIZE, large_slots=1) as lanes:
         assert asyncio.run(scenario(lanes)) == [torch.Size([1, SIZE, SIZE])] * 3
         assert lanes._lanes_async[False]._value == 1  # given back exactly once
+
+
+def test_a_worker_that_died_while_idle_is_replaced_and_the_image_decoded() -> None:
+    """A worker killed between jobs (OOM killer, kill -9) made the next valid image a 422 corrupt_image,
+    "the image crashed its decoder (SIGKILL)", counted as a crash: its death is not that image's doing."""
+    replaced: list[str] = []
+    with DecodePool(1, SIZE, large_slots=1, on_replace=replaced.append) as pool:
+        assert pool.decode(SMALL).pixels.shape == (1, SIZE, SIZE)
+        idle = [worker.process for worker in pool._all]
+        for process in idle:
+            os.kill(process.pid, signal.SIGKILL)
+            process.join(timeout=10)
+        decoded = [pool.decode(SMALL) for _ in range(3)]
+        assert all(torch.equal(item.pixels, preprocess(SMALL, SIZE)) for item in decoded)
+        assert replaced == ["died_idle"] * len(idle) and pool.crashes == 0
+        assert len(worker_pids(pool)) == pool.size and not {p.pid for p in idle} & worker_pids(pool)
+
+
+def test_the_largest_accepted_limits_still_decode() -> None:
+    """The settings' upper bounds are safe: a decode timeout of a day still fits Connection.poll, 2**40 fits the
+    job header, and a memory cap past setrlimit's signed 64-bit range means no cap, not workers that cannot start."""
+    with DecodePool(
+        1,
+        SIZE,
+        large_slots=1,
+        max_pixels=MAX_DECODE_LIMIT,
+        max_decode_bytes=MAX_DECODE_LIMIT,
+        timeout_s=MAX_DECODE_TIMEOUT_S,
+        memory_limit=2**64,
+    ) as widest:
+        assert torch.equal(widest.decode(SMALL).pixels, preprocess(SMALL, SIZE))
+
+
+@pytest.mark.parametrize(
+    "limits", [{"timeout_s": float("inf")}, {"timeout_s": float("nan")}, {"max_pixels": 2**64}, {"max_decode_bytes": 0}]
+)
+def test_limits_that_would_fail_every_decode_are_refused_up_front(limits: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be in"):
+        DecodePool(1, SIZE, **limits)  # type: ignore[arg-type]
+
+
+def header_read_s(pool: DecodePool, data: bytes, repeats: int = 5) -> float:
+    """The best of a few header reads (``is_large``, as ``decode_async`` does it on the event loop)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        assert not pool.is_large(data)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [b"\xff", b"\xff\xfe\x00\x02", b"\xff\xd0", b"\xff" * 1000 + b"\xfe\x00\x02"],
+    ids=["fill-bytes", "empty-comments", "restart-markers", "fill-then-comment"],
+)
+def test_a_hostile_header_is_read_in_bounded_time(pool: DecodePool, unit: bytes) -> None:
+    """b"\\xff\\xd8" + 20 MiB of 0xFF was walked byte by byte on the event loop: three such uploads held /livez
+    for 2.7-4.2 s. The header read now stops at bounds no real file reaches, so 20 MiB costs what 1 MiB does."""
+    small, large = (b"\xff\xd8" + unit * (size // len(unit)) for size in (MiB, 20 * MiB))
+    assert read_header(large) is None
+    ratio = header_read_s(pool, large) / header_read_s(pool, small)
+    assert ratio < 4, ratio  # a walk that grows with the input: 20
+
+
+def test_the_header_walk_reads_any_real_padding_and_stops_past_its_bounds() -> None:
+    """Up to MAX_SEGMENTS markers and MAX_FILL fill bytes before the frame are read as before; past them a
+    header is unreadable (corrupt_image), a limit no encoder comes near (an ICC profile takes 255 segments)."""
+    comment, frame = b"\xff\xfe\x00\x02", b"\xff\xc0\x00\x0b\x08\x00\x50\x00\x60\x01\x01\x11\x00"
+    fill = MAX_FILL // (MAX_SEGMENTS - 1)
+    padded = b"\xff\xd8" + (b"\xff" * fill + comment) * (MAX_SEGMENTS - 1) + frame
+    assert read_jpeg_frame(padded) == JpegFrame(8, 80, 96, 1, lossless=False, progressive=False)
+    assert read_jpeg_frame(b"\xff\xd8" + comment * MAX_SEGMENTS + frame) is None
+    assert read_jpeg_frame(b"\xff\xd8" + b"\xff" * (MAX_FILL + 1) + frame) is None
+    assert read_jpeg_frame(b"\xff\xd8" + b"\xff" * MAX_FILL + frame) is not None

@@ -339,6 +339,27 @@ def test_compose_defaults_are_the_service_defaults(stack: str) -> None:
             assert settings_from(service["environment"]).model_dump() == defaults, name
 
 
+# Settings compose does not pass through, on purpose: the image fixes where the service listens (the port is
+# published as CXR_PUBLISH_PORT) and where the weights are (a host folder is mounted there as CXR_WEIGHTS_DIR).
+FIXED_BY_THE_IMAGE = {"CXR_HOST", "CXR_PORT", "CXR_WEIGHTS"}
+FIXED_BY_THE_STACK = {"cpu": {"CXR_DEVICE"}}  # the CPU override pins the device
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_setting_reaches_the_service(stack: str) -> None:
+    """An .env file sets the service through compose: CXR_INPUT_GUARD and CXR_DECODE_WORKERS were missing from
+    the environment list and silently dropped. Every Settings field, set in compose's environment, must arrive."""
+    names = {f"CXR_{name.upper()}" for name in Settings.model_fields}
+    assert FIXED_BY_THE_IMAGE.issubset(names) and FIXED_BY_THE_IMAGE.issubset(image_env())
+    passed = names - FIXED_BY_THE_IMAGE - FIXED_BY_THE_STACK.get(stack, set())
+    probes = {name: f"probe-{name.lower()}" for name in names}
+    for service_name, service in compose_config(STACKS[stack], **probes)["services"].items():
+        if service_name != "proxy":
+            environment = service["environment"]
+            assert {name: environment.get(name) for name in passed} == {name: probes[name] for name in passed}
+            assert all(environment.get(name) != probes[name] for name in names - passed)  # the exclusions are real
+
+
 def test_scale_stack_pins_one_gpu_per_replica() -> None:
     services = compose_config(STACKS["scale"])["services"]
     assert set(services) == {*REPLICAS, "proxy"}

@@ -6,8 +6,16 @@ A longer run is ``make fuzz`` (``python -m tests.fuzz_decoders``); whatever it f
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import struct
+import termios
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from multiprocessing.connection import Connection
 
 import pytest
 
@@ -51,14 +59,28 @@ def test_bounded_fuzz_run_finds_nothing(pool: DecodePool) -> None:
         assert counts["corrupt_image"] > 0, fmt  # the mutations do reach the decoders' error paths
 
 
+def unread_bytes(conn: Connection) -> int:
+    """Bytes sent down a worker's pipe that it has not read yet (SIOCOUTQ of the pool's end)."""
+    return int(struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, struct.pack("i", 0)))[0])
+
+
 def test_a_crash_is_reported_as_a_finding_not_fatal(pool: DecodePool) -> None:
-    """The harness's own detector: a decoder that dies is one finding, and the run goes on."""
+    """The harness's own detector: a decoder that dies on a mutant is one finding, and the run goes on.
+
+    The first worker is stopped, so the first mutant waits in its pipe, then killed as a segfault would
+    (a worker killed before it received a mutant is only replaced: that is no finding).
+    """
     workers = [pool._idle.get() for _ in range(pool.size)]
-    workers[0].process.kill()  # as a segfault would, before the first mutant reaches it
-    workers[0].process.join()
+    os.kill(workers[0].process.pid, signal.SIGSTOP)
     for worker in workers:
         pool._idle.put(worker)
-    outcomes, findings = fuzz_decoders.fuzz(pool, ["jpeg-baseline"], 4, seed=1)
+    with ThreadPoolExecutor(1) as runner:
+        run = runner.submit(fuzz_decoders.fuzz, pool, ["jpeg-baseline"], 4, seed=1)
+        deadline = time.monotonic() + 30
+        while unread_bytes(workers[0].conn) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        workers[0].process.kill()
+        outcomes, findings = run.result(timeout=60)
     assert outcomes["jpeg-baseline"].total() == 4
     assert [(finding.kind, finding.index) for finding in findings] == [("crash", 0)]
     assert "SIGKILL" in findings[0].detail

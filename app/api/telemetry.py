@@ -74,7 +74,8 @@ class Metrics:
         )
         self.decoder_replacements = Counter(
             "cxr_decoder_replacements",
-            "Decoder worker processes replaced, by reason (crash, timeout, out_of_memory, large_decode, start_failed).",
+            "Decoder worker processes replaced, by reason "
+            "(crash, timeout, out_of_memory, large_decode, start_failed, died_idle).",
             ["reason"],
             registry=self.registry,
         )

@@ -5,7 +5,9 @@ untrusted bytes. In a worker process a crash (segfault, out-of-memory kill) cost
 caller gets :class:`DecoderCrashedError` (``corrupt_image``), the worker is replaced and every
 other decode goes on. ``concurrent.futures.ProcessPoolExecutor`` would instead mark the whole pool
 broken and fail every job in flight, so this is a small pool of its own: a pipe per worker, a
-queue of idle workers, and a worker that dies or overruns its time is killed and replaced.
+queue of idle workers, and a worker that dies or overruns its time is killed and replaced. Only a
+death after a worker received its job is blamed on that image: one found dead while idle (the OOM
+killer or an operator between jobs) is replaced and the job goes to a fresh worker.
 
 Workers are forked from a ``forkserver`` that has preloaded the preprocessing module, so a
 replacement starts in milliseconds and never inherits the serving process's threads. Each
@@ -56,6 +58,13 @@ DEFAULT_LARGE_DECODE_BYTES = 64 * MiB
 DEFAULT_DECODE_TIMEOUT_S = 20.0
 STARTUP_TIMEOUT_S = 120.0
 _JOB_HEADER = struct.Struct("<QQQ")  # input size, max pixels, max decode bytes
+# Bounds the settings enforce too, so a value that would fail every image stops the service at startup.
+# A day: generous for any decode, far below the 2**31 - 1 ms (24.8 days) that Connection.poll can wait.
+MAX_DECODE_TIMEOUT_S = 86_400.0
+# 2**40 (1.1 trillion pixels; 1 TiB of samples): past any image a host can decode (a JPEG's sides stop at
+# 65,535), yet well within the job header's 64-bit fields, and 3x it + 512 MiB is a valid RLIMIT_AS.
+MAX_DECODE_LIMIT = 2**40
+_RLIMIT_MAX = 2**63 - 1  # setrlimit takes a signed 64-bit count; RLIM_INFINITY is -1
 _PRELOAD = ["app.core.preprocessing", "app.core.decode_pool"]  # the worker code is fixed when the server starts
 
 
@@ -85,6 +94,16 @@ def worker_memory_limit(max_decode_bytes: int) -> int:
     return 3 * max_decode_bytes + 512 * MiB
 
 
+def address_space_cap(wanted: int) -> int:
+    """``wanted`` as a value setrlimit accepts: at most the hard limit already set (only root may raise it),
+    and no cap (RLIM_INFINITY) past what its signed 64-bit count holds, instead of an OverflowError that
+    would stop every worker from starting."""
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    return wanted if wanted <= _RLIMIT_MAX else resource.RLIM_INFINITY
+
+
 def _current_address_space() -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -97,7 +116,7 @@ def _worker_main(conn: Connection, memory_limit: int, dicom: DicomPolicy) -> Non
     """Child process: cap memory, then answer one job at a time until the pipe closes or an empty message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     with contextlib.suppress(OSError, ValueError):  # no /proc (not Linux): run without the cap
-        limit = _current_address_space() + memory_limit
+        limit = address_space_cap(_current_address_space() + memory_limit)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     conn.send("ready")
     while True:
@@ -160,6 +179,10 @@ class DecodePool:
         dicom: DicomPolicy = DEFAULT_DICOM_POLICY,
         on_replace: Callable[[str], None] | None = None,
     ) -> None:
+        if not 0 < timeout_s <= MAX_DECODE_TIMEOUT_S:  # also NaN: Connection.poll must be able to wait it out
+            raise ValueError(f"the decode timeout must be in (0, {MAX_DECODE_TIMEOUT_S:g}] s, not {timeout_s}")
+        if not (1 <= max_pixels <= MAX_DECODE_LIMIT and 1 <= max_decode_bytes <= MAX_DECODE_LIMIT):
+            raise ValueError(f"max_pixels and max_decode_bytes must be in [1, {MAX_DECODE_LIMIT}]")
         self.size = workers + large_slots  # a lane per process: a job never waits for a worker, only for its lane
         self.input_size = input_size
         self.max_pixels = max_pixels
@@ -169,7 +192,7 @@ class DecodePool:
         self.memory_limit = memory_limit or worker_memory_limit(max_decode_bytes)
         self.dicom = dicom
         self.crashes = 0
-        # Told why each worker is replaced: crash, timeout, out_of_memory, large_decode, start_failed.
+        # Told why each worker is replaced: crash, timeout, out_of_memory, large_decode, start_failed, died_idle.
         self._on_replace = on_replace
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
@@ -268,19 +291,50 @@ class DecodePool:
         submitted.add_done_callback(lambda done: give_back() if done.cancelled() else None)
         return await asyncio.wrap_future(submitted, loop=loop)
 
+    def _deliver(self, worker: _Worker, message: bytes) -> bool:
+        """Send the job once the worker has started; False when it turns out to have died while idle.
+
+        An idle worker never writes, so a readable pipe means its end is closed; a send to a dead worker
+        fails. Either way it died before it received this job (the OOM killer or an operator between
+        jobs), which is not this image's doing.
+        """
+        if not worker.ready:
+            self._await_ready(worker)
+        try:
+            if worker.conn.poll():
+                return False
+            worker.conn.send_bytes(message)
+        except OSError:  # BrokenPipeError, ConnectionResetError, a closed handle
+            return False
+        return True
+
+    def _replaced(self, worker: _Worker, reason: str) -> None:
+        """Retire ``worker`` (if still counted) and tell ``on_replace`` why; the caller spawns its successor."""
+        if worker in self._all:
+            self._retire(worker, kill=False)
+        if self._on_replace is not None:
+            self._on_replace(reason)
+
     def _run(self, data: bytes, large: bool) -> ModelInput:
         if self._closed:
             raise RuntimeError("the decode pool is closed")
+        # One message per job (one wake-up of the worker): fixed header, then the upload's bytes.
+        message = _JOB_HEADER.pack(self.input_size, self.max_pixels, self.max_decode_bytes) + data
         worker = self._idle.get()
-        # Why this worker is replaced after the job, if it is: a large decode's heap goes back to the OS.
-        replaced_for: str | None = "large_decode" if large else None
+        # Why this worker is replaced after the job, if it is. Until the job is delivered, a failure is
+        # the pool's (a worker that did not start or died at once), never the image's.
+        replaced_for: str | None = "start_failed"
         try:
-            if not worker.ready:
-                replaced_for = "start_failed"  # until it proves it started
-                self._await_ready(worker)
-                replaced_for = "large_decode" if large else None
-            # One message per job (one wake-up of the worker): fixed header, then the upload's bytes.
-            worker.conn.send_bytes(_JOB_HEADER.pack(self.input_size, self.max_pixels, self.max_decode_bytes) + data)
+            if not self._deliver(worker, message):
+                self._replaced(worker, "died_idle")
+                if self._closed:
+                    raise RuntimeError("the decode pool is closed")
+                worker = self._spawn()  # the job goes to a fresh worker
+                if not self._deliver(worker, message):
+                    raise DecoderFailedError("a new decoder worker exited before it took its job")
+            del message
+            # A large decode's heap goes back to the OS: its worker is replaced afterwards.
+            replaced_for = "large_decode" if large else None
             if not worker.conn.poll(self.timeout_s):
                 replaced_for = "timeout"
                 self._retire(worker, kill=True)
@@ -288,8 +342,10 @@ class DecodePool:
             status, payload, exiting = worker.conn.recv()
             if exiting:
                 replaced_for = "out_of_memory"
-        except (EOFError, OSError) as exc:  # the worker died mid-job
-            replaced_for = "crash"
+        except (EOFError, OSError) as exc:
+            if replaced_for == "start_failed":  # the job was never delivered: a fresh worker could not start
+                raise DecoderFailedError(f"a decoder worker could not be started: {exc}") from exc
+            replaced_for = "crash"  # the worker died mid-job, after it received the image
             worker.process.join(timeout=5)
             reason = _signal_name(worker.process.exitcode)
             self._retire(worker, kill=True)
@@ -300,11 +356,8 @@ class DecodePool:
             if replaced_for is None:
                 self._idle.put(worker)
             elif not self._closed:
-                if worker in self._all:
-                    self._retire(worker, kill=False)
+                self._replaced(worker, replaced_for)
                 self._idle.put(self._spawn())
-                if self._on_replace is not None:
-                    self._on_replace(replaced_for)
         if status == "ok":
             pixels, source = payload
             return ModelInput(torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0), source)
