@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.core import preprocessing as imaging
 from app.core.network import ModelSpec, Normalization
 from tests.conftest import encode
 from tests.dicom_files import Spec, chest_stored, dicom_bytes
@@ -29,6 +30,7 @@ from tests.training_support import (
     train_args,
     write_split,
 )
+from training import data as data_module
 from training.cli import build_parser, main
 from training.config import TrainConfig, flag
 from training.data import Decoded, data_hash, discover, load_images, prepare_data
@@ -240,6 +242,39 @@ def test_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
+def test_a_change_of_the_decoding_code_is_decoded_again_not_read_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache was keyed by the files alone: after a preprocessing change (EXIF orientation applied to PNGs,
+    another 16-bit scaling) training read the old pixels, which the service no longer produces."""
+    root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
+    samples = discover(root)["all"]
+    load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")
+    fingerprint = data_module.decoder_fingerprint()
+    assert fingerprint == data_module.decoder_fingerprint() and len(fingerprint) == 64
+    monkeypatch.setattr(data_module, "decoder_fingerprint", lambda: "another decoder")
+    load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_the_decoder_fingerprint_covers_the_decoding_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every module the decode pool runs, and nothing else decides pixels: an edit of any of them changes it."""
+    from app.core import decode_pool
+
+    assert set(data_module._DECODER_MODULES) >= {*decode_pool._PRELOAD, "app.core.dicom", "app.core.jpeg_header"}
+    before = data_module.decoder_fingerprint()
+    edited = tmp_path / "preprocessing.py"
+    edited.write_bytes(Path(imaging.__file__).read_bytes() + b"# edited\n")
+    monkeypatch.setattr(imaging, "__file__", str(edited))
+    data_module.decoder_fingerprint.cache_clear()
+    try:
+        assert data_module.decoder_fingerprint() != before
+    finally:
+        monkeypatch.undo()
+        data_module.decoder_fingerprint.cache_clear()
+    assert data_module.decoder_fingerprint() == before
+
+
 def test_wrong_layout_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "data" / "images").mkdir(parents=True)
     err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")])
@@ -250,17 +285,18 @@ def test_wrong_layout_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_missing_or_empty_class_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_split(tmp_path / "d" / "train", normal_names(range(1, 3), 1), [])
-    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    train = ["train", "--input-size", str(INPUT_SIZE)]  # the 48 px films are too small for the default 224
+    err = refused_with_one_line(capsys, [*train, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     assert "PNEUMONIA" in err
     (tmp_path / "d" / "train" / "PNEUMONIA").mkdir()
     (tmp_path / "d" / "train" / "PNEUMONIA" / "notes.txt").write_text("no images here")
-    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    err = refused_with_one_line(capsys, [*train, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     assert err.endswith(
         "class PNEUMONIA of the train split has no readable image "
         "(1 file(s) of the split skipped, each logged with its reason)"
     )
     (tmp_path / "d" / "train" / "PNEUMONIA" / "notes.txt").unlink()
-    err = refused_with_one_line(capsys, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    err = refused_with_one_line(capsys, [*train, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     assert err.endswith("PNEUMONIA: class PNEUMONIA has no files")
 
 

@@ -9,7 +9,10 @@ in the run summary.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -149,9 +152,40 @@ def limit_per_class(samples: list[Sample], limit: int, seed: int) -> list[Sample
     return kept
 
 
+# What decoded pixels depend on besides the files and the input size: the decoding code and its libraries.
+_DECODER_MODULES = (
+    "app.core.preprocessing",
+    "app.core.image_headers",
+    "app.core.image_errors",
+    "app.core.jpeg_header",
+    "app.core.jpeg_complete",
+    "app.core.dicom",
+    "app.core.dicom_pixels",
+    "app.core.dicom_codecs",
+    "app.core.decode_pool",
+)
+_DECODER_LIBRARIES = ("numpy", "pillow", "simplejpeg", "imagecodecs", "pydicom")
+
+
+@functools.cache
+def decoder_fingerprint() -> str:
+    """The sha256 of the decoding modules' source and the versions of the decoders they call.
+
+    Part of the decode cache's key: a cache written before a preprocessing change (an orientation now
+    applied, another scaling, a new refusal) is decoded again, never trained on pixels the service no
+    longer produces. Any edit of those modules costs one re-decode; a stale cache would be train/serve skew.
+    """
+    digest = hashlib.sha256()
+    for name in _DECODER_MODULES:
+        digest.update(Path(importlib.import_module(name).__file__ or name).read_bytes())
+    for library in _DECODER_LIBRARIES:
+        digest.update(f"{library}=={importlib.metadata.version(library)}\n".encode())
+    return digest.hexdigest()
+
+
 def _listing_key(samples: list[Sample], input_size: int) -> str:
-    """Cache key: file paths, sizes and mtimes plus the input size (content changes change mtime)."""
-    digest = hashlib.sha256(str(input_size).encode())
+    """Cache key: file paths, sizes and mtimes, the input size (content changes change mtime), and the decoder."""
+    digest = hashlib.sha256(f"{input_size}|{decoder_fingerprint()}".encode())
     for sample in samples:
         try:
             stat = sample.path.stat()
