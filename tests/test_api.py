@@ -167,6 +167,34 @@ def test_health_and_metrics_exposition(server: LiveServer) -> None:
     assert 'cxr_http_requests_total{endpoint="/health",method="GET",status="200"}' in metrics.text
 
 
+def test_ops_probes_answer_head_like_get(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load balancers sometimes probe with HEAD: it was 405."""
+    probes = {"/health": 503, "/livez": 200, "/v2/health/ready": 503, "/v2/health/live": 200}  # while draining
+    with server.client() as client:
+        for path in probes:
+            head = client.head(path)
+            assert head.status_code == client.get(path).status_code == 200 and head.content == b"", path
+        service = server.app.state.service
+        draining = service.health().model_copy(update={"status": "draining"})
+        monkeypatch.setattr(service, "health", lambda: draining)
+        for path, status in probes.items():
+            assert client.head(path).status_code == client.get(path).status_code == status, path
+
+
+@pytest.mark.parametrize("path", ["/predict", "/explain"])
+def test_a_repeated_file_field_is_refused_not_cut_to_its_last_part(server: LiveServer, path: str) -> None:
+    """Two `file` parts were scored as the last one alone."""
+    files = [("file", ("a.jpg", encode(synthetic_xray(seed=1)))), ("file", ("b.jpg", encode(synthetic_xray(seed=2))))]
+    with server.client() as client:
+        response = client.post(path, files=files)
+        spec = client.get("/openapi.json").json()
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "multiple_files" and "/predict/batch" in error["message"]
+    documented = spec["paths"][path]["post"]["responses"]["422"]["content"]["application/json"]["examples"]
+    assert "multiple_files" in documented
+
+
 def test_openapi_documents_examples_and_errors(server: LiveServer) -> None:
     with server.client() as client:
         docs = client.get("/docs")

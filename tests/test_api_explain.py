@@ -74,7 +74,7 @@ def test_batch_explain_and_per_file_errors(server: LiveServer) -> None:
 def test_explain_png_is_the_model_input_at_the_upload_aspect_with_the_prediction_in_headers(
     server: LiveServer,
 ) -> None:
-    data = jpeg(3, width=120, height=60)
+    data = jpeg(3, width=128, height=64)
     with server.client() as client:
         png = client.post("/explain", files={"file": ("wide.jpg", data)})
         as_json = client.post("/explain", files={"file": ("wide.jpg", data)}, headers={"Accept": "application/json"})
@@ -82,7 +82,7 @@ def test_explain_png_is_the_model_input_at_the_upload_aspect_with_the_prediction
         predicted = client.post("/predict", params={"explain": "true"}, files={"file": ("wide.jpg", data)}).json()
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(png.content))
-    assert image.format == "PNG" and image.mode == "RGB" and image.size == (120, 60)
+    assert image.format == "PNG" and image.mode == "RGB" and image.size == (128, 64)
     assert png.headers["x-label"] == predicted["label"]
     assert float(png.headers["x-pneumonia-probability"]) == pytest.approx(predicted["pneumonia_probability"], abs=1e-6)
     assert float(png.headers["x-threshold"]) == predicted["threshold"]
@@ -111,6 +111,43 @@ def test_explain_errors_are_coded(server: LiveServer, params: dict, data: bytes 
     with server.client() as client:
         response = client.post("/explain", params=params, files={"file": ("x", jpeg(1) if data is None else data)})
     assert response.status_code == status and response.json()["error"]["code"] == code
+
+
+ACCEPT = {
+    # The audit's two: a q=0 range refuses its type; it was ignored.
+    "application/json, image/png;q=0": "application/json",
+    "image/png, application/json;q=0": "image/png",
+    "image/png;q=0.5, application/json;q=0.9": "application/json",
+    "application/json;q=0.4, image/png;q=0.5": "image/png",
+    # Equal q: the more specific range, then the first listed.
+    "application/json, */*": "application/json",
+    "image/*, application/json": "application/json",
+    "image/png, application/json": "image/png",
+    "application/json, image/png": "application/json",
+    "image/*;q=0.1, */*": "application/json",
+    "*/*": "image/png",
+    "*/*;q=0.8, application/json;q=1.000": "application/json",
+    "Application/JSON": "application/json",
+    "application/json;q=2, image/png": "image/png",  # a q out of range drops its range
+    # Neither acceptable: 406 rather than a representation the client refused.
+    "application/json;q=0": 406,
+    "image/png;q=0, application/json;q=0": 406,
+    "text/html": 406,
+    "*/*;q=0": 406,
+}
+
+
+def test_explain_honours_accept_q_values(server: LiveServer) -> None:
+    with server.client() as client:
+        for accept, expected in ACCEPT.items():
+            response = client.post("/explain", files={"file": ("x.jpg", jpeg(1))}, headers={"Accept": accept})
+            if expected == 406:
+                assert response.status_code == 406 and response.json()["error"]["code"] == "not_acceptable", accept
+            else:
+                assert response.status_code == 200 and response.headers["content-type"] == expected, accept
+                assert response.headers["vary"] == "Accept"
+        default = client.post("/explain", files={"file": ("x.jpg", jpeg(1))}, headers={"Accept": ""})
+    assert default.status_code == 200 and default.headers["content-type"] == "image/png"
 
 
 def test_a_model_without_maps_refuses_explain_before_decoding(
@@ -143,8 +180,18 @@ def test_ui_is_on_by_default_and_home_leads_to_it(tiny_weights: Path) -> None:
         assert page.headers["content-security-policy"].startswith("default-src 'self'")
 
 
-@pytest.mark.parametrize(("width", "height"), [(4000, 1), (1, 4000), (1, 1)])
-def test_explain_survives_extreme_aspect_ratios(server: LiveServer, width: int, height: int) -> None:
+@pytest.mark.parametrize(("width", "height"), [(4000, 1), (1, 4000), (1, 1), (4000, 1333), (SIZE - 1, 100)])
+def test_explain_refuses_what_no_chest_film_looks_like(server: LiveServer, width: int, height: int) -> None:
+    """A strip, a dot or a thumbnail: refused before any overlay is drawn, not drawn from a squashed guess."""
+    data = encode(synthetic_xray(width, height, seed=1), "PNG")
+    with server.client() as client:
+        response = client.post("/explain", files={"file": ("odd.png", data)})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "unsuitable_shape"
+    assert response.json()["error"]["message"].startswith(f"the image is {width}x{height} px")
+
+
+@pytest.mark.parametrize(("width", "height"), [(3 * SIZE, SIZE), (SIZE, 3 * SIZE), (SIZE, SIZE), (1500, 500)])
+def test_explain_survives_the_most_extreme_accepted_shapes(server: LiveServer, width: int, height: int) -> None:
     data = encode(synthetic_xray(width, height, seed=1), "PNG")
     with server.client() as client:
         response = client.post("/explain", files={"file": ("odd.png", data)})

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -65,6 +66,60 @@ def test_timeout_is_504_and_the_batcher_keeps_working(tiny_weights: Path, monkey
         assert timed_out.status_code == 504
         assert timed_out.json()["error"]["code"] == "timeout"
         assert post_image(server).status_code == 200
+
+
+def test_a_batch_that_times_out_counts_no_predictions(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cxr_predictions_total`` counts predictions returned: none when the batch fails, though one image was scored."""
+    settings = serving_settings(tiny_weights, max_batch_size=1, max_wait_ms=0, request_timeout_s=2)
+    with live_server(settings) as server:
+        release = threading.Event()
+        passes: list[int] = []
+        original = InferenceEngine.infer
+
+        def second_pass_stalls(
+            engine: InferenceEngine, pixels: torch.Tensor, explain: Sequence[bool] = ()
+        ) -> list[ImageResult]:
+            passes.append(len(pixels))
+            if len(passes) == 2 and not release.wait(timeout=30):
+                raise RuntimeError("second forward pass never released")
+            return original(engine, pixels, explain)
+
+        monkeypatch.setattr(InferenceEngine, "infer", second_pass_stalls)
+        batch = [("files", (f"{i}.jpg", IMAGE, "image/jpeg")) for i in range(2)]
+        with server.client() as client:
+
+            def predictions() -> float:
+                return sum(metric_samples(client.get("/metrics").text, "cxr_predictions_total").values())
+
+            before = predictions()
+            timed_out = client.post("/predict/batch", files=batch)
+            release.set()
+            assert passes == [1, 1]  # the first image was scored, the second one's pass stalled
+            assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "timeout"
+            assert predictions() == before
+            assert client.post("/predict/batch", files=batch).status_code == 200
+            assert predictions() == before + 2
+
+
+def test_requests_cut_off_by_the_drain_deadline_get_503_without_a_traceback(
+    tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, pool: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn cancels what still runs after ``CXR_GRACEFUL_SHUTDOWN_S``: an expected end, answered and not an error."""
+    server = LiveServer(serving_settings(tiny_weights, graceful_shutdown_s=1))
+    server.start()
+    gate = ForwardGate(monkeypatch)
+    in_flight = pool.submit(post_image, server)
+    try:
+        assert gate.entered.wait(20)
+        server.server.handle_exit(signal.SIGTERM, None)
+        cut_off = in_flight.result(timeout=30)
+    finally:
+        gate.release.set()
+        server.thread.join(timeout=30)
+    assert cut_off.status_code == 503 and cut_off.json()["error"]["code"] == "shutting_down"
+    assert "retry-after" in cut_off.headers
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info is not None or "Traceback" in r.getMessage()]
+    assert tracebacks == []
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +274,28 @@ def test_cors_when_configured(guarded: LiveServer) -> None:
     exposed = {name.strip().lower() for name in explained.headers["access-control-expose-headers"].split(",")}
     assert {"x-label", "x-pneumonia-probability", "x-model-sha256"} <= exposed
     assert "access-control-allow-origin" not in stranger.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "origin", "method", "refused"),
+    [
+        ("/predict", "https://evil.example", "POST", "origin"),
+        ("/predict", ORIGIN, "DELETE", "method"),
+        ("/v2/models/m/infer", "https://evil.example", "PUT", "origin, method"),
+    ],
+)
+def test_refused_cors_preflight_is_a_json_error(
+    guarded: LiveServer, path: str, origin: str, method: str, refused: str
+) -> None:
+    """Starlette answers a refused preflight with a text/plain 400; every error here has a JSON body and a code."""
+    with guarded.client() as client:
+        response = client.options(path, headers={"Origin": origin, "Access-Control-Request-Method": method})
+    assert response.status_code == 400 and response.headers["content-type"] == "application/json"
+    message = f"CORS preflight refused: {refused} not allowed"
+    ours = {"error": {"code": "cors_refused", "message": message}}
+    v2 = {"error": message, "code": "cors_refused"}  # the Open Inference Protocol's error shape
+    assert response.json() == (v2 if path.startswith("/v2/") else ours)
+    assert "GET" in response.headers["access-control-allow-methods"]  # the CORS headers Starlette sent stay
 
 
 def client_post_explain(server: LiveServer) -> httpx.Response:

@@ -11,6 +11,9 @@ import base64
 import gzip
 import json
 import logging
+import re
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from app.core.artifacts import load_model
 from app.core.decision import decide, pneumonia_probability
 from app.core.preprocessing import preprocess
 from tests.conftest import TEST_INPUT_SIZE, encode, export_tiny_model, synthetic_xray
-from tests.live_server import LiveServer, live_server, metric_samples, serving_settings, wait_for
+from tests.live_server import LiveServer, connect, live_server, metric_samples, serving_settings, wait_for
 
 KEY = "v2-test-key"
 MAX_UPLOAD = 400_000
@@ -82,7 +85,7 @@ IMAGES = [
     encode(synthetic_xray(seed=1), "JPEG"),
     encode(synthetic_xray(120, 90, seed=2, mode="RGB"), "JPEG", progressive=True),
     encode(Image.fromarray(np.asarray(synthetic_xray(seed=3), np.uint16) * 257), "PNG"),
-    encode(synthetic_xray(64, 200, seed=4), "PNG"),
+    encode(synthetic_xray(64, 190, seed=4), "PNG"),  # tall, within the 3:1 a chest film can have
 ]
 
 
@@ -192,6 +195,54 @@ def test_api_key_guards_model_routes_not_health(server: LiveServer, client: trit
         error = refused(call)
         assert error.status() == "401" and "X-API-Key" in error.message()
     assert client.is_server_ready() and client.is_server_live()
+
+
+def test_openapi_documents_no_validation_error_on_model_routes(server: LiveServer) -> None:
+    """FastAPI documented a 422 HTTPValidationError ({"detail": [...]}) that a string path segment never causes."""
+    with server.client() as http:
+        spec = http.get("/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(spec)
+    model_routes = {path: methods["get"] for path, methods in spec["paths"].items() if "get" in methods}
+    model_routes = {path: operation for path, operation in model_routes.items() if "{model_name}" in path}
+    assert len(model_routes) == 4
+    for path, operation in model_routes.items():
+        assert set(operation["responses"]) == {"200", "401", "404", "503"}, path
+        declared = {param["name"] for param in operation["parameters"] if param["in"] == "path"}
+        assert declared == set(re.findall(r"{(\w+)}", path)), path
+
+
+def send_and_close(server: LiveServer, head: bytes, body: bytes) -> bytes:
+    """Send a request whose body stops early, then whatever the server answers before it closes."""
+    with connect(server) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.2)
+        sock.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+@pytest.mark.parametrize("framing", ["cut", "bad chunk"])
+def test_a_body_that_stops_early_is_400_without_a_traceback(
+    server: LiveServer, caplog: pytest.LogCaptureFixture, framing: str
+) -> None:
+    """A client gone mid-body (or chunked framing uvicorn refuses) was an "unhandled error" traceback and a 500."""
+    route = 'endpoint="/v2/models/{model_name}/infer",method="POST"'
+
+    def counted(status: int) -> float:
+        with server.client() as http:
+            samples = metric_samples(http.get("/metrics").text, "cxr_http_requests_total")
+        return samples.get(f'{{{route},status="{status}"}}', 0.0)
+
+    before = counted(400), counted(500)
+    head = f"POST /v2/models/{load_name(server)}/infer HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+    head += "Content-Type: application/json\r\n"
+    if framing == "cut":
+        send_and_close(server, f"{head}Content-Length: 100000\r\n\r\n".encode(), b'{"inputs": [')
+    else:
+        answer = send_and_close(server, f"{head}Transfer-Encoding: chunked\r\n\r\n".encode(), b'4\r\n{"in\r\nzz\r\n')
+        assert answer.startswith(b"HTTP/1.1 400") and b'"bad_request"' in answer
+    wait_for(lambda: counted(400) + counted(500) > sum(before))  # the request has been answered and counted
+    assert (counted(400), counted(500)) == (before[0] + 1, before[1])
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 # --- inference -------------------------------------------------------------------------------------

@@ -91,6 +91,25 @@ def test_invalid_http_gets_400_json(server: LiveServer) -> None:
         assert_json_error(*read_response(sock), 400, "bad_request")
 
 
+WEBSOCKET_UPGRADE = (
+    b"Host: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(server: LiveServer) -> None:
+    """Was uvicorn's empty text/plain 403 from a WebSocket handshake the service never speaks."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /predict HTTP/1.1\r\n" + WEBSOCKET_UPGRADE)
+        status, headers, body = read_response(sock)
+    assert_json_error(status, headers, body, 405, "method_not_allowed")
+    assert headers["connection"] == "close"  # httptools reads nothing more on an upgraded connection
+    with connect(server) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\n" + WEBSOCKET_UPGRADE)
+        status, headers, body = read_response(sock)
+    assert status == 200 and json.loads(body) == {"status": "alive"}
+
+
 def multipart(parts: list[tuple[str, bytes]], close: bool = True) -> bytes:
     body = b"".join(
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.jpg"\r\n'

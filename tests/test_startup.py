@@ -21,7 +21,7 @@ import torch
 
 from app.__main__ import main
 from app.api import service as service_module
-from app.core.decode_pool import DecodePool
+from app.core.decode_pool import DecodePool, DecoderFailedError
 from app.core.openvino_backend import cpu_capabilities
 from tests.conftest import export_tiny_model, rewrite_model
 from tests.live_server import LiveServer, serving_settings, wait_for
@@ -173,9 +173,31 @@ def test_failed_lifespan_logs_one_line_and_never_serves(
         for process in processes:
             process.join(timeout=5)
             assert process.exitcode is not None
+    assert_one_line_failure(caplog, reason)
+
+
+def assert_one_line_failure(caplog: pytest.LogCaptureFixture, reason: str) -> None:
+    """uvicorn's first error of the failed startup is our one-line reason, not a traceback."""
     failures = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error" and r.levelno == logging.ERROR]
-    assert failures[0] == f"startup failed: {failures[0].removeprefix('startup failed: ')}"
+    assert failures[0].startswith("startup failed: ")
     assert reason in failures[0] and "\n" not in failures[0]
+
+
+def test_decoder_start_failure_logs_one_line(
+    tiny_weights: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoder workers that cannot start (e.g. the OS refuses their memory cap) stop the service like a bad model."""
+
+    class UnstartablePool(DecodePool):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise DecoderFailedError("a decoder worker did not start: OverflowError: Python int too large")
+
+    monkeypatch.setattr(service_module, "DecodePool", UnstartablePool)
+    server = LiveServer(serving_settings(tiny_weights))
+    with pytest.raises(RuntimeError, match="did not start"):
+        server.start()
+    assert server.exit_code == 3
+    assert_one_line_failure(caplog, "a decoder worker did not start: OverflowError")
 
 
 def test_invalid_setting_refuses_with_one_line(
@@ -206,7 +228,9 @@ def test_invalid_fast_path_setting_refuses_with_one_line(
     assert line.startswith(f"cxr-pneumonia: {message}")
 
 
-def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_weights: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_serves_then_shuts_down_gracefully_on_a_signal(tiny_weights: Path, stop: signal.Signals) -> None:
+    """Ctrl-C (SIGINT) ends as SIGTERM does: drained, killed by the signal, and no KeyboardInterrupt traceback."""
     port = free_port()
     process = launch(["app"], CXR_WEIGHTS=str(tiny_weights), CXR_PORT=str(port))
     url = f"http://127.0.0.1:{port}"
@@ -220,12 +244,40 @@ def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_weights: Path) -> Non
                 return False
 
         wait_for(ready, STARTUP_TIMEOUT_S)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so the status says "terminated".
-    assert process.returncode == -signal.SIGTERM, stderr
+    # uvicorn re-raises the captured signal after its graceful shutdown, so the status names it.
+    assert process.returncode == -stop, stderr
+    assert "Traceback" not in stderr
     messages = [json.loads(line)["message"] for line in stderr.splitlines()]
     assert "model ready" in messages and "Application shutdown complete." in messages
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        # Each was accepted, and the server reported healthy while answering every image with an error.
+        ("CXR_DECODE_TIMEOUT_S", "3000000", "Input should be less than or equal to 86400"),  # poll() overflow
+        ("CXR_DECODE_TIMEOUT_S", "inf", "Input should be a finite number"),
+        ("CXR_DECODE_TIMEOUT_S", "nan", "Input should be a finite number"),
+        ("CXR_MAX_PIXELS", str(2**64), "Input should be less than or equal to 1099511627776"),  # struct.pack
+        ("CXR_MAX_DECODE_BYTES", str(4 * 10**18), "Input should be less than or equal to 1099511627776"),  # setrlimit
+        # Accepted, then hung or failed at first use: 10^20 decoder processes, a wait without end.
+        ("CXR_DECODE_WORKERS", str(10**20), "Input should be less than or equal to 256"),
+        ("CXR_LARGE_DECODES", "100000", "Input should be less than or equal to 64"),
+        ("CXR_QUEUE_SIZE", str(10**20), "Input should be less than or equal to 65536"),
+        ("CXR_REQUEST_TIMEOUT_S", "inf", "Input should be a finite number"),
+        ("CXR_BODY_TIMEOUT_S", "1e20", "Input should be less than or equal to 86400"),
+        ("CXR_HEADER_TIMEOUT_S", "nan", "Input should be a finite number"),
+        ("CXR_KEEP_ALIVE_S", str(10**20), "Input should be less than or equal to 86400"),
+    ],
+)
+def test_a_setting_that_would_fail_every_image_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert main() == 2
+    assert capsys.readouterr().err.splitlines() == [f"cxr-pneumonia: invalid setting {name}: {message}"]

@@ -14,6 +14,7 @@ from fastapi.security import APIKeyHeader
 from app.api.errors import UnauthorizedError
 from app.api.service import Service
 from app.api.telemetry import Metrics
+from app.core.coded_error import CodedError
 from app.settings import Settings
 
 api_key_header = APIKeyHeader(
@@ -49,3 +50,22 @@ async def require_api_key(settings: SettingsDep, key: Annotated[str | None, Secu
 
 
 ApiKeyGuard = Depends(require_api_key)
+
+
+class MultipleFilesError(CodedError):
+    code = "multiple_files"
+
+
+async def require_one_file(request: Request) -> None:
+    """Refuse a repeated ``file`` field, which FastAPI would silently cut to its last part.
+
+    Runs after FastAPI has parsed the form, whose parsed copy Starlette keeps on the request.
+    """
+    count = len((await request.form()).getlist("file"))
+    if count > 1:
+        raise MultipleFilesError(
+            f"{count} files in the field 'file'; {request.url.path} takes one image: send several to /predict/batch"
+        )
+
+
+OneFile = Depends(require_one_file)

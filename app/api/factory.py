@@ -7,9 +7,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRouter
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Mount, Route
 
 from app import SERVICE_NAME, __version__
 from app.api.deps import ApiKeyGuard
@@ -17,6 +16,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
+    JsonCorsMiddleware,
     MultipartLimitsMiddleware,
     RequestContextMiddleware,
     StartupFailureMiddleware,
@@ -26,17 +26,19 @@ from app.api.service import Service
 from app.api.static_pages import mount_assets
 from app.api.telemetry import Metrics
 from app.core.artifacts import ModelLoadError
+from app.core.decode_pool import DecoderFailedError
 from app.core.engine import EngineError
 from app.settings import Settings
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load once per process; a model that cannot be verified stops the process instead of serving."""
+    """Load once per process; a model that cannot be verified, or decoder workers that cannot start, stop the
+    process with a one-line reason instead of serving."""
     service: Service = app.state.service
     try:
         await service.start()
-    except (ModelLoadError, EngineError) as exc:
+    except (ModelLoadError, EngineError, DecoderFailedError) as exc:
         app.state.startup_error = str(exc)
         raise
     yield
@@ -57,6 +59,16 @@ ROUTERS: tuple[APIRouter, ...] = (
 def key_protected_routes(routers: Iterable[APIRouter]) -> list[BaseRoute]:
     """The routes whose routers declare ``ApiKeyGuard``: the one list the API-key middleware enforces."""
     return [route for router in routers if ApiKeyGuard in router.dependencies for route in router.routes]
+
+
+def served_routes(app: FastAPI, routers: Iterable[APIRouter]) -> list[Route | Mount]:
+    """Every route and mount of ``app``, flat, in routing order: the templates metrics label requests with.
+
+    ``app.routes`` holds each included router as one entry that names no path, so their routes are
+    taken from the routers themselves.
+    """
+    candidates = [*app.routes, *(route for router in routers for route in router.routes)]
+    return [route for route in candidates if isinstance(route, Route | Mount)]
 
 
 def _document_limits(app: FastAPI, settings: Settings) -> None:
@@ -99,9 +111,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = Service(settings, metrics)
-    for router in ROUTERS:
+    routers = (*ROUTERS, ui.router if settings.ui else ui.docs_home)
+    for router in routers:
         app.include_router(router)
-    app.include_router(ui.router if settings.ui else ui.docs_home)
     mount_assets(app)
     install_error_handlers(app)
     _document_limits(app, settings)
@@ -117,12 +129,17 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(ApiKeyMiddleware, settings=settings, protected=key_protected_routes(ROUTERS))
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            JsonCorsMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID", "Retry-After", *explain.PREDICTION_HEADERS],
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, retry_after_s=settings.retry_after_s)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        retry_after_s=settings.retry_after_s,
+        routes=served_routes(app, routers),
+    )
     app.add_middleware(StartupFailureMiddleware)
     return app

@@ -7,7 +7,9 @@ stays open for good) and answers unparseable requests with a plain-text 400. Thi
 - refuses a request line + headers over ``max_header_bytes`` with 431 ``header_too_large``;
 - gives a started request head ``header_timeout_s`` to complete, else 408 ``request_timeout``;
 - closes a connection that sends nothing within the keep-alive timeout, as after a response;
-- answers parse errors with the service's JSON error body (400 ``bad_request``).
+- answers parse errors with the service's JSON error body (400 ``bad_request``);
+- answers an ``Upgrade`` request (WebSocket, h2c) as plain HTTP and then closes the connection
+  (the server runs with ``ws="none"``: uvicorn's WebSocket handshake would refuse with a bare 403).
 
 The request body's own deadline is enforced in the ASGI layer (``BodySizeLimitMiddleware``),
 where a 408 can go through the normal error handler.
@@ -99,6 +101,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._in_head = True  # the next bytes on this connection start a new request head
         self._head_bytes = 0
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """Called once httptools has parsed an ``Upgrade`` request, which the app answers as plain HTTP.
+
+        RFC 9110 7.8 lets a server ignore ``Upgrade``; httptools parses nothing more on this
+        connection, so it closes after the answer instead of leaving the client's next request unread.
+        uvicorn's version logs a warning that suggests installing a WebSocket library.
+        """
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request context (id, logs, metrics, last-resort 500), body limits, startup errors.
+"""Pure ASGI middleware: request context (id, logs, metrics, last-resort 500), API key, CORS errors, body limits,
+startup errors.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so request bodies stream through untouched: the size,
 time and multipart limits can stop an upload at the first byte over, and nothing buffers whole uploads.
@@ -15,7 +16,9 @@ from collections.abc import Sequence
 
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.routing import BaseRoute, Match
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.batching import ShuttingDownError
@@ -33,21 +36,37 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _QUIET_ENDPOINTS = frozenset({"/health", "/livez", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
-def _endpoint_label(scope: Scope) -> str:
-    """The route template, never the raw path, so metric label cardinality stays bounded."""
-    route = scope.get("route")
-    if route is not None:
-        return str(route.path)
-    return str(scope["path"]) if "endpoint" in scope else "unmatched"
+def _route_for(scope: Scope, routes: Sequence[Route | Mount]) -> Route | Mount | None:
+    """The route Starlette's router picks for ``scope``: the first full match, else the first partial one."""
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial
+
+
+def _endpoint_label(scope: Scope, arrived: Scope, routes: Sequence[Route | Mount]) -> str:
+    """The route template, never the raw path, so metric label cardinality stays bounded.
+
+    Routing names the route in ``scope`` for API routes only; a request answered before routing
+    (401, 413) or by a mount (``/static/``) is labelled with the template its path matches as it
+    ``arrived`` (a mount rewrites ``root_path`` in ``scope``), and anything else is ``unmatched``.
+    """
+    route = scope.get("route") or _route_for(arrived, routes)
+    return "unmatched" if route is None else str(route.path_format)
 
 
 class RequestContextMiddleware:
     """Tag each request with an id, log and count it, and turn escaped exceptions into a JSON 500."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, retry_after_s: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, retry_after_s: int, routes: Sequence[Route | Mount]) -> None:
         self.app = app
         self.metrics = metrics
         self.retry_after_s = retry_after_s
+        self.routes = routes  # every route the app serves, flat: the only values the endpoint label takes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,6 +75,7 @@ class RequestContextMiddleware:
         supplied = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        arrived = dict(scope)  # routing adds to the scope in place
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -71,12 +91,13 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
-            # uvicorn cancels requests still running when the drain grace ends; it would answer a plain-text 500.
-            if not response_started:
-                status = 503
-                shutting_down = coded_error_response(ShuttingDownError(), self.retry_after_s, scope["path"])
-                await shutting_down(scope, receive, send_with_id)
-            raise
+            # uvicorn cancels requests still running when the drain grace ends; it would answer a plain-text 500
+            # and log the cancellation as an error with a traceback. Answered 503, the request ends here.
+            if response_started:
+                raise
+            status = 503
+            shutting_down = coded_error_response(ShuttingDownError(), self.retry_after_s, scope["path"])
+            await shutting_down(scope, receive, send_with_id)
         except Exception:
             error_log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not response_started:
@@ -89,7 +110,7 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            endpoint = _endpoint_label(scope)
+            endpoint = _endpoint_label(scope, arrived, self.routes)
             self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(elapsed)
             level = logging.DEBUG if endpoint in _QUIET_ENDPOINTS else logging.INFO
@@ -138,6 +159,31 @@ class ApiKeyMiddleware:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class JsonCorsMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered in the service's JSON error shape.
+
+    Starlette answers it with a text/plain 400 ``Disallowed CORS origin, method``; here it is 400
+    ``cors_refused`` with the same CORS headers, under ``/v2`` in the protocol's shape.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            if "origin" in headers and "access-control-request-method" in headers:  # Starlette's test for one
+                await self._preflight(headers, scope["path"])(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    def _preflight(self, headers: Headers, path: str) -> Response:
+        response = self.preflight_response(request_headers=headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. "origin, method"
+        cors = {name: value for name, value in response.headers.items() if name.startswith(("access-control-", "vary"))}
+        # A 400 carries no Retry-After, so its delay (0) is never sent.
+        return error_response("cors_refused", f"CORS preflight refused: {refused} not allowed", 0, cors, path)
 
 
 class BodySizeLimitMiddleware:
@@ -249,7 +295,7 @@ class MultipartLimitsMiddleware:
 
 
 class StartupFailureMiddleware:
-    """Report a failed model load as its one-line reason instead of the traceback Starlette sends uvicorn."""
+    """Report a failed start (model, decoders) as its one-line reason, not the traceback Starlette sends uvicorn."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

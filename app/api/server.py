@@ -29,6 +29,7 @@ def server_config(app: object, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+        ws="none",  # no WebSocket routes: an Upgrade header is ignored and the request answered as plain HTTP
         host=settings.host,
         port=settings.port,
         log_config=None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
@@ -219,7 +219,9 @@ class Service:
     async def predict(self, data: bytes, explain: bool = False) -> Prediction:
         async with self._deadline():
             scored = await self._score(data, explain)
-        return self._prediction(scored.result, scored.input.source)  # NotChestXrayError (422) if the guard refuses
+        prediction = self._prediction(scored.result, scored.input.source)  # NotChestXrayError (422) if refused
+        self._count_returned([prediction])
+        return prediction
 
     async def explain(self, data: bytes, opacity: float) -> Explanation:
         """The prediction with its heatmap drawn over the input at the upload's aspect ratio, as a PNG."""
@@ -230,7 +232,9 @@ class Service:
             source = scored.input.source
             size = overlay_size(source.width, source.height, self._loaded().input_size)
             png = await asyncio.to_thread(_draw, scored.input, heatmap, size, opacity)
-        return Explanation(self._prediction(scored.result, source), png, heatmap_scale(heatmap))
+        prediction = self._prediction(scored.result, source)
+        self._count_returned([prediction])
+        return Explanation(prediction, png, heatmap_scale(heatmap))
 
     async def predict_many(
         self, files: list[tuple[str | None, bytes]], explain: bool = False
@@ -241,7 +245,9 @@ class Service:
                 tasks = [group.create_task(self._score_item(name, data, explain)) for name, data in files]
         except BaseExceptionGroup as failed:  # overloaded, shutting down, inference failed: retry the batch
             raise failed.exceptions[0] from None
-        return [task.result() for task in tasks]
+        results = [task.result() for task in tasks]
+        self._count_returned(item for item in results if isinstance(item, BatchPrediction))
+        return results
 
     async def predict_images(self, images: Sequence[bytes]) -> list[Prediction]:
         """All or nothing, for protocols where a request succeeds or fails as a whole.
@@ -326,10 +332,12 @@ class Service:
                 assessments.append(self._assess(task.result()))
             except NotChestXrayError as exc:  # all or nothing: the request fails, naming the image
                 raise NotChestXrayError(f"item {index} of {len(tasks)}: {exc.message}") from exc
-        return [
+        predictions = [
             self._answer(assessment, task.result(), source)
             for assessment, task, source in zip(assessments, tasks, sources, strict=True)
         ]
+        self._count_returned(predictions)
+        return predictions
 
     async def _score_item(self, filename: str | None, data: bytes, explain: bool) -> BatchPrediction | BatchItemError:
         try:
@@ -338,6 +346,12 @@ class Service:
         except ImageError as exc:  # unusable upload, or refused by the input guard: this file only
             return BatchItemError(filename=filename, error=ErrorBody(code=exc.code, message=exc.message))
         return BatchPrediction(filename=filename, **prediction.model_dump(exclude_unset=True))
+
+    def _count_returned(self, predictions: Iterable[Prediction]) -> None:
+        """``cxr_predictions_total`` counts predictions handed back, never when they are made: a batch that
+        fails as a whole (504, 503) after some of its images were scored returns none of them."""
+        for prediction in predictions:
+            self.metrics.predictions.labels(prediction.label).inc()
 
     def _prediction(self, result: ImageResult, source: SourceInfo | None) -> Prediction:
         return self._answer(self._assess(result), result, source)
@@ -356,7 +370,6 @@ class Service:
         if assessment.warning is not None:
             self.metrics.guard_failures.labels("flagged").inc()
         decision = assessment.decision
-        self.metrics.predictions.labels(decision.label).inc()
         described = ImageSource(**asdict(source)) if source is not None else None
         guard = assessment.guard
         prediction = Prediction(

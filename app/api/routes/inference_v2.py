@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.requests import ClientDisconnect
 
 from app import SERVICE_NAME, __version__
 from app.api.deps import ApiKeyGuard, ServiceDep, SettingsDep
@@ -27,6 +28,7 @@ from app.api.errors import (
     IMAGE_ERRORS,
     SERVICE_ERRORS,
     InvalidInferenceRequestError,
+    MalformedRequestError,
     TooManyFilesError,
     UnknownModelError,
     error_responses,
@@ -139,12 +141,14 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name=SERVICE_NAME, version=__version__, extensions=[BINARY_EXTENSION])
 
 
+@health_router.head("/v2/health/live", include_in_schema=False)  # load balancers may probe with HEAD
 @health_router.get("/v2/health/live", summary="Server liveness (Open Inference Protocol)")
 async def server_live() -> ServerLive:
     """200 while the process serves HTTP, as /livez."""
     return ServerLive(live=True)
 
 
+@health_router.head("/v2/health/ready", include_in_schema=False)
 @health_router.get(
     "/v2/health/ready",
     summary="Server readiness (Open Inference Protocol)",
@@ -171,6 +175,28 @@ def _served(service: Service, name: str, version: str | None = None) -> ModelIde
     return identity
 
 
+def _served_model(request: Request, service: ServiceDep) -> ModelIdentity:
+    """The model named by the path, read from the path itself: see :func:`_path_parameters`."""
+    return _served(service, request.path_params["model_name"], request.path_params.get("model_version"))
+
+
+ServedModel = Annotated[ModelIdentity, Depends(_served_model)]
+
+
+def _path_parameters(*names: str) -> dict[str, Any]:
+    """OpenAPI for path parameters a route reads through :data:`ServedModel`.
+
+    Declared as FastAPI parameters they would make FastAPI document a 422 ``HTTPValidationError``,
+    a shape this service never sends, which a string path segment cannot cause anyway.
+    """
+    text = {"type": "string"}
+    return {"parameters": [{"name": name, "in": "path", "required": True, "schema": text} for name in names]}
+
+
+_NAME_PATH = _path_parameters("model_name")
+_VERSION_PATH = _path_parameters("model_name", "model_version")
+
+
 def _metadata(service: Service, identity: ModelIdentity) -> ModelMetadata:
     size = service.input_size()
     return ModelMetadata(
@@ -192,38 +218,40 @@ def _ready(service: Service, identity: ModelIdentity, response: Response) -> Mod
     return ModelReady(name=identity.name, ready=ready)
 
 
-@router.get("/v2/models/{model_name}", summary="Model metadata", responses=_MODEL_ERRORS)
-async def model_metadata(model_name: str, service: ServiceDep) -> ModelMetadata:
+@router.get("/v2/models/{model_name}", summary="Model metadata", responses=_MODEL_ERRORS, openapi_extra=_NAME_PATH)
+async def model_metadata(identity: ServedModel, service: ServiceDep) -> ModelMetadata:
     """Inputs (alternatives: send one) and outputs, with their datatypes and shapes; -1 is the batch."""
-    return _metadata(service, _served(service, model_name))
+    return _metadata(service, identity)
 
 
 @router.get(
     "/v2/models/{model_name}/versions/{model_version}",
     summary="Model metadata, one version",
     responses=_MODEL_ERRORS,
+    openapi_extra=_VERSION_PATH,
 )
-async def model_version_metadata(model_name: str, model_version: str, service: ServiceDep) -> ModelMetadata:
+async def model_version_metadata(identity: ServedModel, service: ServiceDep) -> ModelMetadata:
     """As the model metadata; 404 unless this is the version being served."""
-    return _metadata(service, _served(service, model_name, model_version))
+    return _metadata(service, identity)
 
 
-@router.get("/v2/models/{model_name}/ready", summary="Model readiness", responses=_MODEL_ERRORS)
-async def model_ready(model_name: str, service: ServiceDep, response: Response) -> ModelReady:
+@router.get(
+    "/v2/models/{model_name}/ready", summary="Model readiness", responses=_MODEL_ERRORS, openapi_extra=_NAME_PATH
+)
+async def model_ready(identity: ServedModel, service: ServiceDep, response: Response) -> ModelReady:
     """200 when this model would score requests now; 503 while loading, draining or after a failed batch."""
-    return _ready(service, _served(service, model_name), response)
+    return _ready(service, identity, response)
 
 
 @router.get(
     "/v2/models/{model_name}/versions/{model_version}/ready",
     summary="Model readiness, one version",
     responses=_MODEL_ERRORS,
+    openapi_extra=_VERSION_PATH,
 )
-async def model_version_ready(
-    model_name: str, model_version: str, service: ServiceDep, response: Response
-) -> ModelReady:
+async def model_version_ready(identity: ServedModel, service: ServiceDep, response: Response) -> ModelReady:
     """As the model readiness, for the version being served."""
-    return _ready(service, _served(service, model_name, model_version), response)
+    return _ready(service, identity, response)
 
 
 @router.post(
@@ -343,8 +371,16 @@ async def _predict(request: InferRequest, binary: bytes, service: Service, setti
     return await service.predict_pixels(torch.from_numpy(pixels.copy()))
 
 
+async def _body(http: Request) -> bytes:
+    """The whole request body; one that stops early is a 400, as FastAPI answers it on the multipart routes."""
+    try:
+        return await http.body()
+    except ClientDisconnect:  # the client went away, or its chunked framing was invalid (uvicorn closed it)
+        raise MalformedRequestError("the request body ended before its declared length or final chunk") from None
+
+
 async def _infer(identity: ModelIdentity, http: Request, service: Service, settings: Settings) -> Response:
-    body = decompress(await http.body(), http.headers.get("content-encoding"), settings.max_upload_bytes)
+    body = decompress(await _body(http), http.headers.get("content-encoding"), settings.max_upload_bytes)
     header, binary = split_body(body, http.headers.get(HEADER_LENGTH))
     request = parse_request(header)
     _check_parameters("request", request.parameters, {"binary_data_output": bool})

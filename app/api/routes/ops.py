@@ -16,6 +16,8 @@ _METRICS_EXAMPLE = (
 )
 
 
+# Load balancers sometimes probe with HEAD: same status, no body (uvicorn drops it); kept out of OpenAPI.
+@router.head("/health", include_in_schema=False)
 @router.get(
     "/health",
     summary="Readiness: is the model loaded and serving",
@@ -45,6 +47,7 @@ async def health(service: ServiceDep, response: Response) -> Health:
     return state
 
 
+@router.head("/livez", include_in_schema=False)
 @router.get("/livez", summary="Liveness: the process and its event loop respond")
 async def livez() -> Liveness:
     """Always 200 while the server runs; restart the process only when this fails."""

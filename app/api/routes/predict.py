@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
-from app.api.deps import ApiKeyGuard, ServiceDep, SettingsDep
+from app.api.deps import ApiKeyGuard, OneFile, ServiceDep, SettingsDep
 from app.api.errors import IMAGE_ERRORS, SERVICE_ERRORS, TooManyFilesError, error_responses
 from app.api.schemas import BatchResponse, Prediction
 
@@ -24,7 +24,8 @@ Explain = Annotated[
 @router.post(
     "/predict",
     summary="Classify one chest X-ray",
-    responses=error_responses(*IMAGE_ERRORS, "explain_unsupported", *SERVICE_ERRORS),
+    dependencies=[OneFile],
+    responses=error_responses(*IMAGE_ERRORS, "explain_unsupported", "multiple_files", *SERVICE_ERRORS),
     response_model_exclude_unset=True,  # `heatmap` only when asked for
 )
 async def predict(
