@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import httpx
 import imagecodecs
 import numpy as np
 import pytest
+from PIL import Image
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from tests.browser import BrowserSession, chromium_page
@@ -157,3 +161,107 @@ def test_page_shows_the_input_guard_and_a_refusal(server: LiveServer, browser: B
         "the image does not look like a chest X-ray (not_chest_xray, HTTP 422)"
     )
     browser.assert_clean(expected_errors=("status of 422",))
+
+
+def open_page(server: LiveServer, browser: BrowserSession) -> object:
+    page = browser.page
+    page.goto(f"{server.url}/ui")  # type: ignore[attr-defined]
+    page.fill("#api-key", API_KEY)  # type: ignore[attr-defined]
+    return page
+
+
+def test_an_older_answer_arriving_late_is_dropped_not_mixed_in(
+    server: LiveServer, browser: BrowserSession, tmp_path: Path
+) -> None:
+    """Files chosen while a batch was still running: the batch's late results were added under the new file's
+    card, and the status counted them wrong. The older request is now aborted and its answer ignored."""
+    older = [
+        write(tmp_path / f"older-{index}.jpeg", encode(synthetic_xray(100, 100, seed=20 + index))) for index in (1, 2)
+    ]
+    newer = write(tmp_path / "newer.jpeg", encode(synthetic_xray(100, 100, seed=30)))
+    held: list[object] = []
+    page = open_page(server, browser)
+    page.route("**/predict/batch?explain=true", lambda route: held.append(route))  # type: ignore[attr-defined]
+    page.set_input_files("#files", [str(path) for path in older])  # type: ignore[attr-defined]
+    expect(page.get_by_test_id("status")).to_have_text("Scoring 2 files…")  # type: ignore[attr-defined]
+    while not held:
+        page.wait_for_timeout(50)  # type: ignore[attr-defined]
+    page.set_input_files("#files", [str(newer)])  # type: ignore[attr-defined]
+    cards = page.locator("article.result")  # type: ignore[attr-defined]
+    expect(cards).to_have_count(1)
+    expect(cards.first).to_have_attribute("data-drawn", "true")
+    late = api_prediction(server, older[0])
+    with contextlib.suppress(PlaywrightError):  # the page aborted that request; a browser may refuse the answer
+        held[0].fulfill(status=200, json={"results": [{**late, "filename": "older-1.jpeg"}] * 2})  # type: ignore[attr-defined]
+    page.wait_for_timeout(500)  # type: ignore[attr-defined]
+    expect(cards).to_have_count(1)
+    expect(cards.first.locator(".filename")).to_have_text("newer.jpeg")
+    expect(page.get_by_test_id("status")).to_have_text("1 result.")  # type: ignore[attr-defined]
+
+
+def test_what_the_page_cannot_send_or_read_is_said_so(
+    server: LiveServer, browser: BrowserSession, tmp_path: Path
+) -> None:
+    """A key fetch cannot send, a proxy's sign-in page instead of an answer, a model without heatmaps, and a batch
+    file name the service echoes encoded: each was a misleading "could not be reached", a status stuck at
+    "Scoring", every file refused as explain_unsupported, or a mangled name."""
+    upload = write(tmp_path / "chest.jpeg", encode(synthetic_xray(100, 120, seed=5)))
+    quoted = write(tmp_path / 'say "hi".jpeg', encode(synthetic_xray(110, 100, seed=6)))
+    page = open_page(server, browser)
+    status = page.get_by_test_id("status")  # type: ignore[attr-defined]
+
+    page.fill("#api-key", API_KEY + "\u2019")  # type: ignore[attr-defined]  # a curly quote pasted along
+    page.set_input_files("#files", [str(upload)])  # type: ignore[attr-defined]
+    expect(status).to_contain_text("The API key holds characters an HTTP header cannot carry")
+    page.fill("#api-key", API_KEY)  # type: ignore[attr-defined]
+
+    def sign_in_page(route: object) -> None:
+        route.fulfill(status=200, content_type="text/html", body="<html><body>Sign in</body></html>")  # type: ignore[attr-defined]
+
+    page.route("**/predict?explain=true", sign_in_page)  # type: ignore[attr-defined]
+    page.set_input_files("#files", [str(upload)])  # type: ignore[attr-defined]
+    expect(status).to_have_text("The service's answer could not be read (HTTP 200).")
+    page.unroute("**/predict?explain=true")  # type: ignore[attr-defined]
+
+    unsupported = {"error": {"code": "explain_unsupported", "message": "this model has no heatmap"}}
+    page.route("**/predict?explain=true", lambda route: route.fulfill(status=422, json=unsupported))  # type: ignore[attr-defined]
+    page.set_input_files("#files", [str(upload)])  # type: ignore[attr-defined]
+    card = page.locator("article.result")  # type: ignore[attr-defined]
+    expect(card.get_by_test_id("label")).to_have_text(api_prediction(server, upload)["label"])
+    expect(card).to_have_attribute("data-drawn", "true")
+    assert [httpx.URL(url).path for url in browser.guard.allowed].count("/predict") == 1  # the retry, without explain
+
+    page.set_input_files("#files", [str(upload), str(quoted)])  # type: ignore[attr-defined]
+    cards = page.locator("article.result")  # type: ignore[attr-defined]
+    expect(cards).to_have_count(2)
+    expect(cards.nth(1).locator(".filename")).to_have_text('say "hi".jpeg')
+    assert "explain" not in str(browser.guard.allowed[-1])  # this model's answers come without heatmaps now
+    browser.assert_clean(expected_errors=("status of 422",))
+
+
+def png_with_exif_after_the_image_data(width: int, height: int, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk follows IDAT: the service applies it, Chromium's decoder does not."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tiff = exif.tobytes()[len(b"Exif\0\0") :]
+    chunk = len(tiff).to_bytes(4, "big") + b"eXIf" + tiff + zlib.crc32(b"eXIf" + tiff).to_bytes(4, "big")
+    data = encode(synthetic_xray(width, height, seed=9), "PNG")
+    end = data.rindex(b"\0\0\0\0IEND")
+    return data[:end] + chunk + data[end:]
+
+
+def test_a_picture_the_browser_reads_otherwise_is_drawn_by_the_service(
+    server: LiveServer, browser: BrowserSession, tmp_path: Path
+) -> None:
+    """An EXIF orientation the browser ignores (eXIf after IDAT) was drawn sideways under an upright heatmap."""
+    upload = write(tmp_path / "rotated.png", png_with_exif_after_the_image_data(120, 90, orientation=6))
+    expected = api_prediction(server, upload)
+    assert (expected["source"]["width"], expected["source"]["height"]) == (90, 120)  # the service turns it upright
+    page = open_page(server, browser)
+    page.set_input_files("#files", [str(upload)])  # type: ignore[attr-defined]
+    card = page.locator("article.result")  # type: ignore[attr-defined]
+    expect(card).to_have_attribute("data-drawn", "true")
+    width, height = card.locator("canvas.base").evaluate("c => [c.width, c.height]")  # type: ignore[attr-defined]
+    assert height > width  # upright: taller than wide, as the service scored it
+    assert [httpx.URL(url).path for url in browser.guard.allowed].count("/explain") == 1
+    browser.assert_clean()

@@ -13,20 +13,50 @@ const opacityInput = $("#opacity");
 const statusLine = $("#status");
 const results = $("#results");
 
+// The newest choice of files: an answer to an older one that arrives later is dropped, never mixed in.
+let latest = 0;
+let inFlight = null;
+// A classic-head model gives no heatmap (422 explain_unsupported): the page then asks for predictions alone.
+let explainSupported = true;
+
 // The API key lives in this input only: never stored, sent only to this service.
 function headers(extra = {}) {
   const key = keyInput.value.trim();
   return key ? { ...extra, "X-API-Key": key } : extra;
 }
 
-async function errorText(response) {
+// fetch() refuses a header value outside ISO-8859-1 with a TypeError that reads like a network failure.
+function keyProblem() {
+  return /[^\x20-\x7e]/.test(keyInput.value.trim())
+    ? "The API key holds characters an HTTP header cannot carry (printable ASCII only): check it was pasted whole."
+    : null;
+}
+
+// The parsed JSON body, or null when there is none (a proxy's own page, a sign-in redirect, a cut-off answer).
+async function readAnswer(response) {
   try {
-    const body = await response.json();
-    if (body && body.error) return `${body.error.message} (${body.error.code}, HTTP ${response.status})`;
+    return await response.json();
   } catch (_) {
-    // not JSON (for example a proxy's own error page)
+    return null;
   }
+}
+
+function errorText(response, body) {
+  if (body && body.error) return `${body.error.message} (${body.error.code}, HTTP ${response.status})`;
   return `HTTP ${response.status} ${response.statusText}`;
+}
+
+async function send(files, batch, signal) {
+  const form = new FormData();
+  for (const file of files) form.append(batch ? "files" : "file", file, file.name);
+  const path = batch ? "predict/batch" : "predict";
+  const response = await fetch(explainSupported ? `${path}?explain=true` : path, {
+    method: "POST",
+    headers: headers(),
+    body: form,
+    signal,
+  });
+  return { response, body: await readAnswer(response) };
 }
 
 async function showModel() {
@@ -48,43 +78,58 @@ function showIdentity(model) {
   $("#model-identity").textContent = `${model.name} ${model.version} · sha256 ${model.sha256.slice(0, 12)}`;
 }
 
-async function score(files) {
+// ``note`` is added to the status line (what a drop left out).
+async function score(files, note = "") {
+  const call = ++latest;
+  if (inFlight) inFlight.abort(); // the older request's answer is no longer wanted
+  const controller = new AbortController();
+  inFlight = controller;
   results.replaceChildren();
-  const batch = files.length > 1;
-  const form = new FormData();
-  for (const file of files) form.append(batch ? "files" : "file", file, file.name);
-  statusLine.textContent = `Scoring ${files.length} file${batch ? "s" : ""}…`;
-  let response;
-  try {
-    response = await fetch(batch ? "predict/batch?explain=true" : "predict?explain=true", {
-      method: "POST",
-      headers: headers(),
-      body: form,
-    });
-  } catch (error) {
-    statusLine.textContent = `The service could not be reached: ${error}`;
+  const problem = keyProblem();
+  if (problem) {
+    statusLine.textContent = problem;
     return;
   }
+  const batch = files.length > 1;
+  statusLine.textContent = `Scoring ${files.length} file${batch ? "s" : ""}…`;
+  let response;
+  let body;
+  try {
+    ({ response, body } = await send(files, batch, controller.signal));
+    if (response.status === 422 && body && body.error && body.error.code === "explain_unsupported") {
+      explainSupported = false;
+      ({ response, body } = await send(files, batch, controller.signal));
+    }
+  } catch (error) {
+    if (call === latest) statusLine.textContent = `The service could not be reached: ${error}`;
+    return;
+  }
+  if (call !== latest) return;
   if (!response.ok) {
-    const message = await errorText(response);
+    const message = errorText(response, body);
     if (batch || response.status < 400 || response.status >= 500 || response.status === 401) {
-      statusLine.textContent = `Request failed: ${message}`;
+      statusLine.textContent = `Request failed: ${message}${note}`;
       return;
     }
     // One file refused for itself (bad image, not a chest X-ray): show it on its card.
-    statusLine.textContent = "";
+    statusLine.textContent = `The file was refused: ${message}${note}`;
     render(files[0], { filename: files[0].name, error: { message } });
     return;
   }
-  const body = await response.json();
+  if (!body || (batch && !Array.isArray(body.results))) {
+    const why = response.redirected ? ", after a redirect: a proxy's sign-in page?" : "";
+    statusLine.textContent = `The service's answer could not be read (HTTP ${response.status}${why}).${note}`;
+    return;
+  }
   const items = batch ? body.results : [{ ...body, filename: files[0].name }];
-  statusLine.textContent = `${items.length} result${items.length > 1 ? "s" : ""}.`;
+  statusLine.textContent = `${items.length} result${items.length > 1 ? "s" : ""}.${note}`;
   items.forEach((item, index) => render(files[index], item));
 }
 
 function render(file, item) {
   const card = $("#result-template").content.firstElementChild.cloneNode(true);
-  card.querySelector(".filename").textContent = item.filename || file.name || "(unnamed file)";
+  // The file's own name: the service echoes a batch part's name as the browser encoded it (%22 for a quote).
+  card.querySelector(".filename").textContent = file.name || item.filename || "(unnamed file)";
   results.append(card);
   if (item.error) {
     const error = item.error.code ? `${item.error.message} (${item.error.code})` : item.error.message;
@@ -110,7 +155,8 @@ function render(file, item) {
     card.querySelector(".map-info").textContent =
       `${map.method} on ${map.layer}, ${map.grid[0]}x${map.grid[1]} cells, largest |value| ${scale.toFixed(3)} log-odds`;
   }
-  drawPicture(card, file, map).catch((error) => {
+  drawPicture(card, file, map, item.source).catch((error) => {
+    card.querySelector(".picture").remove();
     card.querySelector(".error").textContent = `The image could not be shown: ${error}`;
   });
 }
@@ -124,22 +170,29 @@ function showGuard(target, guard, warning) {
   if (!guard.passed) target.classList.add("failed");
 }
 
-// The browser decodes JPEG and PNG itself; for what it cannot (DICOM, 12-bit or lossless JPEG)
-// the service draws the image as the model saw it (/explain with the heatmap at opacity 0).
-async function decodeForDisplay(file) {
-  try {
-    return await createImageBitmap(file);
-  } catch (_) {
-    const form = new FormData();
-    form.append("file", file, file.name);
-    const response = await fetch("explain?opacity=0", { method: "POST", headers: headers(), body: form });
-    if (!response.ok) throw new Error(await errorText(response));
-    return await createImageBitmap(await response.blob());
+// The browser decodes JPEG and PNG itself, and its picture is used when it is the one the service scored:
+// the same size once upright. Otherwise the service draws the image as the model saw it (/explain with
+// the heatmap at opacity 0): DICOM (also one whose preamble holds a PNG), 12-bit or lossless JPEG, and
+// an orientation the browser reads differently (an eXIf chunk after the image data, a raw EXIF profile).
+async function decodeForDisplay(file, source) {
+  if (!source || source.format !== "DICOM") {
+    try {
+      const bitmap = await createImageBitmap(file);
+      if (!source || (bitmap.width === source.width && bitmap.height === source.height)) return bitmap;
+      bitmap.close();
+    } catch (_) {
+      // a format the browser cannot decode
+    }
   }
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const response = await fetch("explain?opacity=0", { method: "POST", headers: headers(), body: form });
+  if (!response.ok) throw new Error(errorText(response, await readAnswer(response)));
+  return await createImageBitmap(await response.blob());
 }
 
-async function drawPicture(card, file, map) {
-  const bitmap = await decodeForDisplay(file);
+async function drawPicture(card, file, map, source) {
+  const bitmap = await decodeForDisplay(file, source);
   const base = card.querySelector("canvas.base");
   const overlay = card.querySelector("canvas.heatmap");
   const width = Math.min(bitmap.width, 720);
@@ -148,7 +201,11 @@ async function drawPicture(card, file, map) {
     canvas.width = width;
     canvas.height = height;
   }
-  base.getContext("2d").drawImage(bitmap, 0, 0, width, height);
+  const context = base.getContext("2d");
+  context.fillStyle = "#000"; // transparency over black, as the service composites it
+  context.fillRect(0, 0, width, height);
+  context.drawImage(bitmap, 0, 0, width, height);
+  base.setAttribute("aria-label", `${file.name}${map ? ", with its heatmap" : ""}`);
   if (map) drawHeatmap(overlay, map);
   overlay.style.opacity = opacityInput.value;
   card.dataset.drawn = "true";
@@ -196,8 +253,15 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
   drop.classList.remove("over");
-  const files = [...event.dataTransfer.files];
-  if (files.length) score(files);
+  // A dropped folder is an entry the browser cannot read as a file (fetch fails on it): left out, and said so.
+  const entries = [...event.dataTransfer.items].filter((item) => item.kind === "file");
+  const isFolder = (index) => entries[index] && entries[index].webkitGetAsEntry()?.isDirectory;
+  const all = [...event.dataTransfer.files];
+  const files = all.filter((_, index) => !isFolder(index));
+  const folders = all.length - files.length;
+  const note = folders ? ` ${folders} folder${folders > 1 ? "s" : ""} left out: drop the files inside.` : "";
+  if (files.length) score(files, note);
+  else if (folders) statusLine.textContent = note.trim();
 });
 
 showModel();
