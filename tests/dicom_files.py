@@ -214,6 +214,8 @@ def expected_display(stored: np.ndarray, spec: Spec) -> np.ndarray:
             y = np.where(x <= c - w / 2, 0.0, np.where(x > c + w / 2, 1.0, (x - c) / w + 0.5))
         else:
             y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    elif spec.bits_stored == 8 and not spec.signed and spec.modality_lut is None and spec.rescale in (None, (1, 0)):
+        y = x / 255.0  # display levels already: as the same pixels in a PNG
     else:
         lo, hi = np.percentile(x, [0.5, 99.5])
         y = np.clip((x - lo) / (hi - lo), 0.0, 1.0)

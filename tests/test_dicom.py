@@ -1053,3 +1053,26 @@ def test_file_meta_without_a_preamble_is_read_for_its_transfer_syntax() -> None:
     with pytest.raises(UnsupportedImageError) as caught:
         preprocess(data[132:], TEST_INPUT_SIZE, dicom=CHECKS_OFF)
     assert caught.value.message == "the DICOM transfer syntax MPEG2 Main Profile / Main Level is not supported"
+
+
+@pytest.mark.parametrize(
+    ("spec", "voi"),
+    [
+        pytest.param(Spec(bits_stored=8), "none", id="8-bit"),
+        pytest.param(Spec(bits_stored=8, rescale=(1.0, 0.0)), "none", id="8-bit-identity-rescale"),
+        pytest.param(Spec(bits_stored=8, rescale=(2.0, 0.0)), "percentile", id="8-bit-rescaled"),
+        pytest.param(Spec(bits_stored=8, signed=True), "percentile", id="8-bit-signed"),
+        pytest.param(Spec(bits_stored=12), "percentile", id="12-bit"),
+    ],
+)
+def test_eight_bit_levels_without_a_voi_are_shown_as_they_are(spec: Spec, voi: str) -> None:
+    """Unsigned 8-bit stored values with no transform are display levels: the same film as the same pixels in a
+    PNG. The percentile window stretched them (12 of 80 test films moved by over 0.05, 2 changed label)."""
+    pixels = np.asarray(synthetic_xray(96, 80, seed=3))
+    data = dicom_bytes(spec, pixels.astype(np.int64) - (128 if spec.signed else 0)) if spec.bits_stored == 8 else None
+    decoded = decode_dicom(data or dicom_bytes(spec), 10**6, CHECKS_OFF)
+    assert decoded.details["voi"] == voi
+    if voi == "none":
+        png = preprocess(encode(Image.fromarray(pixels, "L"), "PNG"), TEST_INPUT_SIZE)
+        assert preprocess(data, TEST_INPUT_SIZE, dicom=CHECKS_OFF).tolist() == png.tolist()  # type: ignore[arg-type]
+        np.testing.assert_array_equal(decoded.pixels, pixels)

@@ -377,7 +377,7 @@ def _lut(ds: Dataset, keyword: str, little_endian: bool, signed_input: bool) -> 
     return Lut(first_mapped=first, bits=bits, data=table.astype(np.int64))
 
 
-def _display(ds: Dataset, syntax: uid.UID, photometric: str, signed: bool) -> Display:
+def _display(ds: Dataset, syntax: uid.UID, photometric: str, signed: bool, bits_stored: int) -> Display:
     slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
     rescale = None
     if slope is not None or intercept is not None:
@@ -392,12 +392,14 @@ def _display(ds: Dataset, syntax: uid.UID, photometric: str, signed: bool) -> Di
         if function not in _VOI_FUNCTIONS:
             raise CorruptImageError("the DICOM VOI LUT Function is not LINEAR, LINEAR_EXACT or SIGMOID")
         window = Window(center, width, function)  # type: ignore[arg-type]
+    modality_lut = _lut(ds, "ModalityLUTSequence", little, signed)
     return Display(
         rescale=rescale,
-        modality_lut=_lut(ds, "ModalityLUTSequence", little, signed),
+        modality_lut=modality_lut,
         voi_lut=_lut(ds, "VOILUTSequence", little, signed),
         window=window,
         inverted=photometric == "MONOCHROME1" or _code(ds, "PresentationLUTShape") == "INVERSE",
+        eight_bit_levels=bits_stored == 8 and not signed and modality_lut is None and rescale in (None, (1.0, 0.0)),
     )
 
 
@@ -437,7 +439,7 @@ def decode_dicom(data: bytes, max_pixels: int, policy: DicomPolicy = DEFAULT_DIC
     representation = _integer(ds, "PixelRepresentation", 0)
     if not 1 <= bits_stored <= bits_allocated or representation not in (0, 1):
         raise CorruptImageError("the DICOM Bits Stored or Pixel Representation is invalid")
-    display = _display(ds, syntax, photometric, representation == 1)
+    display = _display(ds, syntax, photometric, representation == 1, bits_stored)
     if syntax in NATIVE_SYNTAXES and len(ds.PixelData) < rows * columns * bits_allocated // 8:
         raise CorruptImageError("the DICOM pixel data is shorter than Rows x Columns: the file is truncated")
 
