@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from fractions import Fraction
 
 import imagecodecs
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.core.preprocessing import _to_grayscale, decode_grayscale, preprocess
+from app.core.preprocessing import CorruptImageError, _to_grayscale, decode_grayscale, preprocess
 from tests.conftest import encode
 
 SIDE = 32
@@ -62,6 +63,30 @@ def test_exif_orientation_is_applied(orientation: int, fmt: str) -> None:
     pixels = preprocess(with_orientation(quadrant_image(), orientation, fmt), SIDE)[0].numpy()
     assert bright_quadrant(pixels) == EXPECTED_CORNER[orientation]
     assert pixels.max() > 200 and pixels.min() < 50  # still the same two-tone picture, only moved
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def test_a_png_whose_exif_is_cut_short_is_corrupt_not_a_server_error() -> None:
+    """An eXIf chunk whose IFD entry is cut off raised struct.error past the decoder: a 500, and a crash of
+    in-process callers (training evaluate, gpu_service_check). It is a damaged image, as in a JPEG."""
+    data = encode(Image.fromarray(quadrant_image(), "L"), "PNG")
+    end = data.index(b"IDAT") - 4
+    cut = b"MM\0*"  # a TIFF header that ends before its first IFD's offset
+    with pytest.raises(CorruptImageError, match=r"^the PNG's EXIF header is invalid: unpack requires a buffer"):
+        preprocess(data[:end] + png_chunk(b"eXIf", cut) + data[end:], SIDE)
+
+
+def test_a_png_orientation_given_only_in_xmp_is_not_applied() -> None:
+    """EXIF only, as for a JPEG of the same film and as browsers draw it: Pillow's getexif also took XMP's."""
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    xmp += b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    data = encode(Image.fromarray(quadrant_image(), "L"), "PNG")
+    end = data.index(b"IDAT") - 4
+    itxt = png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
+    assert bright_quadrant(preprocess(data[:end] + itxt + data[end:], SIDE)[0].numpy()) == "top-left"
 
 
 @pytest.mark.parametrize("fmt", ORIENTED_FORMATS)

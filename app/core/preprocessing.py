@@ -157,8 +157,8 @@ def check_shape(width: int, height: int, input_size: int) -> None:
         )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise UnsuitableShapeError(
-            f"the image is {width}x{height} px, {max(width, height) / min(width, height):.1f} times longer than "
-            f"wide; a chest film is at most {MAX_ASPECT_RATIO:g} (send the whole film, not a strip or a montage)"
+            f"the image is {width}x{height} px, its sides {max(width, height) / min(width, height):.2f}:1; a chest "
+            f"film's are at most {MAX_ASPECT_RATIO:g}:1 (send the whole film, not a strip or a montage)"
         )
 
 
@@ -220,17 +220,25 @@ def _round_half_even(numerator: np.ndarray, denominator: int) -> np.ndarray:
     return quotient + ((2 * remainder > denominator) | ((2 * remainder == denominator) & (quotient % 2 == 1)))
 
 
-def _jpeg_orientation(data: bytes) -> int | None:
-    """The EXIF orientation of any JPEG, 8-bit or not; None without EXIF (most X-rays: no parse at all)."""
-    payload = jpeg_exif(data)
-    if payload is None:
+def _exif_orientation(payload: bytes | None, kind: str) -> int | None:
+    """The Orientation tag of an EXIF block (its ``Exif`` header on); None without one (most X-rays: no parse).
+
+    EXIF alone, for JPEG (APP1) and PNG (eXIf) alike: Pillow's ``getexif`` would also take a PNG's XMP
+    ``tiff:Orientation``, which the same film as a JPEG, and browsers, ignore.
+    """
+    if not payload:
         return None
     try:
         exif = Image.Exif()
         exif.load(payload)
         return exif.get(ExifTags.Base.Orientation)
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        raise CorruptImageError(f"the JPEG's EXIF header is invalid: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:  # struct: a cut-off IFD entry
+        raise CorruptImageError(f"the {kind}'s EXIF header is invalid: {exc}") from exc
+
+
+def _jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation of any JPEG, 8-bit or not, found by the marker walk (Pillow opens 8-bit JPEGs only)."""
+    return _exif_orientation(jpeg_exif(data), "JPEG")
 
 
 def _decode_jpeg(data: bytes, frame: JpegFrame, target_size: int) -> tuple[Image.Image, SourceInfo]:
@@ -305,8 +313,7 @@ def decode_grayscale(
         if img.format not in SUPPORTED_FORMATS:
             raise UnsupportedImageError(f"{img.format} images are not supported; upload a JPEG, PNG or DICOM")
         _check_pixels(img.width, img.height, max_pixels)
-        img.load()
-        orientation = img.getexif().get(ExifTags.Base.Orientation)  # an eXIf chunk, as cameras and phones write
+        img.load()  # reads an eXIf chunk after the image data too
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -315,6 +322,7 @@ def decode_grayscale(
         raise UnsupportedImageError("the file is not a JPEG, PNG or DICOM image") from exc
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise CorruptImageError(f"the image data is corrupt or truncated: {exc}") from exc
+    orientation = _exif_orientation(img.info.get("exif"), "PNG")  # an eXIf chunk, as cameras and phones write
     upright, width, height = _upright(_to_grayscale(img), orientation, img.width, img.height)
     return upright, SourceInfo("PNG", width, height)
 
