@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from app.api.factory import create_app
 from app.api.service import Service
@@ -69,8 +70,9 @@ def test_timeout_is_504_and_the_batcher_keeps_working(tiny_weights: Path, monkey
 
 
 def test_a_batch_that_times_out_counts_no_predictions(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``cxr_predictions_total`` counts predictions returned: none when the batch fails, though one image was scored."""
-    settings = serving_settings(tiny_weights, max_batch_size=1, max_wait_ms=0, request_timeout_s=2)
+    """``cxr_predictions_total`` counts predictions returned: none when the batch fails, though one image was scored.
+    So does the guard's ``flagged`` count (white images fail the guard, flagged in ``flag`` mode)."""
+    settings = serving_settings(tiny_weights, max_batch_size=1, max_wait_ms=0, request_timeout_s=2, input_guard="flag")
     with live_server(settings) as server:
         release = threading.Event()
         passes: list[int] = []
@@ -85,20 +87,26 @@ def test_a_batch_that_times_out_counts_no_predictions(tiny_weights: Path, monkey
             return original(engine, pixels, explain)
 
         monkeypatch.setattr(InferenceEngine, "infer", second_pass_stalls)
-        batch = [("files", (f"{i}.jpg", IMAGE, "image/jpeg")) for i in range(2)]
+        white = encode(Image.new("L", (96, 80), 255), "JPEG")
+        batch = [("files", (f"white-{i}.jpg", white, "image/jpeg")) for i in range(2)]
         with server.client() as client:
 
             def predictions() -> float:
                 return sum(metric_samples(client.get("/metrics").text, "cxr_predictions_total").values())
 
-            before = predictions()
+            def flagged() -> float:
+                samples = metric_samples(client.get("/metrics").text, "cxr_input_guard_failures_total")
+                return sum(value for labels, value in samples.items() if "flagged" in str(labels))
+
+            before, flagged_before = predictions(), flagged()
             timed_out = client.post("/predict/batch", files=batch)
             release.set()
             assert passes == [1, 1]  # the first image was scored, the second one's pass stalled
             assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "timeout"
-            assert predictions() == before
-            assert client.post("/predict/batch", files=batch).status_code == 200
-            assert predictions() == before + 2
+            assert (predictions(), flagged()) == (before, flagged_before)
+            answered = client.post("/predict/batch", files=batch)
+            assert answered.status_code == 200 and answered.json()["results"][0]["input_guard"]["passed"] is False
+            assert (predictions(), flagged()) == (before + 2, flagged_before + 2)
 
 
 def test_requests_cut_off_by_the_drain_deadline_get_503_without_a_traceback(

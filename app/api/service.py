@@ -348,10 +348,12 @@ class Service:
         return BatchPrediction(filename=filename, **prediction.model_dump(exclude_unset=True))
 
     def _count_returned(self, predictions: Iterable[Prediction]) -> None:
-        """``cxr_predictions_total`` counts predictions handed back, never when they are made: a batch that
-        fails as a whole (504, 503) after some of its images were scored returns none of them."""
+        """``cxr_predictions_total`` and the guard's ``flagged`` count predictions handed back, never when they are
+        made: a batch that fails as a whole (504, 503) after some of its images were scored returns none of them."""
         for prediction in predictions:
             self.metrics.predictions.labels(prediction.label).inc()
+            if prediction.warning is not None:  # set in flag mode exactly when the guard failed
+                self.metrics.guard_failures.labels("flagged").inc()
 
     def _prediction(self, result: ImageResult, source: SourceInfo | None) -> Prediction:
         return self._answer(self._assess(result), result, source)
@@ -367,8 +369,6 @@ class Service:
     def _answer(self, assessment: Assessment, result: ImageResult, source: SourceInfo | None) -> Prediction:
         """The response body: ``source`` is None only for client-preprocessed pixels, where nothing was
         decoded; ``heatmap`` is set only when one was computed, so it is absent otherwise."""
-        if assessment.warning is not None:
-            self.metrics.guard_failures.labels("flagged").inc()
         decision = assessment.decision
         described = ImageSource(**asdict(source)) if source is not None else None
         guard = assessment.guard
