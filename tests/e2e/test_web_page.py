@@ -80,6 +80,7 @@ def test_upload_shows_label_probability_and_heatmap(
     expect(card.get_by_test_id("label")).to_have_text(expected["label"])
     expect(card.get_by_test_id("probability")).to_contain_text(f"{expected['pneumonia_probability']:.4f}")
     expect(card.get_by_test_id("probability")).to_contain_text(f"{expected['threshold']:.4f}")
+    expect(card.get_by_test_id("unreliable")).to_be_empty()  # no guard verdict (off here): no warning either
     expect(card).to_have_attribute("data-drawn", "true")
     assert heatmap_is_drawn(card)
     page.locator("#opacity").fill("0.3")  # type: ignore[attr-defined]
@@ -153,6 +154,11 @@ def test_page_shows_the_input_guard_and_a_refusal(server: LiveServer, browser: B
     )
     expect(guard).to_have_class("guard failed")
     expect(card.get_by_test_id("label")).to_have_text(real["label"])
+    # Flag mode: the label is struck through and said to be unreliable, not shown as a finding.
+    expect(card.get_by_test_id("label")).to_have_class(f"label {real['label']} failed-guard")
+    expect(card.get_by_test_id("unreliable")).to_have_text(
+        "Unreliable: this image does not resemble the chest X-rays the model was trained on."
+    )
     expect(card).to_have_attribute("data-drawn", "true")
     browser.screenshot("ui-guard")
 

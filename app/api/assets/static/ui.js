@@ -149,6 +149,12 @@ function render(file, item) {
   card.querySelector(".gauge .fill").style.width = `${(100 * p).toFixed(2)}%`;
   card.querySelector(".gauge .threshold").style.left = `${(100 * item.threshold).toFixed(2)}%`;
   showGuard(card.querySelector(".guard"), item.input_guard, item.warning);
+  if (item.input_guard && !item.input_guard.passed) {
+    // Flag mode answers an image the guard failed: its label must not read as a finding.
+    label.classList.add("failed-guard");
+    card.querySelector(".unreliable").textContent =
+      "Unreliable: this image does not resemble the chest X-rays the model was trained on.";
+  }
   const map = item.heatmap;
   if (map) {
     const scale = Math.max(...map.values.map(Math.abs));
