@@ -85,10 +85,8 @@ def _to_grayscale(img: Image.Image) -> Image.Image:
     """Convert any decoded mode to 8-bit grayscale, scaling high bit depths instead of clipping."""
     if img.mode == "L":
         return img
-    if img.mode.startswith("I;16"):
-        # Integer rounding of v * 255 / 65535; uint32 keeps big X-rays at 4 bytes per pixel.
-        arr = np.asarray(img).astype(np.uint32)
-        return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode.startswith("I;16"):  # the scaling of 16-bit JPEG samples, so both give the same pixels
+        return Image.fromarray(_eight_bit_image(np.asarray(img), 16), "L")
     if img.mode == "I":
         arr = np.asarray(img, dtype=np.float32)
         peak = max(float(arr.max()), 1.0)
@@ -181,15 +179,22 @@ def _decode_high_precision_jpeg(data: bytes, frame: JpegFrame) -> tuple[Image.Im
     orientation = _jpeg_orientation(data)
     if arr.ndim not in (2, 3) or arr.shape[:2] != (frame.height, frame.width):
         raise CorruptImageError(f"the JPEG decoded to {arr.shape}, not the {frame.width}x{frame.height} of its header")
-    levels = np.empty(arr.shape[:2], np.uint8)
-    rows = max(1, _LEVEL_CHUNK_PIXELS // frame.width)  # in strips: uint64 temporaries of the whole image would not
-    for top in range(0, frame.height, rows):  # fit a decoder's memory cap at the pixel limit
-        levels[top : top + rows] = _eight_bit_levels(arr[top : top + rows], frame.precision)
+    levels = _eight_bit_image(arr, frame.precision)
     img, width, height = _upright(Image.fromarray(levels, "L"), orientation, frame.width, frame.height)
     return img, SourceInfo("JPEG", width, height, {"bits": frame.precision})
 
 
 _LEVEL_CHUNK_PIXELS = 1 << 20
+
+
+def _eight_bit_image(samples: np.ndarray, precision: int) -> np.ndarray:
+    """:func:`_eight_bit_levels` of a whole image, in row strips: uint64 temporaries of the whole image
+    would not fit a decoder's memory cap at the pixel limit."""
+    levels = np.empty(samples.shape[:2], np.uint8)
+    rows = max(1, _LEVEL_CHUNK_PIXELS // max(samples.shape[1], 1))
+    for top in range(0, samples.shape[0], rows):
+        levels[top : top + rows] = _eight_bit_levels(samples[top : top + rows], precision)
+    return levels
 
 
 def _eight_bit_levels(samples: np.ndarray, precision: int) -> np.ndarray:
@@ -242,7 +247,7 @@ def _jpeg_orientation(data: bytes) -> int | None:
 
 
 def _decode_jpeg(data: bytes, frame: JpegFrame, target_size: int) -> tuple[Image.Image, SourceInfo]:
-    """8-bit JPEG: libjpeg-turbo decodes strictly at the draft scale; Pillow reads the EXIF orientation, if any."""
+    """8-bit JPEG: libjpeg-turbo decodes strictly at the draft scale; the EXIF orientation, if any, is applied."""
     if frame.components not in (1, 3, 4):
         raise UnsupportedImageError(f"8-bit JPEGs with {frame.components} components are not supported")
     orientation = _jpeg_orientation(data)
