@@ -3,6 +3,10 @@
 ``python -m benchmarks.attach_guard --weights weights --data ../shared/data/chest_xray --out runs/guarded
 --version 1.1.0-cpu64-guard``
 
+``--detail-floor-only`` keeps the model's guard as it is and adds the fine-detail floor
+(``input_guard.fit_detail_floor``) that later exports fit themselves: only ``model.json`` changes,
+the weights file is copied byte for byte (its sha256, golden logits and ``model.cpu.json`` hold).
+
 The statistics come from the model's own training images and the threshold from its
 validation images: the same patient-grouped split (fraction and seed read from the model's
 ``model.json`` provenance) that its training run used, recomputed from ``--data``. Test images
@@ -16,14 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from app.core.artifacts import GOLDEN_KEY, export_model, load_model, resolve_paths
-from app.core.input_guard import fit_guard
+from app.core.artifacts import (
+    GOLDEN_KEY,
+    LoadedModel,
+    compute_guard_scores,
+    export_model,
+    load_model,
+    resolve_paths,
+)
+from app.core.fastpath_record import record_path as fastpath_record_path
+from app.core.input_guard import MAX_LOW_DETAIL, detail, fit_detail_floor, fit_guard
 from training.data import discover, load_images
 from training.split import grouped_stratified_split, recorded_split
 
@@ -36,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", required=True, help="version of the re-exported model")
     parser.add_argument("--max-false-refusal", type=float, default=0.01, help="validation refusal target")
     parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache directory")
+    parser.add_argument(
+        "--detail-floor-only", action="store_true", help="keep the model's guard; add its fine-detail floor"
+    )
     args = parser.parse_args(argv)
 
     torch.set_flush_denormal(True)
@@ -51,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: split gives {len(train_index)}/{len(val_index)} images, the run had {expected}", file=sys.stderr)
         return 2
     source = f"{args.data.name}/train minus validation patients (fraction {fraction}, seed {seed})"
+    if args.detail_floor_only:
+        return add_detail_floor(args, loaded, images.pixels[train_index], images.pixels[val_index], source)
     spec, stats = fit_guard(
         loaded.network,
         images.pixels[train_index],
@@ -81,6 +99,55 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     reloaded = load_model(args.out)  # verifies sha256, logits and guard scores
     print(json.dumps({"version": reloaded.metadata.version, **spec.model_dump(exclude={"golden_scores"})}, indent=1))
+    return 0
+
+
+def add_detail_floor(
+    args: argparse.Namespace, loaded: LoadedModel, train: torch.Tensor, val: torch.Tensor, source: str
+) -> int:
+    """Write ``args.out`` with the weights copied and ``model.json``'s guard given a fine-detail floor."""
+    meta, spec = loaded.metadata, loaded.metadata.guard
+    if spec is None or loaded.golden_inputs is None:
+        print(
+            "error: the model has no input guard (or no golden inputs): fit one without --detail-floor-only",
+            file=sys.stderr,
+        )
+        return 2
+    floor = fit_detail_floor(detail(train), MAX_LOW_DETAIL)
+    if floor is None:
+        print(f"error: {len(train)} training images are too few for a floor at {MAX_LOW_DETAIL:g}", file=sys.stderr)
+        return 2
+    val_scores = compute_guard_scores(loaded.network, val, spec, loaded.guard)  # type: ignore[arg-type]
+    val_low = detail(val) < floor
+    calibration = {
+        **spec.calibration,
+        "val_low_detail_rate": float(val_low.double().mean()),
+        "val_guard_refusal_rate": float(((val_scores > spec.threshold) | val_low).double().mean()),
+        "detail_source": source,
+    }
+    guard = spec.model_copy(
+        update={
+            "detail_floor": floor,
+            "detail_floor_method": f"training quantile: at most {MAX_LOW_DETAIL:g} of training images below it",
+            "golden_details": detail(loaded.golden_inputs).tolist(),
+            "calibration": calibration,
+        }
+    )
+    provenance = {
+        **meta.provenance,
+        "detail_floor_added_to": meta.version,
+        "detail_floor_added_by": "benchmarks.attach_guard --detail-floor-only",
+    }
+    updated = meta.model_copy(update={"version": args.version, "guard": guard, "provenance": provenance})
+    weights, metadata = resolve_paths(args.weights)
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, args.out / weights.name)
+    record = fastpath_record_path(args.weights)
+    if record.is_file():
+        shutil.copyfile(record, args.out / record.name)
+    (args.out / metadata.name).write_text(json.dumps(updated.model_dump(mode="json"), indent=2) + "\n")
+    reloaded = load_model(args.out)  # verifies the sha256, the golden logits, scores and details
+    print(json.dumps({"version": reloaded.metadata.version, "detail_floor": floor, **calibration}, indent=1))
     return 0
 
 

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from app.core.artifacts import export_model
-from app.core.input_guard import GuardSpec, GuardStats, fit_guard
+from app.core.artifacts import GOLDEN_KEY, export_model
+from app.core.input_guard import GuardSpec, GuardStats, detail, fit_guard
 from app.core.network import ModelSpec, PneumoniaNet, build_model
 from app.core.preprocessing import decode_grayscale, resize_square
 
@@ -143,6 +143,26 @@ def tiny_guard(network: PneumoniaNet, input_size: int, seed: int) -> tuple[Guard
     val = synthetic_chest_pixels(40, input_size, seed=2 * seed + 2)
     spec, stats = fit_guard(network, train, val, input_size=input_size, max_false_refusal=0.0, source="synthetic")
     return spec.model_copy(update={"threshold": spec.threshold * GUARD_MARGIN}), stats
+
+
+def add_detail_floor(weights: Path, margin: float = GUARD_MARGIN) -> float:
+    """Give an exported tiny model's guard a fine-detail floor; returns it.
+
+    Its 120 synthetic training images are too few for the quantile rule (``fit_detail_floor``
+    returns None), so the floor is their least detail divided by ``margin``, as the tiny guard's
+    threshold is widened: synthetic chest images pass it, ones enlarged from a few pixels do not.
+    """
+    meta = json.loads((weights / "model.json").read_text())
+    seed = int(meta["version"].removeprefix("test-"))
+    size = meta["spec"]["input_size"]
+    floor = float(detail(synthetic_chest_pixels(120, size, seed=2 * seed + 1)).min()) / margin
+    golden = load_file(str(weights / "model.safetensors"))[GOLDEN_KEY]
+
+    def edit(meta: dict[str, Any]) -> None:
+        meta["guard"].update(detail_floor=floor, detail_floor_method="test", golden_details=detail(golden).tolist())
+
+    rewrite_model(weights, edit_meta=edit)
+    return floor
 
 
 def export_tiny_model(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from sklearn.covariance import LedoitWolf
 
 from app import score
@@ -19,18 +19,33 @@ from app.core.engine import EngineError, load_engine
 from app.core.input_guard import (
     GUARD_MEAN_KEY,
     GuardStats,
+    InsufficientDetailError,
+    NotChestXrayError,
     default_blocks,
+    detail,
     features_and_maps,
+    fit_detail_floor,
     fit_guard,
     fit_threshold,
     guard_scores,
+    judge,
     ledoit_wolf,
     noise_energy,
 )
 from app.core.network import ModelSpec, build_model
 from app.core.preprocessing import preprocess
-from tests.conftest import GUARD_MARGIN, TEST_INPUT_SIZE, encode, export_tiny_model, rewrite_model, synthetic_xray
+from tests.conftest import (
+    GUARD_MARGIN,
+    TEST_INPUT_SIZE,
+    add_detail_floor,
+    encode,
+    export_tiny_model,
+    rewrite_model,
+    synthetic_chest_pixels,
+    synthetic_xray,
+)
 from tests.live_server import live_server, metric_samples, serving_settings
+from training.evaluate import guard_refusals
 
 
 def not_chest_xrays() -> dict[str, bytes]:
@@ -347,3 +362,128 @@ def test_whitener_is_stored_as_its_packed_lower_triangle_and_read_back_exactly()
     assert GuardStats.pop_from({"features.0.weight": torch.zeros(1)}) is None
     with pytest.raises(ValueError, match="packed whitening matrix has 14 values"):
         GuardStats.pop_from({"__guard__.mean": torch.zeros(5), "__guard__.whitener_tril": torch.zeros(14)})
+
+
+# A random-init network's features already refuse heavy blur; at 1.3 below the least training detail
+# (measured: sharp films 0.26, this blur 0.19 with the features passing) the floor is what refuses it.
+DETAIL_MARGIN = 1.3
+
+
+def blurred(image: Image.Image) -> bytes:
+    return encode(image.filter(ImageFilter.GaussianBlur(15)), "PNG")
+
+
+def test_detail_is_zero_when_flat_falls_with_blur_and_ignores_exposure() -> None:
+    flat = torch.full((1, 1, 64, 64), 128, dtype=torch.uint8)
+    assert detail(flat).tolist() == [0.0]
+    film = synthetic_xray(512, 512, seed=4)
+    sharp = preprocess(encode(film, "PNG"), 128)
+    blurred = preprocess(encode(film.filter(ImageFilter.GaussianBlur(8)), "PNG"), 128)
+    darker = preprocess(encode(film.point(lambda v: int(v * 0.7)), "PNG"), 128)
+    sharp_detail, blurred_detail, darker_detail = detail(torch.stack([sharp, blurred, darker])).tolist()
+    assert blurred_detail < 0.5 * sharp_detail
+    assert darker_detail == pytest.approx(sharp_detail, rel=0.05)
+
+
+def test_the_detail_floor_is_a_training_quantile_and_needs_enough_images() -> None:
+    values = torch.randperm(1000).double()
+    assert fit_detail_floor(values, 0.0025) == 2.0  # 0 and 1 (0.2 %) below it; 3 would put 0.3 % below
+    assert fit_detail_floor(values, 0.0) == 0.0 or fit_detail_floor(values, 0.0) is None
+    assert fit_detail_floor(values[:399], 0.0025) is None  # 399 x 0.0025 < 1: the floor would be the minimum
+    assert fit_detail_floor(values[:400] + 1, 0.0025) == float(torch.sort(values[:400] + 1).values[1])
+    assert fit_detail_floor(torch.zeros(1000), 0.0025) is None  # flat images: nothing to put a floor under
+
+
+def test_a_failed_verdict_names_the_check_that_failed(tiny_weights: Path) -> None:
+    spec = load_model(tiny_weights).metadata.guard
+    assert spec is not None and spec.detail_floor is None  # 120 training images: too few for a floor
+    floored = spec.model_copy(update={"detail_floor": 0.2})
+    unlike, blurred = judge(floored, spec.threshold * 2, 0.1), judge(floored, spec.threshold / 2, 0.1)
+    assert not unlike.passed and type(unlike.refusal()) is NotChestXrayError
+    assert unlike.refusal().code == "not_chest_xray" and "does not resemble" in unlike.reason
+    assert not blurred.passed and type(blurred.refusal()) is InsufficientDetailError
+    assert blurred.refusal().code == "insufficient_detail"
+    assert blurred.reason.startswith("fine detail 0.100 < floor 0.200: the image is blurred")
+    fine = judge(floored, spec.threshold / 2, 0.3)
+    assert fine.passed and (fine.detail, fine.detail_floor) == (0.3, 0.2) and "detail 0.300 >= floor" in fine.reason
+    unchecked = judge(spec, spec.threshold / 2, 0.01)  # a guard without a floor ignores detail
+    assert unchecked.passed and unchecked.detail is None and unchecked.detail_floor is None
+    assert not judge(floored, spec.threshold / 2, float("nan")).passed
+    with pytest.raises(ValueError, match="checks fine detail"):
+        judge(floored, spec.threshold / 2)
+
+
+def test_fit_guard_places_a_detail_floor_when_it_has_enough_training_images() -> None:
+    torch.manual_seed(0)
+    network = build_model(ModelSpec(architecture="vgg16", head="compact", input_size=TEST_INPUT_SIZE))
+    train = synthetic_chest_pixels(120, TEST_INPUT_SIZE, seed=1)
+    val = synthetic_chest_pixels(40, TEST_INPUT_SIZE, seed=2)
+    spec, _ = fit_guard(network, train, val, input_size=TEST_INPUT_SIZE)
+    assert spec.detail_floor is None and spec.detail_floor_method.startswith("none: 120 training images")
+    spec, _ = fit_guard(network, train, val, input_size=TEST_INPUT_SIZE, max_low_detail=0.05)
+    details = detail(train)
+    assert spec.detail_floor == pytest.approx(float(torch.sort(details).values[6]))  # 6 of 120 below it
+    assert int((details < spec.detail_floor).sum()) <= 6
+    assert spec.detail_floor_method == "training quantile: at most 0.05 of training images below it"
+    assert spec.calibration["val_low_detail_rate"] == pytest.approx(
+        float((detail(val) < spec.detail_floor).double().mean())
+    )
+
+
+def test_blurred_films_are_refused_for_detail_through_a_real_server(tmp_path: Path) -> None:
+    weights = export_tiny_model(tmp_path / "floored")
+    floor = add_detail_floor(weights, DETAIL_MARGIN)
+    film = synthetic_xray(400, 380, seed=8)
+    sharp, thumbnail = encode(film, "PNG"), blurred(film)
+    with live_server(serving_settings(weights)) as server, server.client() as client:
+        passed = client.post("/predict", files={"file": ("sharp.png", sharp)})
+        refused = client.post("/predict", files={"file": ("thumb.png", thumbnail)})
+        batch = client.post("/predict/batch", files=[("files", ("s.png", sharp)), ("files", ("t.png", thumbnail))])
+        counted = metric_samples(client.get("/metrics").text, "cxr_input_guard_failures_total")
+    assert passed.status_code == 200, passed.text
+    guard = passed.json()["input_guard"]
+    assert guard["passed"] is True and guard["detail"] >= guard["detail_floor"] == pytest.approx(floor)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "insufficient_detail", refused.text
+    assert refused.json()["error"]["message"].startswith("refused: fine detail ")
+    ok, failed = batch.json()["results"]
+    assert ok["input_guard"]["passed"] is True and failed["error"]["code"] == "insufficient_detail"
+    assert counted == {'{action="refused"}': 2.0}
+
+
+def test_flag_mode_marks_an_image_without_detail_unreliable(tmp_path: Path) -> None:
+    weights = export_tiny_model(tmp_path / "floored")
+    add_detail_floor(weights, DETAIL_MARGIN)
+    thumbnail = blurred(synthetic_xray(400, 380, seed=8))
+    with live_server(serving_settings(weights, input_guard="flag")) as server, server.client() as client:
+        response = client.post("/predict", files={"file": ("thumb.png", thumbnail)})
+    body = response.json()
+    assert response.status_code == 200 and body["input_guard"]["passed"] is False
+    assert body["input_guard"]["score"] <= body["input_guard"]["threshold"]  # the features alone pass it
+    assert body["input_guard"]["detail"] < body["input_guard"]["detail_floor"]
+    assert body["warning"].startswith("unreliable: fine detail ")
+
+
+def test_golden_details_guard_the_detail_measure_at_load(tmp_path: Path) -> None:
+    weights = export_tiny_model(tmp_path / "floored")
+    add_detail_floor(weights)
+    assert load_model(weights).metadata.guard.golden_details  # type: ignore[union-attr]
+    shutil.copytree(weights, tmp_path / "edited")
+    rewrite_model(tmp_path / "edited", edit_meta=lambda m: m["guard"]["golden_details"].__setitem__(0, 0.5))
+    with pytest.raises(ModelLoadError, match="fine detail differs from the exported one"):
+        load_model(tmp_path / "edited")
+    rewrite_model(tmp_path / "edited", edit_meta=lambda m: m["guard"].update(golden_details=[]))
+    with pytest.raises(ModelLoadError, match="needs the golden inputs' details: 0 stored for 2 inputs"):
+        load_model(tmp_path / "edited")
+
+
+def test_evaluate_counts_the_refusals_the_service_makes(tmp_path: Path) -> None:
+    weights = export_tiny_model(tmp_path / "floored")
+    add_detail_floor(weights, DETAIL_MARGIN)
+    film = synthetic_xray(400, 380, seed=8)
+    uploads = [encode(film, "PNG"), blurred(film), not_chest_xrays()["white.jpg"]]
+    pixels = torch.stack([preprocess(data, TEST_INPUT_SIZE) for data in uploads])
+    report = guard_refusals(load_model(weights), pixels, batch_size=2)
+    engine = load_engine(weights, device="cpu", input_guard="flag")
+    served = [engine.assess(result).guard for result in engine.infer(engine.collate(list(pixels)))]
+    assert [not verdict.passed for verdict in served if verdict is not None] == [False, True, True]
+    assert (report["refused"], report["low_detail"], report["n"]) == (2, 2, 3)  # the white image has no detail

@@ -40,19 +40,24 @@ def test_shipped_model_card_is_complete(shipped) -> None:
     assert guard.calibration["train_images"] == meta.provenance["train_images"]
     assert guard.calibration["val_images"] == validation["n"]
     assert float(guard.calibration["val_refusal_rate"]) <= 0.01
+    assert float(guard.calibration["val_guard_refusal_rate"]) <= 0.015  # the detail floor adds at most 0.25 %
 
 
 def test_shipped_model_is_the_recorded_run(shipped) -> None:
-    """1.2.0-gpu-128-base as trained on the GPU: its sha256 and golden logits are pinned here, outside the
-    artifact, so a swapped or re-exported file fails even when it is self-consistent."""
+    """1.2.0-gpu-128-base as trained on the GPU, given its detail floor as 1.3.0: its sha256, golden logits and
+    floor are pinned here, outside the artifact, so a swapped or re-exported file fails even when it is
+    self-consistent."""
     meta = shipped.metadata
-    assert meta.version == "1.2.0-gpu-128-base" and meta.spec.input_size == 128 and not meta.spec.normalization.equalize
+    assert meta.version == "1.3.0-gpu-128-base" and meta.spec.input_size == 128 and not meta.spec.normalization.equalize
     assert meta.sha256 == "2f7f6997d8cd82c8ae1c6a253c04e5f997db6538e6baffec237700a77bfd8ec7"
     assert meta.golden is not None and meta.golden.logits[0] == pytest.approx(
         [9.08582878112793, -6.889071941375732], abs=1e-6
     )
     guard = meta.guard
     assert guard is not None and all(score <= guard.threshold for score in guard.golden_scores)
+    assert guard.detail_floor == pytest.approx(0.07411983609199524, abs=1e-9)
+    assert all(detail >= guard.detail_floor for detail in guard.golden_details)
+    assert meta.provenance["detail_floor_added_to"] == "1.2.0-gpu-128-base"
 
 
 def test_golden_outputs_reproduce_on_cpu(shipped) -> None:

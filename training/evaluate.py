@@ -14,6 +14,7 @@ import torch
 
 from app.core.artifacts import LoadedModel, compute_guard_scores, load_model
 from app.core.decision import pneumonia_probability
+from app.core.input_guard import detail, judge
 from app.core.preprocessing import preprocess_file
 from training.data import ImageSet, discover, load_images
 from training.loops import predict_logits
@@ -47,7 +48,8 @@ def evaluate_images(
 
 
 def guard_refusals(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """How many of these images the model's input guard refuses (scores computed as the service does)."""
+    """How many of these images the model's input guard refuses, judged as the service judges them (the
+    score against the threshold, and the fine detail against the floor when the guard has one)."""
     spec, stats = loaded.metadata.guard, loaded.guard
     if spec is None or stats is None:
         raise DataError(f"model {loaded.metadata.version} has no input guard to report on")
@@ -58,12 +60,16 @@ def guard_refusals(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int) -
         if len(pixels)
         else torch.zeros(0)
     )
-    refused = int((scores > spec.threshold).sum())
+    details: list[float | None] = detail(pixels).tolist() if spec.detail_floor is not None else [None] * len(scores)
+    verdicts = [judge(spec, score, fine) for score, fine in zip(scores.tolist(), details, strict=True)]
+    refused = sum(not verdict.passed for verdict in verdicts)
     return {
         "threshold": spec.threshold,
+        "detail_floor": spec.detail_floor,
         "n": len(scores),
         "refused": refused,
         "refusal_rate": refused / len(scores) if len(scores) else None,
+        "low_detail": sum(fine is not None and not fine >= spec.detail_floor for fine in details),  # type: ignore[operator]
     }
 
 

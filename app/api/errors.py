@@ -96,6 +96,11 @@ ERRORS: dict[str, tuple[int, str]] = {
         "refused: input guard score 4.210 > threshold 1.546: it does not resemble the frontal chest X-rays "
         "the model was trained on",
     ),
+    "insufficient_detail": (
+        422,
+        "refused: fine detail 0.041 < floor 0.074: the image is blurred or was enlarged from a small picture, and "
+        "blur reads as opacity to the model (send the original, sharp film)",
+    ),
     "unsupported_modality": (422, "the DICOM modality is CT, not a plain radiograph (CR, DX or DR)"),
     "not_frontal_view": (422, "the DICOM view position is LL; only frontal (PA/AP) views are accepted"),
     "not_for_presentation": (422, NotForPresentationError.default_message),
@@ -148,6 +153,7 @@ IMAGE_ERRORS = (
     "multi_frame",
     "not_monochrome",
     "not_chest_xray",
+    "insufficient_detail",
 )
 _HTTP_CODES = {
     400: "bad_request",

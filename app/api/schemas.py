@@ -64,7 +64,13 @@ class InputGuard(BaseModel):
         description="Distance from the training images' features; about 1 is typical, lower is closer."
     )
     threshold: float = Field(description="Scores above this fail the guard.")
-    passed: bool
+    passed: bool = Field(description="The score is within the threshold and the detail (when checked) above the floor.")
+    detail: float | None = Field(
+        default=None,
+        description="Fine detail of the image as the model sees it; blur and enlargement lower it. "
+        "Absent for a model whose guard does not check it.",
+    )
+    detail_floor: float | None = Field(default=None, description="Images with less fine detail than this fail.")
 
 
 class ImageSource(BaseModel):

@@ -374,7 +374,12 @@ class Service:
         guard = assessment.guard
         prediction = Prediction(
             **asdict(decision),
-            input_guard=InputGuard(score=guard.score, threshold=guard.threshold, passed=guard.passed)
+            input_guard=InputGuard(
+                score=guard.score,
+                threshold=guard.threshold,
+                passed=guard.passed,
+                **({"detail": guard.detail, "detail_floor": guard.detail_floor} if guard.detail is not None else {}),
+            )
             if guard
             else None,
             warning=assessment.warning,

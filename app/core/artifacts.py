@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.core.coded_error import first_validation_error
-from app.core.input_guard import GuardSpec, GuardStats, features_and_maps, guard_scores
+from app.core.input_guard import GuardSpec, GuardStats, detail, features_and_maps, guard_scores
 from app.core.network import ModelSpec, PneumoniaNet, build_model
 
 FORMAT_VERSION = 1
@@ -139,7 +139,8 @@ def export_model(
         if stats.mean.numel() != spec.dim or tuple(stats.whitener.shape) != (spec.dim, spec.dim):
             raise ValueError(f"guard statistics do not match the declared dimension {spec.dim}")
         scores = compute_guard_scores(reference, golden_pixels, spec, stats)
-        guard_spec = spec.model_copy(update={"golden_scores": scores.tolist()})
+        details = detail(golden_pixels).tolist() if spec.detail_floor is not None else []
+        guard_spec = spec.model_copy(update={"golden_scores": scores.tolist(), "golden_details": details})
         tensors.update(stats.tensors())
     save_file(tensors, str(weights_path), metadata={"format": "pt"})
     weights_path.chmod(0o644)  # safetensors writes 0600; a non-root container user must be able to read it
@@ -196,6 +197,8 @@ def load_model(path: Path, *, verify_golden: bool = True) -> LoadedModel:
             f"[N, 1, {size}, {size}]: the spec does not belong to these weights"
         )
     guard = _guard_stats(tensors, metadata, weights_path)
+    if verify_golden:
+        _check_golden_details(metadata, golden_inputs, weights_path)
     network = build_model(metadata.spec)
     try:
         network.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True)
@@ -229,6 +232,28 @@ def _guard_stats(tensors: dict[str, torch.Tensor], metadata: ModelMetadata, weig
             f"do not fit the declared dimension {spec.dim}"
         )
     return stats
+
+
+def _check_golden_details(metadata: ModelMetadata, golden_inputs: torch.Tensor | None, weights_path: Path) -> None:
+    """The golden inputs' fine detail, recomputed, must be what the export measured: the floor was set on
+    the export's :func:`detail`, and a changed measure would move every image against it unseen."""
+    spec = metadata.guard
+    if spec is None or spec.detail_floor is None:
+        return
+    if golden_inputs is None or len(spec.golden_details) != len(golden_inputs):
+        count = 0 if golden_inputs is None else len(golden_inputs)
+        raise ModelLoadError(
+            f"{weights_path}: the guard's detail floor needs the golden inputs' details: "
+            f"{len(spec.golden_details)} stored for {count} inputs"
+        )
+    measured = detail(golden_inputs).double()
+    expected = torch.tensor(spec.golden_details, dtype=torch.float64)
+    relative = float(((measured - expected).abs() / expected.abs().clamp_min(1e-6)).max())
+    if not relative <= 1e-4:
+        raise ModelLoadError(
+            f"golden check failed: the golden inputs' fine detail differs from the exported one by {relative:.3g} "
+            "(relative tolerance 0.0001)"
+        )
 
 
 def check_golden(

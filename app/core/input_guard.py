@@ -14,6 +14,11 @@ The guard is part of the model: its mean and whitening matrix are stored in
 (:class:`GuardSpec`), and the golden inputs' scores are re-checked on load. The score is the
 distance divided by ``sqrt(dim)``: about 1 for a typical training image, larger the less an
 image resembles the training data; images above the threshold fail.
+
+The features are blind to a loss of fine detail: a film blurred or enlarged from a thumbnail keeps
+its block statistics and is mostly called PNEUMONIA (blur reads as opacity). So the guard also
+measures the pixels' fine detail (:func:`detail`) and fails images with less of it than nearly all
+training images had (``GuardSpec.detail_floor``; measured in ``benchmarks/guard_measure.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ GUARD_WHITENER_KEY = "__guard__.whitener_tril"
 GuardMode = Literal["reject", "flag", "off"]
 # With two images the centred rows are +-one vector and Ledoit-Wolf's shrinkage is exactly 0 (singular).
 MIN_TRAIN_IMAGES = 3
+# Share of the training images the detail floor may fail: below it, 86-94 % of films blurred by 1 px at the
+# model's input, and every film blurred more or enlarged from 32 px (benchmarks/guard_measure.py).
+MAX_LOW_DETAIL = 0.0025
 Block = int  # 1-based index of a VGG block, i.e. of the max-pool that ends it
 
 
@@ -44,6 +52,16 @@ class NotChestXrayError(ImageError):
 
     code = "not_chest_xray"
     default_message = "the image does not look like a frontal chest X-ray"
+
+
+class InsufficientDetailError(NotChestXrayError):
+    """The guard refused the image for lack of fine detail: blurred, or enlarged from a small picture.
+
+    A subclass: everything that handles a guard refusal handles this one, under its own code.
+    """
+
+    code = "insufficient_detail"
+    default_message = "the image has too little fine detail to be read (blurred, or enlarged from a small picture)"
 
 
 class GuardSpec(BaseModel):
@@ -59,6 +77,13 @@ class GuardSpec(BaseModel):
     threshold: float = Field(gt=0.0, description="Images whose score is above this are not chest X-rays.")
     threshold_method: str = Field(description="How the threshold was chosen.")
     golden_scores: list[float] = Field(default_factory=list, description="Scores of the golden inputs at export.")
+    detail_floor: float | None = Field(
+        default=None, gt=0.0, description="Images whose fine detail is below this fail; None: not checked."
+    )
+    detail_floor_method: str = Field(default="", description="How the detail floor was chosen.")
+    golden_details: list[float] = Field(
+        default_factory=list, description="Fine detail of the golden inputs at export, re-checked on load."
+    )
     calibration: dict[str, float | int | str] = Field(
         default_factory=dict, description="What the statistics and the threshold were fitted on, and measured rates."
     )
@@ -100,20 +125,45 @@ class GuardStats:
 
 @dataclass(frozen=True)
 class GuardVerdict:
-    """What the guard says about one image; ``reason`` is a one-line explanation when it fails."""
+    """What the guard says about one image; ``reason`` is a one-line explanation when it fails.
+
+    ``detail`` and ``detail_floor`` are None for a model whose guard has no detail floor.
+    """
 
     score: float
     threshold: float
     passed: bool
+    detail: float | None = None
+    detail_floor: float | None = None
+
+    @property
+    def resembles(self) -> bool:
+        return bool(self.score <= self.threshold)  # NaN, from a non-finite feature, does not
 
     @property
     def reason(self) -> str:
-        relation = "<=" if self.passed else ">"
+        if not self.resembles or self.detail is None or self.detail_floor is None:
+            relation = "<=" if self.resembles else ">"
+            return (
+                f"input guard score {self.score:.3f} {relation} threshold {self.threshold:.3f}: "
+                + ("it resembles" if self.resembles else "it does not resemble")
+                + " the frontal chest X-rays the model was trained on"
+            )
+        if self.passed:
+            return (
+                f"input guard score {self.score:.3f} <= threshold {self.threshold:.3f} and fine detail "
+                f"{self.detail:.3f} >= floor {self.detail_floor:.3f}: it resembles the frontal chest X-rays "
+                "the model was trained on"
+            )
         return (
-            f"input guard score {self.score:.3f} {relation} threshold {self.threshold:.3f}: "
-            + ("it resembles" if self.passed else "it does not resemble")
-            + " the frontal chest X-rays the model was trained on"
+            f"fine detail {self.detail:.3f} < floor {self.detail_floor:.3f}: the image is blurred or was enlarged "
+            "from a small picture, and blur reads as opacity to the model (send the original, sharp film)"
         )
+
+    def refusal(self) -> NotChestXrayError:
+        """The error a failed verdict refuses with: not like the training films, else too little detail."""
+        error = NotChestXrayError if not self.resembles else InsufficientDetailError
+        return error(f"refused: {self.reason}")
 
 
 def features_and_maps(
@@ -166,9 +216,31 @@ def noise_energy(exact: torch.Tensor, noisy: torch.Tensor) -> float:
     return max(0.0, float((noisy.double().square() - exact.double().square()).median()))
 
 
-def judge(spec: GuardSpec, score: float) -> GuardVerdict:
-    """The one place a score becomes pass or fail (NaN, from a non-finite feature, fails)."""
-    return GuardVerdict(score, spec.threshold, passed=bool(score <= spec.threshold))
+def detail(pixels: torch.Tensor) -> torch.Tensor:
+    """Fine detail of ``uint8[N,1,S,S]`` model inputs, ``float32[N]``: the mean absolute 4-neighbour
+    Laplacian over the pixels' standard deviation (+1, so a flat image scores 0, not NaN).
+
+    The Laplacian is the finest scale an image at the model's input holds; dividing by the spread
+    makes it independent of exposure and contrast. Blur and enlargement take it away; the model's
+    own features barely notice (module docstring). Computed on the pixels the model sees.
+    """
+    p = pixels.to(torch.float32)[:, 0]
+    laplacian = 4 * p[:, 1:-1, 1:-1] - p[:, :-2, 1:-1] - p[:, 2:, 1:-1] - p[:, 1:-1, :-2] - p[:, 1:-1, 2:]
+    return laplacian.abs().mean((1, 2)) / (p.std((1, 2)) + 1)
+
+
+def judge(spec: GuardSpec, score: float, fine_detail: float | None = None) -> GuardVerdict:
+    """The one place a score (and fine detail) becomes pass or fail (NaN, from a non-finite feature, fails).
+
+    ``fine_detail`` is required exactly when the guard has a detail floor: a check left out would pass.
+    """
+    floor = spec.detail_floor
+    if floor is None:
+        return GuardVerdict(score, spec.threshold, passed=bool(score <= spec.threshold))
+    if fine_detail is None:
+        raise ValueError("this input guard checks fine detail: judge needs the image's detail")
+    passed = bool(score <= spec.threshold) and bool(fine_detail >= floor)
+    return GuardVerdict(score, spec.threshold, passed, fine_detail, floor)
 
 
 def ledoit_wolf(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -211,6 +283,21 @@ def fit_threshold(scores: torch.Tensor, max_false_refusal: float) -> float:
     return float(ordered[keep - 1])
 
 
+def fit_detail_floor(details: torch.Tensor, max_low_detail: float) -> float | None:
+    """The largest floor that at most ``max_low_detail`` of these training images fall below; None when
+    there are too few images to place one (under ``1 / max_low_detail``: the floor would be their minimum,
+    and a fine-tune on 30 films would refuse one sharp film in 31) or they have no detail at all.
+
+    From the training images, not validation: fine detail is measured, not fitted, so the training
+    images are as unbiased and their 4,000-odd give a steadier low quantile than validation's 784.
+    """
+    if len(details) * max_low_detail < 1:
+        return None
+    ordered = torch.sort(details.double()).values
+    floor = float(ordered[min(len(ordered) - 1, math.floor(max_low_detail * len(ordered)))])
+    return floor if floor > 0 else None
+
+
 def block_count(features: nn.Module) -> int:
     return sum(isinstance(layer, nn.MaxPool2d) for layer in features.modules())
 
@@ -248,10 +335,12 @@ def fit_guard(
     *,
     input_size: int,
     max_false_refusal: float = 0.01,
+    max_low_detail: float = MAX_LOW_DETAIL,
     batch_size: int = 128,
     source: str = "",
 ) -> tuple[GuardSpec, GuardStats]:
-    """Statistics from the training images, threshold from the validation images (never test data)."""
+    """Statistics and detail floor from the training images, threshold from the validation images (never
+    test data)."""
     blocks = default_blocks(network.features, input_size)  # type: ignore[arg-type]
     train = guard_vectors(network, train_pixels, blocks, batch_size)
     if len(train) < MIN_TRAIN_IMAGES:
@@ -259,6 +348,8 @@ def fit_guard(
     stats, shrinkage = fit_stats(train)
     val_scores = guard_scores(guard_vectors(network, val_pixels, blocks, batch_size), stats)
     threshold = fit_threshold(val_scores, max_false_refusal)
+    floor = fit_detail_floor(detail(train_pixels), max_low_detail)
+    val_low = detail(val_pixels) < (floor or 0.0)
     spec = GuardSpec(
         mean_blocks=blocks[0],
         std_blocks=blocks[1],
@@ -266,11 +357,17 @@ def fit_guard(
         shrinkage=shrinkage,
         threshold=threshold,
         threshold_method=f"validation quantile: at most {max_false_refusal:g} of validation images refused",
+        detail_floor=floor,
+        detail_floor_method=f"training quantile: at most {max_low_detail:g} of training images below it"
+        if floor is not None
+        else f"none: {len(train)} training images are too few to place a floor at {max_low_detail:g}",
         calibration={
             "train_images": len(train),
             "val_images": len(val_scores),
             "val_refusal_rate": float((val_scores > threshold).double().mean()),
             "val_score_median": float(val_scores.median()),
+            "val_low_detail_rate": float(val_low.double().mean()),
+            "val_guard_refusal_rate": float(((val_scores > threshold) | val_low).double().mean()),
             **({"source": source} if source else {}),
         },
     )

@@ -315,10 +315,11 @@ def _requested(outputs: list[RequestedOutput] | None, binary_default: bool) -> l
 
 
 def _guard_parameters(predictions: list[Prediction]) -> dict[str, Any]:
-    """The input guard's verdict on the request (V2 parameters are scalars): the worst score and any warning.
+    """The input guard's verdict on the request (V2 parameters are scalars): the worst score, the least fine
+    detail where the model's guard checks it, and any warning.
 
     Absent when the server runs with ``CXR_INPUT_GUARD=off``; in ``reject`` mode a failing
-    image has already failed the whole request with ``not_chest_xray``.
+    image has already failed the whole request with ``not_chest_xray`` or ``insufficient_detail``.
     """
     guards = [p.input_guard for p in predictions if p.input_guard is not None]
     if not guards:
@@ -327,6 +328,10 @@ def _guard_parameters(predictions: list[Prediction]) -> dict[str, Any]:
         "input_guard_max_score": max(g.score for g in guards),
         "input_guard_threshold": guards[0].threshold,
     }
+    details = [g.detail for g in guards if g.detail is not None]
+    if details:
+        out["input_guard_min_detail"] = min(details)
+        out["input_guard_detail_floor"] = guards[0].detail_floor
     warnings = [f"item {i}: {p.warning}" for i, p in enumerate(predictions) if p.warning]
     if warnings:
         out["warning"] = "; ".join(warnings)

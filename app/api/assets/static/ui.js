@@ -172,6 +172,7 @@ function showGuard(target, guard, warning) {
   const verdict = guard.passed ? "passed" : "failed";
   target.textContent =
     `Input guard ${verdict}: score ${guard.score.toFixed(3)}, threshold ${guard.threshold.toFixed(3)}` +
+    (guard.detail != null ? `; fine detail ${guard.detail.toFixed(3)}, floor ${guard.detail_floor.toFixed(3)}` : "") +
     (warning ? `. ${warning}` : "");
   if (!guard.passed) target.classList.add("failed");
 }
