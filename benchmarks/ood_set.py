@@ -554,6 +554,39 @@ def cxr_transforms(root: Path) -> dict[str, Maker]:
             x, y = ((0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2))[index % 4]
             yield f"{path.stem}_q{index % 4}", img.crop((x, y, x + w // 2, y + h // 2)), f"{path.name}: one quarter"
 
+    def blurred() -> Iterator[tuple[str, Image.Image, str]]:
+        for index, path in enumerate(_cxr_files(root, 20, 5)):
+            img = Image.open(path).convert("L")
+            radius = (0.01, 0.02, 0.03)[index % 3] * max(img.size)  # 2-7 px on a 224-px film
+            yield (
+                f"{path.stem}_blur{index % 3}",
+                img.filter(ImageFilter.GaussianBlur(radius)),
+                f"{path.name} Gaussian blur, radius {radius:.1f} px",
+            )
+
+    def enlarged() -> Iterator[tuple[str, Image.Image, str]]:
+        for index, path in enumerate(_cxr_files(root, 20, 6)):
+            img = Image.open(path).convert("L")
+            side = (24, 32, 48)[index % 3]
+            small = img.resize((side, side), Image.Resampling.BILINEAR)
+            yield (
+                f"{path.stem}_from{side}",
+                small.resize(img.size, Image.Resampling.BICUBIC),
+                f"{path.name} shrunk to {side} px and enlarged back (a thumbnail upscaled)",
+            )
+
+    def lower_crop() -> Iterator[tuple[str, Image.Image, str]]:
+        # The lung bases and upper abdomen, enlarged by 1.5 so the short side clears the 128-px shape check,
+        # as a crop of a full-resolution film would.
+        for path in _cxr_files(root, 20, 7):
+            img = Image.open(path).convert("L")
+            crop = img.crop((0, img.height * 3 // 5, img.width, img.height))
+            yield (
+                f"{path.stem}_lower40",
+                crop.resize((crop.width * 3 // 2, crop.height * 3 // 2), Image.Resampling.BICUBIC),
+                f"{path.name}: lower 40 % (lung bases, upper abdomen), enlarged 1.5 x",
+            )
+
     def control_flipped() -> Iterator[tuple[str, Image.Image, str]]:
         for path in _cxr_files(root, 20, 3):
             yield f"{path.stem}_mirror", ImageOps.mirror(Image.open(path).convert("L")), f"{path.name} mirrored"
@@ -570,6 +603,9 @@ def cxr_transforms(root: Path) -> dict[str, Maker]:
         "cxr_rotated": rotated,
         "cxr_inverted": inverted,
         "cxr_corner_crop": corner_crop,
+        "cxr_blurred": blurred,
+        "cxr_enlarged": enlarged,
+        "cxr_lower_crop": lower_crop,
         "control_cxr_mirrored": control_flipped,
         "control_cxr_mild": control_mild,
     }

@@ -11,20 +11,19 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(sys.argv[1])
 BUGS = [
     (
         "EXIF orientation not applied",
         "app/core/preprocessing.py",
-        "    if orientation in _UPRIGHT:\n",
-        "    if False:\n",
+        "    if orientation not in _UPRIGHT:\n",
+        "    if True:\n",
         ["tests/test_decoding_oracles.py"],
     ),
     (
         "12-bit JPEG not rescaled",
         "app/core/preprocessing.py",
-        "    shift = max(frame.precision - 8, 0)\n",
-        "    shift = 0\n",
+        "    peak = (1 << precision) - 1\n",
+        "    peak = 255\n",
         ["tests/test_decoding_oracles.py"],
     ),
     (
@@ -51,8 +50,8 @@ BUGS = [
     (
         "cxr_predictions_total never incremented",
         "app/api/service.py",
-        "        self.metrics.predictions.labels(decision.label).inc()\n",
-        "        self.metrics.predictions.labels(decision.label)\n",
+        "            self.metrics.predictions.labels(prediction.label).inc()\n",
+        "            self.metrics.predictions.labels(prediction.label)\n",
         ["tests/test_service_oracles.py"],
     ),
     (
@@ -91,29 +90,39 @@ BUGS = [
         ["tests/test_service_oracles.py"],
     ),
 ]
-rows = []
-only = set(sys.argv[2:])
-for name, path, old, new, tests in BUGS:
-    if only and name not in only:
-        continue
-    f = ROOT / path
-    src = f.read_text()
-    assert src.count(old) == 1, (name, src.count(old))
-    f.write_text(src.replace(old, new))
-    try:
-        r = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "CI": "true"},
-        )
-        last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-200:]
-        failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
-        rows.append((name, "caught" if r.returncode != 0 else "SURVIVED", (failed[0][7:] if failed else last)[:140]))
-    finally:
-        f.write_text(src)
-    print(rows[-1], flush=True)
-print("\n| planted bug | result | first failing test |\n|---|---|---|")
-for r in rows:
-    print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+def main() -> None:
+    root = pathlib.Path(sys.argv[1])
+    rows = []
+    only = set(sys.argv[2:])
+    for name, path, old, new, tests in BUGS:
+        if only and name not in only:
+            continue
+        f = root / path
+        src = f.read_text()
+        assert src.count(old) == 1, (name, src.count(old))
+        f.write_text(src.replace(old, new))
+        try:
+            r = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(root), "CI": "true"},
+            )
+            last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-200:]
+            failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
+            rows.append(
+                (name, "caught" if r.returncode != 0 else "SURVIVED", (failed[0][7:] if failed else last)[:140])
+            )
+        finally:
+            f.write_text(src)
+        print(rows[-1], flush=True)
+    print("\n| planted bug | result | first failing test |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+if __name__ == "__main__":
+    main()
