@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -17,9 +18,10 @@ from pydicom import uid
 from app import score
 from app.core.artifacts import LoadedModel, load_model
 from app.core.decision import pneumonia_probability
+from app.core.dicom import DicomPolicy
 from app.core.engine import InferenceEngine, load_engine
 from app.core.preprocessing import preprocess
-from tests.conftest import encode, synthetic_xray
+from tests.conftest import add_detail_floor, encode, export_tiny_model, synthetic_xray
 from tests.dicom_files import Spec, dicom_bytes
 
 GOOD = ["a0.jpg", "a1.jpg", "a2.png", "nested/deeper/c3.jpg", "nested/b4.jpg", "nested/b5.png"]
@@ -200,12 +202,55 @@ def test_refuses_to_mix_models_in_one_csv(
     assert "write to a new --out file" in capsys.readouterr().err and out.read_text() == before
 
 
-def test_refuses_a_foreign_csv(image_dir: Path, engine: InferenceEngine, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"id,value\n1,2\n",
+        b'{"auc": 0.97, "note": "results of last week"}',  # one line, no newline: not a header cut by a kill
+        b"path,label,note",  # begins like our header, but is not a prefix of it
+        b"path,label\rfoo,bar\r",  # bare CR line ends (Excel's "CSV (Macintosh)")
+        b'"unclosed\n',
+    ],
+)
+def test_refuses_a_foreign_file_and_leaves_it_untouched(
+    content: bytes, image_dir: Path, engine: InferenceEngine, tmp_path: Path
+) -> None:
     out = tmp_path / "other.csv"
-    out.write_text("id,value\n1,2\n")
+    out.write_bytes(content)
     with pytest.raises(score.UsageError, match="not a predictions file"):
         run_with(engine, image_dir, out)
-    assert out.read_text() == "id,value\n1,2\n"
+    assert out.read_bytes() == content
+
+
+def test_a_header_cut_by_a_kill_is_repaired(image_dir: Path, engine: InferenceEngine, tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    out.write_text(",".join(score.COLUMNS)[:30])
+    assert run_with(engine, image_dir, out).scored == 8 and len(read_rows(out)) == 8
+
+
+def _edit_second_row(lines: list[str]) -> list[str]:
+    return [lines[0], lines[1].replace("\r\n", ",checked\r\n"), *lines[2:]]
+
+
+@pytest.mark.parametrize(
+    ("edit", "line"),
+    [
+        (_edit_second_row, 2),  # a reviewer's note on one row
+        (lambda lines: [*lines[:3], lines[0], *lines[3:]], 4),  # a second header from a concurrent run
+        (lambda lines: [*lines[:2], '"a note left open\r\n', *lines[2:]], 3),  # an open quote swallows the rest
+        (lambda lines: [*lines[:-1], lines[-1].replace("\r\n", ",checked\r\n")], 9),  # a whole last line, edited
+    ],
+)
+def test_a_bad_row_is_refused_not_cut_off_with_everything_after_it(
+    edit: Callable[[list[str]], list[str]], line: int, image_dir: Path, engine: InferenceEngine, tmp_path: Path
+) -> None:
+    out = tmp_path / "p.csv"
+    run_with(engine, image_dir, out)
+    edited = "".join(edit(out.read_bytes().decode().splitlines(keepends=True))).encode()
+    out.write_bytes(edited)
+    with pytest.raises(score.UsageError, match=f"line {line} is not a whole predictions row"):
+        run_with(engine, image_dir, out)
+    assert out.read_bytes() == edited
 
 
 def test_output_inside_the_scored_folder_is_not_scored(image_dir: Path, engine: InferenceEngine) -> None:
@@ -350,3 +395,173 @@ def test_heatmaps_writes_one_overlay_per_scored_image(image_dir: Path, tiny_weig
     assert {row["path"] for row in read_rows(tmp_path / "again.csv")} == {*GOOD, CORRUPT, NOT_IMAGE}
     assert run(image_dir, tmp_path / "third.csv", tiny_weights, "--heatmaps", str(inside)) == 0
     assert {row["path"] for row in read_rows(tmp_path / "third.csv")} == {*GOOD, CORRUPT, NOT_IMAGE}
+
+
+@pytest.mark.parametrize("above", [0, 1])
+def test_heatmaps_in_dir_or_above_it_is_refused(
+    above: int, image_dir: Path, engine: InferenceEngine, tiny_weights: Path, tmp_path: Path
+) -> None:
+    """Every file lies inside such a HEATDIR: the old scorer excluded them all and scored nothing, exit 0."""
+    heatmaps = image_dir.parents[above - 1] if above else image_dir
+    out = tmp_path / "p.csv"
+    with pytest.raises(score.UsageError, match="folder above it"):
+        score.score(
+            image_dir, out, engine, batch_size=4, workers=1, max_pixels=10**6, progress=False, heatmaps=heatmaps
+        )
+    assert run(image_dir, out, tiny_weights, "--heatmaps", str(heatmaps)) == score.USAGE_ERROR
+    assert not out.exists()
+
+
+def test_a_heatmap_that_cannot_be_written_keeps_its_row(
+    engine: InferenceEngine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name too long for HEATDIR and a file/folder collision (``x`` and ``x.png/``) used to end the run."""
+    root, heatmaps, out = tmp_path / "images", tmp_path / "heat", tmp_path / "p.csv"
+    long_name = "x" * 248 + ".jpg"  # 252 bytes: a valid name, but its 256-byte heatmap name is not
+    names = [long_name, "a.jpg", "a.jpg.png/b.jpg", "c.jpg"]
+    for seed, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(encode(synthetic_xray(seed=seed)))
+    summary = score.score(
+        root, out, engine, batch_size=4, workers=1, max_pixels=10**6, progress=False, heatmaps=heatmaps
+    )
+    rows = {row["path"]: row for row in read_rows(out)}
+    assert sorted(rows) == sorted(names) and all(row["label"] for row in rows.values())
+    assert "File name too long" in rows[long_name]["heatmap_error"]
+    collided = [name for name in ("a.jpg", "a.jpg.png/b.jpg") if rows[name]["heatmap_error"]]
+    assert len(collided) == 1 and rows["c.jpg"]["heatmap_error"] == ""  # one of the two wins the name
+    assert (heatmaps / "c.jpg.png").is_file()
+    assert sorted(path for path, _ in summary.heatmap_failures) == sorted([long_name, *collided])
+    assert f"warning: no heatmap for {long_name}" in capsys.readouterr().err
+    again = score.score(root, out, engine, batch_size=4, workers=1, max_pixels=10**6, progress=False, heatmaps=heatmaps)
+    assert (again.scored, again.skipped) == (0, 4)
+
+
+def test_a_second_run_on_the_same_csv_is_refused(
+    image_dir: Path, tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p.csv"
+    out.write_text(",".join(score.COLUMNS) + "\r\n")
+    with score.out_lock(out):  # a first run still going
+        assert run(image_dir, out, tiny_weights) == score.USAGE_ERROR
+        assert f"another run is writing {out} (pid {os.getpid()}" in capsys.readouterr().err
+    assert read_rows(out) == []
+    assert run(image_dir, out, tiny_weights) == 0 and len(read_rows(out)) == 8  # free once the first ends
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("target", ["directory", "DIR", "", "fifo", "/dev/null"])
+def test_out_that_is_not_a_regular_file_exits_2(
+    target: str, image_dir: Path, tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory was a traceback; a FIFO or ``/dev/stdout`` into a pipe hung; ``/dev/zero`` read forever."""
+    out = {"directory": str(tmp_path), "DIR": str(image_dir), "fifo": str(tmp_path / "fifo")}.get(target, target)
+    if target == "fifo":
+        os.mkfifo(out)
+    assert run(image_dir, Path(out) if out else out, tiny_weights) == score.USAGE_ERROR  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "error: --out" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--batch-size", "99999999999999999999"],
+        ["--batch-size", str(score.MAX_BATCH_SIZE + 1)],
+        ["--workers", str(score.MAX_WORKERS + 1)],
+        ["--workers", "99999999999999999999"],
+        ["--max-pixels", str(2**40 + 1)],
+        ["--max-pixels", "1e9"],
+    ],
+)
+def test_options_past_the_service_bounds_exit_2(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Huge values passed argparse, then failed in islice or the decode pool, or started 10**20 workers."""
+    with pytest.raises(SystemExit) as exc:
+        score.build_parser(score.load_settings()).parse_args(["dir", "--out", "p.csv", *option])
+    assert exc.value.code == score.USAGE_ERROR and f"argument {option[0]}: must be" in capsys.readouterr().err
+
+
+def test_rows_record_their_settings_and_resume_refuses_others(
+    image_dir: Path, engine: InferenceEngine, tiny_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "p.csv"
+    run_with(engine, image_dir, out)
+    written = out.read_bytes()
+    settings = {"input_guard": "reject", "precision": "fp32", "backend": "torch"}
+    expected = {**settings, "dicom_checks": "modality;view_position;presentation_intent"}
+    assert {tuple(row[name] for name in expected) for row in read_rows(out)} == {tuple(expected.values())}
+    flagging = load_engine(tiny_weights, device="cpu", input_guard="flag")
+    with pytest.raises(score.UsageError, match=r"input_guard reject \(now flag\)"):
+        run_with(flagging, image_dir, out)
+    with pytest.raises(score.UsageError, match=r"dicom_checks .* \(now view_position;presentation_intent\)"):
+        score.score(
+            image_dir, out, engine, batch_size=4, workers=1, max_pixels=10**6, progress=False,
+            dicom=DicomPolicy(check_modality=False),
+        )  # fmt: skip
+    assert out.read_bytes() == written
+
+
+def test_a_csv_from_before_the_settings_columns_is_refused(
+    image_dir: Path, engine: InferenceEngine, tmp_path: Path
+) -> None:
+    out = tmp_path / "old.csv"
+    legacy = (",".join(score.LEGACY_COLUMNS) + "\r\na0.jpg,NORMAL,0.1,0.5,1.0,2.0,,,," + "0" * 64 + "\r\n").encode()
+    out.write_bytes(legacy)
+    with pytest.raises(score.UsageError, match=r"older app\.score"):
+        run_with(engine, image_dir, out)
+    assert out.read_bytes() == legacy
+
+
+def test_guard_detail_and_floor_columns(image_dir: Path, engine: InferenceEngine, tmp_path: Path) -> None:
+    weights = export_tiny_model(tmp_path / "weights")
+    floor = add_detail_floor(weights)
+    with_floor = load_engine(weights, device="cpu", input_guard="flag")
+    run_with(with_floor, image_dir, tmp_path / "floor.csv")
+    scored = [row for row in read_rows(tmp_path / "floor.csv") if row["guard_score"]]
+    assert scored and {row["detail_floor"] for row in scored} == {repr(floor)}
+    assert all(float(row["guard_detail"]) > 0 for row in scored)
+    run_with(engine, image_dir, tmp_path / "none.csv")  # a guard without a detail floor: both left empty
+    assert {(row["guard_detail"], row["detail_floor"]) for row in read_rows(tmp_path / "none.csv")} == {("", "")}
+
+
+def test_retry_errors_scores_transient_errors_again(
+    engine: InferenceEngine, tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file still being copied in is a corrupt_image row; --retry-errors replaces it once the copy is done."""
+    root, out = tmp_path / "images", tmp_path / "p.csv"
+    root.mkdir()
+    whole = encode(synthetic_xray(seed=1))
+    for name in ("a.jpg", "c.jpg"):
+        (root / name).write_bytes(encode(synthetic_xray(seed=2)))
+    (root / "incoming.jpg").write_bytes(whole[:300])
+    (root / "gone.jpg").write_bytes(whole[:300])
+    (root / "notes.txt").write_text("not an image")  # a verdict on the whole file: not retried
+    run_with(engine, root, out)
+    (root / "incoming.jpg").write_bytes(whole)  # the copy finished
+    (root / "gone.jpg").unlink()  # its row is the only record left: kept
+    before = read_rows(out)
+    assert run_with(engine, root, out).scored == 0  # a plain resume keeps error rows
+    assert run(root, out, tiny_weights, "--retry-errors") == 0
+    after = read_rows(out)
+    assert [row["path"] for row in after] == ["a.jpg", "c.jpg", "gone.jpg", "notes.txt", "incoming.jpg"]
+    assert after[:4] == [row for row in before if row["path"] != "incoming.jpg"]
+    assert after[-1]["label"] and after[-1]["error_code"] == ""
+    assert "1 of them scored again" in capsys.readouterr().err
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+
+
+def test_scorer_uses_the_service_decode_settings(
+    image_dir: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CXR_MAX_DECODE_BYTES bounds the file read and CXR_DECODE_TIMEOUT_S the decode, as in the service."""
+    monkeypatch.setenv("CXR_MAX_DECODE_BYTES", "1000")
+    assert run(image_dir, tmp_path / "small.csv", tiny_weights) == 0
+    rows = [row for row in read_rows(tmp_path / "small.csv") if row["path"] in GOOD]
+    assert all("over the limit of 1000" in row["error_message"] for row in rows), rows
+    monkeypatch.delenv("CXR_MAX_DECODE_BYTES")
+    monkeypatch.setenv("CXR_DECODE_TIMEOUT_S", "0.000001")
+    big = tmp_path / "big"  # a 4-megapixel PNG: its decode takes milliseconds, far past the timeout
+    big.mkdir()
+    (big / "big.png").write_bytes(encode(synthetic_xray(2048, 2048, seed=3), "PNG"))
+    assert run(big, tmp_path / "slow.csv", tiny_weights) == 0
+    assert "did not finish within 1e-06 s" in read_rows(tmp_path / "slow.csv")[0]["error_message"]

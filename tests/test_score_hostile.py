@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,7 @@ def hostile_dir(tmp_path: Path) -> Path:
     (root / "linked-dir").symlink_to(root / "sub", target_is_directory=True)
     (root / UNDECODABLE).write_bytes(good)  # UnicodeEncodeError writing the CSV
     (root / "back\\slash.jpeg").write_bytes(good)
+    (root / '=HYPERLINK("x").jpeg').write_bytes(good)  # kept exact: resume matches on it (README: the CSV is data)
     (root / "two-channel.jpeg").write_bytes(two_channel_jpeg(12))  # ended the old run with 0 rows
     (root / "crash-input.jpeg").write_bytes(lossless_without_huffman_table())  # segfaulted the old decoder
     listener = socket.socket(socket.AF_UNIX)
@@ -72,6 +76,7 @@ def test_every_entry_gets_a_row_and_the_run_finishes(hostile_dir: Path, engine: 
         "two-channel.jpeg": "",
         "caf\\xe9-latin1.jpeg": "",
         "back\\\\slash.jpeg": "",
+        '=HYPERLINK("x").jpeg': "",
         "fifo.jpeg": "read_error",
         "socket.jpeg": "read_error",
         "loop-a.jpeg": "read_error",
@@ -112,7 +117,7 @@ def test_resume_repair_handles_a_cut_anywhere(engine: InferenceEngine, tmp_path:
     cut_file = tmp_path / "cut.csv"
     for cut in range(len(raw) + 1):
         cut_file.write_bytes(raw[:cut])
-        done = score.finished_paths(cut_file, engine.metadata.sha256)
+        done = score.finished_paths(cut_file, score.run_settings(engine))
         kept = cut_file.read_bytes()
         assert raw.startswith(kept)
         whole_rows = [row["path"] for row in read_rows(cut_file)] if kept else []
@@ -131,3 +136,67 @@ def row_ends(raw: bytes) -> list[int]:
         pos += 2
         ends.append(pos)
     return ends
+
+
+def _python(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=240,
+    )
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_the_scorer_imports_exits_130_quietly(tmp_path: Path) -> None:
+    """Importing torch takes seconds; a Ctrl-C then printed a KeyboardInterrupt traceback."""
+    result = _python(
+        f"""
+        import importlib.abc, os, runpy, signal, sys
+
+        class CtrlCAtTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "torch":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlCAtTorch())
+        sys.argv = ["app.score", {str(tmp_path)!r}, "--out", {str(tmp_path / "p.csv")!r}]
+        runpy.run_module("app.score", run_name="__main__", alter_sys=True)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_the_decoders_start_is_not_the_forkservers_traceback(tmp_path: Path) -> None:
+    """The forkserver preloads torch before it ignores SIGINT; a Ctrl-C to the process group then was its
+    traceback, and the pool could not start. It now starts with SIGINT ignored."""
+    result = _python(
+        """
+        import os, signal
+        import multiprocessing.forkserver as forkserver
+        from app.core.decode_pool import DecodePool
+
+        server = forkserver._forkserver
+        start = server.ensure_running
+
+        def start_then_interrupt():  # as a Ctrl-C to the process group reaches the new forkserver
+            started = server._forkserver_pid is None
+            start()
+            if started:
+                os.kill(server._forkserver_pid, signal.SIGINT)
+
+        server.ensure_running = forkserver.ensure_running = start_then_interrupt
+        with DecodePool(1, 32) as pool:
+            print("started", pool.size)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0 and "started 2" in result.stdout, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import queue
 import resource
 import signal
@@ -148,6 +149,19 @@ def _worker_main(conn: Connection, memory_limit: int, dicom: DicomPolicy) -> Non
             return
 
 
+def _start_forkserver() -> None:
+    """Start the forkserver with SIGINT ignored, a disposition it inherits: it ignores SIGINT itself only
+    after preloading (torch takes seconds), so a Ctrl-C meanwhile printed its own traceback. The parent's
+    handler is back at once; only the main thread may change it (elsewhere it starts on first use)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
 def _signal_name(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         with contextlib.suppress(ValueError):
@@ -196,6 +210,7 @@ class DecodePool:
         self._on_replace = on_replace
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
+        _start_forkserver()
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._lanes = {False: threading.BoundedSemaphore(workers), True: threading.BoundedSemaphore(large_slots)}
         self._lanes_async = {False: asyncio.Semaphore(workers), True: asyncio.Semaphore(large_slots)}
