@@ -291,3 +291,22 @@ def test_guard_measure_reports_every_candidate_on_every_set(tmp_path: Path, caps
         assert row["ood_all"] == row["blank"], name  # control_ folders are not out-of-distribution
     assert rates["contrast_only"]["blank"] == 1.0 and rates["contrast_only"]["control_cxr"] == 0.0
     assert "| blank (3, 1 refused by the decoder) |" in table
+
+
+def test_detail_check_prints_a_row_per_degradation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import detail_check
+    from tests.conftest import add_detail_floor
+
+    weights = export_tiny_model(tmp_path / "weights")
+    assert detail_check.main([str(weights), str(tmp_path)]) == 2  # no floor: nothing to check
+    add_detail_floor(weights, 1.3)
+    (tmp_path / "films" / "NORMAL").mkdir(parents=True)
+    for index in range(3):
+        synthetic_xray(160, 150, seed=60 + index).save(tmp_path / "films" / "NORMAL" / f"n{index}.png")
+    assert detail_check.main([str(weights), str(tmp_path / "films")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "/3 (" in line]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(detail_check.DEGRADATIONS)
+    assert rows[0].split(" | ")[2] == "0/3 (0.0%)"  # sharp films are not under the floor
+    for row in rows:  # the guard refuses at least what is under its floor
+        under, refused = (int(cell.split("/")[0]) for cell in row.split(" | ")[2:4])
+        assert refused >= under, row
