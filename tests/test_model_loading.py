@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import random
+import re
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from app.core import artifacts
 from app.core.artifacts import GOLDEN_KEY, Golden, LoadedModel, ModelLoadError, compare_golden, file_sha256, load_model
 from app.core.input_guard import GUARD_MEAN_KEY, GUARD_WHITENER_KEY
-from tests.conftest import rewrite_model
+from tests.conftest import export_tiny_model, rewrite_model
 
 STATE_DICT_ERROR = "Error(s) in loading state_dict for PneumoniaNet:"
 
@@ -297,3 +304,97 @@ def test_a_runtime_cannot_be_checked_against_a_model_without_golden_outputs(guar
     with pytest.raises(ModelLoadError) as caught:
         compare_golden(bare, torch.tensor([[0.5]]), None)
     assert str(caught.value) == "model has no golden reference outputs; re-export it with the training package"
+
+
+EXPORT_LOOP = """
+import sys
+from pathlib import Path
+import torch
+from app.core.artifacts import export_model
+from app.core.network import ModelSpec, build_model
+
+torch.manual_seed(0)
+network = build_model(ModelSpec(architecture="vgg16", head="compact", input_size=32))
+golden = torch.zeros((1, 1, 32, 32), dtype=torch.uint8)
+for round in range(10_000):  # the weights differ between float32 and float16, so each export changes them
+    export_model(network, Path(sys.argv[1]), version=str(round), golden_inputs=golden,
+                 dtype=("float32", "float16")[round % 2])
+    if round == 0:
+        print("ready", flush=True)  # a model is in place: every kill from here lands on an overwrite
+"""
+
+
+def test_an_export_killed_at_any_moment_never_pairs_new_weights_with_old_metadata(tmp_path: Path) -> None:
+    """kill -9 an exporter rewriting one folder, at random moments: the folder then loads, or is refused as an
+    interrupted export; before, new weights under the old model.json's sha256 said "sha256 mismatch"."""
+    script = tmp_path / "loop.py"
+    script.write_text(EXPORT_LOOP)
+    out = tmp_path / "model"
+    rng = random.Random(0)
+    outcomes = set()
+    for _ in range(6):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        process = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, env=env)
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.05, 1.5))
+        process.kill()
+        process.wait()
+        if (out / "model.json").is_file():
+            load_model(out)  # never "sha256 mismatch"
+            outcomes.add("loads")
+        else:
+            with pytest.raises(ModelLoadError, match="an export was interrupted"):
+                load_model(out)
+            outcomes.add("interrupted")
+    assert outcomes, "no round ran"
+    export_tiny_model(out, guard=False)  # the next export clears what the killed ones left half-written
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    assert load_model(out).metadata.version == "test-0"
+
+
+def test_an_export_interrupted_between_its_files_is_refused_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = export_tiny_model(tmp_path / "model", guard=False)
+    calls = []
+    replace_synced = artifacts._replace_synced
+
+    def fail_on_metadata(staging: Path, target: Path) -> None:
+        calls.append(target.name)
+        if target.name == "model.json":
+            raise OSError("killed")
+        replace_synced(staging, target)
+
+    monkeypatch.setattr(artifacts, "_replace_synced", fail_on_metadata)
+    with pytest.raises(OSError, match="killed"):
+        export_tiny_model(weights, seed=1, guard=False)
+    assert calls == ["model.safetensors", "model.json"]
+    with pytest.raises(ModelLoadError, match="an export was interrupted"):
+        load_model(weights)
+    monkeypatch.undo()
+    export_tiny_model(weights, seed=1, guard=False)
+    assert load_model(weights).metadata.version == "test-1"
+    assert sorted(p.name for p in weights.iterdir()) == ["model.json", "model.safetensors"]  # no staging left
+    assert (weights / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format_version=2), "format_version: Input should be 1"),
+        (lambda m: m.update(temperature=1e300), "temperature: Input should be less than or equal to 100"),
+        (lambda m: m["golden"].update(atol=1e30), "golden.atol: Input should be less than or equal to 1"),
+        (lambda m: m["guard"].update(threshold=1e9), "guard.threshold: Input should be less than or equal to 100"),
+        (lambda m: m.update(dtype="float16"), "model.json says the weights are float16, the file holds float32"),
+    ],
+)
+def test_edits_that_disarm_a_check_are_refused(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    """The sha256 cannot see model.json: a temperature of 1e300 made every answer 0.5, a guard threshold of
+    1e9 switched the guard off, a golden tolerance of 1e30 passed any network, and a newer format or a
+    wrong dtype claim was read as this one."""
+    weights = export_tiny_model(tmp_path / "model")
+    rewrite_model(weights, edit_meta=edit)
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        load_model(weights)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,25 +45,28 @@ class Golden(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)  # an infinite tolerance passes every network
 
     logits: list[list[float]]
-    atol: float = Field(1e-3, gt=0)
+    atol: float = Field(1e-3, gt=0, le=1.0)  # logits are tens at most: a tolerance of 1e30 passes any network
 
 
 class ModelMetadata(BaseModel):
     """Contents of ``model.json``: the model card that travels with the weights.
 
-    Its numbers must be finite: an edited temperature of ``Infinity`` turned every answer into 0.5 or a flip.
+    Its numbers must be finite and sane: an edited temperature of ``Infinity`` (or 1e300) turned every
+    answer into 0.5 or a flip. A format this code does not know is refused, not read as its own.
     """
 
     model_config = ConfigDict(allow_inf_nan=False)
 
-    format_version: int = FORMAT_VERSION
+    format_version: Literal[1] = FORMAT_VERSION
     name: str = "cxr-pneumonia-vgg16"
     version: str
     spec: ModelSpec
     dtype: StorageDtype = "float32"
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Decision threshold on P(pneumonia).")
     threshold_method: str = "default"
-    temperature: float = Field(1.0, gt=0.0, description="Calibration temperature for the logits.")
+    temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="Calibration temperature for the logits (fitted ones are 0.5-5)."
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     golden: Golden | None = None
     guard: GuardSpec | None = Field(None, description="The input guard; its tensors are in the weights file.")
@@ -124,9 +131,14 @@ def export_model(
     provenance: dict[str, Any] | None = None,
     guard: tuple[GuardSpec, GuardStats] | None = None,
 ) -> ModelMetadata:
-    """Write both files; golden logits (and guard scores) are computed from the weights as stored (after rounding)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights_path, metadata_path = out_dir / WEIGHTS_FILENAME, out_dir / METADATA_FILENAME
+    """Write both files; golden logits (and guard scores) are computed from the weights as stored (after rounding).
+
+    The pair is valid only together, and two files cannot be replaced at once. So both are
+    written and synced in a staging folder first; then the old ``model.json`` goes, and the new
+    weights and ``model.json`` are renamed in, in that order. A kill at any point leaves the old
+    pair, the new pair, or weights without ``model.json`` (refused on load as an interrupted
+    export), never new weights under the old sha256.
+    """
     state = {key: value.detach().to("cpu", _DTYPES[dtype]).contiguous() for key, value in network.state_dict().items()}
     reference = build_model(network.spec)
     reference.load_state_dict({key: value.float() for key, value in state.items()})
@@ -142,28 +154,71 @@ def export_model(
         details = detail(golden_pixels).tolist() if spec.detail_floor is not None else []
         guard_spec = spec.model_copy(update={"golden_scores": scores.tolist(), "golden_details": details})
         tensors.update(stats.tensors())
-    save_file(tensors, str(weights_path), metadata={"format": "pt"})
-    weights_path.chmod(0o644)  # safetensors writes 0600; a non-root container user must be able to read it
-    metadata = ModelMetadata(
-        version=version,
-        spec=network.spec,
-        dtype=dtype,
-        threshold=threshold,
-        threshold_method=threshold_method,
-        temperature=temperature,
-        sha256=file_sha256(weights_path),
-        golden=Golden(logits=logits.tolist()),
-        guard=guard_spec,
-        metrics=metrics or {},
-        provenance=provenance or {},
-    )
-    metadata_path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path, metadata_path = out_dir / WEIGHTS_FILENAME, out_dir / METADATA_FILENAME
+    with _staging(out_dir) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILENAME), metadata={"format": "pt"})
+        (staging / WEIGHTS_FILENAME).chmod(0o644)  # safetensors writes 0600; a non-root container user must read it
+        metadata = ModelMetadata(
+            version=version,
+            spec=network.spec,
+            dtype=dtype,
+            threshold=threshold,
+            threshold_method=threshold_method,
+            temperature=temperature,
+            sha256=file_sha256(staging / WEIGHTS_FILENAME),
+            golden=Golden(logits=logits.tolist()),
+            guard=guard_spec,
+            metrics=metrics or {},
+            provenance=provenance or {},
+        )
+        (staging / METADATA_FILENAME).write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+        metadata_path.unlink(missing_ok=True)
+        _sync_directory(out_dir)
+        _replace_synced(staging / WEIGHTS_FILENAME, weights_path)
+        _replace_synced(staging / METADATA_FILENAME, metadata_path)
     return metadata
+
+
+@contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A private folder beside the target for files being written (safetensors' own temporary file lands
+    in it too); removed afterwards, and any left by a killed export is removed first."""
+    for stale in out_dir.glob(".export-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir / f".export-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_synced(staging: Path, target: Path) -> None:
+    """Move a finished file into place durably: its bytes synced before the rename, the rename after."""
+    with staging.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staging, target)
+    _sync_directory(target.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def read_metadata(path: Path) -> ModelMetadata:
     _, metadata_path = resolve_paths(path)
     if not metadata_path.is_file():
+        weights_path, _ = resolve_paths(path)
+        if weights_path.is_file():  # export_model removes model.json first and writes it last
+            raise ModelLoadError(
+                f"model metadata not found: {metadata_path}, beside {weights_path.name}: an export was "
+                "interrupted (run it again) or the file was not copied"
+            )
         raise ModelLoadError(f"model metadata not found: {metadata_path}")
     try:
         return ModelMetadata.model_validate_json(metadata_path.read_bytes())
@@ -196,7 +251,13 @@ def load_model(path: Path, *, verify_golden: bool = True) -> LoadedModel:
             f"{weights_path}: the golden inputs are {list(golden_inputs.shape)}, but model.json's spec says "
             f"[N, 1, {size}, {size}]: the spec does not belong to these weights"
         )
-    guard = _guard_stats(tensors, metadata, weights_path)
+    guard = _guard_stats(tensors, metadata, weights_path)  # takes the guard's (float32) tensors out
+    stored = {value.dtype for key, value in tensors.items() if key != GOLDEN_KEY and value.is_floating_point()}
+    if stored != {_DTYPES[metadata.dtype]}:
+        raise ModelLoadError(
+            f"{weights_path}: model.json says the weights are {metadata.dtype}, the file holds "
+            f"{', '.join(sorted(str(dtype).removeprefix('torch.') for dtype in stored))}"
+        )
     if verify_golden:
         _check_golden_details(metadata, golden_inputs, weights_path)
     network = build_model(metadata.spec)

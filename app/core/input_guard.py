@@ -74,7 +74,9 @@ class GuardSpec(BaseModel):
     std_blocks: tuple[Block, ...] = Field(description="Blocks whose channel standard deviations enter it.")
     dim: int = Field(ge=1, description="Length of the feature vector.")
     shrinkage: float = Field(ge=0.0, le=1.0, description="Ledoit-Wolf weight of the scaled identity in the covariance.")
-    threshold: float = Field(gt=0.0, description="Images whose score is above this are not chest X-rays.")
+    threshold: float = Field(
+        gt=0.0, le=100.0, description="Images whose score is above this are not chest X-rays (a typical one scores 1)."
+    )
     threshold_method: str = Field(description="How the threshold was chosen.")
     golden_scores: list[float] = Field(default_factory=list, description="Scores of the golden inputs at export.")
     detail_floor: float | None = Field(
