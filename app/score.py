@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import fcntl
 import logging
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
 from collections import Counter
@@ -64,6 +62,7 @@ try:
     from app.core.input_guard import NotChestXrayError
     from app.core.overlay import overlay_size, png_bytes, render_overlay
     from app.core.preprocessing import DEFAULT_MAX_DECODE_BYTES, PreparedFile, preprocess_file
+    from app.exclusive_lock import LockHeldError, exclusive_lock
     from app.settings import Settings, SettingsError, load_settings
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -213,29 +212,21 @@ def lock_path(out: Path) -> Path:
 
 @contextlib.contextmanager
 def out_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` for the run, as training's ``run.lock``; refuse at once if it is held.
+    """Hold an exclusive lock for the run, as training does its run directory; refuse at once if it is held.
 
     Two runs on one CSV would both score every file and interleave their rows. A sibling file, not the
-    CSV, is locked because ``--retry-errors`` replaces the CSV. The kernel drops the lock when the
-    process ends, however it ends, so a killed run leaves no stale lock.
+    CSV, is locked because ``--retry-errors`` replaces the CSV.
     """
-    try:
-        handle = open(lock_path(out), "a+", encoding="utf-8")  # noqa: SIM115 - held for the block's life
+    held = contextlib.ExitStack()
+    try:  # only taking the lock is translated: an OSError of the run itself is not about the lock
+        held.enter_context(exclusive_lock(lock_path(out)))
+    except LockHeldError as busy:
+        raise UsageError(
+            f"another run is writing {out} ({busy.holder}); wait for it to finish, or write to another --out"
+        ) from None
     except OSError as exc:
         raise UsageError(f"cannot create the lock file {lock_path(out)}: {exc.strerror or exc}") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UsageError(
-                f"another run is writing {out} ({holder}); wait for it to finish, or write to another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+    with held:
         yield
 
 

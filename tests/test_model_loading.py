@@ -357,18 +357,17 @@ def test_an_export_interrupted_between_its_files_is_refused_as_interrupted(
 ) -> None:
     weights = export_tiny_model(tmp_path / "model", guard=False)
     calls = []
-    replace_synced = artifacts._replace_synced
+    replace_durably = artifacts.replace_durably
 
-    def fail_on_metadata(staging: Path, target: Path) -> None:
-        calls.append(target.name)
-        if target.name == "model.json":
-            raise OSError("killed")
-        replace_synced(staging, target)
+    def killed_after_the_weights(pairs: list[tuple[Path, Path]]) -> None:
+        calls.append([target.name for _, target in pairs])
+        replace_durably(pairs[:1])
+        raise OSError("killed")
 
-    monkeypatch.setattr(artifacts, "_replace_synced", fail_on_metadata)
+    monkeypatch.setattr(artifacts, "replace_durably", killed_after_the_weights)
     with pytest.raises(OSError, match="killed"):
         export_tiny_model(weights, seed=1, guard=False)
-    assert calls == ["model.safetensors", "model.json"]
+    assert calls == [["model.safetensors", "model.json"]]
     with pytest.raises(ModelLoadError, match="an export was interrupted"):
         load_model(weights)
     monkeypatch.undo()

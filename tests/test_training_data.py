@@ -18,7 +18,7 @@ from PIL import Image
 
 from app.core import preprocessing as imaging
 from app.core.network import ModelSpec, Normalization
-from tests.conftest import encode
+from tests.conftest import encode, synthetic_xray
 from tests.dicom_files import Spec, chest_stored, dicom_bytes
 from tests.hostile_inputs import gradient16
 from tests.training_support import (
@@ -33,7 +33,7 @@ from tests.training_support import (
 from training import data as data_module
 from training.cli import build_parser, main
 from training.config import TrainConfig, flag
-from training.data import Decoded, data_hash, discover, load_images, prepare_data
+from training.data import Decoded, data_hash, discover, load_images, passed_over, prepare_data
 from training.distributed import DistInfo
 from training.split import grouped_stratified_split, patient_id
 from training.user_errors import DataError
@@ -333,7 +333,7 @@ def test_evaluate_wrong_layout_and_missing_model(
             str(tmp_path / "r"),
         ],
     )
-    assert "not found" in err
+    assert err == f"error: --weights {tmp_path / 'nope'} not found"  # not the nope.json the loader looked for
 
 
 def test_evaluate_scores_a_folder_of_one_class_for_what_it_can_tell(
@@ -369,6 +369,10 @@ def test_evaluate_scores_a_folder_of_one_class_for_what_it_can_tell(
         ("--clahe-tiles", "0"),
         ("--clahe-tiles", "65"),
         ("--aspect-jitter", "-0.1"),
+        ("--seed", "-1"),  # these four were tracebacks (numpy's and torch's seed range, an infinite schedule)
+        ("--split-seed", "-5"),
+        ("--seed", "100000000000000000000000"),
+        ("--warmup-epochs", "inf"),
     ],
 )
 def test_invalid_flag_value_is_a_clear_error(
@@ -390,6 +394,7 @@ def test_invalid_flag_value_is_a_clear_error(
         ),
         (["--init", "model"], "--init model and --init-model FILE go together"),
         (["--init-model", "weights"], "--init model and --init-model FILE go together"),
+        (["--imagenet-weights", "vgg16.pth"], "--imagenet-weights FILE needs --init imagenet"),  # was ignored
         (
             ["--clahe-clip", "2", "--clahe-tiles", "5"],
             "input_size 224 does not split into 5 CLAHE tiles per side",
@@ -453,7 +458,8 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A PACS export names DICOM files by UID (no .dcm): read, like a subfolder's films; a note is skipped with
-    its code and listed; hidden files (macOS's ._ copies) and linked folders are not taken, as in app.score."""
+    its code and listed. A linked folder is read (it was left out without a word), a link back to a folder
+    already read is not; hidden files (macOS's ._ copies) and folders are not taken, and are listed."""
     root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
     normal = root / "NORMAL"
     uid = normal / "1.2.840.113619.2.55.3.604688119.969.1234567890.123"
@@ -466,27 +472,41 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     (normal / "._IM-0002-0001.jpeg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (normal / ".thumbnails").mkdir()
     (normal / ".thumbnails" / "IM-0002-0001.jpeg").write_bytes((normal / "IM-0002-0001.jpeg").read_bytes())
-    (normal / "linked").symlink_to(root / "PNEUMONIA", target_is_directory=True)
+    study = tmp_path / "pacs" / "study-2024"  # a study folder linked in from elsewhere
+    study.mkdir(parents=True)
+    (study / "IM-0007-0001.jpeg").write_bytes(encode(synthetic_xray(48, 48, 4242), "JPEG", quality=90))
+    (normal / "linked").symlink_to(study, target_is_directory=True)
+    (study / "back").symlink_to(normal, target_is_directory=True)  # a loop
     (normal / "moved.jpeg").symlink_to(tmp_path / "gone.jpeg")  # a broken link
     os.mkfifo(normal / "pipe")
-    samples = discover(root)["all"]
+    splits = discover(root)
+    samples = splits["all"]
     assert [s.path.relative_to(root).as_posix() for s in samples if s.label == 0] == [
         f"NORMAL/{uid.name}",
         "NORMAL/IM-0002-0001.jpeg",
         "NORMAL/backup.zip",
         "NORMAL/hospital-b/NORMAL2-IM-0001-0001.jpeg",
+        "NORMAL/linked/IM-0007-0001.jpeg",
         "NORMAL/moved.jpeg",
         "NORMAL/notes.txt",
         "NORMAL/pipe",
     ]
+    assert [(Path(item.path).relative_to(root).as_posix(), item.reason) for item in passed_over(splits)] == [
+        ("NORMAL/._IM-0002-0001.jpeg", "hidden file"),
+        ("NORMAL/.thumbnails", "hidden folder, not read"),
+        ("NORMAL/linked/back", "linked folder already read (a link loop, or a second link)"),
+    ]
     cached = load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")  # the cache key stats each
-    assert len(cached.images) == 5 and len(cached.skipped) == 4
+    assert len(cached.images) == 6 and len(cached.skipped) == 4
     report = tmp_path / "report"
     argv = ["evaluate", "--weights", str(tiny_weights), "--data", str(root), "--report", str(report)]
     assert main([*argv, "--device", "cpu", "--bootstrap", "0", "--workers", "1"]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["n"] == 5  # the UID-named DICOM, two films of NORMAL, two of PNEUMONIA
+    assert metrics["n"] == 6  # the UID-named DICOM, three films of NORMAL, two of PNEUMONIA
     assert [(item["path"], item["reason"].split(":")[0]) for item in metrics["unreadable"]] == [
+        (str(normal / "._IM-0002-0001.jpeg"), "hidden file"),
+        (str(normal / ".thumbnails"), "hidden folder, not read"),
+        (str(normal / "linked" / "back"), "linked folder already read (a link loop, or a second link)"),
         (str(normal / "backup.zip"), "image_too_large"),
         (str(normal / "moved.jpeg"), "read_error"),
         (str(normal / "notes.txt"), "unsupported_media_type"),
@@ -494,10 +514,96 @@ def test_class_folders_are_read_by_content_with_subfolders_and_nothing_is_droppe
     ]
 
 
+def test_a_link_loop_in_a_class_folder_is_skipped_and_listed_with_the_cache_on(tmp_path: Path) -> None:
+    """The cache key resolved every path: a link to itself raised RuntimeError (a traceback) with the cache on."""
+    root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
+    (root / "NORMAL" / "loop").symlink_to("loop")
+    decoded = load_images(discover(root)["all"], INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")
+    assert len(decoded.images) == 4
+    assert [(item.path, item.reason.split(":")[0]) for item in decoded.skipped] == [
+        (str(root / "NORMAL" / "loop"), "read_error")
+    ]
+
+
+@pytest.mark.parametrize("damage", ["empty json", "empty tensors", "json list", "short tensors"])
+def test_a_damaged_decode_cache_is_decoded_again(tmp_path: Path, damage: str) -> None:
+    """A cache file cut short (a crash, a full disk) was a traceback at every later start or --resume."""
+    root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
+    samples = discover(root)["all"]
+    first = load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")
+    [meta] = (tmp_path / "cache").glob("*.json")
+    tensors = meta.with_suffix(".safetensors")
+    if damage == "empty json":
+        meta.write_text("")
+    elif damage == "empty tensors":
+        tensors.write_bytes(b"")
+    elif damage == "json list":
+        meta.write_text("[]")
+    else:
+        listed = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**listed, "paths": listed["paths"][:-1], "sha256": listed["sha256"][:-1]}))
+    again = load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache")
+    assert again.content_hash == first.content_hash and again.images.paths == first.images.paths
+    assert bool((again.images.pixels == first.images.pixels).all())
+    assert load_images(samples, INPUT_SIZE, workers=1, cache_dir=tmp_path / "cache").images.paths == first.images.paths
+
+
+def test_entries_the_layout_does_not_know_are_refused_or_listed_never_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A train/COVID/ folder, an image loose in train/ and a split spelt Test/ were passed over without a word."""
+    data = make_dataset(tmp_path / "data")
+    (data / "train" / "COVID").mkdir()
+    (data / "train" / "COVID" / "x.jpeg").write_bytes(encode(synthetic_xray(48, 48, 99), "JPEG"))
+    err = refused_with_one_line(capsys, train_args(data, tmp_path / "run"))
+    assert err == (
+        f"error: {data / 'train' / 'COVID'}: not a class folder (the classes are NORMAL/ and PNEUMONIA/), yet it "
+        f"holds 1 file(s) that would not be used: move it out of {data / 'train'}, or its files into a class folder"
+    )
+    (data / "train" / "COVID" / "x.jpeg").unlink()  # an empty folder leaves nothing out
+    write_split(data / "Test", normal_names(range(40, 42), 1), pneumonia_names(range(40, 42), 1), seed=4)
+    err = refused_with_one_line(capsys, train_args(data, tmp_path / "run"))
+    renamed = f"rename it to {data / 'test'}"
+    assert err == f"error: {data / 'Test'}: split folders are named train/, val/ and test/; {renamed}"
+    (data / "Test").rename(data / "test")
+    (data / "train" / "stray.jpeg").write_bytes(b"a film outside the class folders")
+    (data / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\x00")
+    (data / "README.txt").write_text("where the data came from")
+    run = tmp_path / "run"
+    assert main(train_args(data, run, "--epochs", "1", "--bootstrap", "0")) == 0
+    expected = [
+        (str(data / "README.txt"), "not in a split folder (train/, val/, test/)"),
+        (str(data / "train" / "stray.jpeg"), "not in a class folder (NORMAL/ or PNEUMONIA/)"),
+        (str(data / "train" / "NORMAL" / ".DS_Store"), "hidden file"),
+    ]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(item["path"], item["reason"]) for item in summary["unreadable"]] == expected
+    log = (run / "train.log").read_text()
+    assert all(f"not used: {path} ({reason})" in log for path, reason in expected)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+        ("--batch-size", "-1", "--batch-size must be at least 1, got -1"),
+        ("--bootstrap", "-1", "--bootstrap must be at least 0, got -1"),
+    ],
+)
+def test_evaluate_refuses_numbers_out_of_range_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_weights: Path, option: str, value: str, message: str
+) -> None:
+    """--batch-size 0 or -1 ended in a traceback; --bootstrap -1 was taken as "no intervals"."""
+    root = write_split(tmp_path / "d", normal_names(range(1, 3), 1), pneumonia_names(range(1, 3), 1))
+    argv = ["evaluate", "--weights", str(tiny_weights), "--data", str(root), "--report", str(tmp_path / "r")]
+    assert refused_with_one_line(capsys, [*argv, option, value]) == f"error: {message}"
+
+
 def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -> None:
     """The train subcommand is generated from TrainConfig: each field is a flag that parses to the field's type."""
     argv = ["train", "--data", "d", "--out", "o", "--input-size", "64", "--lr", "0.01", "--no-cache", "--hflip"]
-    argv += ["--imagenet-weights", "w.pth", "--threshold-method", "youden", "--clahe-clip", "2.5", "--clahe-tiles", "4"]
+    argv += ["--init", "imagenet", "--imagenet-weights", "w.pth", "--threshold-method", "youden"]
+    argv += ["--clahe-clip", "2.5", "--clahe-tiles", "4"]
     values = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "command"}
     assert values == {
         "data": Path("d"),
@@ -506,6 +612,7 @@ def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -
         "lr": 0.01,
         "cache": False,
         "hflip": True,
+        "init": "imagenet",
         "imagenet_weights": Path("w.pth"),
         "threshold_method": "youden",
         "clahe_clip": 2.5,  # a constrained type inside an optional parses to its base type

@@ -187,3 +187,63 @@ def test_checkpoint_round_trips_model_and_optimizer(opt: str, tmp_path: Path) ->
     for index, entries in expected["state"].items():
         for key, value in entries.items():
             torch.testing.assert_close(torch.as_tensor(actual["state"][index][key]), torch.as_tensor(value))
+
+
+class _KilledError(Exception):
+    """Stands for a SIGKILL between the two renames of a checkpoint pair."""
+
+
+def test_a_kill_between_the_two_renames_of_a_checkpoint_is_completed_never_mismatched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tensors were renamed, the JSON not: epoch 2's weights sat under epoch 1's state, and a resume re-trained
+    epoch 2 on top of them without a word. The tensors carry their JSON's digest: the save is completed on load."""
+    import os
+
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path, "last", model, {"state": {"epoch": 1}}, None)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    real_replace = os.replace
+
+    def killed_after_the_tensors(src: object, dst: object) -> None:
+        real_replace(src, dst)  # type: ignore[arg-type]
+        if str(dst).endswith("last.safetensors"):
+            raise _KilledError
+
+    monkeypatch.setattr(os, "replace", killed_after_the_tensors)
+    with pytest.raises(_KilledError):
+        save_checkpoint(tmp_path, "last", model, {"state": {"epoch": 2}}, None)
+    monkeypatch.undo()
+    clone = torch.nn.Linear(3, 2)
+    assert load_checkpoint(tmp_path, "last", clone)["state"] == {"epoch": 2}
+    torch.testing.assert_close(clone.weight, model.weight)
+    assert not list((tmp_path / "checkpoint").glob("*.tmp*"))
+    # Without the new JSON to finish with, the pair is refused as damaged, never read as one save.
+    info = tmp_path / "checkpoint" / "last.json"
+    info.write_text(info.read_text().replace('"epoch": 2', '"epoch": 1'))
+    with pytest.raises(UsageError, match=r"damaged \(ValueError: last.safetensors and last.json come from different"):
+        load_checkpoint(tmp_path, "last", clone)
+
+
+def test_imagenet_files_that_are_not_weights_are_refused_in_one_clear_line(tmp_path: Path) -> None:
+    """Non-tensor values crashed with an AttributeError; a pickle of objects dumped torch's advice to load it with
+    weights_only=False; an empty file ended its message in nothing."""
+    import pickle
+
+    network = build_model(ModelSpec(architecture="vgg16", input_size=32))
+    floats = tmp_path / "floats.pth"
+    torch.save({k: 1.0 for k in network.state_dict() if k.startswith("features.")}, floats)
+    with pytest.raises(UsageError, match=r"floats.pth is not a state dict of weights: features.0.weight holds a float"):
+        load_imagenet(network, floats)
+    pickled = tmp_path / "objects.pth"
+    pickled.write_bytes(pickle.dumps({"features.0.weight": Augmentation()}))
+    with pytest.raises(UsageError) as refused:
+        load_imagenet(network, pickled)
+    message = str(refused.value)
+    assert "\n" not in message and "is a pickle that holds more than tensors: loading it would run its code" in message
+    assert "OUT.safetensors" in message and "Re-running" not in message and "file an issue" not in message
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(UsageError, match=r"^cannot read ImageNet weights .*empty.pth: empty file$"):
+        load_imagenet(network, empty)

@@ -3,22 +3,27 @@
 ``checkpoint/last.*`` holds model + optimizer state (and the weight average, when the run keeps one)
 to resume exactly; ``checkpoint/best.*`` holds the weights with the best validation ROC AUC (the
 average's, when there is one), which is what gets exported.
-Files are written to a temporary name and renamed, so an interrupted write never leaves a
-truncated checkpoint behind.
+Files are written to a temporary name, flushed and renamed, so an interrupted write never leaves a
+truncated checkpoint behind. The two renames of a pair cannot be one, so the tensor file carries the
+sha256 of its JSON: a kill between them is found on load (and completed from the leftover temporary
+JSON), never read as epoch N's weights under epoch N-1's state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
-from safetensors import SafetensorError
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from app.durable_files import fsync_dir, replace_durably
 from training.user_errors import UsageError
 from training.weight_average import WeightAverage
 
@@ -27,6 +32,9 @@ FORMAT_VERSION = 1
 _MODEL = "model."
 _OPTIM = "optim."
 _AVERAGE = "average."
+# safetensors metadata key: the sha256 of the JSON written with these tensors (absent before it was stamped).
+_PAIR_KEY = "json_sha256"
+log = logging.getLogger(__name__)
 
 
 class TrainState(BaseModel):
@@ -38,6 +46,8 @@ class TrainState(BaseModel):
     epochs_since_best: int = 0
     stopped_early: bool = False
     split_hash: str = ""
+    # The data's content (training.data's data_hash); "" in runs saved before it was kept.
+    data_hash: str = ""
     # What the first epoch started from (ImageNet file, parent model), kept so a resumed run still says so.
     init_weights: dict[str, Any] | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)
@@ -95,10 +105,37 @@ def _write(run_dir: Path, name: str, tensors: dict[str, torch.Tensor], meta: dic
     weights, info = checkpoint_paths(run_dir, name)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp_weights, tmp_info = weights.with_suffix(".tmp.safetensors"), info.with_suffix(".tmp.json")
-    save_file(tensors, str(tmp_weights))
-    tmp_info.write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2) + "\n")
-    os.replace(tmp_weights, weights)
-    os.replace(tmp_info, info)
+    text = (json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2) + "\n").encode()
+    tmp_info.write_bytes(text)
+    save_file(tensors, str(tmp_weights), metadata={_PAIR_KEY: hashlib.sha256(text).hexdigest()})
+    replace_durably([(tmp_weights, weights), (tmp_info, info)])
+
+
+def _settle_pair(weights: Path, info: Path) -> bool:
+    """Whether ``weights`` and ``info`` come from one save, after finishing a save killed between its renames.
+
+    Such a kill leaves the new tensors beside the old JSON, and the new JSON under its temporary name:
+    renaming it completes the save. A pair written before pairs were stamped counts as one save.
+    """
+    with safe_open(str(weights), "pt") as handle:
+        stamp = (handle.metadata() or {}).get(_PAIR_KEY)
+    if stamp is None or hashlib.sha256(info.read_bytes()).hexdigest() == stamp:
+        return True
+    leftover = info.with_suffix(".tmp.json")
+    if leftover.is_file() and hashlib.sha256(leftover.read_bytes()).hexdigest() == stamp:
+        os.replace(leftover, info)
+        fsync_dir(info.parent)
+        log.warning("completed the save of %s that was interrupted between its two renames", info)
+        return True
+    return False
+
+
+def _damaged(run_dir: Path, name: str, exc: Exception) -> UsageError:
+    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+    return UsageError(
+        f"the '{name}' checkpoint in {run_dir / CHECKPOINT_DIR} is damaged ({type(exc).__name__}: {detail}): "
+        "restore it, or start a new run (another --out)"
+    )
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -136,17 +173,20 @@ def load_checkpoint(
     if not (weights.is_file() and info.is_file()):
         raise UsageError(f"no '{name}' checkpoint in {run_dir / CHECKPOINT_DIR}")
     try:
+        paired = _settle_pair(weights, info)
         meta = json.loads(info.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{info.name} is not a JSON object")
         tensors = load_file(str(weights))
         model.load_state_dict({k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)})
         if optimizer is not None:
             optim = {k: v for k, v in tensors.items() if k.startswith(_OPTIM)}
             optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
-    except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
-        raise UsageError(
-            f"the '{name}' checkpoint in {run_dir / CHECKPOINT_DIR} is damaged ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}): restore it, or start a new run (another --out)"
-        ) from exc
+        if not paired:  # checked last, so a damage the JSON itself shows is named as such
+            raise ValueError(f"{weights.name} and {info.name} come from different saves")
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
+        # JSONDecodeError is a ValueError; a JSON of the wrong shape (a list for an object) a Key/Type/AttributeError
+        raise _damaged(run_dir, name, exc) from exc
     if average is not None:
         averaged = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
         if not averaged:
@@ -182,4 +222,8 @@ def load_last(
     run_dir: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None = None
 ) -> TrainState:
     """Restore weights, optimizer and average from ``last`` in place; returns the training state saved with them."""
-    return TrainState(**load_checkpoint(run_dir, "last", network, optimizer, average)["state"])
+    meta = load_checkpoint(run_dir, "last", network, optimizer, average)
+    try:
+        return TrainState.model_validate(meta["state"])
+    except (KeyError, ValidationError) as exc:
+        raise _damaged(run_dir, "last", exc) from exc

@@ -23,6 +23,14 @@ from training.mix_choice import parse_fractions
 from training.user_errors import UsageError
 
 
+def _path(text: str) -> Path:
+    """A path flag's value; an empty one is refused: ``Path("")`` is the current directory, which a run would
+    fill with its files (and an empty ``$OUT`` in a script is a mistake, not a choice)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: name a file or directory (. for the current one)")
+    return Path(text)
+
+
 def _base_type(annotation: Any) -> Any:
     """The Python type a flag parses to; pydantic checks the value's limits afterwards.
 
@@ -52,7 +60,7 @@ def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
         choices = list(get_args(kind))
         options.update(type=type(choices[0]), choices=choices)
     elif kind is Path:
-        options.update(type=Path, metavar=name.upper().replace("_", "-"))
+        options.update(type=_path, metavar=name.upper().replace("_", "-"))
     elif kind in (int, float, str):
         options["type"] = kind
     else:
@@ -85,17 +93,17 @@ def _as_in_training(name: str) -> dict[str, Any]:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("evaluate", help="evaluate an exported model on a labelled folder")
     parser.add_argument(
-        "--weights", type=Path, required=True, help="model.safetensors (model.json next to it) or its directory"
+        "--weights", type=_path, required=True, help="model.safetensors (model.json next to it) or its directory"
     )
-    parser.add_argument("--data", type=Path, required=True, help="DIR/{NORMAL,PNEUMONIA} or a root with split folders")
+    parser.add_argument("--data", type=_path, required=True, help="DIR/{NORMAL,PNEUMONIA} or a root with split folders")
     parser.add_argument(
-        "--report", type=Path, required=True, help="output directory for metrics.json, predictions.csv, plots"
+        "--report", type=_path, required=True, help="output directory for metrics.json, predictions.csv, plots"
     )
     parser.add_argument("--split", default="test", help="split to use when --data has split folders (default: test)")
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default: 64)")
     parser.add_argument(
         "--ood",
-        type=Path,
+        type=_path,
         metavar="DIR",
         help="also report the input guard's refusal rate per subfolder of DIR (folders of images that are not "
         "chest X-rays, e.g. from python -m benchmarks.ood_set)",
@@ -110,10 +118,10 @@ def _add_mix(sub: argparse._SubParsersAction) -> None:
         help="export the point FRACTION of the way from a model to its own fine-tune (WiSE-FT), calibrated on "
         "validation like a trained model",
     )
-    parser.add_argument("--parent", type=Path, required=True, help="the exported model that was fine-tuned")
+    parser.add_argument("--parent", type=_path, required=True, help="the exported model that was fine-tuned")
     parser.add_argument(
         "--tuned",
-        type=Path,
+        type=_path,
         nargs="+",
         required=True,
         help="its fine-tune (trained with --init model --init-model PARENT); several: their mean is the far end",
@@ -126,8 +134,8 @@ def _add_mix(sub: argparse._SubParsersAction) -> None:
         help="0 = the parent, 1 = the fine-tune; several (0.5,0.75,1): the largest that keeps the parent's "
         "validation AUC within its paired bootstrap interval (training/mix_choice.py)",
     )
-    parser.add_argument("--data", type=Path, required=True, help="the data the fine-tune was trained on")
-    parser.add_argument("--out", type=Path, required=True, help="output directory for the exported model")
+    parser.add_argument("--data", type=_path, required=True, help="the data the fine-tune was trained on")
+    parser.add_argument("--out", type=_path, required=True, help="output directory for the exported model")
     for name in ("version", "device", "workers", "threads", "bootstrap"):
         parser.add_argument(flag(name), **_argument(name, TrainConfig.model_fields[name]), default=argparse.SUPPRESS)
 

@@ -38,7 +38,8 @@ def default_workers() -> int:
 class TrainConfig(BaseModel):
     """Everything that defines a run; stored in OUTDIR/config.json and reused on --resume."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: no float flag means anything at infinity (--warmup-epochs inf crashed the schedule).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: Path = Field(description="dataset root: DIR/{train,val,test}/{NORMAL,PNEUMONIA} or DIR/{NORMAL,PNEUMONIA}")
     out: Path = Field(description="run directory (checkpoints, metrics, exported model)")
@@ -96,9 +97,13 @@ class TrainConfig(BaseModel):
     mixup: float = Field(
         0.0, ge=0.0, le=10.0, description="mixup: blend image pairs with weight ~ Beta(F, F) per batch; 0 = off"
     )
-    seed: int = Field(0, description="seed for the split, init, shuffling and augmentation")
+    # Seeds within numpy's and torch's range (torch.manual_seed takes seed * EPOCH_SEED_STRIDE + epoch).
+    seed: int = Field(0, ge=0, lt=2**32, description="seed for the split, init, shuffling and augmentation")
     split_seed: int | None = Field(
-        None, description="seed of the validation split alone (default: --seed), so seed replicates share one"
+        None,
+        ge=0,
+        lt=2**32,
+        description="seed of the validation split alone (default: --seed), so seed replicates share one",
     )
     ema_epochs: float = Field(
         0.0,
@@ -140,6 +145,13 @@ class TrainConfig(BaseModel):
         """A parent model is named exactly when the run starts from one, so neither is silently ignored."""
         if (self.init == "model") != (self.init_model is not None):
             raise ValueError("--init model and --init-model FILE go together")
+        return self
+
+    @model_validator(mode="after")
+    def _imagenet_weights_go_with_init_imagenet(self) -> Self:
+        """An ImageNet file given without ``--init imagenet`` would be ignored: the run would start from scratch."""
+        if self.imagenet_weights is not None and self.init != "imagenet":
+            raise ValueError("--imagenet-weights FILE needs --init imagenet")
         return self
 
     @model_validator(mode="after")

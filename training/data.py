@@ -4,7 +4,9 @@ prepare a run's train/validation(/test) sets from them.
 Every image goes through :func:`app.core.preprocessing.preprocess_file`, the same code the service
 uses, so training sees exactly the pixels that serving will and a failure has the service's error
 code. Unreadable files are skipped and returned to the caller, which logs them and records them
-in the run summary.
+in the run summary; so is every entry the listing does not take (a hidden file, a file outside the
+class folders), and a folder the layout does not know that holds files is refused: nothing that
+looks like data is left out without a word.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.core.decode_pool import DecodePool
@@ -30,6 +33,7 @@ from app.core.image_errors import ImageError
 from app.core.input_guard import MIN_TRAIN_IMAGES
 from app.core.network import CLASS_NAMES
 from app.core.preprocessing import preprocess_file, read_image_file
+from app.durable_files import replace_durably
 from training.config import TrainConfig
 from training.distributed import DistInfo, barrier
 from training.leakage import check_no_leakage
@@ -37,6 +41,8 @@ from training.split import grouped_stratified_split, recorded_split
 from training.user_errors import DataError
 
 SPLITS = ("train", "val", "test")
+# Other spellings of a split folder: refused with the name to use, never silently passed over.
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 # What validation is called when it is the dataset's own val folder (fine-tuning trusts it as the user's hold-out).
 PROVIDED_VAL = "provided val split"
 log = logging.getLogger(__name__)
@@ -82,32 +88,113 @@ class ImageSet:
         return torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
 
 
+class Splits(dict[str, list[Sample]]):
+    """:func:`discover`'s result: each split's files, and ``passed_over``: per split ("" for the data root)
+    the entries the listing did not take, with why, which the caller logs and records like unreadable files."""
+
+    def __init__(self, samples: dict[str, list[Sample]], passed_over: dict[str, list[Skipped]]) -> None:
+        super().__init__(samples)
+        self.passed_over = passed_over
+
+
+def passed_over(splits: dict[str, list[Sample]], names: list[str] | None = None) -> list[Skipped]:
+    """What :func:`discover` passed over in the splits ``names`` (all when None) and at the data root."""
+    found = getattr(splits, "passed_over", {})
+    return [item for key, items in found.items() if names is None or key in ("", *names) for item in items]
+
+
+def log_passed_over(items: list[Skipped]) -> None:
+    for item in items:
+        log.warning("not used: %s (%s)", item.path, item.reason)
+
+
 def _is_class_dir(directory: Path) -> bool:
     return any((directory / name).is_dir() for name in CLASS_NAMES)
 
 
-def files_under(folder: Path) -> list[Path]:
-    """Every entry under ``folder`` that is not a folder (subfolders included; hidden names and linked folders
-    not), sorted.
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def list_files(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """Every entry under ``folder`` that is not a folder, sorted, and what was passed over, with why.
 
     Taken by content, not by name, as the service and ``app.score`` take them: a PACS export names DICOM
     files by UID (``1.2.840....123``), without ``.dcm``, and a suffix filter dropped them without a word.
     What is no image (a note, a FIFO, a broken link) is skipped at decoding with its error code, and listed.
+    A linked folder is read like any subfolder (a study linked in from a PACS export is data the user means),
+    once: a link to a folder already read (a loop) is passed over. Hidden files and folders (macOS's ``._``
+    copies, ``.thumbnails``) are passed over, and listed as such.
     """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not Path(dirpath, d).is_symlink()]
-        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
-    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+    found: list[Path] = []
+    passed: list[Skipped] = []
+    seen = {_identity(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in dirnames:
+            path = Path(dirpath, name)
+            if name.startswith("."):
+                passed.append(Skipped(str(path), "hidden folder, not read"))
+                continue
+            try:
+                identity = _identity(path)
+            except OSError as exc:
+                passed.append(Skipped(str(path), f"folder not readable ({exc.strerror or exc})"))
+                continue
+            if identity in seen:
+                passed.append(Skipped(str(path), "linked folder already read (a link loop, or a second link)"))
+                continue
+            seen.add(identity)
+            kept.append(name)
+        dirnames[:] = kept
+        for name in filenames:
+            path = Path(dirpath, name)
+            if name.startswith("."):
+                passed.append(Skipped(str(path), "hidden file"))
+            else:
+                found.append(path)
+
+    def order(path: str | Path) -> tuple[str, ...]:
+        return Path(path).relative_to(folder).parts
+
+    return sorted(found, key=order), sorted(passed, key=lambda item: order(item.path))
 
 
-def list_split(split_dir: Path, *, one_class: bool = False) -> list[Sample]:
-    """All files of ``split_dir/{NORMAL,PNEUMONIA}`` (:func:`files_under`).
+def files_under(folder: Path) -> list[Path]:
+    """The files :func:`list_files` takes under ``folder`` (what it passes over, callers that record it get there)."""
+    return list_files(folder)[0]
+
+
+def _not_a_class_folder(entry: Path) -> Skipped | None:
+    """An entry of a split folder beside its class folders: passed over (listed), or refused when it is a folder
+    that holds files, which the user would believe trained on (``train/COVID/``, ``train/normal/``)."""
+    if entry.name.startswith("."):
+        return Skipped(str(entry), "hidden folder, not read" if entry.is_dir() else "hidden file")
+    if not entry.is_dir():
+        return Skipped(str(entry), f"not in a class folder ({' or '.join(f'{c}/' for c in CLASS_NAMES)})")
+    files = list_files(entry)[0]
+    if not files:
+        return None  # an empty folder: nothing left out
+    raise DataError(
+        f"{entry}: not a class folder (the classes are {' and '.join(f'{c}/' for c in CLASS_NAMES)}), yet it "
+        f"holds {len(files)} file(s) that would not be used: move it out of {entry.parent}, or its files into "
+        "a class folder"
+    )
+
+
+def scan_split(split_dir: Path, *, one_class: bool = False) -> tuple[list[Sample], list[Skipped]]:
+    """All files of ``split_dir/{NORMAL,PNEUMONIA}`` (:func:`list_files`), and what was passed over.
 
     Training needs both classes. ``one_class`` (``evaluate``) also takes a folder of one class, a
     hospital's normal films say, whose report then holds specificity without sensitivity or AUC.
     """
     samples: list[Sample] = []
+    passed: list[Skipped] = []
+    for entry in sorted(split_dir.iterdir()):
+        if entry.name not in CLASS_NAMES:
+            item = _not_a_class_folder(entry)
+            passed += [item] if item is not None else []
     for label, name in enumerate(CLASS_NAMES):
         class_dir = split_dir / name
         if not class_dir.is_dir():
@@ -116,29 +203,52 @@ def list_split(split_dir: Path, *, one_class: bool = False) -> list[Sample]:
             raise DataError(
                 f"{split_dir}: missing class folder {name}/ (expected {split_dir}/{{{','.join(CLASS_NAMES)}}})"
             )
-        files = files_under(class_dir)
+        files, skipped = list_files(class_dir)
+        passed += skipped
         if not files and not one_class:
             raise DataError(f"{class_dir}: class {name} has no files")
         samples.extend(Sample(path, label) for path in files)
     if not samples:
         raise DataError(f"{split_dir}: no files in {' or '.join(f'{name}/' for name in CLASS_NAMES)}")
-    return samples
+    return samples, passed
 
 
-def discover(root: Path, *, one_class: bool = False) -> dict[str, list[Sample]]:
+def list_split(split_dir: Path, *, one_class: bool = False) -> list[Sample]:
+    """The samples of :func:`scan_split` (for callers that do not record what it passed over)."""
+    return scan_split(split_dir, one_class=one_class)[0]
+
+
+def _outside_the_splits(root: Path, entry: Path) -> Skipped:
+    """An entry of the data root beside its split folders: listed; a misspelt split folder is refused."""
+    if entry.name.startswith("."):
+        return Skipped(str(entry), "hidden folder, not read" if entry.is_dir() else "hidden file")
+    if not entry.is_dir():
+        return Skipped(str(entry), "not in a split folder (train/, val/, test/)")
+    meant = entry.name.lower() if entry.name.lower() in SPLITS else SPLIT_ALIASES.get(entry.name.lower())
+    if meant is not None and not ((root / meant).is_dir() and (root / meant).samefile(entry)):  # case-blind disks
+        raise DataError(f"{entry}: split folders are named train/, val/ and test/; rename it to {root / meant}")
+    return Skipped(str(entry), "folder outside the layout (train/, val/, test/), not read")
+
+
+def discover(root: Path, *, one_class: bool = False) -> Splits:
     """Splits under ``root``: ``root/{train,val,test}/CLASS`` or a single split ``root/CLASS`` (named ``"all"``);
     ``one_class`` as in :func:`list_split`."""
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     if _is_class_dir(root):
-        return {"all": list_split(root, one_class=one_class)}
-    splits = {name: list_split(root / name, one_class=one_class) for name in SPLITS if (root / name).is_dir()}
-    if not splits:
+        samples, passed = scan_split(root, one_class=one_class)
+        return Splits({"all": samples}, {"all": passed})
+    outside = [_outside_the_splits(root, entry) for entry in sorted(root.iterdir()) if entry.name not in SPLITS]
+    found = {name: scan_split(root / name, one_class=one_class) for name in SPLITS if (root / name).is_dir()}
+    if not found:
         raise DataError(
             f"{root}: expected {root}/NORMAL and {root}/PNEUMONIA, or {root}/train/{{NORMAL,PNEUMONIA}} "
             "(optionally also val/ and test/)"
         )
-    return splits
+    return Splits(
+        {name: samples for name, (samples, _) in found.items()},
+        {"": outside, **{name: passed for name, (_, passed) in found.items()}},
+    )
 
 
 def limit_per_class(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
@@ -192,7 +302,11 @@ def _listing_key(samples: list[Sample], input_size: int) -> str:
             state = f"{stat.st_size}|{stat.st_mtime_ns}"
         except OSError as exc:  # a broken link: decoding skips it, with its reason
             state = type(exc).__name__
-        digest.update(os.fsencode(f"{sample.path.resolve()}|{sample.label}|{state}\n"))
+        try:
+            where = sample.path.resolve()
+        except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13): skipped at decoding
+            where = sample.path.absolute()
+        digest.update(os.fsencode(f"{where}|{sample.label}|{state}\n"))
     return digest.hexdigest()
 
 
@@ -254,24 +368,36 @@ def load_images(samples: list[Sample], input_size: int, *, workers: int, cache_d
 
 
 def _read_cache(base: Path) -> Decoded | None:
-    """The decoded images cached at ``base``; None when there are none, or when they were written before the
-    cache held each file's sha256 (such an entry is decoded again and overwritten)."""
-    if not (base.with_suffix(".json").is_file() and base.with_suffix(".safetensors").is_file()):
+    """The decoded images cached at ``base``; None when there are none, when they were written before the
+    cache held each file's sha256, or when the entry is damaged (a crash, a full disk): such an entry is
+    decoded again and overwritten, with a warning for the damage."""
+    meta_path, tensors_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    if not (meta_path.is_file() and tensors_path.is_file()):
         return None
-    meta = json.loads(base.with_suffix(".json").read_text())
-    if "sha256" not in meta:
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        if "sha256" not in meta:
+            return None
+        tensors = load_file(str(tensors_path))
+        skipped = [Skipped(**item) for item in meta["skipped"]]
+        images = ImageSet(tensors["pixels"], tensors["labels"], list(meta["paths"]), list(meta["sha256"]))
+        if not len(images) == len(images.labels) == len(images.pixels) == len(images.sha256):
+            raise ValueError("its tensors and file list differ in length")
+        decoded = Decoded(images, skipped, str(meta["content_hash"]))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        log.warning("decode cache %s is damaged (%s: %s): decoding again", base, type(exc).__name__, exc)
         return None
-    tensors = load_file(str(base.with_suffix(".safetensors")))
-    log.info("loaded %d decoded images from cache %s", len(meta["paths"]), base)
-    skipped = [Skipped(**item) for item in meta["skipped"]]
+    log.info("loaded %d decoded images from cache %s", len(images), base)
     for item in skipped:
         log.warning("unreadable image skipped: %s (%s)", item.path, item.reason)
-    images = ImageSet(tensors["pixels"], tensors["labels"], meta["paths"], meta["sha256"])
-    return Decoded(images, skipped, meta["content_hash"])
+    return decoded
 
 
 def _write_cache(base: Path, decoded: Decoded) -> None:
-    """Write atomically so that a concurrent or interrupted run never reads a half-written cache."""
+    """Write atomically and durably, so that a concurrent, interrupted or power-cut run never reads a
+    half-written cache (the tensors first: a reader needs both, and a damaged pair is decoded again)."""
     base.parent.mkdir(parents=True, exist_ok=True)
     tmp_tensors = base.with_suffix(f".{os.getpid()}.tmp.safetensors")
     tmp_meta = base.with_suffix(f".{os.getpid()}.tmp.json")
@@ -283,8 +409,7 @@ def _write_cache(base: Path, decoded: Decoded) -> None:
         "content_hash": decoded.content_hash,
     }
     tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_tensors, base.with_suffix(".safetensors"))
-    os.replace(tmp_meta, base.with_suffix(".json"))
+    replace_durably([(tmp_tensors, base.with_suffix(".safetensors")), (tmp_meta, base.with_suffix(".json"))])
 
 
 @dataclass
@@ -345,8 +470,13 @@ def data_hash(config: TrainConfig, splits: dict[str, list[Sample]]) -> str:
 
 
 def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: DistInfo) -> PreparedData:
-    """Decode the splits; a missing, too small or one-class val split is replaced by a patient-grouped one."""
+    """Decode the splits; a missing, too small or one-class val split is replaced by a patient-grouped one.
+
+    What :func:`discover` passed over is logged here (into the run's log) and listed with the unreadable files.
+    """
     samples = run_samples(config, splits)
+    unused = passed_over(splits)
+    log_passed_over(unused)
     val_fraction, split_seed = recorded_split(config.model_dump())  # as every later rebuild of the split reads it
     decoded = _decode_all(config, samples, dist)
     train = decoded["train"].images
@@ -371,7 +501,7 @@ def prepare_data(config: TrainConfig, splits: dict[str, list[Sample]], dist: Dis
         )
     test = decoded["test"].images if "test" in decoded else None
     check_no_leakage({"train": train, "val": val} | ({"test": test} if test is not None else {}))
-    skipped = [item for result in decoded.values() for item in result.skipped]
+    skipped = unused + [item for result in decoded.values() for item in result.skipped]
     data_hash = _combined_hash({name: result.content_hash for name, result in decoded.items()})
     return PreparedData(train, val, test, skipped, data_hash, val_source)
 

@@ -16,10 +16,10 @@ from app.core.artifacts import LoadedModel, compute_guard_scores, load_model
 from app.core.decision import pneumonia_probability
 from app.core.input_guard import detail, judge
 from app.core.preprocessing import preprocess_file
-from training.data import ImageSet, discover, load_images
+from training.data import ImageSet, discover, load_images, log_passed_over, passed_over
 from training.loops import predict_logits
 from training.report import compute_report_metrics, write_report
-from training.user_errors import DataError, make_dir
+from training.user_errors import DataError, UsageError, make_dir
 
 
 def evaluate_images(
@@ -103,17 +103,26 @@ def run_evaluate(
     bootstrap: int,
     ood: Path | None = None,
 ) -> dict[str, Any]:
+    """Score the model at ``weights`` on the ``split`` of ``data``; the report goes to ``report_dir``."""
+    numbers = (("--batch-size", batch_size, 1), ("--workers", workers, 1), ("--bootstrap", bootstrap, 0))
+    for option, value, least in numbers:
+        if value < least:
+            raise UsageError(f"{option} must be at least {least}, got {value}")
+    if not weights.exists():  # the loader would name the model.json it looked for, not what was given
+        raise UsageError(f"--weights {weights} not found")
     loaded = load_model(weights)
     splits = discover(data, one_class=True)  # a set of normal films alone is scored for specificity
     name = "all" if "all" in splits else split
     if name not in splits:
         raise DataError(f"{data}: no '{split}' split (found {', '.join(sorted(splits))}); choose one with --split")
     make_dir(report_dir, "--report")  # now, not after minutes of scoring
+    unused = passed_over(splits, [name])
+    log_passed_over(unused)
     decoded = load_images(splits[name], loaded.metadata.spec.input_size, workers=workers, cache_dir=None)
     extra = {
         "model_version": loaded.metadata.version,
         "data_hash": decoded.content_hash,
-        "unreadable": [vars(item) for item in decoded.skipped],
+        "unreadable": [vars(item) for item in unused + decoded.skipped],
     }
     if ood is not None:
         if loaded.guard is None:

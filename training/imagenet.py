@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,13 +27,36 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a .pth loaded with ``weights_only=True`` (no code execution)."""
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            with warnings.catch_warnings():  # torch's note on pickle protocols is no news to the user
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UsageError(
+            f"{path} is a pickle that holds more than tensors: loading it would run its code, so it is refused; "
+            'convert it to safetensors where you trust it (python -c "import sys, torch, safetensors.torch as s; '
+            's.save_file(torch.load(sys.argv[1], weights_only=False), sys.argv[2])" IN.pth OUT.safetensors) '
+            "and pass OUT.safetensors"
+        ) from exc
     except Exception as exc:  # torch.load and safetensors raise many unrelated types
-        raise UsageError(f"cannot read ImageNet weights {path}: {exc}") from exc
+        detail = str(exc).splitlines()[0] if str(exc) else ("empty file" if _empty(path) else type(exc).__name__)
+        raise UsageError(f"cannot read ImageNet weights {path}: {detail}") from exc
     if not isinstance(state, dict):
         raise UsageError(f"{path} does not hold a state dict")
+    other = next(((k, v) for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise UsageError(
+            f"{path} is not a state dict of weights: {other[0]!s} holds a {type(other[1]).__name__}, not a tensor"
+        )
     return state
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def load_imagenet(network: PneumoniaNet, weights: Path | None) -> Path:

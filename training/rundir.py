@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,19 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STARTS_FILE = "starts.jsonl"
 LOG_FILE = "train.log"
+MODEL_FILES = ("model.json", "model.safetensors")
 log = logging.getLogger(__name__)
+
+
+def holds_model(directory: Path) -> bool:
+    """Whether ``directory`` holds an exported model (either of its two files)."""
+    return any((directory / name).exists() for name in MODEL_FILES)
+
+
+def _refuse_overwriting_a_model(out: Path) -> None:
+    """A new run never overwrites an export: a deployed model, or the very parent ``--init-model`` names."""
+    if holds_model(out):
+        raise UsageError(f"--out {out} already holds a model; choose another directory")
 
 
 def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig, bool]:
@@ -34,6 +47,9 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
 
     ``cli`` holds only flags given explicitly. ``resume`` is a run directory, ``"auto"`` (bare
     ``--resume``: continue ``--out`` if it holds a checkpoint, else start it) or ``None``.
+    A new run is refused an ``--out`` that holds a model; a resumed run may replace its own export
+    (a run directory's model is that run's, exported from its checkpoint: re-exporting a finished run
+    after a change of ``--target-sensitivity`` and the like is what ``--resume`` is for).
     """
     if resume is None:
         config = TrainConfig(**cli)
@@ -41,14 +57,17 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
             raise UsageError(
                 f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
             )
+        _refuse_overwriting_a_model(config.out)
         return config, False
     if resume == "auto":
         if "out" not in cli:
             raise UsageError("--resume without a directory needs --out")
         run_dir = Path(cli["out"])
         if not has_checkpoint(run_dir):
+            config = TrainConfig(**cli)
+            _refuse_overwriting_a_model(config.out)
             log.info("no checkpoint in %s yet: starting a new run", run_dir)
-            return TrainConfig(**cli), False
+            return config, False
     else:
         run_dir = Path(resume)
     config_path = run_dir / CONFIG_FILE
@@ -66,6 +85,8 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
     if changed:
         flags = ", ".join(f"{flag(k)} (run has {getattr(original, k)})" for k in changed)
         raise UsageError(f"cannot change {flags} when resuming {run_dir}")
+    if holds_model(run_dir):
+        log.info("resuming %s: its export will be replaced by this run's new export", run_dir)
     return merged, True
 
 
@@ -93,7 +114,8 @@ def run_logging(run_dir: Path, dist: DistInfo) -> Iterator[None]:
         # Why the run stopped, at the end of its log (a background run's only record); the file only, as the
         # CLI prints the error line on the console. A bug, unlike a user error, comes with its traceback.
         expected = isinstance(exc, UsageError | KeyboardInterrupt)
-        reason = f"stopped: {exc or type(exc).__name__}"
+        why = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+        reason = f"stopped: {why}"
         record = root.makeRecord(
             root.name, logging.ERROR, __file__, 0, reason, None, None if expected else sys.exc_info()
         )
@@ -156,16 +178,40 @@ def record_start(run_dir: Path, epoch: int) -> None:
     """Append this process's start to starts.jsonl: when, the epochs already done, and the code's commit.
 
     A run resumed after a code change was trained by more than one version of the code; the export lists
-    every start, not only the commit present at export time.
+    every start, not only the commit present at export time. The file is read first, so a damaged one is
+    refused now, not at export after every remaining epoch.
     """
+    read_starts(run_dir)
     row = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "epochs_done": epoch, **git_commit()}
     _append_line(run_dir / STARTS_FILE, row)
 
 
 def read_starts(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's starts, oldest first; none for a run made before starts were recorded."""
+    """The run's starts, oldest first; none for a run made before starts were recorded.
+
+    A last line without its newline is a write a kill cut short: dropped, with a warning (the next
+    append removes it). Any other line that is not a JSON object is damage, refused in one line.
+    """
     path = run_dir / STARTS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    if lines[-1]:
+        log.warning("%s: dropped its last line, cut short by an interrupted write: %r", path, lines[-1][:80])
+    starts = []
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise UsageError(
+                f"{path} is damaged (line {number} is not a JSON object: {line[:60]!r}): "
+                "repair or remove that line, then rerun"
+            )
+        starts.append(row)
+    return starts
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
@@ -173,6 +219,13 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
 
 
 def _append_line(path: Path, row: dict[str, Any]) -> None:
-    """One JSON object per line, appended: the run's logs survive a crash up to the last finished line."""
-    with path.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    """One JSON object per line, appended in one write: the run's logs survive a crash up to the last
+    finished line. A last line a kill cut short is cut off first, so it never glues onto this one."""
+    data = (json.dumps(row) + "\n").encode()
+    with path.open("ab+") as handle:
+        handle.seek(0)
+        text = handle.read()
+        if text and not text.endswith(b"\n"):
+            log.warning("%s: removed a last line cut short by an interrupted write", path)
+            handle.truncate(text.rfind(b"\n") + 1)
+        os.write(handle.fileno(), data)

@@ -92,7 +92,7 @@ def _train_locked(
     state = (
         _resume(config, network, optimizer, average, data)
         if resuming
-        else TrainState(split_hash=split_hash(data), init_weights=init_source)
+        else TrainState(split_hash=split_hash(data), data_hash=data.data_hash, init_weights=init_source)
     )
     if dist.is_main:
         write_run_files(config, data, state.history)
@@ -175,9 +175,9 @@ def _train_locked(
 
 def _log_data(data: PreparedData) -> None:
     for item in data.skipped:
-        log.warning("skipped unreadable image %s: %s", item.path, item.reason)
+        log.warning("skipped %s: %s", item.path, item.reason)
     log.info(
-        "train %d images %s, val %d images %s (%s), %d unreadable skipped",
+        "train %d images %s, val %d images %s (%s), %d file(s) skipped",
         len(data.train),
         data.train.class_counts(),
         len(data.val),
@@ -194,9 +194,16 @@ def _resume(
     average: WeightAverage | None,
     data: PreparedData,
 ) -> TrainState:
-    """The checkpointed state, refused when the data no longer gives the run's train/val split."""
+    """The checkpointed state, refused when the data no longer gives the run's train/val split, or when its
+    images changed under the same names (the model's data_hash would claim every epoch saw the new ones)."""
     state = load_last(config.out, network, optimizer, average)
     if state.split_hash != split_hash(data):
         raise DataError(f"the data under {config.data} no longer gives the run's train/val split; refusing to resume")
+    if state.data_hash and state.data_hash != data.data_hash:
+        raise DataError(
+            f"the images under {config.data} changed since the run started (same names, other content: data_hash "
+            f"{state.data_hash[:12]} then, {data.data_hash[:12]} now); refusing to resume: restore the data, "
+            "or start a new run (another --out)"
+        )
     log.info("resumed after epoch %d (best val AUC %s at epoch %s)", state.epoch, state.best_auc, state.best_epoch)
     return state

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from app.core.coded_error import first_validation_error
 from app.core.input_guard import GuardSpec, GuardStats, detail, features_and_maps, guard_scores
 from app.core.network import ModelSpec, PneumoniaNet, build_model
+from app.durable_files import fsync_dir, replace_durably
 
 FORMAT_VERSION = 1
 WEIGHTS_FILENAME = "model.safetensors"
@@ -174,9 +175,8 @@ def export_model(
         )
         (staging / METADATA_FILENAME).write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
         metadata_path.unlink(missing_ok=True)
-        _sync_directory(out_dir)
-        _replace_synced(staging / WEIGHTS_FILENAME, weights_path)
-        _replace_synced(staging / METADATA_FILENAME, metadata_path)
+        fsync_dir(out_dir)
+        replace_durably([(staging / WEIGHTS_FILENAME, weights_path), (staging / METADATA_FILENAME, metadata_path)])
     return metadata
 
 
@@ -192,22 +192,6 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_synced(staging: Path, target: Path) -> None:
-    """Move a finished file into place durably: its bytes synced before the rename, the rename after."""
-    with staging.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(staging, target)
-    _sync_directory(target.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def read_metadata(path: Path) -> ModelMetadata:
