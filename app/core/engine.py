@@ -226,10 +226,12 @@ class InferenceEngine:
         with torch.inference_mode():
             if self._cuda and not pixels.is_pinned():
                 pixels = pixels.pin_memory()
-            fine: list[float | None] = [None] * len(pixels)
-            if self.guard_spec is not None and self.guard_spec.detail_floor is not None:
-                fine = list(detail(pixels).tolist())  # on the uint8 pixels, on the CPU: a few microseconds
-            x = self.network.normalize(pixels.to(self.device, non_blocking=True))
+            on_device = pixels.to(self.device, non_blocking=True)
+            # On the device beside the forward pass: about 0.25 ms per image on one CPU core, which a GPU
+            # host would otherwise spend per batch on its CPU.
+            floored = self.guard_spec is not None and self.guard_spec.detail_floor is not None
+            details = detail(on_device) if floored else None
+            x = self.network.normalize(on_device)
             x = x.contiguous(memory_format=self._memory_format)
             maps, vectors = self._features(x)
             scores: list[float | None] = [None] * len(pixels)
@@ -237,6 +239,7 @@ class InferenceEngine:
                 scores = list(guard_scores(vectors, self._guard, self._guard_noise).cpu().tolist())
             logits = self.network.head(maps)
             probabilities = pneumonia_probability(logits, self.metadata.temperature).cpu().tolist()
+            fine: list[float | None] = details.cpu().tolist() if details is not None else [None] * len(probabilities)
             heatmaps: list[Heatmap | None] = [None] * len(probabilities)
             wanted = [index for index, flag in enumerate(explain) if flag]
             if wanted:
