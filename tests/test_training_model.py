@@ -247,3 +247,16 @@ def test_imagenet_files_that_are_not_weights_are_refused_in_one_clear_line(tmp_p
     empty.write_bytes(b"")
     with pytest.raises(UsageError, match=r"^cannot read ImageNet weights .*empty.pth: empty file$"):
         load_imagenet(network, empty)
+
+
+def test_imagenet_weights_with_non_finite_values_are_refused_before_training(tmp_path: Path) -> None:
+    """A NaN in the file made the first loss NaN, reported as divergence with advice to lower the lr."""
+    from safetensors.torch import save_file
+
+    network = build_model(ModelSpec(architecture="vgg16", input_size=32))
+    state = {k: v.clone() for k, v in network.state_dict().items() if k.startswith("features.")}
+    state["features.2.weight"][0, 0, 0, 0] = float("nan")
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(state, str(damaged))
+    with pytest.raises(UsageError, match=r"not finite \(NaN or infinity\) in \['features.2.weight'\]"):
+        load_imagenet(network, damaged)

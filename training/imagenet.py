@@ -78,6 +78,9 @@ def load_imagenet(network: PneumoniaNet, weights: Path | None) -> Path:
     wrong = [k for k in wanted if source[k].shape != target[k].shape]
     if wrong:
         raise UsageError(f"{path}: shape mismatch for {sorted(wrong)[:3]} (wrong architecture?)")
+    broken = sorted(k for k in wanted if source[k].is_floating_point() and not bool(source[k].isfinite().all()))
+    if broken:  # else the first step's loss is NaN, and the run is reported as diverged with advice on the lr
+        raise UsageError(f"{path} holds values that are not finite (NaN or infinity) in {broken[:3]}: a damaged file")
     network.load_state_dict({k: source[k].float() for k in wanted}, strict=False)
     log.info("initialised %d tensors from ImageNet weights %s", len(wanted), path)
     return path
