@@ -62,6 +62,7 @@ try:
     from app.core.input_guard import NotChestXrayError
     from app.core.overlay import overlay_size, png_bytes, render_overlay
     from app.core.preprocessing import DEFAULT_MAX_DECODE_BYTES, PreparedFile, preprocess_file
+    from app.durable_files import replace_durably
     from app.exclusive_lock import LockHeldError, exclusive_lock
     from app.settings import Settings, SettingsError, load_settings
 except KeyboardInterrupt:
@@ -409,19 +410,11 @@ def drop_rows(out: Path, text: str, found: Predictions, drop: set[int]) -> None:
     out = Path(os.path.realpath(out))  # replace the file a symlink names, not the symlink
     temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # hidden: never scored
     try:
-        with temporary.open("wb") as handle:
-            handle.write((text[: found.header_end] + "".join(kept)).encode("utf-8", "surrogateescape"))
-            handle.flush()
-            os.fsync(handle.fileno())
+        temporary.write_bytes((text[: found.header_end] + "".join(kept)).encode("utf-8", "surrogateescape"))
         shutil.copymode(out, temporary)
-        os.replace(temporary, out)
+        replace_durably([(temporary, out)])  # synced before the rename, and the rename after
     finally:
         temporary.unlink(missing_ok=True)
-    directory = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
 
 
 def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:

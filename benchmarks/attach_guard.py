@@ -36,7 +36,7 @@ from app.core.artifacts import (
     resolve_paths,
 )
 from app.core.fastpath_record import record_path as fastpath_record_path
-from app.core.input_guard import MAX_LOW_DETAIL, detail, fit_detail_floor, fit_guard
+from app.core.input_guard import MAX_LOW_DETAIL, detail, fit_guard, with_detail_floor
 from training.data import discover, load_images
 from training.split import grouped_stratified_split, recorded_split
 
@@ -113,25 +113,15 @@ def add_detail_floor(
             file=sys.stderr,
         )
         return 2
-    floor = fit_detail_floor(detail(train), MAX_LOW_DETAIL)
+    val_scores = compute_guard_scores(loaded.network, val, spec, loaded.guard)  # type: ignore[arg-type]
+    guard = with_detail_floor(spec, train, val, val_scores)
+    floor = guard.detail_floor
     if floor is None:
         print(f"error: {len(train)} training images are too few for a floor at {MAX_LOW_DETAIL:g}", file=sys.stderr)
         return 2
-    val_scores = compute_guard_scores(loaded.network, val, spec, loaded.guard)  # type: ignore[arg-type]
-    val_low = detail(val) < floor
-    calibration = {
-        **spec.calibration,
-        "val_low_detail_rate": float(val_low.double().mean()),
-        "val_guard_refusal_rate": float(((val_scores > spec.threshold) | val_low).double().mean()),
-        "detail_source": source,
-    }
-    guard = spec.model_copy(
-        update={
-            "detail_floor": floor,
-            "detail_floor_method": f"training quantile: at most {MAX_LOW_DETAIL:g} of training images below it",
-            "golden_details": detail(loaded.golden_inputs).tolist(),
-            "calibration": calibration,
-        }
+    calibration = {**guard.calibration, "detail_source": source}
+    guard = guard.model_copy(
+        update={"golden_details": detail(loaded.golden_inputs).tolist(), "calibration": calibration}
     )
     provenance = {
         **meta.provenance,

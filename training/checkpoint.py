@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from app.durable_files import fsync_dir, replace_durably
+from app.durable_files import replace_durably
 from training.user_errors import UsageError
 from training.weight_average import WeightAverage
 
@@ -123,8 +122,7 @@ def _settle_pair(weights: Path, info: Path) -> bool:
         return True
     leftover = info.with_suffix(".tmp.json")
     if leftover.is_file() and hashlib.sha256(leftover.read_bytes()).hexdigest() == stamp:
-        os.replace(leftover, info)
-        fsync_dir(info.parent)
+        replace_durably([(leftover, info)])
         log.warning("completed the save of %s that was interrupted between its two renames", info)
         return True
     return False

@@ -166,11 +166,15 @@ def files_under(folder: Path) -> list[Path]:
     return list_files(folder)[0]
 
 
+def _hidden(entry: Path) -> Skipped:
+    return Skipped(str(entry), "hidden folder, not read" if entry.is_dir() else "hidden file")
+
+
 def _not_a_class_folder(entry: Path) -> Skipped | None:
     """An entry of a split folder beside its class folders: passed over (listed), or refused when it is a folder
     that holds files, which the user would believe trained on (``train/COVID/``, ``train/normal/``)."""
     if entry.name.startswith("."):
-        return Skipped(str(entry), "hidden folder, not read" if entry.is_dir() else "hidden file")
+        return _hidden(entry)
     if not entry.is_dir():
         return Skipped(str(entry), f"not in a class folder ({' or '.join(f'{c}/' for c in CLASS_NAMES)})")
     files = list_files(entry)[0]
@@ -221,7 +225,7 @@ def list_split(split_dir: Path, *, one_class: bool = False) -> list[Sample]:
 def _outside_the_splits(root: Path, entry: Path) -> Skipped:
     """An entry of the data root beside its split folders: listed; a misspelt split folder is refused."""
     if entry.name.startswith("."):
-        return Skipped(str(entry), "hidden folder, not read" if entry.is_dir() else "hidden file")
+        return _hidden(entry)
     if not entry.is_dir():
         return Skipped(str(entry), "not in a split folder (train/, val/, test/)")
     meant = entry.name.lower() if entry.name.lower() in SPLITS else SPLIT_ALIASES.get(entry.name.lower())

@@ -38,7 +38,7 @@ from training.loops import predict_logits
 from training.mix_choice import RESAMPLES, RULE, NoFractionError, choose, score_candidates
 from training.report import json_safe
 from training.run_lock import run_lock
-from training.rundir import git_commit, run_logging
+from training.rundir import git_commit, refuse_overwriting_a_model, run_logging
 from training.user_errors import DataError, UsageError, make_dir
 from training.weight_mix import LineageError, mix, soup
 
@@ -118,8 +118,7 @@ def run_mix(
 ) -> dict[str, Any]:
     """Mix (towards the soup of ``tuned_paths``) at the one fraction given or the one the validation rule keeps
     of several, calibrate on validation, fit the guard and export to ``out``; returns the run summary."""
-    if (out / "model.json").exists() or (out / "model.safetensors").exists():
-        raise UsageError(f"--out {out} already holds a model; choose another directory")
+    refuse_overwriting_a_model(out)
     parent = load_exported("--parent", parent_path)
     tuned = [load_exported("--tuned", path) for path in tuned_paths]
     try:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.core.artifacts import METADATA_FILENAME, WEIGHTS_FILENAME
 from app.core.network import CLASS_NAMES
 from training.checkpoint import has_checkpoint
 from training.config import RESUME_OVERRIDABLE, TrainConfig, flag
@@ -27,17 +28,16 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STARTS_FILE = "starts.jsonl"
 LOG_FILE = "train.log"
-MODEL_FILES = ("model.json", "model.safetensors")
 log = logging.getLogger(__name__)
 
 
 def holds_model(directory: Path) -> bool:
     """Whether ``directory`` holds an exported model (either of its two files)."""
-    return any((directory / name).exists() for name in MODEL_FILES)
+    return any((directory / name).exists() for name in (METADATA_FILENAME, WEIGHTS_FILENAME))
 
 
-def _refuse_overwriting_a_model(out: Path) -> None:
-    """A new run never overwrites an export: a deployed model, or the very parent ``--init-model`` names."""
+def refuse_overwriting_a_model(out: Path) -> None:
+    """A new run or mix never overwrites an export: a deployed model, or the very parent it starts from."""
     if holds_model(out):
         raise UsageError(f"--out {out} already holds a model; choose another directory")
 
@@ -57,7 +57,7 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
             raise UsageError(
                 f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
             )
-        _refuse_overwriting_a_model(config.out)
+        refuse_overwriting_a_model(config.out)
         return config, False
     if resume == "auto":
         if "out" not in cli:
@@ -65,7 +65,7 @@ def resolve_config(cli: dict[str, Any], resume: str | None) -> tuple[TrainConfig
         run_dir = Path(cli["out"])
         if not has_checkpoint(run_dir):
             config = TrainConfig(**cli)
-            _refuse_overwriting_a_model(config.out)
+            refuse_overwriting_a_model(config.out)
             log.info("no checkpoint in %s yet: starting a new run", run_dir)
             return config, False
     else:

@@ -195,9 +195,8 @@ def _staging(out_dir: Path) -> Iterator[Path]:
 
 
 def read_metadata(path: Path) -> ModelMetadata:
-    _, metadata_path = resolve_paths(path)
+    weights_path, metadata_path = resolve_paths(path)
     if not metadata_path.is_file():
-        weights_path, _ = resolve_paths(path)
         if weights_path.is_file():  # export_model removes model.json first and writes it last
             raise ModelLoadError(
                 f"model metadata not found: {metadata_path}, beside {weights_path.name}: an export was "

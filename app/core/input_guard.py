@@ -350,8 +350,6 @@ def fit_guard(
     stats, shrinkage = fit_stats(train)
     val_scores = guard_scores(guard_vectors(network, val_pixels, blocks, batch_size), stats)
     threshold = fit_threshold(val_scores, max_false_refusal)
-    floor = fit_detail_floor(detail(train_pixels), max_low_detail)
-    val_low = detail(val_pixels) < (floor or 0.0)
     spec = GuardSpec(
         mean_blocks=blocks[0],
         std_blocks=blocks[1],
@@ -359,18 +357,36 @@ def fit_guard(
         shrinkage=shrinkage,
         threshold=threshold,
         threshold_method=f"validation quantile: at most {max_false_refusal:g} of validation images refused",
-        detail_floor=floor,
-        detail_floor_method=f"training quantile: at most {max_low_detail:g} of training images below it"
-        if floor is not None
-        else f"none: {len(train)} training images are too few to place a floor at {max_low_detail:g}",
         calibration={
             "train_images": len(train),
             "val_images": len(val_scores),
             "val_refusal_rate": float((val_scores > threshold).double().mean()),
             "val_score_median": float(val_scores.median()),
-            "val_low_detail_rate": float(val_low.double().mean()),
-            "val_guard_refusal_rate": float(((val_scores > threshold) | val_low).double().mean()),
             **({"source": source} if source else {}),
         },
     )
-    return spec, stats
+    return with_detail_floor(spec, train_pixels, val_pixels, val_scores, max_low_detail), stats
+
+
+def with_detail_floor(
+    spec: GuardSpec,
+    train_pixels: torch.Tensor,
+    val_pixels: torch.Tensor,
+    val_scores: torch.Tensor,
+    max_low_detail: float = MAX_LOW_DETAIL,
+) -> GuardSpec:
+    """``spec`` with the detail floor placed on the training images, and the validation refusals it makes
+    beside the score's (``val_scores``): the one place a floor is fitted, for a new guard or an old one."""
+    floor = fit_detail_floor(detail(train_pixels), max_low_detail)
+    val_low = detail(val_pixels) < (floor or 0.0)
+    method = (
+        f"training quantile: at most {max_low_detail:g} of training images below it"
+        if floor is not None
+        else f"none: {len(train_pixels)} training images are too few to place a floor at {max_low_detail:g}"
+    )
+    calibration = {
+        **spec.calibration,
+        "val_low_detail_rate": float(val_low.double().mean()),
+        "val_guard_refusal_rate": float(((val_scores > spec.threshold) | val_low).double().mean()),
+    }
+    return spec.model_copy(update={"detail_floor": floor, "detail_floor_method": method, "calibration": calibration})
